@@ -1,0 +1,789 @@
+"""
+One-time data preparation and the fixed runtime harness of autoresearch.
+
+Run once before training (everything lands in $AUTORESEARCH_CACHE, default ~/.cache/autoresearch):
+
+    uv run prepare.py                                  # climbmix: 10 training shards + the val shard
+    uv run prepare.py --num-shards 2                   # fewer shards (-1: all 6542)
+    uv run prepare.py --dataset tinystories --preset small
+    uv run prepare.py --dataset stdlib --preset small  # no network: Python's own sources
+    uv run prepare.py --text ./my_corpus/ --text notes.jsonl
+
+It downloads the data, trains a BPE tokenizer (rustbpe, wrapped as a tiktoken Encoding), and
+pre-tokenizes every document so that training never waits for data. The constants actually used
+(sequence length, time budget, eval tokens, vocabulary size) are written to a manifest in the
+cache; the module constants below are read from it at import, so train.py can read them but not
+change them. train.py imports the runtime helpers (Tokenizer, make_dataloader, evaluate_bpb).
+Neither the human nor the research agent edits this file during research.
+"""
+
+import argparse
+import base64
+import bisect
+import hashlib
+import itertools
+import json
+import math
+import os
+import queue
+import sys
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import requests
+import rustbpe
+import tiktoken
+
+# torch is imported inside the runtime helpers below: the command line never needs it and starts 3 s sooner.
+
+# ---------------------------------------------------------------------------
+# Constants
+
+PRESETS = {
+    # the reference's values, tuned for one H100
+    "default": {"max_seq_len": 2048, "time_budget": 300, "eval_tokens": 40 * 524288, "vocab_size": 8192},
+    # a laptop or this 2-core CPU: short context, small vocabulary, a quick eval
+    "small": {"max_seq_len": 256, "time_budget": 120, "eval_tokens": 2**18, "vocab_size": 4096},
+}
+
+CACHE_DIR = Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
+DATA_DIR = CACHE_DIR / "data"            # raw downloads (the reference's layout: climbmix shards here)
+TOKENIZER_DIR = CACHE_DIR / "tokenizer"
+TOKENS_DIR = CACHE_DIR / "tokens"        # pre-tokenized parts, one per source file and split
+MANIFEST_PATH = CACHE_DIR / "manifest.json"
+MANIFEST_FORMAT = 1
+
+HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+CLIMBMIX_URL = HF_ENDPOINT + "/datasets/karpathy/climbmix-400b-shuffle/resolve/main/{name}"
+CLIMBMIX_SHARD = "shard_{:05d}.parquet"
+CLIMBMIX_VAL_SHARD = 6542                # the last shard is pinned as validation
+TINYSTORIES_FILE = "tinystories_gpt4_clean.parquet"
+TINYSTORIES_URL = HF_ENDPOINT + "/datasets/karpathy/tinystories-gpt4-clean/resolve/main/" + TINYSTORIES_FILE
+DOWNLOAD_CHUNK = 1 << 20
+VAL_PERCENT = 5                          # single-file and own corpora: documents hashed into val
+
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
+BOS_TOKEN = SPECIAL_TOKENS[0]
+TOKENIZER_DOC_CHARS = 10_000             # each document cut to this for tokenizer training
+TOKENIZER_MAX_CHARS = 1_000_000_000      # tokenizer training stops after this many characters
+DOC_BATCH = 128                          # documents tokenized (and fed to the packer) together
+PACK_BUFFER = 1000                       # documents the best-fit packer chooses from
+
+
+def _read_manifest():
+    try:
+        return json.loads(MANIFEST_PATH.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        print(f"warning: ignoring unreadable {MANIFEST_PATH} ({e}); re-run prepare.py", file=sys.stderr)
+        return None
+
+
+MANIFEST = _read_manifest()
+_constants = MANIFEST or PRESETS["default"]
+MAX_SEQ_LEN = int(_constants["max_seq_len"])   # context length
+TIME_BUDGET = int(_constants["time_budget"])   # seconds of training wall clock
+EVAL_TOKENS = int(_constants["eval_tokens"])   # validation tokens scored by evaluate_bpb
+VOCAB_SIZE = int(_constants["vocab_size"])     # including the 4 special tokens
+
+
+class NotPreparedError(FileNotFoundError):
+    pass
+
+
+def _require_manifest():
+    if MANIFEST is None:
+        raise NotPreparedError(
+            f"No prepared data in {CACHE_DIR} ({MANIFEST_PATH.name} is missing). Run first:\n"
+            f"    uv run prepare.py\n"
+            f"or, with no network:\n"
+            f"    uv run prepare.py --dataset stdlib --preset small"
+        )
+    return MANIFEST
+
+
+def _atomic_write(path, write):
+    """Write through `<path>.tmp` and rename, so an interrupted run never leaves a file we'd trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _progress(label):
+    """Return update(text, final=False): a rewritten line on a terminal, a line every 5 s in a log."""
+    tty = sys.stdout.isatty()
+    start = last = time.time()
+
+    def update(text, final=False):
+        nonlocal last
+        now = time.time()
+        if final or now - last > (0.2 if tty else 5):
+            last = now
+            line = f"{label}: {text} ({now - start:.0f}s)"
+            print("\r" + line.ljust(100) if tty else line, end="\n" if final or not tty else "", flush=True)
+
+    return update
+
+
+# ---------------------------------------------------------------------------
+# Data sources: downloads, own corpora, the offline stdlib demo corpus
+
+
+class PrepareError(Exception):
+    """A problem with the user's input or environment; main() prints it without a traceback."""
+
+
+OFFLINE_HINT = (
+    "No network, or no access to the hub? Prepare offline instead:\n"
+    "    uv run prepare.py --dataset stdlib --preset small   # Python's own sources, nothing to download\n"
+    "    uv run prepare.py --text PATH                       # your .parquet/.txt/.md/.jsonl corpus\n"
+    "or point HF_ENDPOINT at a mirror of the hub."
+)
+
+
+def _check_parquet(path):
+    """Open the footer and schema: catches truncated or corrupt files before anything trusts them."""
+    try:
+        schema = pq.ParquetFile(path).schema_arrow
+    except Exception as e:
+        raise PrepareError(f"{path} is not a readable parquet file ({e})") from None
+    if "text" not in schema.names:
+        raise PrepareError(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
+
+
+def download_file(url, dest, attempts=5, backoff=2.0, stop=None):
+    """Stream url to dest.tmp in 1 MiB chunks, check length and parquet footer, then rename into place.
+
+    Connection errors, 5xx/429, truncated or corrupt files are retried with backoff**attempt seconds
+    between tries; any other 4xx (no such file) fails at once.
+    """
+    tmp = dest.with_name(dest.name + ".tmp")
+    for attempt in range(1, attempts + 1):
+        try:
+            with requests.get(url, stream=True, timeout=(10, 60), headers={"Accept-Encoding": "identity"}) as r:
+                if 400 <= r.status_code < 500 and r.status_code != 429:
+                    raise PrepareError(f"could not download {url}: {r.status_code} {r.reason}")
+                r.raise_for_status()
+                expected = int(r.headers.get("Content-Length", -1))
+                received = 0
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_content(DOWNLOAD_CHUNK):
+                        if stop is not None and stop.is_set():
+                            raise KeyboardInterrupt
+                        f.write(chunk)
+                        received += len(chunk)
+            if expected >= 0 and received != expected:
+                raise OSError(f"truncated: received {received} of {expected} bytes")
+            try:
+                _check_parquet(tmp)
+            except PrepareError as e:
+                raise OSError(f"corrupt download: {e}") from None
+            os.replace(tmp, dest)
+            return
+        except (requests.RequestException, OSError) as e:
+            if attempt == attempts:
+                raise PrepareError(f"could not download {url} after {attempts} attempts: {e}") from None
+            wait = backoff**attempt
+            print(f"  {dest.name}: attempt {attempt}/{attempts} failed ({e}); retrying in {wait:g}s", flush=True)
+            time.sleep(wait)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def download_all(files, workers, attempts=5, backoff=2.0):
+    """files: [(url, dest)]. Skips files already present and valid; re-fetches corrupt ones."""
+    if not files:
+        return
+    todo = []
+    for url, dest in files:
+        if dest.exists():
+            try:
+                _check_parquet(dest)
+                continue
+            except PrepareError as e:
+                print(f"{dest.name} is corrupt ({e}); fetching it again", flush=True)
+                dest.unlink()
+        todo.append((url, dest))
+    if not todo:
+        print(f"data: all {len(files)} files already in {DATA_DIR}", flush=True)
+        return
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    for stale in DATA_DIR.glob("*.tmp"):  # left by a run that was killed: never trusted
+        stale.unlink()
+    print(f"data: downloading {len(todo)} of {len(files)} files to {DATA_DIR} ({workers} workers)", flush=True)
+    # Daemon threads, not an executor: on Ctrl-C we must not wait for a download stuck in a slow read.
+    pending, results, stop = queue.Queue(), queue.Queue(), threading.Event()
+    for item in todo:
+        pending.put(item)
+
+    def worker():
+        while not stop.is_set():
+            try:
+                url, dest = pending.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                download_file(url, dest, attempts, backoff, stop)
+                results.put(None)
+            except BaseException as e:
+                results.put(e)
+
+    for _ in range(min(workers, len(todo))):
+        threading.Thread(target=worker, daemon=True).start()
+    update = _progress("downloaded")
+    failures = []
+    try:
+        for done in range(1, len(todo) + 1):
+            error = results.get()
+            if isinstance(error, PrepareError):
+                failures.append(str(error))
+            elif error is not None:
+                raise error
+            update(f"{done}/{len(todo)} files, {len(failures)} failed", final=done == len(todo))
+    except BaseException:
+        stop.set()
+        for _, dest in todo:
+            dest.with_name(dest.name + ".tmp").unlink(missing_ok=True)
+        raise
+    if failures:
+        raise PrepareError("\n".join(failures) + "\n" + OFFLINE_HINT)
+
+
+def _parquet_texts(path):
+    """Yield the 'text' column of a parquet file, one list per row group."""
+    _check_parquet(path)
+    pf = pq.ParquetFile(path)
+    for i in range(pf.num_row_groups):
+        yield pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
+
+
+def _parquet_batches(path):
+    """The reference's document stream: row group by row group, in batches of DOC_BATCH."""
+    for texts in _parquet_texts(path):
+        for i in range(0, len(texts), DOC_BATCH):
+            yield texts[i : i + DOC_BATCH]
+
+
+def _in_val(text):
+    # a hash of the content, not the position: deterministic, and duplicates never straddle the split
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "big") % 100 < VAL_PERCENT
+
+
+def _split_batches(documents, split):
+    """Keep one split's documents (by content hash) and cut them into batches of DOC_BATCH."""
+    want_val = split == "val"
+    docs = (d for d in documents if _in_val(d) == want_val)
+    while batch := list(itertools.islice(docs, DOC_BATCH)):
+        yield batch
+
+
+TEXT_SUFFIXES = (".parquet", ".txt", ".md", ".jsonl")
+
+
+def text_files(paths):
+    """Expand --text arguments into a sorted list of usable files, with clear errors."""
+    files = []
+    for arg in paths:
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            if not found:
+                raise PrepareError(f"--text {arg}: the folder has no {'/'.join(TEXT_SUFFIXES)} files")
+            files += found
+        elif path.is_file():
+            if path.suffix.lower() not in TEXT_SUFFIXES:
+                raise PrepareError(f"--text {arg}: unsupported file type (use {', '.join(TEXT_SUFFIXES)})")
+            files.append(path)
+        else:
+            raise PrepareError(f"--text {arg}: no such file or folder")
+    return [p.resolve() for p in files]
+
+
+def _file_documents(path):
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        for texts in _parquet_texts(path):
+            yield from (t for t in texts if t)
+    elif suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise PrepareError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+                if not isinstance(text, str):
+                    raise PrepareError(f"{path}:{lineno}: 'text' is not a string")
+                if text:
+                    yield text
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise PrepareError(f"{path}: not UTF-8 text ({e})") from None
+        if text:
+            yield text
+
+
+def stdlib_files():
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+
+
+def _stdlib_documents():
+    for path in stdlib_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # a few test fixtures are deliberately not UTF-8
+        if text:
+            yield text
+
+
+def resolve_source(args):
+    """Describe what to prepare: a JSON-able key (for 'nothing changed'), files to fetch, and parts.
+
+    A part is (name, split, make_batches): one pre-tokenized file made from a stream of document batches.
+    """
+    if args.text:
+        files = text_files(args.text)
+        fingerprint = hashlib.sha256(
+            json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode()
+        ).hexdigest()
+        key = {"dataset": "text", "paths": [str(p) for p in files], "fingerprint": fingerprint}
+        documents = lambda: itertools.chain.from_iterable(_file_documents(p) for p in files)
+        return key, [], [(f"text-{s}", s, lambda s=s: _split_batches(documents(), s)) for s in ("train", "val")]
+    if args.dataset == "stdlib":
+        key = {"dataset": "stdlib", "python": sys.version.split()[0], "files": len(stdlib_files())}
+        return key, [], [(f"stdlib-{s}", s, lambda s=s: _split_batches(_stdlib_documents(), s)) for s in ("train", "val")]
+    if args.dataset == "tinystories":
+        path = DATA_DIR / TINYSTORIES_FILE
+        documents = lambda: itertools.chain.from_iterable(_parquet_texts(path))
+        parts = [(f"tinystories-{s}", s, lambda s=s: _split_batches(documents(), s)) for s in ("train", "val")]
+        return {"dataset": "tinystories"}, [(TINYSTORIES_URL, path)], parts
+    num = CLIMBMIX_VAL_SHARD if args.num_shards == -1 else args.num_shards
+    if not 1 <= num <= CLIMBMIX_VAL_SHARD:
+        raise PrepareError(f"--num-shards {args.num_shards}: use 1 to {CLIMBMIX_VAL_SHARD}, or -1 for all")
+    names = [CLIMBMIX_SHARD.format(i) for i in [*range(num), CLIMBMIX_VAL_SHARD]]
+    downloads = [(CLIMBMIX_URL.format(name=n), DATA_DIR / n) for n in names]
+    parts = [
+        (n.removesuffix(".parquet"), "val" if i == num else "train", lambda p=DATA_DIR / n: _parquet_batches(p))
+        for i, n in enumerate(names)
+    ]
+    return {"dataset": "climbmix", "num_shards": num}, downloads, parts
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer: rustbpe training, a tiktoken Encoding at runtime, stored as JSON (no pickle)
+
+TOKENIZER_PATH = TOKENIZER_DIR / "tokenizer.json"
+TOKEN_BYTES_PATH = TOKENIZER_DIR / "token_bytes.npy"
+
+
+def train_tokenizer(train_batches, vocab_size, source_key):
+    """Train BPE on the training documents only (never val); save merges, pattern and specials as JSON."""
+    update = _progress("tokenizer: characters read")
+    chars = 0
+
+    def texts():
+        nonlocal chars
+        for batch in train_batches:
+            for doc in batch:
+                doc = doc[:TOKENIZER_DOC_CHARS]
+                yield doc
+                chars += len(doc)
+                update(f"{chars / 1e6:.1f}M")
+                if chars >= TOKENIZER_MAX_CHARS:
+                    return
+
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(texts(), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    update(f"{chars / 1e6:.1f}M", final=True)
+    if chars == 0:
+        raise PrepareError("the training corpus is empty: no non-empty documents to train a tokenizer on")
+    ranks = sorted(bpe.get_mergeable_ranks(), key=lambda pair: pair[1])
+    assert [rank for _, rank in ranks] == list(range(len(ranks))), "rustbpe returned non-contiguous ranks"
+    if len(ranks) != vocab_size - len(SPECIAL_TOKENS):
+        raise PrepareError(f"the corpus supports only {len(ranks) + len(SPECIAL_TOKENS)} tokens, not --vocab-size "
+                           f"{vocab_size}: give a smaller --vocab-size or more text")
+    spec = {
+        "pattern": SPLIT_PATTERN,
+        "mergeable_ranks": [base64.b64encode(token).decode("ascii") for token, _ in ranks],
+        "special_tokens": SPECIAL_TOKENS,
+        "source": source_key,
+        "vocab_size": vocab_size,
+    }
+    encoding = _encoding_from_spec(spec)
+    sample = "Hello world! 123 4567 naïve café — Привет, мир! 你好，世界。 こんにちは 🤖🚀\n\tdef f(x): return x**2\n"
+    assert encoding.decode(encoding.encode_ordinary(sample)) == sample, "tokenizer round trip failed"
+    _atomic_write(TOKEN_BYTES_PATH, lambda f: np.save(f, token_byte_lengths(encoding)))
+    _atomic_write(TOKENIZER_PATH, lambda f: f.write(json.dumps(spec).encode()))
+    print(f"tokenizer: {encoding.n_vocab} tokens saved to {TOKENIZER_PATH}", flush=True)
+
+
+def _encoding_from_spec(spec):
+    ranks = {base64.b64decode(token): rank for rank, token in enumerate(spec["mergeable_ranks"])}
+    specials = {name: len(ranks) + i for i, name in enumerate(spec["special_tokens"])}
+    return tiktoken.Encoding("autoresearch", pat_str=spec["pattern"], mergeable_ranks=ranks, special_tokens=specials)
+
+
+def token_byte_lengths(encoding):
+    """Each token's raw byte length, 0 for specials. (The reference decoded each token to str and
+    re-encoded it, counting 3 bytes for every byte of a token that is not valid UTF-8 on its own.)"""
+    special_ids = {encoding.encode_single_token(name) for name in encoding.special_tokens_set}
+    lengths = [0 if i in special_ids else len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)]
+    return np.array(lengths, dtype=np.int32)
+
+
+def _file_sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Tokenizer:
+    """The reference's tokenizer interface over a tiktoken Encoding."""
+
+    def __init__(self, encoding):
+        self.encoding = encoding
+        self.bos_token_id = encoding.encode_single_token(BOS_TOKEN)
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir=None):
+        path = Path(tokenizer_dir) / TOKENIZER_PATH.name if tokenizer_dir else TOKENIZER_PATH
+        if tokenizer_dir is None:
+            _require_manifest()
+        return cls(_encoding_from_spec(json.loads(path.read_text())))
+
+    def get_vocab_size(self):
+        return self.encoding.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        """A str gives a list of ids, a list of str a list of lists; special-token text is plain text."""
+        if isinstance(text, str):
+            ids = self.encoding.encode_ordinary(text)
+            return ids if prepend is None else [prepend] + ids
+        batch = self.encoding.encode_ordinary_batch(text, num_threads=num_threads)
+        return batch if prepend is None else [[prepend] + ids for ids in batch]
+
+    def decode(self, ids):
+        return self.encoding.decode(ids)
+
+
+def get_token_bytes(device="cpu"):
+    import torch
+
+    _require_manifest()
+    return torch.from_numpy(np.load(TOKEN_BYTES_PATH, allow_pickle=False).astype(np.int64)).to(device)
+
+
+# ---------------------------------------------------------------------------
+# Pre-tokenization: each part is <name>.bin (token ids, BOS before every document) + <name>.npz
+# (document offsets into the tokens, and where each DOC_BATCH batch of documents starts)
+
+
+def _token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def _part_paths(name):
+    return TOKENS_DIR / f"{name}.bin", TOKENS_DIR / f"{name}.npz"
+
+
+def _part_is_current(name, tokenizer_sha):
+    bin_path, index_path = _part_paths(name)
+    try:
+        with np.load(index_path, allow_pickle=False) as index:
+            return str(index["tokenizer_sha256"]) == tokenizer_sha and bin_path.exists()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def tokenize_part(name, batches, tokenizer, tokenizer_sha):
+    """Tokenize a stream of document batches into one part; the index is written last, as the commit."""
+    bin_path, index_path = _part_paths(name)
+    dtype = _token_dtype(tokenizer.get_vocab_size())
+    bos = tokenizer.get_bos_token_id()
+    doc_lengths, batch_sizes = [], []
+    update = _progress(f"tokens: {name}")
+    n_tokens = 0
+
+    def write_tokens(f):
+        nonlocal n_tokens
+        for batch in batches:
+            token_lists = tokenizer.encode(batch, prepend=bos)
+            lengths = [len(ids) for ids in token_lists]
+            f.write(np.fromiter(itertools.chain.from_iterable(token_lists), dtype=dtype, count=sum(lengths)).tobytes())
+            doc_lengths.extend(lengths)
+            batch_sizes.append(len(lengths))
+            n_tokens += sum(lengths)
+            update(f"{n_tokens / 1e6:.1f}M tokens in {len(doc_lengths)} documents")
+
+    _atomic_write(bin_path, write_tokens)
+    update(f"{n_tokens / 1e6:.1f}M tokens in {len(doc_lengths)} documents", final=True)
+    index = {
+        "doc_offsets": np.concatenate([[0], np.cumsum(doc_lengths, dtype=np.int64)]),
+        "batch_offsets": np.concatenate([[0], np.cumsum(batch_sizes, dtype=np.int64)]),
+        "tokenizer_sha256": np.array(tokenizer_sha),
+    }
+    _atomic_write(index_path, lambda f: np.savez(f, **index))
+    return n_tokens, len(doc_lengths)
+
+
+def _load_part(name, vocab_size, tokenizer_sha):
+    bin_path, index_path = _part_paths(name)
+    if not _part_is_current(name, tokenizer_sha):
+        raise NotPreparedError(f"{bin_path} is missing or stale; re-run prepare.py")
+    with np.load(index_path, allow_pickle=False) as index:
+        doc_offsets, batch_offsets = index["doc_offsets"], index["batch_offsets"]
+    tokens = np.memmap(bin_path, dtype=_token_dtype(vocab_size), mode="r") if doc_offsets[-1] else None
+    return tokens, doc_offsets, batch_offsets
+
+
+# ---------------------------------------------------------------------------
+# Dataloader: BOS-aligned best-fit packing (the reference's algorithm, over pre-tokenized documents)
+
+
+def _default_device():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _document_batches(parts):
+    """Forever: each part's batches of documents in order, as [(tokens, start, length)], with the epoch."""
+    for epoch in itertools.count(1):
+        for tokens, doc_offsets, batch_offsets in parts:
+            starts = doc_offsets.tolist()
+            bounds = batch_offsets.tolist()
+            for lo, hi in itertools.pairwise(bounds):
+                yield [(tokens, starts[d], starts[d + 1] - starts[d]) for d in range(lo, hi)], epoch
+
+
+SEQ_BITS = 40  # buffer keys are (length << SEQ_BITS) | arrival number: sorted by length, then buffer order
+SEQ_MASK = (1 << SEQ_BITS) - 1
+
+
+def make_dataloader(tokenizer, B, T, split, device=None):
+    """Yield (inputs, targets, epoch) forever: B rows of T tokens packed from whole documents.
+
+    Each row (T+1 tokens) is filled with the longest buffered document that fits the space left
+    (the earliest on ties); when none fits, the shortest one (earliest on ties) is cropped to fill
+    the row and its rest discarded. The buffer is topped up to PACK_BUFFER documents, one batch of
+    DOC_BATCH at a time, before each placement. Every row starts with BOS; there is no padding.
+    """
+    assert split in ("train", "val"), f"split must be 'train' or 'val', not {split!r}"
+    manifest = _require_manifest()
+    tokenizer_sha = manifest["tokenizer_sha256"]
+    vocab_size = manifest["vocab_size"]
+    parts = [_load_part(name, vocab_size, tokenizer_sha) for name in manifest["splits"][split]["parts"]]
+    if not any(doc_offsets[-1] for _, doc_offsets, _ in parts):
+        raise NotPreparedError(f"the {split} split in {CACHE_DIR} has no tokens; re-run prepare.py with more data")
+    parts = [part for part in parts if part[1][-1]]
+    import torch
+
+    device = torch.device(device) if device is not None else _default_device()
+    return _pack(_document_batches(parts), B, T, device)  # a generator, but the checks above run now
+
+
+def _pack(batches, B, T, device):
+    import torch
+
+    pin = device.type == "cuda"
+    keys, docs = [], {}  # sorted buffer keys; arrival number -> (tokens, start)
+    arrivals = itertools.count()
+    epoch = 1
+    rows = np.empty((B, T + 1), dtype=np.int64)
+    while True:
+        for r in range(B):
+            pos = 0
+            while pos <= T:
+                while len(keys) < PACK_BUFFER:
+                    batch, epoch = next(batches)
+                    for tokens, start, length in batch:
+                        seq = next(arrivals)
+                        docs[seq] = (tokens, start)
+                        bisect.insort(keys, (length << SEQ_BITS) | seq)
+                space = T + 1 - pos
+                i = bisect.bisect_right(keys, (space << SEQ_BITS) | SEQ_MASK)
+                if i:  # the longest that fits; bisect_left finds the earliest arrival of that length
+                    take = keys[i - 1] >> SEQ_BITS
+                    i = bisect.bisect_left(keys, take << SEQ_BITS)
+                else:  # nothing fits: crop the shortest
+                    take = space
+                tokens, start = docs.pop(keys.pop(i) & SEQ_MASK)
+                rows[r, pos : pos + take] = tokens[start : start + take]
+                pos += take
+        host = torch.empty((2, B, T), dtype=torch.long, pin_memory=pin)
+        host[0].numpy()[:] = rows[:, :-1]
+        host[1].numpy()[:] = rows[:, 1:]
+        batch_on_device = host.to(device, non_blocking=pin)
+        yield batch_on_device[0], batch_on_device[1], epoch
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: bits per byte, independent of the vocabulary
+
+
+def evaluate_bpb(model, tokenizer, batch_size):
+    """Cross-entropy of EVAL_TOKENS validation tokens, in bits per byte of the text they encode.
+
+    Special tokens (0 bytes) are left out of the sum; `model(x, y, reduction='none')` must give the
+    per-token loss in nats.
+    """
+    steps = EVAL_TOKENS // (batch_size * MAX_SEQ_LEN)
+    if steps < 1:
+        raise ValueError(f"batch_size {batch_size} x MAX_SEQ_LEN {MAX_SEQ_LEN} exceeds EVAL_TOKENS {EVAL_TOKENS}")
+    import torch
+
+    device = next(model.parameters()).device
+    token_bytes = get_token_bytes(device)
+    val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
+    total_nats, total_bytes = 0.0, 0
+    with torch.no_grad():
+        for _ in range(steps):
+            x, y, _ = next(val_loader)
+            loss = model(x, y, reduction="none").reshape(-1).float()
+            nbytes = token_bytes[y.reshape(-1)]
+            total_nats += (loss * (nbytes > 0)).sum().item()
+            total_bytes += nbytes.sum().item()
+    return total_nats / (math.log(2) * total_bytes)
+
+
+# ---------------------------------------------------------------------------
+# The command line
+
+
+def _positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Download data, train the tokenizer and pre-tokenize, once, into $AUTORESEARCH_CACHE "
+        f"(now {CACHE_DIR}). Re-running with the same options does nothing.",
+        epilog="Presets: " + "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in p.items()) for n, p in PRESETS.items())
+        + ". Hub downloads honour HF_ENDPOINT (a mirror).",
+    )
+    source = parser.add_argument_group("what to prepare (default: climbmix)")
+    source.add_argument("--dataset", choices=["climbmix", "tinystories", "stdlib"],
+                        help="climbmix: the reference's web corpus; tinystories: one small file of stories; "
+                        "stdlib: this Python's standard-library sources, no network needed")
+    source.add_argument("--text", action="append", metavar="PATH",
+                        help="your own corpus instead (repeatable): a file or folder of .parquet (a 'text' "
+                        "column), .txt/.md (one document per file), .jsonl (a 'text' field per line)")
+    source.add_argument("--num-shards", type=int, default=10,
+                        help="climbmix training shards to fetch (-1: all); the val shard comes too (default 10)")
+    source.add_argument("--download-workers", type=_positive_int, default=8, help="parallel downloads (default 8)")
+    source.add_argument("--download-attempts", type=_positive_int, default=5,
+                        help="tries per file, with 2^n s backoff (default 5)")
+    consts = parser.add_argument_group("constants train.py reads (default: the preset's)")
+    consts.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="default: the reference's H100 values; small: a laptop or CPU")
+    consts.add_argument("--max-seq-len", type=_positive_int, help="context length")
+    consts.add_argument("--time-budget", type=_positive_int, help="training seconds")
+    consts.add_argument("--eval-tokens", type=_positive_int, help="validation tokens evaluate_bpb scores")
+    consts.add_argument("--vocab-size", type=_positive_int, help="tokenizer size, including 4 special tokens")
+    args = parser.parse_args(argv)
+    if args.text and args.dataset:
+        parser.error("--text and --dataset are alternatives: give one")
+    if args.vocab_size is not None and not 256 + len(SPECIAL_TOKENS) <= args.vocab_size <= 2**32:
+        parser.error(f"--vocab-size {args.vocab_size}: must be at least {256 + len(SPECIAL_TOKENS)} (all bytes + specials)")
+    return args
+
+
+def prepare(args):
+    constants = dict(PRESETS[args.preset])
+    for name in constants:
+        if getattr(args, name) is not None:
+            constants[name] = getattr(args, name)
+    source_key, downloads, parts = resolve_source(args)
+    old = _read_manifest()
+    if old and old.get("format") == MANIFEST_FORMAT and old["source"] == source_key and old["vocab_size"] == constants["vocab_size"] \
+            and all(_part_is_current(name, old["tokenizer_sha256"]) for name, _, _ in parts):
+        if all(old[k] == v for k, v in constants.items()):
+            print(f"Already prepared in {CACHE_DIR}: nothing to do.")
+            return old
+        manifest = {**old, **constants}  # only the constants changed: no data work
+        _atomic_write(MANIFEST_PATH, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        print(f"Updated the constants in {MANIFEST_PATH}: " + ", ".join(f"{k}={v}" for k, v in constants.items()))
+        return manifest
+
+    MANIFEST_PATH.unlink(missing_ok=True)  # from here until the end, the cache is not trusted
+    download_all(downloads, args.download_workers, args.download_attempts)
+
+    spec = json.loads(TOKENIZER_PATH.read_text()) if TOKENIZER_PATH.exists() else None
+    if not spec or spec.get("source") != source_key or spec.get("vocab_size") != constants["vocab_size"] \
+            or not TOKEN_BYTES_PATH.exists():
+        train_batches = itertools.chain.from_iterable(make() for _, split, make in parts if split == "train")
+        train_tokenizer(train_batches, constants["vocab_size"], source_key)
+    else:
+        print(f"tokenizer: reusing {TOKENIZER_PATH}")
+    tokenizer = Tokenizer.from_directory(TOKENIZER_DIR)
+    tokenizer_sha = _file_sha256(TOKENIZER_PATH)
+
+    splits = {"train": {"parts": [], "tokens": 0, "documents": 0}, "val": {"parts": [], "tokens": 0, "documents": 0}}
+    for name, split, make in parts:
+        if _part_is_current(name, tokenizer_sha):
+            with np.load(_part_paths(name)[1], allow_pickle=False) as index:
+                n_tokens, n_docs = int(index["doc_offsets"][-1]), len(index["doc_offsets"]) - 1
+        else:
+            n_tokens, n_docs = tokenize_part(name, make(), tokenizer, tokenizer_sha)
+        splits[split]["parts"].append(name)
+        splits[split]["tokens"] += n_tokens
+        splits[split]["documents"] += n_docs
+    for split, info in splits.items():
+        if info["tokens"] == 0:
+            raise PrepareError(f"the {split} split is empty: the corpus needs more (non-empty) documents")
+    keep = {p.name for name in (n for n, _, _ in parts) for p in _part_paths(name)}
+    for stale in TOKENS_DIR.iterdir():
+        if stale.name not in keep:
+            stale.unlink()
+
+    manifest = {"format": MANIFEST_FORMAT, "source": source_key, **constants, "tokenizer_sha256": tokenizer_sha,
+                "splits": splits, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _atomic_write(MANIFEST_PATH, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    print(f"Prepared {CACHE_DIR}: train {splits['train']['tokens']:,} tokens in {splits['train']['documents']:,} "
+          f"documents, val {splits['val']['tokens']:,} tokens in {splits['val']['documents']:,} documents; "
+          + ", ".join(f"{k}={v}" for k, v in constants.items()))
+    print("Next: uv run train.py")
+    return manifest
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        prepare(args)
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\nInterrupted. Nothing half-written is kept; run the same command again to continue.", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

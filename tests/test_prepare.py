@@ -1,0 +1,453 @@
+"""prepare.py: downloads, sources, tokenizer, packing, the val_bpb metric, the manifest, bad input."""
+
+import importlib
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, TINY, make_documents, run_prepare, write_parquet
+
+import prepare
+
+VAL_SHARD = "shard_06542.parquet"
+
+
+def serve_climbmix(hub, num_train=2, docs_per_shard=700, row_group_size=300):
+    for i in range(num_train):
+        hub.add_parquet(f"shard_{i:05d}.parquet", make_documents(docs_per_shard, seed=i), row_group_size)
+    hub.add_parquet(VAL_SHARD, make_documents(1500, seed=99, max_words=150), row_group_size)
+
+
+@pytest.fixture(scope="module")
+def climbmix_cache(tmp_path_factory):
+    """A cache prepared from a local hub: 2 training shards and the val shard, row groups of 300."""
+    from conftest import Hub
+
+    hub = Hub()
+    serve_climbmix(hub)
+    cache = tmp_path_factory.mktemp("climbmix")
+    result = run_prepare("--num-shards", "2", *TINY, cache=cache, env_extra={"HF_ENDPOINT": hub.url})
+    hub.server.shutdown()
+    return cache, hub, result
+
+
+@pytest.fixture
+def climbmix(climbmix_cache, monkeypatch):
+    cache, hub, result = climbmix_cache
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    importlib.reload(prepare)
+    yield cache, hub, result
+    monkeypatch.undo()
+    importlib.reload(prepare)
+
+
+def spec_packing(doc_batches, B, T, n):
+    """SPEC §5 written as plainly as possible (lists and linear scans), to check ours against."""
+    buffer, batches = [], []
+    for _ in range(n):
+        rows = []
+        for _ in range(B):
+            row = []
+            while len(row) < T + 1:
+                while len(buffer) < 1000:
+                    buffer.extend(next(doc_batches))
+                space = T + 1 - len(row)
+                fitting = [i for i, doc in enumerate(buffer) if len(doc) <= space]
+                if fitting:
+                    row += buffer.pop(max(fitting, key=lambda i: (len(buffer[i]), -i)))
+                else:
+                    row += buffer.pop(min(range(len(buffer)), key=lambda i: len(buffer[i])))[:space]
+            rows.append(row)
+        batches.append(rows)
+    return batches
+
+
+def parquet_batches_with_bos(path, tokenizer):
+    """The val documents as the reference reads them: row group by row group, 128 at a time, BOS first."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    batches = []
+    for g in range(pf.num_row_groups):
+        texts = pf.read_row_group(g).column("text").to_pylist()
+        batches += [tokenizer.encode(texts[i : i + 128], prepend=tokenizer.get_bos_token_id()) for i in range(0, len(texts), 128)]
+    return itertools.cycle(batches)
+
+
+# --- downloads ---------------------------------------------------------------------------------
+
+
+def test_download_fetches_training_shards_and_the_pinned_val_shard(climbmix):
+    cache, hub, result = climbmix
+    assert sorted(p.name for p in (cache / "data").iterdir()) == ["shard_00000.parquet", "shard_00001.parquet", VAL_SHARD]
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["parts"] == ["shard_00000", "shard_00001"]
+    assert manifest["splits"]["val"]["parts"] == ["shard_06542"]
+    assert manifest["splits"]["val"]["documents"] == 1500
+
+
+def test_rerun_does_nothing_and_says_so(climbmix, hub):
+    cache, _, _ = climbmix
+    result = run_prepare("--num-shards", "2", *TINY, cache=cache, env_extra={"HF_ENDPOINT": hub.url})
+    assert "nothing to do" in result.stdout
+    assert hub.requests == {}
+
+
+def test_download_retries_after_server_errors(tmp_path, hub):
+    hub.add_parquet("a.parquet", ["one", "two"])
+    hub.fail["a.parquet"] = 2
+    prepare.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=3, backoff=0.01)
+    assert hub.requests["a.parquet"] == 3
+    assert (tmp_path / "a.parquet").exists()
+
+
+def test_download_gives_up_after_the_last_attempt_and_names_the_url(tmp_path, hub):
+    hub.add_parquet("a.parquet", ["one"])
+    hub.fail["a.parquet"] = 5
+    with pytest.raises(prepare.PrepareError, match=f"{hub.url}/a.parquet after 3 attempts"):
+        prepare.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=3, backoff=0.01)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_download_is_detected_and_never_kept(tmp_path, hub):
+    hub.add_parquet("a.parquet", make_documents(50))
+    hub.truncate.add("a.parquet")
+    with pytest.raises(prepare.PrepareError):
+        prepare.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=2, backoff=0.01)
+    assert hub.requests["a.parquet"] == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_file_fails_at_once_without_retries(tmp_path, hub):
+    with pytest.raises(prepare.PrepareError, match="404"):
+        prepare.download_file(f"{hub.url}/nope.parquet", tmp_path / "nope.parquet", attempts=5, backoff=0.01)
+    assert hub.requests["nope.parquet"] == 1
+
+
+def test_corrupt_shard_in_the_cache_is_fetched_again(tmp_path, hub):
+    hub.add_parquet("a.parquet", ["one", "two"])
+    dest = tmp_path / "a.parquet"
+    dest.write_bytes(hub.files["a.parquet"][:-20])  # e.g. copied by hand and cut short
+    prepare.download_all([(f"{hub.url}/a.parquet", dest)], workers=2, attempts=1)
+    assert dest.read_bytes() == hub.files["a.parquet"]
+
+
+def test_unreachable_hub_names_the_url_and_the_offline_alternatives(tmp_path):
+    result = run_prepare("--num-shards", "1", "--download-attempts", "1", cache=tmp_path / "cache", check=False,
+                         env_extra={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert result.returncode == 1
+    assert "http://127.0.0.1:9/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_00000.parquet" in result.stderr
+    assert "--dataset stdlib" in result.stderr and "--text PATH" in result.stderr
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_ctrl_c_during_download_leaves_nothing_half_written(tmp_path, hub):
+    hub.add_parquet("shard_00000.parquet", make_documents(400, seed=1))
+    hub.add_parquet(VAL_SHARD, make_documents(100, seed=2))
+    hub.slow.update(hub.files)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "HF_ENDPOINT": hub.url}
+    proc = subprocess.Popen([sys.executable, str(REPO / "prepare.py"), "--num-shards", "1", *TINY], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not list((cache / "data").glob("*.tmp")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "Interrupted" in stderr
+    assert list((cache / "data").iterdir()) == []
+    assert not (cache / "manifest.json").exists()
+
+
+def test_tinystories_holds_out_a_fixed_val_slice(tmp_path, hub):
+    stories = make_documents(400, seed=7, max_words=60)
+    hub.add_parquet(prepare.TINYSTORIES_FILE, stories)
+    first = run_prepare("--dataset", "tinystories", *TINY, cache=tmp_path / "a", env_extra={"HF_ENDPOINT": hub.url})
+    run_prepare("--dataset", "tinystories", *TINY, cache=tmp_path / "b", env_extra={"HF_ENDPOINT": hub.url})
+    manifests = [json.loads((tmp_path / c / "manifest.json").read_text()) for c in "ab"]
+    assert manifests[0]["splits"] == manifests[1]["splits"]
+    val_docs = manifests[0]["splits"]["val"]["documents"]
+    assert 0 < val_docs < 0.15 * len(stories), first.stdout
+    assert val_docs + manifests[0]["splits"]["train"]["documents"] == len(stories)
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+
+def test_tokenizer_round_trips_mixed_scripts(prepare_module):
+    tokenizer = prepare_module.Tokenizer.from_directory()
+    text = "naïve café — Привет 你好 🤖 <|reserved_0|> 1234"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.get_vocab_size() == 512
+    assert tokenizer.encode(["ab", "c"], prepend=tokenizer.get_bos_token_id())[1][0] == tokenizer.get_bos_token_id()
+
+
+def test_special_token_text_is_encoded_as_plain_text(prepare_module):
+    tokenizer = prepare_module.Tokenizer.from_directory()
+    assert tokenizer.get_bos_token_id() not in tokenizer.encode("<|reserved_0|>")
+
+
+def test_tokenizer_is_stored_without_pickle(tiny_cache):
+    files = sorted(p.name for p in (tiny_cache / "tokenizer").iterdir())
+    assert files == ["token_bytes.npy", "tokenizer.json"]
+    json.loads((tiny_cache / "tokenizer" / "tokenizer.json").read_text())
+    np.load(tiny_cache / "tokenizer" / "token_bytes.npy", allow_pickle=False)
+
+
+def test_token_bytes_are_raw_byte_lengths_and_zero_for_specials(prepare_module):
+    tokenizer = prepare_module.Tokenizer.from_directory()
+    token_bytes = prepare_module.get_token_bytes("cpu")
+    encoding = tokenizer.encoding
+    expected = [len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)]
+    for name in prepare_module.SPECIAL_TOKENS:
+        expected[encoding.encode_single_token(name)] = 0
+    assert token_bytes.tolist() == expected
+    # the reference's decode-then-encode counts 3 bytes for a lone byte of a multi-byte character
+    lone_byte = encoding.encode_single_token(b"\xe4")
+    assert token_bytes[lone_byte] == 1 and len(encoding.decode([lone_byte]).encode()) == 3
+
+
+# --- packing -----------------------------------------------------------------------------------
+
+
+def test_val_stream_is_token_for_token_the_spec_algorithm(climbmix):
+    cache, _, _ = climbmix
+    tokenizer = prepare.Tokenizer.from_directory()
+    B, T, n = 4, 64, 40
+    ours = make_dataloader_batches(tokenizer, B, T, "val", n)
+    expected = spec_packing(parquet_batches_with_bos(cache / "data" / VAL_SHARD, tokenizer), B, T, n)
+    for step, (x, y, _) in enumerate(ours):
+        rows = torch.tensor(expected[step])
+        assert torch.equal(x, rows[:, :-1]) and torch.equal(y, rows[:, 1:]), f"batch {step} differs"
+
+
+def make_dataloader_batches(tokenizer, B, T, split, n):
+    loader = prepare.make_dataloader(tokenizer, B, T, split, device="cpu")
+    return [next(loader) for _ in range(n)]
+
+
+def test_every_row_starts_with_bos_and_targets_are_inputs_shifted(prepare_module):
+    tokenizer = prepare_module.Tokenizer.from_directory()
+    for x, y, _ in make_dataloader_batches_for(prepare_module, tokenizer, 8, 64, "train", 5):
+        assert x.dtype == torch.long and x.shape == y.shape == (8, 64)
+        assert (x[:, 0] == tokenizer.get_bos_token_id()).all()
+        assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def make_dataloader_batches_for(module, tokenizer, B, T, split, n):
+    loader = module.make_dataloader(tokenizer, B, T, split, device="cpu")
+    return [next(loader) for _ in range(n)]
+
+
+def test_rows_are_whole_documents_then_one_cropped_document_with_no_padding(prepare_module, tiny_corpus):
+    tokenizer = prepare_module.Tokenizer.from_directory()
+    bos = tokenizer.get_bos_token_id()
+    documents = {tuple(ids) for ids in map(tuple, tokenizer.encode(make_documents(600), prepend=bos))}
+    for x, y, _ in make_dataloader_batches_for(prepare_module, tokenizer, 8, 64, "train", 10):
+        for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
+            pieces = split_at(row, bos)
+            assert all(p in documents for p in pieces[:-1])  # whole documents...
+            assert any(doc[: len(pieces[-1])] == pieces[-1] for doc in documents)  # ...then one prefix
+
+
+def split_at(row, bos):
+    starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
+    return [tuple(row[a:b]) for a, b in itertools.pairwise(starts)]
+
+
+def test_val_stream_is_deterministic_and_counts_epochs(prepare_module):
+    tokenizer = prepare_module.Tokenizer.from_directory()
+    first = make_dataloader_batches_for(prepare_module, tokenizer, 8, 64, "val", 30)
+    second = make_dataloader_batches_for(prepare_module, tokenizer, 8, 64, "val", 30)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+    assert first[0][2] >= 1 and first[-1][2] > first[0][2]  # a tiny val split loops
+
+
+def test_crop_rule_takes_the_shortest_document_when_nothing_fits():
+    docs = [[0] + [7] * 9, [0] + [8] * 4, [0] + [9] * 2]  # lengths 10, 5, 3
+    expected = spec_packing(itertools.cycle([docs]), 1, 3, 1)[0][0]
+    assert expected == [0, 9, 9, 0]  # the 3 fits; then nothing fits 1 slot, so the 5 (shortest) is cropped
+    assert pack_like_prepare([docs], 1, 3) == expected
+
+
+def pack_like_prepare(doc_batches, B, T):
+    """Run prepare's packer over in-memory token lists (as if they were one pre-tokenized part)."""
+    flat = [doc for batch in doc_batches for doc in batch]
+    tokens = np.array([t for doc in flat for t in doc], dtype=np.uint16)
+    doc_offsets = np.concatenate([[0], np.cumsum([len(d) for d in flat])])
+    batch_offsets = np.concatenate([[0], np.cumsum([len(b) for b in doc_batches])])
+    original = prepare._load_part, prepare._require_manifest
+    try:
+        prepare._require_manifest = lambda: {"tokenizer_sha256": "", "vocab_size": 512, "splits": {"val": {"parts": ["p"]}}}
+        prepare._load_part = lambda *a: (tokens, doc_offsets, batch_offsets)
+        x, y, _ = next(prepare.make_dataloader(None, B, T, "val", device="cpu"))
+    finally:
+        prepare._load_part, prepare._require_manifest = original
+    return torch.cat([x, y[:, -1:]], dim=1)[0].tolist()
+
+
+def test_best_fit_prefers_the_longest_fitting_and_the_earliest_on_ties():
+    docs = [[0, 1], [0, 2, 2], [0, 3, 3], [0, 4]]  # two of length 3: the first one wins
+    assert pack_like_prepare([docs], 1, 4) == spec_packing(itertools.cycle([docs]), 1, 4, 1)[0][0] == [0, 2, 2, 0, 1]
+
+
+# --- the metric --------------------------------------------------------------------------------
+
+
+class FixedLogits(torch.nn.Module):
+    """Predicts the same distribution at every position: uniform, or a unigram model."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits)
+
+    def forward(self, x, y, reduction="mean"):
+        logits = self.logits.expand(*x.shape, -1)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction=reduction)
+
+
+def val_targets(module, tokenizer, batch_size):
+    steps = module.EVAL_TOKENS // (batch_size * module.MAX_SEQ_LEN)
+    return torch.cat([y.reshape(-1) for _, y, _ in make_dataloader_batches_for(module, tokenizer, batch_size, module.MAX_SEQ_LEN, "val", steps)])
+
+
+def test_uniform_model_scores_ln_v_per_counted_token(prepare_module):
+    tokenizer = prepare_module.Tokenizer.from_directory()
+    V = tokenizer.get_vocab_size()
+    bpb = prepare_module.evaluate_bpb(FixedLogits(torch.zeros(V)), tokenizer, batch_size=8)
+    nbytes = prepare_module.get_token_bytes("cpu")[val_targets(prepare_module, tokenizer, 8)]
+    assert bpb == pytest.approx(math.log(V) * int((nbytes > 0).sum()) / (math.log(2) * int(nbytes.sum())), rel=1e-6)
+
+
+def test_unigram_model_matches_a_computation_by_hand(prepare_module):
+    tokenizer = prepare_module.Tokenizer.from_directory()
+    V = tokenizer.get_vocab_size()
+    log_probs = torch.log_softmax(torch.linspace(-3, 3, V), dim=0)
+    bpb = prepare_module.evaluate_bpb(FixedLogits(log_probs.clone()), tokenizer, batch_size=8)
+    token_bytes = prepare_module.get_token_bytes("cpu").tolist()
+    nats = total_bytes = 0.0
+    for target in val_targets(prepare_module, tokenizer, 8).tolist():
+        if token_bytes[target] > 0:
+            nats -= log_probs[target].item()
+        total_bytes += token_bytes[target]
+    assert bpb == pytest.approx(nats / (math.log(2) * total_bytes), rel=1e-5)
+
+
+def test_eval_batch_larger_than_eval_tokens_is_a_clear_error(prepare_module):
+    tokenizer = prepare_module.Tokenizer.from_directory()
+    with pytest.raises(ValueError, match="EVAL_TOKENS"):
+        prepare_module.evaluate_bpb(FixedLogits(torch.zeros(512)), tokenizer, batch_size=1000)
+
+
+# --- the manifest ------------------------------------------------------------------------------
+
+
+def test_module_constants_come_from_the_manifest(prepare_module):
+    assert (prepare_module.MAX_SEQ_LEN, prepare_module.VOCAB_SIZE, prepare_module.EVAL_TOKENS, prepare_module.TIME_BUDGET) == (64, 512, 4096, 2)
+
+
+def test_module_constants_default_to_the_reference_without_a_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+    module = importlib.reload(prepare)
+    try:
+        assert (module.MAX_SEQ_LEN, module.TIME_BUDGET, module.EVAL_TOKENS, module.VOCAB_SIZE) == (2048, 300, 20971520, 8192)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(prepare)
+
+
+def test_changing_only_a_constant_rewrites_the_manifest_without_data_work(tmp_path, tiny_corpus):
+    cache = tmp_path / "cache"
+    run_prepare("--text", str(tiny_corpus), *TINY, cache=cache)
+    tokens_before = {p.name: p.stat().st_mtime_ns for p in (cache / "tokens").iterdir()}
+    result = run_prepare("--text", str(tiny_corpus), *TINY, "--time-budget", "7", cache=cache)
+    assert "Updated the constants" in result.stdout
+    assert json.loads((cache / "manifest.json").read_text())["time_budget"] == 7
+    assert {p.name: p.stat().st_mtime_ns for p in (cache / "tokens").iterdir()} == tokens_before
+
+
+def test_small_preset_values_are_recorded(tmp_path, tiny_corpus):
+    run_prepare("--text", str(tiny_corpus), "--preset", "small", "--vocab-size", "512", cache=tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert {k: manifest[k] for k in prepare.PRESETS["small"]} == {**prepare.PRESETS["small"], "vocab_size": 512}
+
+
+def test_stdlib_dataset_prepares_with_no_network(tmp_path):
+    result = run_prepare("--dataset", "stdlib", "--vocab-size", "300", cache=tmp_path, env_extra={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["source"]["dataset"] == "stdlib"
+    assert manifest["splits"]["train"]["tokens"] > 1_000_000 and manifest["splits"]["val"]["tokens"] > 10_000, result.stdout
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_no_cache_says_which_command_to_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+    module = importlib.reload(prepare)
+    try:
+        with pytest.raises(module.NotPreparedError, match="uv run prepare.py"):
+            module.Tokenizer.from_directory()
+        with pytest.raises(module.NotPreparedError, match="--dataset stdlib"):
+            module.make_dataloader(None, 1, 8, "train")
+    finally:
+        monkeypatch.undo()
+        importlib.reload(prepare)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "no .parquet/.txt/.md/.jsonl files"),
+    (lambda d: (d / "a.txt").write_text(""), "corpus is empty"),
+    (lambda d: write_parquet(d / "a.parquet", ["x"], column="body"), "a.parquet has no 'text' column"),
+    (lambda d: (d / "a.jsonl").write_text('{"body": "x"}\n'), "a.jsonl:1: expected a JSON object with a 'text' field"),
+    (lambda d: (d / "a.txt").write_bytes(b"\xff\xfe bad"), "a.txt: not UTF-8"),
+], ids=["empty-folder", "empty-corpus", "no-text-column", "jsonl-without-text", "not-utf8"])
+def test_bad_corpus_is_a_clear_error_naming_the_file(tmp_path, setup, message):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    setup(corpus)
+    result = run_prepare("--text", str(corpus), *TINY, cache=tmp_path / "cache", check=False)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_missing_text_path_is_a_clear_error(tmp_path):
+    result = run_prepare("--text", str(tmp_path / "nowhere"), cache=tmp_path / "cache", check=False)
+    assert result.returncode == 1 and "no such file or folder" in result.stderr
+
+
+def test_bad_vocab_size_is_refused_before_any_work(tmp_path):
+    result = run_prepare("--dataset", "stdlib", "--vocab-size", "100", cache=tmp_path, check=False)
+    assert result.returncode == 2 and "--vocab-size 100" in result.stderr
+    assert not tmp_path.joinpath("tokenizer").exists()
+
+
+def test_interrupted_write_leaves_neither_file_nor_temp(tmp_path):
+    def write(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare._atomic_write(tmp_path / "part.bin", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_part_from_another_tokenizer_is_rebuilt(tmp_path, tiny_corpus):
+    cache = tmp_path / "cache"
+    run_prepare("--text", str(tiny_corpus), *TINY, cache=cache)
+    run_prepare("--text", str(tiny_corpus), *TINY[:0], "--vocab-size", "600", "--max-seq-len", "64", cache=cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    with np.load(cache / "tokens" / "text-train.npz") as index:
+        assert str(index["tokenizer_sha256"]) == manifest["tokenizer_sha256"]
+    assert manifest["vocab_size"] == 600
