@@ -75,6 +75,7 @@ TOKENIZER_DOC_CHARS = 10_000             # each document cut to this for tokeniz
 TOKENIZER_MAX_CHARS = 1_000_000_000      # tokenizer training stops after this many characters
 DOC_BATCH = 128                          # documents tokenized (and fed to the packer) together
 PACK_BUFFER = 1000                       # documents the best-fit packer chooses from
+CAUSALITY_TOLERANCE = 1e-2               # nats a causal model's past loss may move when the future changes
 
 
 def _read_manifest():
@@ -645,25 +646,50 @@ def _pack(batches, B, T, device):
 # Evaluation: bits per byte, independent of the vocabulary
 
 
+class NonCausalModelError(ValueError):
+    pass
+
+
+def _check_causal(model, x, y, loss, vocab_size):
+    """Refuse a model that looks ahead: the loss at positions before t must not move when the tokens
+    from t on are replaced. (A guard against accidents, not against an adversary.)"""
+    import torch
+
+    t = x.shape[1] // 2
+    changed = x.clone()  # the targets stay: positions before t see the same inputs and score the same tokens
+    changed[:, t:] = torch.randint(0, vocab_size, changed[:, t:].shape, generator=torch.Generator().manual_seed(0)).to(x.device)
+    before = loss.reshape(x.shape)[:, :t].float()
+    after = model(changed, y, reduction="none").reshape(x.shape)[:, :t].float()
+    moved = (after - before).abs().max().item()
+    if not moved <= CAUSALITY_TOLERANCE:
+        raise NonCausalModelError(
+            f"evaluate_bpb refuses to score this model: its loss at positions before {t} moved by {moved:.3g} nats "
+            f"when only the tokens from position {t} on changed, so it looks at future tokens and its val_bpb "
+            "would be meaningless. Keep attention causal (and nothing else mixing positions forward)."
+        )
+
+
 def evaluate_bpb(model, tokenizer, batch_size):
     """Cross-entropy of EVAL_TOKENS validation tokens, in bits per byte of the text they encode.
 
     Special tokens (0 bytes) are left out of the sum; `model(x, y, reduction='none')` must give the
-    per-token loss in nats.
+    per-token loss in nats. A model whose outputs depend on future tokens is refused.
     """
+    import torch
+
     steps = EVAL_TOKENS // (batch_size * MAX_SEQ_LEN)
     if steps < 1:
         raise ValueError(f"batch_size {batch_size} x MAX_SEQ_LEN {MAX_SEQ_LEN} exceeds EVAL_TOKENS {EVAL_TOKENS}")
-    import torch
-
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device)
     val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
     total_nats, total_bytes = 0.0, 0
     with torch.no_grad():
-        for _ in range(steps):
+        for step in range(steps):
             x, y, _ = next(val_loader)
             loss = model(x, y, reduction="none").reshape(-1).float()
+            if step == 0:
+                _check_causal(model, x, y, loss, tokenizer.get_vocab_size())
             nbytes = token_bytes[y.reshape(-1)]
             total_nats += (loss * (nbytes > 0)).sum().item()
             total_bytes += nbytes.sum().item()

@@ -343,6 +343,26 @@ def test_unigram_model_matches_a_computation_by_hand(prepare_module):
     assert bpb == pytest.approx(nats / (math.log(2) * total_bytes), rel=1e-5)
 
 
+class PeeksAhead(torch.nn.Module):
+    """Predicts each target by looking at the next input token: a perfect score by cheating."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(50.0))
+        self.vocab_size = vocab_size
+
+    def forward(self, x, y, reduction="mean"):
+        future = torch.roll(x, shifts=-1, dims=1)
+        logits = self.scale * torch.nn.functional.one_hot(future, self.vocab_size).float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, self.vocab_size), y.reshape(-1), reduction=reduction)
+
+
+def test_a_model_that_looks_at_future_tokens_is_refused(prepare_module):
+    tokenizer = prepare_module.Tokenizer.from_directory()
+    with pytest.raises(prepare_module.NonCausalModelError, match="looks at future tokens"):
+        prepare_module.evaluate_bpb(PeeksAhead(tokenizer.get_vocab_size()), tokenizer, batch_size=8)
+
+
 def test_eval_batch_larger_than_eval_tokens_is_a_clear_error(prepare_module):
     tokenizer = prepare_module.Tokenizer.from_directory()
     with pytest.raises(ValueError, match="EVAL_TOKENS"):
