@@ -1,0 +1,23 @@
+"""Stand-in for the `claude` CLI in the agent_loop tests.
+
+Each call records its arguments and stdin in $FAKE_CLAUDE_CALLS (JSON lines), takes the next
+step of the JSON list in $FAKE_CLAUDE_SCRIPT, applies the step's edits to the files in the
+working directory, and prints a JSON result like `claude -p --output-format json` does.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+calls_path = Path(os.environ["FAKE_CLAUDE_CALLS"])
+calls = calls_path.read_text().splitlines() if calls_path.exists() else []
+step = json.loads(Path(os.environ["FAKE_CLAUDE_SCRIPT"]).read_text())[len(calls)]
+with open(calls_path, "a") as f:
+    f.write(json.dumps({"argv": sys.argv[1:], "stdin": sys.stdin.read()}) + "\n")
+for edit in step.get("edits", []):
+    path = Path(edit["file"])
+    text = path.read_text() if path.exists() else ""
+    path.write_text(text.replace(edit["search"], edit["replace"]) if edit["search"] else edit["replace"])
+print(json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": step["result"],
+                  "session_id": "session-1", "total_cost_usd": 0.05,
+                  "usage": {"input_tokens": 1000, "output_tokens": 100}}))

@@ -1,0 +1,30 @@
+"""Stand-in for train.py in the agent_loop tests: it behaves as its constants say.
+
+MODE "ok" prints the summary block with VAL_BPB, "crash" raises, "hang" sleeps. Each start
+appends its pid to the file named by $FAKE_TRAIN_STARTS, so tests can wait for a run.
+"""
+import os
+import time
+
+VAL_BPB = 1.000000
+PEAK_VRAM_MB = 2048.0
+MODE = "ok"
+
+if os.environ.get("FAKE_TRAIN_STARTS"):
+    with open(os.environ["FAKE_TRAIN_STARTS"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+print("step 00001 (1.0%) | loss: 9.0\rstep 00002 (2.0%) | loss: 8.0", flush=True)
+if MODE == "crash":
+    raise RuntimeError("fake failure: CUDA out of memory")
+if MODE == "hang":
+    time.sleep(600)
+print("---")
+print(f"val_bpb:          {VAL_BPB:.6f}")
+print("training_seconds: 1.0")
+print("total_seconds:    1.2")
+print(f"peak_vram_mb:     {PEAK_VRAM_MB:.1f}")
+print("mfu_percent:      1.00")
+print("total_tokens_M:   0.1")
+print("num_steps:        2")
+print("num_params_M:     0.1")
+print("depth:            2")

@@ -1,0 +1,452 @@
+"""agent_loop.py end to end: a temp git repo with a fake train.py, and local stand-ins for the
+Anthropic Messages API, an OpenAI-compatible endpoint and the claude CLI. CPU only, no network.
+
+Most tests call agent_loop.main() in this process (the SDK import alone takes seconds per
+process); the signal tests run `python agent_loop.py` as its own process."""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "agent_loop_support")]
+import agent_loop  # noqa: E402
+from fake_llm import CHAT, FakeLLM, change, chat_change, overloaded  # noqa: E402
+
+SUPPORT = Path(__file__).resolve().parent / "agent_loop_support"
+AGENT_LOOP = ROOT / "agent_loop.py"
+
+# Edits of the fake train.py that decide what the next run does.
+BETTER = ("VAL_BPB = 1.000000", "VAL_BPB = 0.990000")
+WORSE = ("VAL_BPB = 1.000000", "VAL_BPB = 1.010000")
+CRASH = ('MODE = "ok"', 'MODE = "crash"')
+HANG = ('MODE = "ok"', 'MODE = "hang"')
+
+
+class Night:
+    """A temp repository ready for agent_loop.py, and ways to look at what it did."""
+
+    def __init__(self, tmp_path, llm, pycache, monkeypatch):
+        self.llm, self.tmp = llm, tmp_path
+        self.repo = tmp_path / "repo"
+        self.repo.mkdir()
+        shutil.copy(SUPPORT / "fake_train.py", self.repo / "train.py")
+        shutil.copy(ROOT / "program.md", self.repo / "program.md")
+        (self.repo / "prepare.py").write_text('"""fake harness for the agent_loop tests"""\nTIME_BUDGET = 1\n')
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        (cache / "manifest.json").write_text(json.dumps(
+            {"time_budget": 1, "max_seq_len": 64, "eval_tokens": 4096, "vocab_size": 512}))
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "claude").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{SUPPORT / "fake_claude.py"}" "$@"\n')
+        (bin_dir / "claude").chmod(0o755)
+        self.starts = tmp_path / "train_starts"
+        # The environment of this process (for main()) and of every process it starts.
+        for name in os.environ:
+            if name.startswith(("ANTHROPIC_", "OPENAI_", "GIT_")) or name == "PYTHONDONTWRITEBYTECODE":
+                monkeypatch.delenv(name)
+        for name, value in dict(
+                HOME=str(tmp_path), GIT_CONFIG_NOSYSTEM="1", AUTORESEARCH_CACHE=str(cache),
+                GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+                GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
+                ANTHROPIC_API_KEY="test-key", ANTHROPIC_BASE_URL=llm.url, FAKE_TRAIN_STARTS=str(self.starts),
+                FAKE_CLAUDE_SCRIPT=str(tmp_path / "claude_script.json"),
+                FAKE_CLAUDE_CALLS=str(tmp_path / "claude_calls"),
+                PYTHONPYCACHEPREFIX=str(pycache),  # compile the SDKs once per session, not once per process
+                PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}").items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.chdir(self.repo)
+        self.git("init", "-q", "-b", "main")
+        self.git("add", ".")
+        self.git("commit", "-q", "-m", "initial")
+        self.base = self.head()
+
+    def arguments(self, *args):
+        return ["--tag", "t", "--retry-delay", "0.01", "--timeout", "30", *args]
+
+    def run(self, *args):
+        """agent_loop.main() in this process: (exit code, what it printed, the error it stopped with)."""
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            try:
+                code, error = agent_loop.main(self.arguments(*args)), ""
+            except SystemExit as stop:
+                code, error = 1, str(stop.code)
+        return subprocess.CompletedProcess(args, code, printed.getvalue(), error)
+
+    def start(self, *args):
+        """`python agent_loop.py` as its own process."""
+        return subprocess.Popen([sys.executable, str(AGENT_LOOP), *self.arguments(*args)], cwd=self.repo,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def wait_for_runs(self, count, timeout=60):
+        """The pids of the first `count` train.py runs, once that many have started."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            pids = self.train_pids()
+            if len(pids) >= count:
+                return pids
+            time.sleep(0.05)
+        raise AssertionError(f"fewer than {count} runs of train.py started")
+
+    def train_pids(self):
+        return [int(line) for line in self.starts.read_text().split()] if self.starts.exists() else []
+
+    def git(self, *args):
+        return subprocess.run(["git", *args], cwd=self.repo, check=True, capture_output=True, text=True).stdout.strip()
+
+    def head(self):
+        return self.git("rev-parse", "HEAD")
+
+    def refs(self):
+        """Commit of each refs/autoresearch/t/<n>, in order of n."""
+        lines = self.git("for-each-ref", "--format=%(refname) %(objectname)", "refs/autoresearch/t/").splitlines()
+        return [commit for _, commit in sorted((int(ref.rsplit("/", 1)[1]), commit)
+                                               for ref, commit in (line.split() for line in lines))]
+
+    def rows(self):
+        lines = (self.repo / "results.tsv").read_text().splitlines()
+        assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+        return [line.split("\t") for line in lines[1:]]
+
+    def ledger(self):
+        return [json.loads(line) for line in (self.repo / ".autoresearch/t/ledger.jsonl").read_text().splitlines()]
+
+    def train_py(self):
+        return (self.repo / "train.py").read_text()
+
+    def is_clean(self):
+        """No change at all, untracked files included: our outputs are kept out of git."""
+        return self.git("status", "--porcelain") == ""
+
+    def requests(self, path="/v1/messages"):
+        return self.llm.requests[path]
+
+
+@pytest.fixture(scope="session")
+def pycache(tmp_path_factory):
+    return tmp_path_factory.mktemp("pycache")
+
+
+@pytest.fixture
+def night(tmp_path, pycache, monkeypatch):
+    llm = FakeLLM()
+    night = Night(tmp_path, llm, pycache, monkeypatch)
+    yield night
+    llm.close()
+    for pid in night.train_pids():  # a run a test left orphaned must not outlive it
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def alive(pid, wait=5.0):
+    """Whether the process still runs after up to `wait` seconds (a zombie counts as dead)."""
+    deadline = time.time() + wait
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        if state == "Z" or time.time() > deadline:
+            return state != "Z"
+        time.sleep(0.05)
+
+
+def last_user_content(request):
+    return json.dumps(request["messages"][-1]["content"])
+
+
+# -----------------------------------------------------------------------------
+# Keep, discard, crash, timeout
+
+def test_baseline_runs_first_and_an_improvement_is_kept(night):
+    night.llm.script(change("lower val_bpb", BETTER))
+    result = night.run("--max-experiments", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = night.rows()
+    assert [row[1:] for row in rows] == [["1.000000", "2.0", "keep", "baseline"],
+                                         ["0.990000", "2.0", "keep", "lower val_bpb"]]
+    assert rows[0][0] == night.base[:7] and rows[1][0] == night.head()[:7]
+    assert night.git("rev-parse", "--abbrev-ref", "HEAD") == "autoresearch/t"
+    assert night.git("log", "-1", "--format=%s") == "lower val_bpb"
+    assert night.git("rev-parse", "HEAD~1") == night.base
+    assert "VAL_BPB = 0.990000" in night.train_py()
+    assert night.refs() == [night.base, night.head()]
+    assert night.is_clean()
+
+
+def test_a_worse_result_is_discarded_and_the_branch_reset_to_the_best(night):
+    night.llm.script(change("raise val_bpb", WORSE))
+    assert night.run("--max-experiments", "2").returncode == 0
+    assert [row[1:] for row in night.rows()][1] == ["1.010000", "2.0", "discard", "raise val_bpb"]
+    assert night.head() == night.base
+    assert night.train_py() == (SUPPORT / "fake_train.py").read_text()
+    discarded = night.refs()[1]
+    assert night.rows()[1][0] == discarded[:7]
+    assert night.git("log", "-1", "--format=%s", discarded) == "raise val_bpb"
+    assert night.is_clean()
+
+
+def test_a_crash_shows_the_agent_the_fenced_log_tail_and_its_fix_is_run(night):
+    night.llm.script(change("try a crash", CRASH),
+                     change("fix the crash", ('MODE = "crash"', 'MODE = "ok"'), BETTER))
+    assert night.run("--max-experiments", "2").returncode == 0
+    assert [row[1:] for row in night.rows()][1] == ["0.990000", "2.0", "keep", "try a crash"]
+    base, crashed, fixed = night.refs()
+    assert night.head() == fixed and night.git("rev-parse", f"{fixed}~1") == crashed
+    fix_prompt = night.requests()[1]["messages"][0]["content"]
+    assert "fix attempt 1 of 2" in fix_prompt
+    fenced = fix_prompt.split("<untrusted-program-output-")[1].split("</untrusted-program-output-")[0]
+    assert "fake failure: CUDA out of memory" in fenced
+    assert "step 00002" in fenced and "step 00001" not in fenced  # the \r progress display collapsed
+    assert night.is_clean()
+
+
+def test_a_crash_still_there_after_two_fixes_is_given_up(night):
+    night.llm.script(change("try a crash", CRASH),
+                     change("fix 1", ("PEAK_VRAM_MB = 2048.0", "PEAK_VRAM_MB = 1024.0")),
+                     change("fix 2", ("PEAK_VRAM_MB = 1024.0", "PEAK_VRAM_MB = 512.0")))
+    assert night.run("--max-experiments", "2").returncode == 0
+    assert len(night.requests()) == 3
+    rows = night.rows()
+    assert rows[1][1:] == ["0.000000", "0.0", "crash", "try a crash"]
+    assert len(night.refs()) == 4 and rows[1][0] == night.refs()[-1][:7]
+    assert night.head() == night.base
+    assert night.is_clean()
+
+
+def test_a_run_over_the_time_limit_is_killed_and_counts_as_a_crash(night):
+    night.llm.script(change("hang", HANG))
+    started = time.time()
+    assert night.run("--max-experiments", "2", "--timeout", "1").returncode == 0
+    assert time.time() - started < 30
+    assert night.rows()[1][1:] == ["0.000000", "0.0", "crash", "hang"]
+    assert len(night.requests()) == 1  # no fix attempt for a hang
+    assert not alive(night.train_pids()[1])
+    assert night.head() == night.base and night.is_clean()
+
+
+def test_a_baseline_that_does_not_run_stops_with_an_error(night):
+    (night.repo / "train.py").write_text(night.train_py().replace(*CRASH))
+    night.git("commit", "-qam", "broken")
+    result = night.run()
+    assert result.returncode == 1
+    assert "the unmodified train.py did not produce val_bpb" in result.stderr
+    assert night.rows() == [] and night.llm.requests["/v1/messages"] == []
+
+
+# -----------------------------------------------------------------------------
+# Replies that cannot be applied
+
+def test_an_edit_to_another_file_is_rejected_and_sent_back(night):
+    night.llm.script(change("edit the harness", ("prepare.py", "TIME_BUDGET = 1", "TIME_BUDGET = 9")),
+                     change("lower val_bpb", BETTER))
+    assert night.run("--max-experiments", "2").returncode == 0
+    retry = night.requests()[1]
+    assert retry["messages"][-1]["content"][0]["type"] == "tool_result"
+    assert retry["messages"][-1]["content"][0]["is_error"] is True
+    assert "only train.py may change" in last_user_content(retry)
+    assert "TIME_BUDGET = 1" in (night.repo / "prepare.py").read_text()
+    assert night.rows()[1][3:] == ["keep", "lower val_bpb"]
+    assert night.git("diff", "--name-only", night.base, "HEAD") == "train.py"
+
+
+def test_an_unmatched_search_block_is_sent_back_and_the_repair_applied(night):
+    night.llm.script(change("typo", ("VAL_BPB = 2.000000", "VAL_BPB = 0.5"), BETTER),
+                     change("lower val_bpb", BETTER))
+    assert night.run("--max-experiments", "2").returncode == 0
+    assert "Edit 1: its search text occurs 0 times" in last_user_content(night.requests()[1])
+    assert len(night.requests()[1]["messages"]) == 3  # the same conversation
+    assert night.rows()[1][1:] == ["0.990000", "2.0", "keep", "lower val_bpb"]
+    assert night.git("log", "--format=%s", "-2") == "lower val_bpb\ninitial"
+
+
+def test_a_reply_cut_off_by_the_token_limit_is_never_applied(night):
+    night.llm.script(change("cut off", BETTER, stop_reason="max_tokens"), change("raise val_bpb", WORSE))
+    assert night.run("--max-experiments", "2").returncode == 0
+    assert "cut off at the token limit" in last_user_content(night.requests()[1])
+    assert night.rows()[1][1:] == ["1.010000", "2.0", "discard", "raise val_bpb"]
+    assert "cut off" not in night.git("log", "--all", "--format=%s")
+
+
+def test_an_agent_that_never_gives_a_usable_edit_skips_the_idea(night):
+    night.llm.script(*[change("typo", ("nowhere", "x"))] * 3, change("lower val_bpb", BETTER))
+    assert night.run("--max-experiments", "2").returncode == 0
+    failed = [r for r in night.ledger() if r["event"] == "proposal" and not r["ok"]]
+    assert len(failed) == 1 and len(failed[0]["calls"]) == 3
+    assert [row[4] for row in night.rows()] == ["baseline", "lower val_bpb"]
+
+
+# -----------------------------------------------------------------------------
+# The Anthropic API
+
+def test_the_model_sees_cached_instructions_prepare_py_train_py_and_the_history(night):
+    night.llm.script(change("raise val_bpb", WORSE), change("lower val_bpb", BETTER))
+    assert night.run("--max-experiments", "3").returncode == 0
+    first, second = night.requests()
+    system = first["system"][0]
+    assert system["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
+    assert "## Driven by agent_loop.py" in system["text"] and "fake harness for the agent_loop tests" in system["text"]
+    assert first["tool_choice"] == {"type": "tool", "name": "propose_change"}
+    assert first["model"] == "claude-sonnet-4-6"
+    prompt = second["messages"][0]["content"]
+    assert 'MODE = "ok"' in prompt  # the current train.py
+    assert f"{night.base[:7]}\t1.000000\t+0.000000\tkeep\tbaseline" in prompt
+    assert "\t1.010000\t+0.010000\tdiscard\traise val_bpb" in prompt
+
+
+def test_an_overloaded_api_is_retried_until_it_answers(night):
+    night.llm.script(overloaded(), overloaded(), change("lower val_bpb", BETTER))
+    result = night.run("--max-experiments", "2")
+    assert result.returncode == 0
+    assert len(night.requests()) == 3
+    assert result.stdout.count("retrying in") == 2
+    assert night.rows()[1][3] == "keep"
+
+
+def test_a_refused_request_stops_with_the_error_and_a_clean_tree(night):
+    result = night.run("--max-experiments", "2")  # the stand-in answers 400 when nothing is scripted
+    assert result.returncode == 1
+    assert "retrying will not help" in result.stderr and "the test scripted no more replies" in result.stderr
+    assert night.ledger()[-1]["event"] == "stop"
+    assert night.head() == night.base and night.is_clean()
+
+
+def test_token_usage_and_cost_are_in_the_ledger_and_max_cost_stops(night):
+    night.llm.script(change("lower val_bpb", BETTER), change("unused", WORSE))
+    assert night.run("--max-cost", "0.01").returncode == 0
+    assert len(night.requests()) == 1
+    proposal = next(r for r in night.ledger() if r["event"] == "proposal")
+    assert proposal["calls"][0]["input_tokens"] == 2000 and proposal["calls"][0]["cache_read_tokens"] == 5000
+    # 2000 x $3 + 5000 x $0.30 (cache reads) + 300 x $15, per million tokens
+    assert proposal["cost_usd"] == pytest.approx(0.012)
+    assert "VAL_BPB = 0.990000" in proposal["diff"]
+    assert night.ledger()[-1]["reason"].startswith("spent $0.01")
+
+
+# -----------------------------------------------------------------------------
+# Stopping and resuming
+
+def test_max_experiments_counts_the_rows_of_the_tag_across_resumes(night):
+    night.llm.script(change("raise val_bpb", WORSE), change("lower val_bpb", BETTER))
+    assert night.run("--max-experiments", "2").returncode == 0
+    assert night.run("--max-experiments", "2").returncode == 0
+    assert len(night.requests()) == 1 and len(night.rows()) == 2
+    assert night.run("--max-experiments", "3").returncode == 0
+    assert len(night.requests()) == 2
+    assert [row[3] for row in night.rows()] == ["keep", "discard", "keep"]
+
+
+def test_max_hours_stops_before_starting_another_experiment(night):
+    result = night.run("--max-hours", "0")
+    assert result.returncode == 0 and "reached --max-hours 0" in result.stdout
+    assert night.rows() == [] and night.requests() == []
+    assert night.ledger()[-1]["reason"] == "reached --max-hours 0.0"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_kills_the_run_and_leaves_train_py_at_the_best_commit(night, signum):
+    night.llm.script(change("hang", HANG))
+    driver = night.start()
+    hung = night.wait_for_runs(2)[1]
+    driver.send_signal(signum)
+    assert driver.wait(timeout=20) == 130, driver.stdout.read()
+    assert not alive(hung)
+    assert [row[4] for row in night.rows()] == ["baseline"]
+    assert night.head() == night.base and night.is_clean()
+    assert night.git("log", "-1", "--format=%s", night.refs()[-1]) == "hang"  # still reachable
+    assert night.ledger()[-1]["event"] == "stop" and night.ledger()[-1]["reason"] == "interrupted"
+
+
+def test_resume_after_sigkill_redoes_the_unfinished_experiment_without_duplicates(night):
+    night.llm.script(change("hang", HANG))
+    driver = night.start("--max-experiments", "2")
+    hung = night.wait_for_runs(2)[1]
+    driver.kill()
+    driver.wait()
+    (night.repo / "train.py").write_text("half-written edit")  # as if killed between an edit and its commit
+    night.llm.script(change("lower val_bpb", BETTER))
+    result = night.run("--max-experiments", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not alive(hung)  # the orphaned run was stopped
+    assert [row[3:] for row in night.rows()] == [["keep", "baseline"], ["keep", "lower val_bpb"]]
+    assert night.git("log", "--format=%s", "-3") == "lower val_bpb\ninitial"
+    assert "hang" in [night.git("log", "-1", "--format=%s", commit) for commit in night.refs()]
+    assert [r["event"] for r in night.ledger()].count("start") == 2
+    assert night.is_clean()
+
+
+# -----------------------------------------------------------------------------
+# Refusals
+
+def test_refuses_uncommitted_changes_to_tracked_files(night):
+    (night.repo / "prepare.py").write_text("changed\n")
+    result = night.run()
+    assert result.returncode == 1 and "uncommitted changes to tracked files: prepare.py" in result.stderr
+    assert night.git("branch", "--list", "autoresearch/*") == ""
+
+
+def test_refuses_an_unprepared_cache_and_says_what_to_run(night, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(night.tmp / "empty"))
+    result = night.run()
+    assert result.returncode == 1 and "uv run prepare.py" in result.stderr
+    assert night.git("branch", "--list", "autoresearch/*") == ""
+
+
+def test_a_missing_api_key_names_the_other_agents(night, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    result = night.run()
+    assert result.returncode == 1
+    assert "ANTHROPIC_API_KEY" in result.stderr and "--agent claude-code" in result.stderr
+    assert "--agent openai" in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# The other agents
+
+def test_openai_compatible_endpoint(night):
+    night.llm.script(chat_change("lower val_bpb", BETTER), path=CHAT)
+    result = night.run("--agent", "openai", "--base-url", f"{night.llm.url}/v1", "--model", "local-model",
+                       "--max-experiments", "2")
+    assert result.returncode == 0, result.stderr
+    request = night.requests(CHAT)[0]
+    system = request["messages"][0]
+    assert system["role"] == "system" and "## Driven by agent_loop.py" in system["content"]
+    assert request["tools"][0]["function"]["name"] == "propose_change"
+    assert night.rows()[1][1:] == ["0.990000", "2.0", "keep", "lower val_bpb"]
+    assert night.is_clean()
+
+
+def test_claude_code_edits_only_train_py_and_other_files_are_undone(night):
+    (night.tmp / "claude_script.json").write_text(json.dumps([
+        {"edits": [{"file": "prepare.py", "search": "TIME_BUDGET = 1", "replace": "TIME_BUDGET = 9"},
+                   {"file": "notes.txt", "search": "", "replace": "scratch"}],
+         "result": "Done.\nDESCRIPTION: edit the harness"},
+        {"edits": [{"file": "train.py", "search": BETTER[0], "replace": BETTER[1]}],
+         "result": "Lowered it.\nDESCRIPTION: lower val_bpb"},
+    ]))
+    result = night.run("--agent", "claude-code", "--max-experiments", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    first, second = [json.loads(line) for line in (night.tmp / "claude_calls").read_text().splitlines()]
+    assert first["argv"][:2] == ["-p", "--output-format"] and "--append-system-prompt" in first["argv"]
+    assert "VAL_BPB = 1.000000" in first["stdin"]  # the prompt carries the current train.py
+    assert second["argv"][-2:] == ["--resume", "session-1"] and "only train.py may change" in second["stdin"]
+    assert "TIME_BUDGET = 1" in (night.repo / "prepare.py").read_text()
+    assert not (night.repo / "notes.txt").exists()
+    assert night.rows()[1][1:] == ["0.990000", "2.0", "keep", "lower val_bpb"]
+    proposal = next(r for r in night.ledger() if r["event"] == "proposal")
+    assert len(proposal["calls"]) == 2 and proposal["cost_usd"] == pytest.approx(0.10)  # total_cost_usd of each call
+    assert night.is_clean()
+
