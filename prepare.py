@@ -507,17 +507,28 @@ def _part_paths(name):
     return TOKENS_DIR / f"{name}.bin", TOKENS_DIR / f"{name}.npz"
 
 
-def _part_is_current(name, tokenizer_sha):
+def _part_is_current(name, tokenizer_sha, split_tokens):
     bin_path, index_path = _part_paths(name)
     try:
         with np.load(index_path, allow_pickle=False) as index:
-            return str(index["tokenizer_sha256"]) == tokenizer_sha and bin_path.exists()
+            return (str(index["tokenizer_sha256"]) == tokenizer_sha and int(index["split_tokens"]) == split_tokens
+                    and bin_path.exists())
     except (OSError, ValueError, KeyError):
         return False
 
 
-def tokenize_part(name, batches, tokenizer, tokenizer_sha):
-    """Tokenize a stream of document batches into one part; the index is written last, as the commit."""
+def _split_long(ids, bos, split_tokens):
+    """[BOS, t1, t2, ...] as pieces [BOS, ...] of at most split_tokens tokens after the BOS."""
+    body = ids[1:]
+    return [[bos] + body[i : i + split_tokens] for i in range(0, max(len(body), 1), split_tokens)]
+
+
+def tokenize_part(name, batches, tokenizer, tokenizer_sha, split_tokens=0):
+    """Tokenize a stream of document batches into one part; the index is written last, as the commit.
+
+    split_tokens > 0 cuts longer documents into BOS-led pieces, so that a whole row of the packer can
+    hold each piece: otherwise everything of a long document past its first row would be cropped
+    away (the reference does that; it matters for source files and books, not for web pages)."""
     bin_path, index_path = _part_paths(name)
     dtype = _token_dtype(tokenizer.get_vocab_size())
     bos = tokenizer.get_bos_token_id()
@@ -529,6 +540,8 @@ def tokenize_part(name, batches, tokenizer, tokenizer_sha):
         nonlocal n_tokens
         for batch in batches:
             token_lists = tokenizer.encode(batch, prepend=bos)
+            if split_tokens:
+                token_lists = [piece for ids in token_lists for piece in _split_long(ids, bos, split_tokens)]
             lengths = [len(ids) for ids in token_lists]
             f.write(np.fromiter(itertools.chain.from_iterable(token_lists), dtype=dtype, count=sum(lengths)).tobytes())
             doc_lengths.extend(lengths)
@@ -542,14 +555,15 @@ def tokenize_part(name, batches, tokenizer, tokenizer_sha):
         "doc_offsets": np.concatenate([[0], np.cumsum(doc_lengths, dtype=np.int64)]),
         "batch_offsets": np.concatenate([[0], np.cumsum(batch_sizes, dtype=np.int64)]),
         "tokenizer_sha256": np.array(tokenizer_sha),
+        "split_tokens": np.array(split_tokens),
     }
     _atomic_write(index_path, lambda f: np.savez(f, **index))
     return n_tokens, len(doc_lengths)
 
 
-def _load_part(name, vocab_size, tokenizer_sha):
+def _load_part(name, vocab_size, tokenizer_sha, split_tokens):
     bin_path, index_path = _part_paths(name)
-    if not _part_is_current(name, tokenizer_sha):
+    if not _part_is_current(name, tokenizer_sha, split_tokens):
         raise NotPreparedError(f"{bin_path} is missing or stale; re-run prepare.py")
     with np.load(index_path, allow_pickle=False) as index:
         doc_offsets, batch_offsets = index["doc_offsets"], index["batch_offsets"]
@@ -597,7 +611,7 @@ def make_dataloader(tokenizer, B, T, split, device=None):
     manifest = _require_manifest()
     tokenizer_sha = manifest["tokenizer_sha256"]
     vocab_size = manifest["vocab_size"]
-    parts = [_load_part(name, vocab_size, tokenizer_sha) for name in manifest["splits"][split]["parts"]]
+    parts = [_load_part(name, vocab_size, tokenizer_sha, manifest["split_tokens"]) for name in manifest["splits"][split]["parts"]]
     if not any(doc_offsets[-1] for _, doc_offsets, _ in parts):
         raise NotPreparedError(f"the {split} split in {CACHE_DIR} has no tokens; re-run prepare.py with more data")
     parts = [part for part in parts if part[1][-1]]
@@ -747,9 +761,11 @@ def prepare(args):
         if getattr(args, name) is not None:
             constants[name] = getattr(args, name)
     source_key, downloads, parts = resolve_source(args)
+    # climbmix stays exactly the reference's stream; other corpora have documents far longer than a row
+    split_tokens = 0 if source_key["dataset"] == "climbmix" else constants["max_seq_len"]
     old = _read_manifest()
     if old and old.get("format") == MANIFEST_FORMAT and old["source"] == source_key and old["vocab_size"] == constants["vocab_size"] \
-            and all(_part_is_current(name, old["tokenizer_sha256"]) for name, _, _ in parts):
+            and all(_part_is_current(name, old["tokenizer_sha256"], split_tokens) for name, _, _ in parts):
         if all(old[k] == v for k, v in constants.items()):
             print(f"Already prepared in {CACHE_DIR}: nothing to do.")
             return old
@@ -773,11 +789,11 @@ def prepare(args):
 
     splits = {"train": {"parts": [], "tokens": 0, "documents": 0}, "val": {"parts": [], "tokens": 0, "documents": 0}}
     for name, split, make in parts:
-        if _part_is_current(name, tokenizer_sha):
+        if _part_is_current(name, tokenizer_sha, split_tokens):
             with np.load(_part_paths(name)[1], allow_pickle=False) as index:
                 n_tokens, n_docs = int(index["doc_offsets"][-1]), len(index["doc_offsets"]) - 1
         else:
-            n_tokens, n_docs = tokenize_part(name, make(), tokenizer, tokenizer_sha)
+            n_tokens, n_docs = tokenize_part(name, make(), tokenizer, tokenizer_sha, split_tokens)
         splits[split]["parts"].append(name)
         splits[split]["tokens"] += n_tokens
         splits[split]["documents"] += n_docs
@@ -790,6 +806,7 @@ def prepare(args):
             stale.unlink()
 
     manifest = {"format": MANIFEST_FORMAT, "source": source_key, **constants, "tokenizer_sha256": tokenizer_sha,
+                "split_tokens": split_tokens,
                 "splits": splits, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _atomic_write(MANIFEST_PATH, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
     print(f"Prepared {CACHE_DIR}: train {splits['train']['tokens']:,} tokens in {splits['train']['documents']:,} "

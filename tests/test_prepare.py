@@ -172,8 +172,9 @@ def test_ctrl_c_during_download_leaves_nothing_half_written(tmp_path, hub):
 def test_tinystories_holds_out_a_fixed_val_slice(tmp_path, hub):
     stories = make_documents(400, seed=7, max_words=60)
     hub.add_parquet(prepare.TINYSTORIES_FILE, stories)
-    first = run_prepare("--dataset", "tinystories", *TINY, cache=tmp_path / "a", env_extra={"HF_ENDPOINT": hub.url})
-    run_prepare("--dataset", "tinystories", *TINY, cache=tmp_path / "b", env_extra={"HF_ENDPOINT": hub.url})
+    unsplit = [*TINY, "--max-seq-len", "2048"]  # stories shorter than a row: one document each
+    first = run_prepare("--dataset", "tinystories", *unsplit, cache=tmp_path / "a", env_extra={"HF_ENDPOINT": hub.url})
+    run_prepare("--dataset", "tinystories", *unsplit, cache=tmp_path / "b", env_extra={"HF_ENDPOINT": hub.url})
     manifests = [json.loads((tmp_path / c / "manifest.json").read_text()) for c in "ab"]
     assert manifests[0]["splits"] == manifests[1]["splits"]
     val_docs = manifests[0]["splits"]["val"]["documents"]
@@ -252,7 +253,8 @@ def make_dataloader_batches_for(module, tokenizer, B, T, split, n):
 def test_rows_are_whole_documents_then_one_cropped_document_with_no_padding(prepare_module, tiny_corpus):
     tokenizer = prepare_module.Tokenizer.from_directory()
     bos = tokenizer.get_bos_token_id()
-    documents = {tuple(ids) for ids in map(tuple, tokenizer.encode(make_documents(600), prepend=bos))}
+    documents = {tuple(piece) for ids in tokenizer.encode(make_documents(600), prepend=bos)
+                 for piece in prepare_module._split_long(ids, bos, 64)}
     for x, y, _ in make_dataloader_batches_for(prepare_module, tokenizer, 8, 64, "train", 10):
         for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
             pieces = split_at(row, bos)
@@ -263,6 +265,26 @@ def test_rows_are_whole_documents_then_one_cropped_document_with_no_padding(prep
 def split_at(row, bos):
     starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
     return [tuple(row[a:b]) for a, b in itertools.pairwise(starts)]
+
+
+def test_long_documents_of_own_corpora_are_split_into_row_sized_pieces_losing_nothing(prepare_module, tiny_cache):
+    tokenizer = prepare_module.Tokenizer.from_directory()
+    bos = tokenizer.get_bos_token_id()
+    with np.load(tiny_cache / "tokens" / "text-train.npz") as index:
+        lengths = np.diff(index["doc_offsets"])
+    tokens = np.fromfile(tiny_cache / "tokens" / "text-train.bin", dtype=np.uint16)
+    assert lengths.max() == 65  # BOS + MAX_SEQ_LEN: a piece fills a row exactly
+    documents = [d for d in make_documents(600) if not prepare_module._in_val(d)]
+    assert int((tokens != bos).sum()) == sum(len(ids) for ids in tokenizer.encode(documents))
+
+
+def test_changing_max_seq_len_re_splits_own_corpora(tmp_path, tiny_corpus):
+    cache = tmp_path / "cache"
+    run_prepare("--text", str(tiny_corpus), *TINY, cache=cache)
+    result = run_prepare("--text", str(tiny_corpus), *TINY, "--max-seq-len", "32", cache=cache)
+    assert "tokenizer: reusing" in result.stdout
+    with np.load(cache / "tokens" / "text-train.npz") as index:
+        assert np.diff(index["doc_offsets"]).max() == 33 and int(index["split_tokens"]) == 32
 
 
 def test_val_stream_is_deterministic_and_counts_epochs(prepare_module):
@@ -288,7 +310,7 @@ def pack_like_prepare(doc_batches, B, T):
     batch_offsets = np.concatenate([[0], np.cumsum([len(b) for b in doc_batches])])
     original = prepare._load_part, prepare._require_manifest
     try:
-        prepare._require_manifest = lambda: {"tokenizer_sha256": "", "vocab_size": 512, "splits": {"val": {"parts": ["p"]}}}
+        prepare._require_manifest = lambda: {"tokenizer_sha256": "", "vocab_size": 512, "split_tokens": 0, "splits": {"val": {"parts": ["p"]}}}
         prepare._load_part = lambda *a: (tokens, doc_offsets, batch_offsets)
         x, y, _ = next(prepare.make_dataloader(None, B, T, "val", device="cpu"))
     finally:
