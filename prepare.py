@@ -55,7 +55,7 @@ DATA_DIR = CACHE_DIR / "data"            # raw downloads (the reference's layout
 TOKENIZER_DIR = CACHE_DIR / "tokenizer"
 TOKENS_DIR = CACHE_DIR / "tokens"        # pre-tokenized parts, one per source file and split
 MANIFEST_PATH = CACHE_DIR / "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2                      # 2: parts record split_tokens
 
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 CLIMBMIX_URL = HF_ENDPOINT + "/datasets/karpathy/climbmix-400b-shuffle/resolve/main/{name}"
@@ -108,6 +108,8 @@ def _require_manifest():
             f"or, with no network:\n"
             f"    uv run prepare.py --dataset stdlib --preset small"
         )
+    if MANIFEST.get("format") != MANIFEST_FORMAT:
+        raise NotPreparedError(f"{MANIFEST_PATH} was written by an older prepare.py: run the same prepare.py command again")
     return MANIFEST
 
 

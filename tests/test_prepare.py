@@ -464,6 +464,18 @@ def test_bad_corpus_is_a_clear_error_naming_the_file(tmp_path, setup, message):
     assert not (tmp_path / "cache" / "manifest.json").exists()
 
 
+def test_cache_from_an_older_prepare_asks_to_run_it_again(tmp_path, monkeypatch):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, **prepare.PRESETS["small"]}))
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path))
+    module = importlib.reload(prepare)
+    try:
+        with pytest.raises(module.NotPreparedError, match="older prepare.py"):
+            module.make_dataloader(None, 1, 8, "train")
+    finally:
+        monkeypatch.undo()
+        importlib.reload(prepare)
+
+
 def test_missing_text_path_is_a_clear_error(tmp_path):
     result = run_prepare("--text", str(tmp_path / "nowhere"), cache=tmp_path / "cache", check=False)
     assert result.returncode == 1 and "no such file or folder" in result.stderr
