@@ -21,8 +21,10 @@ and every commit it ran stays reachable as refs/autoresearch/<tag>/<n>.
 """
 
 import argparse
+import ast
 import datetime
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -35,11 +37,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 
 # -----------------------------------------------------------------------------
 # Constants
 
-STATUSES = ("keep", "discard", "crash")
+STATUSES = ("keep", "discard", "crash", "invalid")  # invalid: broke a rule of the metric, see integrity_problems
 RESULTS_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 STATE_ROOT = Path(".autoresearch")  # ignored by git; one folder per tag
 DEFAULT_TIME_BUDGET = 300  # seconds, the reference's, when the manifest does not say
@@ -47,6 +50,20 @@ TIMEOUT_MARGIN = 120  # seconds on top of twice the budget: startup, compilation
 LOG_TAIL_LINES, LOG_TAIL_CHARS = 50, 4000  # how much of a crashed run's log the agent sees
 MAX_FAILED_PROPOSALS_IN_A_ROW = 5  # an agent that cannot produce a usable edit stops the night
 MAX_RETRY_DELAY = 600  # seconds: an API outage is waited out at this pace, never given up on
+
+# The keep rule. "noise" (the default) measures run-to-run noise with repeated baseline runs,
+# discards a candidate as soon as its mean is not below the best's, else runs it --max-runs
+# times and keeps it only when the difference of means clears a one-sided t-test at 5 % (and
+# --min-delta). "greedy" is the reference's: one run, keep if lower. dev/bench_keep_rule.py
+# measures both.
+KEEP_RULES = ("noise", "greedy")
+T_CRITICAL = {1: 6.31, 2: 2.92, 3: 2.35, 4: 2.13, 5: 2.02, 6: 1.94, 7: 1.89, 8: 1.86, 9: 1.83, 10: 1.81,
+              12: 1.78, 15: 1.75, 20: 1.72, 30: 1.70, 60: 1.67}  # t(0.95) by degrees of freedom; 1.645 beyond
+PLAUSIBILITY_FACTOR = 3  # an improvement over 3x the largest kept so far is re-run before it can be kept...
+PLAUSIBLE_FIRST_GAIN = 0.02  # ...and the first one when over 2 % of the baseline's val_bpb
+WALL_CLOCK_SLACK = 60  # seconds a run may take beyond TIME_BUDGET plus twice the baseline's overhead
+HASHED_FILE_LIMIT = 256 * 2**20  # bytes: cache files above it are fingerprinted by size and mtime, not hashed
+PRIVATE_HARNESS_NAME = re.compile(r"_check_causal|CAUSALITY_TOLERANCE|_load_part|NonCausalModelError")
 
 DEFAULT_MODELS = {"anthropic": "claude-sonnet-4-6", "claude-code": None, "openai": None}
 # Dollars per million input and output tokens. Anthropic bills a write to the 1-hour prompt
@@ -189,9 +206,116 @@ def spent_usd(records):
     return sum(r.get("cost_usd") or 0 for r in records if r["event"] == "proposal")
 
 
-def is_improvement(val_bpb, best_val_bpb):
-    """The keep rule: strictly lower than the best so far."""
-    return val_bpb < best_val_bpb
+# -----------------------------------------------------------------------------
+# The keep rule
+
+def measured(records, commit):
+    """The val_bpb of every valid run of a commit, repeats included."""
+    return [r["metrics"]["val_bpb"] for r in records
+            if r["event"] == "run" and r["commit"] == commit and r["ok"] and not r.get("problems")]
+
+
+def noise_estimate(records):
+    """Run-to-run noise: the pooled standard deviation of repeated runs of one commit, and its degrees of freedom."""
+    groups = {}
+    for r in records:
+        if r["event"] == "run" and r["ok"] and not r.get("problems"):
+            groups.setdefault(r["commit"], []).append(r["metrics"]["val_bpb"])
+    dof = sum(len(values) - 1 for values in groups.values())
+    squares = sum(sum((v - fmean(values)) ** 2 for v in values) for values in groups.values())
+    return (math.sqrt(squares / dof) if dof else math.inf), dof
+
+
+def t_critical(dof):
+    if dof < 1:
+        return math.inf
+    return 1.645 if dof > max(T_CRITICAL) else T_CRITICAL[max(k for k in T_CRITICAL if k <= dof)]
+
+
+def plausibility_bound(records):
+    """The largest improvement believed without the full number of runs: a bug that scores far too well once
+    (a leak, a broken eval) must reproduce before it can be kept."""
+    kept = [r["val_bpb"] for r in result_rows(records) if r["status"] == "keep"]
+    gains = [before - after for before, after in zip(kept, kept[1:])]
+    return PLAUSIBILITY_FACTOR * max(gains) if gains else PLAUSIBLE_FIRST_GAIN * kept[0]
+
+
+def decide(args, candidate, best, noise, bound):
+    """(status, reason) for the val_bpb runs of a candidate against those of the best, or (None, reason)
+    when the candidate must run again first. Means are compared, never a lucky minimum."""
+    n, delta = len(candidate), fmean(best) - fmean(candidate)  # delta > 0: the candidate is better
+    runs = f"{n} run{'s' * (n > 1)}"
+    if delta <= 0:
+        return "discard", f"mean of {runs} {fmean(candidate):.6f} is not below the best's {fmean(best):.6f}"
+    if args.keep_rule == "greedy":
+        if delta > bound and n < 2:
+            return None, f"{delta:.6f} better, beyond the plausible {bound:.6f}: running it again"
+        if max(candidate) >= fmean(best):
+            return "discard", f"{delta:.6f} better in the mean of {runs}, but the gain did not reproduce in each"
+        return "keep", f"{delta:.6f} better (mean of {runs})"
+    sigma, dof = noise
+    threshold = max(args.min_delta, t_critical(dof) * sigma * math.sqrt(1 / n + 1 / len(best)))
+    if n < args.max_runs:
+        return None, f"{delta:.6f} better in {runs}: running it again ({n + 1} of {args.max_runs})"
+    if delta > threshold:
+        return "keep", (f"{delta:.6f} better over {runs}, above the threshold {threshold:.6f} "
+                        f"(noise sigma {sigma:.6f}, {dof} dof)")
+    return "discard", f"{delta:.6f} better over {runs}, within the noise: threshold {threshold:.6f}"
+
+
+# -----------------------------------------------------------------------------
+# Integrity of the metric: checks against accidental reward hacking, not a sandbox
+
+def static_problems(source):
+    """Why train.py, as written, would not report the harness's val_bpb (empty when no reason is seen)."""
+    tree = ast.parse(source)
+    nodes = list(ast.walk(tree))
+    problems = []
+    imported = any(isinstance(node, ast.ImportFrom) and node.module == "prepare"
+                   and any(a.name == "evaluate_bpb" and a.asname in (None, "evaluate_bpb") for a in node.names)
+                   for node in nodes)
+    called = any(isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "evaluate_bpb"
+                 for node in nodes)
+    if not (imported and called):
+        problems.append("train.py must import evaluate_bpb from prepare and call it to score the model")
+    for node in nodes:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == "evaluate_bpb":
+            problems.append(f"line {node.lineno}: train.py defines its own evaluate_bpb")
+        elif isinstance(node, ast.Name) and node.id == "evaluate_bpb" and isinstance(node.ctx, ast.Store):
+            problems.append(f"line {node.lineno}: train.py assigns to evaluate_bpb")
+        elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del))
+              and isinstance(node.value, ast.Name) and node.value.id == "prepare"):
+            problems.append(f"line {node.lineno}: train.py changes prepare.{node.attr}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                node.value == "validation" or re.search(r"(^|[-/\\])val($|[-./])", node.value)):
+            problems.append(f"line {node.lineno}: train.py names the validation data ({node.value[:40]!r})")
+        elif isinstance(node, (ast.Name, ast.Attribute, ast.alias)) and PRIVATE_HARNESS_NAME.fullmatch(
+                getattr(node, "id", None) or getattr(node, "attr", None) or node.name):
+            problems.append(f"line {getattr(node, 'lineno', '?')}: train.py uses prepare's internals")
+    return list(dict.fromkeys(problems))
+
+
+def cache_dir():
+    return Path(os.environ.get("AUTORESEARCH_CACHE") or "~/.cache/autoresearch").expanduser()
+
+
+def harness_fingerprint():
+    """What val_bpb depends on besides train.py: prepare.py and the prepared cache (manifest, tokenizer,
+    tokens; not the raw downloads). sha256 of each file, or its size and mtime above HASHED_FILE_LIMIT."""
+    cache = cache_dir()
+    files = [cache / "manifest.json"] + sorted(p for folder in ("tokenizer", "tokens")
+                                               for p in (cache / folder).rglob("*") if p.is_file())
+    fingerprint = {"prepare.py": hashlib.sha256(Path("prepare.py").read_bytes()).hexdigest()}
+    for path in files:
+        stat = path.stat()
+        fingerprint[str(path.relative_to(cache))] = (hashlib.sha256(path.read_bytes()).hexdigest()
+                                                     if stat.st_size <= HASHED_FILE_LIMIT
+                                                     else f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}")
+    return fingerprint
+
+
+def fingerprint_changes(then, now):
+    return sorted(name for name in then.keys() | now.keys() if then.get(name) != now.get(name))
 
 
 # -----------------------------------------------------------------------------
@@ -270,6 +394,14 @@ class EditError(Exception):
     """A proposal that cannot be applied; its message goes back to the agent."""
 
 
+class RuleViolation(EditError):
+    """A proposal that breaks a rule of the experiment (it edits another file): the experiment is invalid."""
+
+    def __init__(self, message, description):
+        super().__init__(message)
+        self.description = description
+
+
 @dataclass
 class Proposal:
     description: str = ""
@@ -294,7 +426,8 @@ def apply_proposal(proposal, source, max_tokens):
     for number, edit in enumerate(proposal.edits, 1):
         file = os.path.normpath(str(edit.get("file") or "train.py"))
         if file != "train.py":
-            raise EditError(f"Edit {number} changes {file}: only train.py may change. Nothing was applied.")
+            raise RuleViolation(f"edit {number} changes {file}: only train.py may change",
+                                " ".join(proposal.description.split())[:200] or "(no description)")
         search, replace = edit.get("search"), edit.get("replace")
         if not isinstance(search, str) or not isinstance(replace, str) or not search:
             raise EditError(f"Edit {number} needs a non-empty `search` and a `replace` string. Nothing was applied.")
@@ -574,6 +707,8 @@ class Night:
     state_dir: Path
     records: list  # the ledger, as read and appended
     timeout: float
+    time_budget: float
+    fingerprint: dict  # of prepare.py and the cache, when the tag started
     started: float = field(default_factory=time.time)
     failed_proposals_in_a_row: int = 0
 
@@ -591,7 +726,7 @@ def base_commit(records):
 
 def propose_and_commit(night, experiment, attempt, prompt):
     """Ask the agent, send unapplicable replies back in the same conversation, commit.
-    Returns (commit, description, ref number), or None when no usable change came."""
+    Returns (commit, description, ref number), or None when no usable change came; raises RuleViolation."""
     args, started = night.args, time.time()
     source = Path("train.py").read_text()
     calls = []
@@ -601,6 +736,11 @@ def propose_and_commit(night, experiment, attempt, prompt):
         try:
             new_source = apply_proposal(proposal, source, args.max_tokens)
             break
+        except RuleViolation as violation:
+            night.record(event="proposal", experiment=experiment, attempt=attempt, ok=False, error=str(violation),
+                         description=violation.description, seconds=round(time.time() - started, 1), calls=calls,
+                         cost_usd=sum(call.get("cost_usd") or 0 for call in calls))
+            raise
         except EditError as error:
             log(f"#{experiment} the proposal cannot be applied: {str(error)[:200]}")
             if retry == args.max_edit_retries:
@@ -620,47 +760,115 @@ def propose_and_commit(night, experiment, attempt, prompt):
     return commit, description, number
 
 
-def run_and_record(night, experiment, attempt, commit, number):
-    log_path = night.state_dir / "logs" / f"{number}.log"
-    log(f"#{experiment} running {commit[:7]} (log {log_path}, time limit {night.timeout:.0f}s)")
+def run_and_record(night, experiment, attempt, commit, number, repeat=1):
+    """Run train.py as committed, check the rules of the metric before and after, and ledger the run."""
+    log_path = night.state_dir / "logs" / (f"{number}.log" if repeat == 1 else f"{number}-{repeat}.log")
+    changed = fingerprint_changes(night.fingerprint, harness_fingerprint())
+    if changed:
+        fail(f"prepare.py or the prepared cache changed since tag {night.args.tag} started ({', '.join(changed)}): "
+             "its results are no longer comparable. Restore them, or start a new --tag.")
+    problems = static_problems(Path("train.py").read_text())
+    best = best_result(night.records)
+    if best:
+        problems += [f"the change touches {name}: only train.py may change"
+                     for name in git("diff", "--name-only", best["commit"], commit).splitlines() if name != "train.py"]
+    run = dict(experiment=experiment, attempt=attempt, repeat=repeat, commit=commit, log=str(log_path), seconds=0.0,
+               returncode=None, timed_out=False, ok=False, metrics={}, problems=problems, log_tail="")
+    if problems:
+        log(f"#{experiment} not run, invalid: {'; '.join(problems)}")
+        night.record(event="run", **run)
+        return run
+    log(f"#{experiment} running {commit[:7]}{f' again ({repeat})' if repeat > 1 else ''} "
+        f"(log {log_path}, time limit {night.timeout:.0f}s)")
     night.record(event="run_started", experiment=experiment, attempt=attempt, commit=commit, log=str(log_path))
     returncode, seconds = run_training(log_path, night.timeout, night.state_dir / "train.pid")
     log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
     metrics = parse_summary(log_text)
-    ok = returncode == 0 and math.isfinite(metrics.get("val_bpb", math.nan))
-    run = dict(experiment=experiment, attempt=attempt, commit=commit, log=str(log_path), seconds=round(seconds, 1),
-               returncode=returncode, timed_out=returncode is None, ok=ok, metrics=metrics,
-               log_tail="" if ok else log_tail(log_text))
+    changed = fingerprint_changes(night.fingerprint, harness_fingerprint())
+    problems += [f"the run changed {', '.join(changed)}"] if changed else []
+    problems += [f"the run changed {name}" for name in dirty_tracked_files() if name != "prepare.py"]
+    if "NonCausalModelError" in log_text:
+        problems.append("evaluate_bpb refused to score a model that looks at future tokens")
+    allowed = wall_clock_limit(night)
+    if seconds > allowed and returncode is not None:
+        problems.append(f"the run took {seconds:.0f}s of wall clock, over the {allowed:.0f}s a "
+                        f"{night.time_budget:.0f}s budget allows")
+    ok = returncode == 0 and math.isfinite(metrics.get("val_bpb", math.nan)) and not problems
+    run.update(seconds=round(seconds, 1), returncode=returncode, timed_out=returncode is None, ok=ok,
+               metrics=metrics, problems=problems, log_tail="" if ok else log_tail(log_text))
     night.record(event="run", **run)
     return run
 
 
-def record_result(night, experiment, run, description, status):
-    metrics = run["metrics"] if status != "crash" else {}
+def wall_clock_limit(night):
+    """TIME_BUDGET plus twice the baseline's own overhead (startup, compilation, evaluation) plus slack.
+    The driver times each run itself: train.py's training_seconds is the edited file's word."""
+    baseline = [r["seconds"] for r in night.records if r["event"] == "run" and r["experiment"] == 0 and r["ok"]]
+    if not baseline:
+        return math.inf
+    return night.time_budget + 2 * max(0.0, min(baseline) - night.time_budget) + WALL_CLOCK_SLACK
+
+
+def record_result(night, experiment, run, description, status, reason):
+    values = measured(night.records, run["commit"]) if status in ("keep", "discard") else []
+    sigma, dof = noise_estimate(night.records)
     night.record(event="result", experiment=experiment, commit=run["commit"], status=status,
-                 val_bpb=metrics.get("val_bpb", 0.0), memory_gb=metrics.get("peak_vram_mb", 0.0) / 1024,
-                 description=description)
+                 val_bpb=fmean(values) if values else 0.0, runs=values,
+                 memory_gb=run["metrics"].get("peak_vram_mb", 0.0) / 1024 if values else 0.0,
+                 description=description, reason=reason, noise_sigma=sigma if dof else None, noise_dof=dof)
     write_results_tsv(night.records, night.state_dir)
     best = best_result(night.records)
     git("reset", "--hard", best["commit"])
-    log(f"#{experiment} {status}: val_bpb {metrics.get('val_bpb', 0.0):.6f} (best {best['val_bpb']:.6f}) "
-        f"\"{description}\"; spent ${spent_usd(night.records):.2f}")
+    log(f"#{experiment} {status}: {reason}. \"{description}\" (best {best['val_bpb']:.6f}); "
+        f"spent ${spent_usd(night.records):.2f}")
 
 
 def run_baseline(night):
-    log("#0 the unmodified train.py: the baseline")
+    """The unmodified train.py, run --noise-runs times under the noise rule: its mean is the first best and
+    the spread of its runs the first estimate of the run-to-run noise."""
     commit = git("rev-parse", "HEAD")
-    run = run_and_record(night, 0, 0, commit, keep_reachable(night.args.tag, commit))
-    if not run["ok"]:
-        fail(f"the unmodified train.py did not produce val_bpb (see {run['log']}). Fix the setup, then run "
-             f"agent_loop.py again with --tag {night.args.tag}.")
-    record_result(night, 0, run, "baseline", "keep")
+    number = keep_reachable(night.args.tag, commit)
+    runs = night.args.noise_runs if night.args.keep_rule == "noise" else 1
+    while len(done := measured(night.records, commit)) < runs:
+        log(f"#0 the unmodified train.py: the baseline, run {len(done) + 1} of {runs}")
+        run = run_and_record(night, 0, 0, commit, number, repeat=len(done) + 1)
+        if run["problems"]:
+            fail(f"the unmodified train.py breaks the rules of the metric: {'; '.join(run['problems'])}.")
+        if not run["ok"]:
+            fail(f"the unmodified train.py did not produce val_bpb (see {run['log']}). Fix the setup, then run "
+                 f"agent_loop.py again with --tag {night.args.tag}.")
+    sigma, dof = noise_estimate(night.records)
+    reason = f"mean of {runs} runs, noise sigma {sigma:.6f}" if dof else "one run"
+    night.record(event="noise", sigma=sigma if dof else None, dof=dof, runs=done)
+    record_result(night, 0, run, "baseline", "keep", reason)
+
+
+def confirm(night, experiment, run, number):
+    """Run the candidate again until the keep rule decides; (status, reason, last run)."""
+    best = measured(night.records, best_result(night.records)["commit"])
+    bound = plausibility_bound(night.records)
+    while True:
+        candidate = measured(night.records, run["commit"])
+        status, reason = decide(night.args, candidate, best, noise_estimate(night.records), bound)
+        if status:
+            return status, reason, run
+        log(f"#{experiment} {reason}")
+        run = run_and_record(night, experiment, run["attempt"], run["commit"], number, repeat=len(candidate) + 1)
+        if run["problems"]:
+            return "invalid", "; ".join(run["problems"]), run
+        if not run["ok"]:
+            return "crash", f"run {len(candidate) + 1} of the same commit failed (see {run['log']})", run
 
 
 def run_experiment(night):
     args, experiment = night.args, len(result_rows(night.records))
     log(f"#{experiment} asking {args.agent} for an idea")
-    change = propose_and_commit(night, experiment, 0, idea_prompt(night.records))
+    try:
+        change = propose_and_commit(night, experiment, 0, idea_prompt(night.records))
+    except RuleViolation as violation:
+        run = dict(commit="0" * 40, metrics={})  # nothing was committed: the change was refused whole
+        record_result(night, experiment, run, violation.description, "invalid", str(violation))
+        return
     if change is None:
         night.failed_proposals_in_a_row += 1
         return
@@ -668,21 +876,27 @@ def run_experiment(night):
     commit, description, number = change
     run = run_and_record(night, experiment, 0, commit, number)
     for fix in range(1, args.max_fix_attempts + 1):
-        if run["ok"] or run["timed_out"]:
+        if run["ok"] or run["timed_out"] or run["problems"]:
             break
         log(f"#{experiment} crashed; asking for fix {fix} of {args.max_fix_attempts}")
-        change = propose_and_commit(night, experiment, fix,
-                                    fix_prompt(night.records, description, run, fix, args.max_fix_attempts))
+        try:
+            change = propose_and_commit(night, experiment, fix,
+                                        fix_prompt(night.records, description, run, fix, args.max_fix_attempts))
+        except RuleViolation as violation:
+            run = dict(run, problems=[str(violation)])
+            break
         if change is None:
             break
         commit, _, number = change
         run = run_and_record(night, experiment, fix, commit, number)
-    if not run["ok"]:
-        status = "crash"
+    if run["problems"]:
+        status, reason = "invalid", "; ".join(run["problems"])
+    elif not run["ok"]:
+        status, reason = "crash", ("killed at the time limit" if run["timed_out"]
+                                   else f"exit code {run['returncode']}, no val_bpb")
     else:
-        improved = is_improvement(run["metrics"]["val_bpb"], best_result(night.records)["val_bpb"])
-        status = "keep" if improved else "discard"
-    record_result(night, experiment, run, description, status)
+        status, reason, run = confirm(night, experiment, run, number)
+    record_result(night, experiment, run, description, status, reason)
 
 
 def why_stop(night):
@@ -702,8 +916,7 @@ def why_stop(night):
 # Setup
 
 def read_time_budget():
-    cache = Path(os.environ.get("AUTORESEARCH_CACHE") or "~/.cache/autoresearch").expanduser()
-    manifest = cache / "manifest.json"
+    manifest = cache_dir() / "manifest.json"
     if not manifest.exists():
         fail(f"the data is not prepared: {manifest} does not exist. Run `uv run prepare.py` first "
              "(or set AUTORESEARCH_CACHE to a prepared cache).")
@@ -757,6 +970,17 @@ def parse_args(argv):
                         "built-in price (known: " + ", ".join(PRICES_PER_MTOK) + ")")
     parser.add_argument("--timeout", type=float, help="seconds before a run is killed (default: twice TIME_BUDGET "
                         f"plus {TIMEOUT_MARGIN})")
+    parser.add_argument("--keep-rule", choices=KEEP_RULES, default="noise",
+                        help="noise: measure run-to-run noise on the baseline, discard a candidate whose mean is not "
+                        "below the best's, else run it --max-runs times in all and keep it only when the "
+                        "difference of means clears a one-sided t-test at 5%% and --min-delta; greedy: the "
+                        "reference's rule, one run, keep if lower (default: %(default)s)")
+    parser.add_argument("--noise-runs", type=int, default=3,
+                        help="runs of the baseline that measure the noise, rule noise (default: %(default)s)")
+    parser.add_argument("--max-runs", type=int, default=3,
+                        help="most runs of one candidate, rule noise (default: %(default)s)")
+    parser.add_argument("--min-delta", type=float, default=0.0,
+                        help="smallest val_bpb gain worth keeping, whatever the noise (default: %(default)s)")
     parser.add_argument("--max-fix-attempts", type=int, default=2,
                         help="fixes the agent may try after a crash (default: %(default)s)")
     parser.add_argument("--max-edit-retries", type=int, default=2,
@@ -772,6 +996,8 @@ def parse_args(argv):
         parser.error(f"--tag {args.tag!r}: use letters, digits, '.', '_' and '-'")
     if args.price and not re.fullmatch(r"[0-9.]+,[0-9.]+", args.price):
         parser.error(f"--price {args.price!r}: expected IN,OUT, e.g. 3,15")
+    if args.noise_runs < 2 or args.max_runs < 2:
+        parser.error("--noise-runs and --max-runs must be at least 2: noise is measured on repeated runs")
     args.model = args.model or DEFAULT_MODELS[args.agent]
     if args.agent == "anthropic" and args.max_cost is not None and not price_of(args):
         parser.error(f"--max-cost needs a price for model {args.model}: pass --price IN,OUT")
@@ -799,15 +1025,20 @@ def main(argv=None):
     git("var", "GIT_COMMITTER_IDENT")  # fails now, not after the baseline, when git has no user.name/email
     records = read_ledger(state_dir / "ledger.jsonl")
     branch, resuming = check_branch(args.tag, records)
-    night = Night(args, AGENTS[args.agent](args, instructions_text()), state_dir, records,
-                  args.timeout or 2 * time_budget + TIMEOUT_MARGIN)
     if resuming:
         git("checkout", "-q", "-f", branch)  # -f: the train.py check_branch found to be ours
     else:
         git("checkout", "-q", "-b", branch)
+    fingerprint = next((r["fingerprint"] for r in records if r["event"] == "start"), None) or harness_fingerprint()
+    if changed := fingerprint_changes(fingerprint, harness_fingerprint()):
+        fail(f"prepare.py or the prepared cache changed since tag {args.tag} started ({', '.join(changed)}): its "
+             "results would not be comparable. Restore them (same prepare.py, same prepare flags), or use a new --tag.")
+    night = Night(args, AGENTS[args.agent](args, instructions_text()), state_dir, records,
+                  args.timeout or 2 * time_budget + TIMEOUT_MARGIN, time_budget, fingerprint)
     kill_leftover_training(state_dir / "train.pid")
     night.record(event="start", tag=args.tag, branch=branch, base_commit=git("rev-parse", "HEAD"), agent=args.agent,
-                 model=args.model, time_budget=time_budget, timeout=night.timeout,
+                 model=args.model, time_budget=time_budget, timeout=night.timeout, keep_rule=args.keep_rule,
+                 fingerprint=fingerprint,
                  argv=sys.argv[1:] if argv is None else argv)
     best = best_result(night.records)
     git("reset", "--hard", best["commit"] if best else base_commit(night.records))

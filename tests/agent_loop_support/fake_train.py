@@ -6,6 +6,8 @@ appends its pid to the file named by $FAKE_TRAIN_STARTS, so tests can wait for a
 import os
 import time
 
+from prepare import evaluate_bpb
+
 VAL_BPB = 1.000000
 PEAK_VRAM_MB = 2048.0
 MODE = "ok"
@@ -19,7 +21,7 @@ if MODE == "crash":
 if MODE == "hang":
     time.sleep(600)
 print("---")
-print(f"val_bpb:          {VAL_BPB:.6f}")
+print(f"val_bpb:          {evaluate_bpb(VAL_BPB):.6f}")
 print("training_seconds: 1.0")
 print("total_seconds:    1.2")
 print(f"peak_vram_mb:     {PEAK_VRAM_MB:.1f}")

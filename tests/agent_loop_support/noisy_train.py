@@ -20,6 +20,8 @@ def true_val_bpb(matrix_lr, depth, warmdown_ratio):
 
 
 if __name__ == "__main__":
+    from prepare import evaluate_bpb
+
     runs_file = os.environ.get("NOISY_TRAIN_RUNS")
     run = 0
     if runs_file:
@@ -28,7 +30,7 @@ if __name__ == "__main__":
             f.write(f"{os.getpid()}\n")
     rng = random.Random(f"{os.environ.get('NOISY_TRAIN_SEED', os.getpid())}-{run}")
     sigma = float(os.environ.get("NOISY_TRAIN_SIGMA", "0.002"))
-    val_bpb = true_val_bpb(MATRIX_LR, DEPTH, WARMDOWN_RATIO) + rng.gauss(0.0, sigma)
+    val_bpb = evaluate_bpb(true_val_bpb(MATRIX_LR, DEPTH, WARMDOWN_RATIO) + rng.gauss(0.0, sigma))
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")
     print("training_seconds: 1.0")

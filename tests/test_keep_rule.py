@@ -1,0 +1,135 @@
+"""The keep rule, end to end: agent_loop.main() on noisy_train.py, whose true val_bpb is a known
+function of its constants plus seeded Gaussian noise, with a scripted agent. CPU only, no network."""
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import agent_loop
+from test_agent_loop import SUPPORT, WORSE, night, pycache  # noqa: F401 (fixtures); puts fake_llm on the path
+from fake_llm import change  # noqa: E402
+
+SIGMA = 0.002
+
+
+class Scripted:
+    """An agent whose proposal is computed from the current train.py by the test's `propose`."""
+    propose = None
+
+    def __init__(self, args, instructions):
+        pass
+
+    def start(self, prompt):
+        description, search, replace = Scripted.propose(Path("train.py").read_text())
+        return agent_loop.Proposal(description=description, edits=[{"search": search, "replace": replace}])
+
+    def reply(self, error):
+        raise AssertionError(f"a scripted proposal was refused: {error}")
+
+
+@pytest.fixture
+def noisy(night, monkeypatch):
+    """The night's repository with noisy_train.py as train.py and the scripted agent registered."""
+    shutil.copy(SUPPORT / "noisy_train.py", night.repo / "train.py")
+    night.git("commit", "-qam", "noisy train.py")
+    for name, value in dict(NOISY_TRAIN_SEED="7", NOISY_TRAIN_SIGMA=str(SIGMA),
+                            NOISY_TRAIN_RUNS=str(night.tmp / "noisy_runs")).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setitem(agent_loop.AGENTS, "scripted", Scripted)
+    monkeypatch.setitem(agent_loop.DEFAULT_MODELS, "scripted", None)
+    return night
+
+
+def constant(source, name):
+    return float(re.search(rf"^{name} = (\S+)", source, re.MULTILINE)[1])
+
+
+def new_seed(source):
+    """A change that does nothing real: the seed is not read by anything."""
+    seed = int(constant(source, "SEED"))
+    return f"seed {seed + 1}", f"SEED = {seed}\n", f"SEED = {seed + 1}\n"
+
+
+def gain_of_3_sigma(source):
+    """MATRIX_LR moved towards its optimum so that the true val_bpb drops by exactly 3 sigma."""
+    lr = constant(source, "MATRIX_LR")
+    distance = math.log2(lr / 0.02)  # the true value is 0.1 * distance**2 above its optimum in MATRIX_LR
+    new_lr = 0.02 * 2 ** math.sqrt(distance ** 2 - 3 * SIGMA / 0.1)
+    return f"MATRIX_LR {new_lr:.5f}", f"MATRIX_LR = {lr!r} ", f"MATRIX_LR = {new_lr!r} "
+
+
+def first_decisions(night, propose, trials, *args):
+    """The status of the first proposal in `trials` independent tags, each from the same start."""
+    Scripted.propose = staticmethod(propose)
+    decisions = []
+    for trial in range(trials):
+        night.git("checkout", "-q", "main")
+        result = night.run("--agent", "scripted", "--tag", f"trial{trial}", "--max-experiments", "2", *args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        decisions.append(night.rows()[1][3])
+    return decisions
+
+
+def test_noise_rule_keeps_changes_that_do_nothing_at_most_5_percent_of_the_time(noisy):
+    assert first_decisions(noisy, new_seed, 40).count("keep") <= 2
+
+
+def test_greedy_rule_keeps_about_half_of_the_changes_that_do_nothing(noisy):
+    assert 12 <= first_decisions(noisy, new_seed, 40, "--keep-rule", "greedy").count("keep") <= 28
+
+
+def test_noise_rule_keeps_a_true_3_sigma_improvement_at_least_90_percent_of_the_time(noisy):
+    assert first_decisions(noisy, gain_of_3_sigma, 20).count("keep") >= 18
+
+
+def test_the_baseline_measures_the_noise_and_the_ledger_keeps_it(noisy):
+    assert noisy.run("--max-experiments", "1").returncode == 0
+    noise = next(r for r in noisy.ledger() if r["event"] == "noise")
+    assert len(noise["runs"]) == 3 and noise["dof"] == 2 and 0 < noise["sigma"] < 5 * SIGMA
+    baseline = next(r for r in noisy.ledger() if r["event"] == "result")
+    assert baseline["val_bpb"] == pytest.approx(sum(noise["runs"]) / 3)  # the mean, not the best run
+    assert "noise sigma" in baseline["reason"]
+
+
+def test_a_clearly_worse_change_is_discarded_after_one_run(night):
+    night.llm.script(change("raise val_bpb", WORSE))
+    assert night.run("--max-experiments", "2").returncode == 0
+    assert len(night.train_pids()) == 3 + 1  # three baseline runs, one of the candidate
+    assert night.rows()[1][3] == "discard"
+    assert "not below the best's" in night.ledger()[-2]["reason"]
+
+
+def test_a_borderline_win_is_run_again_and_judged_by_its_mean(noisy):
+    Scripted.propose = staticmethod(gain_of_3_sigma)
+    assert noisy.run("--agent", "scripted", "--max-experiments", "2").returncode == 0
+    result = [r for r in noisy.ledger() if r["event"] == "result"][1]
+    runs = [r for r in noisy.ledger() if r["event"] == "run" and r["commit"] == result["commit"]]
+    assert len(runs) >= 2 and result["runs"] == [r["metrics"]["val_bpb"] for r in runs]
+    assert result["val_bpb"] == pytest.approx(sum(result["runs"]) / len(result["runs"]))
+    assert float(noisy.rows()[1][1]) == pytest.approx(result["val_bpb"], abs=1e-6)
+
+
+def test_a_gain_below_min_delta_is_not_kept(night):
+    night.llm.script(change("a little lower", ("VAL_BPB = 1.000000", "VAL_BPB = 0.999000")))
+    assert night.run("--max-experiments", "2", "--min-delta", "0.005").returncode == 0
+    assert night.rows()[1][3] == "discard" and "threshold 0.005000" in night.ledger()[-2]["reason"]
+
+
+def test_greedy_rule_keeps_any_lower_run_after_one_run(night):
+    night.llm.script(change("a little lower", ("VAL_BPB = 1.000000", "VAL_BPB = 0.999000")))
+    assert night.run("--max-experiments", "2", "--keep-rule", "greedy").returncode == 0
+    assert night.rows()[1][3] == "keep" and len(night.train_pids()) == 2
+
+
+def test_an_implausible_gain_is_run_again_before_it_can_be_kept(night):
+    # Scores 0.5 on its first run only, as a bug that leaks now and then would.
+    flag = "os.environ['FAKE_TRAIN_STARTS'] + '.fluke'"
+    fluke = ("VAL_BPB = 1.000000", f"VAL_BPB = 1.0 if os.path.exists({flag}) else open({flag}, 'w').close() or 0.5")
+    night.llm.script(change("a fluke", fluke))
+    assert night.run("--max-experiments", "2", "--keep-rule", "greedy").returncode == 0
+    assert night.rows()[1][1:4] == ["0.750000", "2.0", "discard"]  # the mean of its two runs, 0.5 and 1.0
+    assert "did not reproduce" in night.ledger()[-2]["reason"]
+    assert len(night.train_pids()) == 3
