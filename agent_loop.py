@@ -4,13 +4,14 @@ The unattended overnight research loop: an AI agent proposes, this program exper
 Each experiment: ask the agent for ONE idea (a one-line description and exact search/replace
 edits of train.py), apply it, check that it compiles, commit it, run train.py for its time
 budget, read val_bpb from the summary block, log a row in results.tsv, then keep the commit
-(the branch advances) or reset to the best one. A crash gets up to two fix attempts. The
+(the branch advances) or reset to the best one. A crash gets up to two fix attempts (none with optuna). The
 first experiment is always the unmodified baseline. It runs until a limit, Ctrl-C or SIGTERM;
 running it again with the same --tag resumes, also after it was killed.
 
     uv run agent_loop.py                                   # Anthropic API, ANTHROPIC_API_KEY
     uv run agent_loop.py --agent claude-code               # the claude CLI, headless
     uv run agent_loop.py --agent openai --base-url http://localhost:8000/v1 --model qwen3-32b
+    uv run agent_loop.py --agent optuna                    # no LLM: Optuna tunes train.py's constants
 
 Everything it writes is kept out of git (it adds itself to .git/info/exclude if needed):
     results.tsv                          one row per experiment (SPEC section 10 format)
@@ -65,7 +66,7 @@ WALL_CLOCK_SLACK = 60  # seconds a run may take beyond TIME_BUDGET plus twice th
 HASHED_FILE_LIMIT = 256 * 2**20  # bytes: cache files above it are fingerprinted by size and mtime, not hashed
 PRIVATE_HARNESS_NAME = re.compile(r"_check_causal|CAUSALITY_TOLERANCE|_load_part|NonCausalModelError")
 
-DEFAULT_MODELS = {"anthropic": "claude-sonnet-4-6", "claude-code": None, "openai": None}
+DEFAULT_MODELS = {"anthropic": "claude-sonnet-4-6", "claude-code": None, "openai": None, "optuna": None}
 # Dollars per million input and output tokens. Anthropic bills a write to the 1-hour prompt
 # cache at 2x the input price and a cache read at 0.1x.
 PRICES_PER_MTOK = {
@@ -659,7 +660,164 @@ def run_claude(command, prompt, timeout):
     return result
 
 
-AGENTS = {"anthropic": AnthropicAgent, "claude-code": ClaudeCodeAgent, "openai": OpenAIAgent}
+# --agent optuna: no language model. Optuna's TPE proposes new values for train.py's numeric
+# constants, a free and offline baseline to compare the LLM agents with.
+
+NOT_TUNED = ("SEED", "UNCOUNTED_STEPS")  # a seed only fits noise; UNCOUNTED_STEPS changes what the budget measures
+DEVICE_OVERRIDE = "DEVICE_TYPE != 'cuda'"  # the test of train.py's `if` block of small-compute values
+MAX_OPTUNA_ASKS = 20  # samples that round to the current train.py are asked again, this many times at most
+OPTUNA_RANGES = """--agent optuna searches around the values in train.py when the tag started (v):
+  a float v > 0                          log-uniform in [v/4, 4v]
+  a float *_RATIO or *_FRAC in [0, 1]    uniform in [0, 1]
+  a float 0                              uniform in [0, 0.5]
+  a float v < 0                          uniform in [4v, v/4]
+  an int power of two                    a power of two from v/4 to 4v (at least 1)
+  another int v >= 1                     an int in [max(1, v//2), 2v]   (ints below 1 are left alone)
+Floats are rounded to 2 significant digits. SEED and UNCOUNTED_STEPS are never tuned."""
+
+
+def tunable_constants(source, device_type):
+    """{NAME: (value, lineno, col, end_col)} of the constants a run of train.py on device_type uses: the
+    module-level `NAME = <number>` assignments before the first def or class. Off CUDA, those of the
+    `if DEVICE_TYPE != "cuda":` block replace the top-level ones (editing the latter would change nothing)."""
+    def number(node):  # an int or float literal, a unary minus allowed (not a bool, a string or an expression)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant):
+            return None if (value := number(node.operand)) is None else -value
+        return node.value if isinstance(node, ast.Constant) and type(node.value) in (int, float) else None
+
+    found = {}
+    def scan(statements):
+        for node in statements:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                name, value = node.targets[0].id, number(node.value)
+                if re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and name not in NOT_TUNED:
+                    found.pop(name, None)  # re-assigned: only the last assignment counts
+                    if value is not None:
+                        found[name] = (value, node.lineno, node.value.col_offset, node.value.end_col_offset)
+            elif isinstance(node, ast.If) and ast.unparse(node.test) == DEVICE_OVERRIDE and device_type != "cuda":
+                scan(node.body)
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                return  # the end of the hyperparameter section
+    scan(ast.parse(source).body)
+    return found
+
+
+def search_range(name, value):
+    """[kind, low, high] of the search around a starting value, as OPTUNA_RANGES says (JSON: a user attr)."""
+    if isinstance(value, float):
+        if name.endswith(("_RATIO", "_FRAC")) and 0 <= value <= 1:
+            return ["uniform", 0.0, 1.0]
+        return ["uniform", 0.0, 0.5] if value == 0 else ["log", value / 4, value * 4] if value > 0 else \
+            ["uniform", value * 4, value / 4]
+    if value >= 1 and value & (value - 1) == 0:
+        exponent = value.bit_length() - 1
+        return ["pow2", max(0, exponent - 2), exponent + 2]  # sampled as the exponent
+    return ["int", max(1, value // 2), 2 * value] if value >= 1 else None
+
+
+def constant_value(kind, low, high, param):
+    """The value written to train.py for a trial's param: floats rounded to 2 significant digits (kept in range)."""
+    if kind == "pow2":
+        return 2 ** param
+    return param if kind == "int" else min(max(float(f"{param:.2g}"), low), high)
+
+
+def train_device(source):
+    """"cuda" or not, decided as train.py decides; torch (slow to import) only when train.py has an override."""
+    if not any(isinstance(node, ast.If) and ast.unparse(node.test) == DEVICE_OVERRIDE
+               for node in ast.parse(source).body):
+        return "cuda"  # nothing depends on it
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def constant_edits(source, constants, values):
+    """Search/replace edits of the assignment lines only: the value's text is replaced, comments stay as they are."""
+    lines, edits = source.splitlines(keepends=True), []
+    for name, value in sorted(values.items(), key=lambda item: constants[item[0]][1]):
+        _, lineno, col, end_col = constants[name]
+        i = start = lineno - 1
+        new_line = lines[i][:col] + repr(value) + lines[i][end_col:]
+        while start > 0 and "".join(lines).count("".join(lines[start:i + 1])) > 1:
+            start -= 1  # lines above the assignment, until the search text is unique
+        edits.append({"file": "train.py", "search": "".join(lines[start:i + 1]),
+                      "replace": "".join(lines[start:i]) + new_line})
+        lines[i] = new_line
+    return edits
+
+
+class OptunaAgent:
+    """Each experiment is an Optuna trial (ask/tell, TPE) over the numeric constants of train.py. The study
+    lives in .autoresearch/<tag>/optuna.journal and learns each trial's val_bpb from the ledger."""
+
+    def __init__(self, args, instructions):
+        import optuna  # here, so that the other agents do not need it
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.optuna, self.ledger = optuna, STATE_ROOT / args.tag / "ledger.jsonl"
+        records = read_ledger(self.ledger)
+        # The ranges come from train.py when the tag started, also when it is resumed later.
+        source = git("show", f"{base_commit(records)}:train.py") if records else Path("train.py").read_text()
+        self.device = train_device(source)
+        starting = {name: c[0] for name, c in tunable_constants(source, self.device).items()}
+        space = {name: r for name, value in starting.items() if (r := search_range(name, value))}
+        names = args.optuna_params.split(",") if args.optuna_params else list(space)
+        if unknown := [name for name in names if name not in space]:
+            fail(f"--optuna-params: {', '.join(unknown)} is not a tunable constant of train.py; the tunable ones "
+                 f"are {', '.join(space)}.")
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+            str(self.ledger.parent / "optuna.journal")))
+        self.study = optuna.create_study(study_name=args.tag, storage=storage, direction="minimize",
+                                         load_if_exists=True)
+        # A seed that differs on resume, so that a resumed run does not replay the first run's random startup trials.
+        self.study.sampler = optuna.samplers.TPESampler(multivariate=True, seed=len(self.study.trials))
+        if "space" not in self.study.user_attrs:  # a resumed study keeps its space, whatever --optuna-params says
+            self.study.set_user_attr("space", {name: space[name] for name in names})
+            self.study.set_user_attr("start", {name: starting[name] for name in names})
+        self.space = self.study.user_attrs["space"]
+        self.distributions = {name: optuna.distributions.FloatDistribution(low, high, log=kind == "log")
+                              if kind in ("log", "uniform") else optuna.distributions.IntDistribution(low, high)
+                              for name, (kind, low, high) in self.space.items()}
+
+    def start(self, prompt):  # the prompt is for language models: what this agent knows is in the study
+        records = read_ledger(self.ledger)
+        self.tell_results(records)
+        source = Path("train.py").read_text()
+        current = tunable_constants(source, self.device)
+        for _ in range(MAX_OPTUNA_ASKS):
+            trial = self.study.ask(self.distributions)
+            values = {name: constant_value(*self.space[name], trial.params[name]) for name in self.space}
+            changed = {name: value for name, value in values.items() if name in current and value != current[name][0]}
+            if changed:
+                trial.set_user_attr("experiment", len(result_rows(records)))  # the index run_experiment gives it
+                lines = source.splitlines()
+                old = {name: lines[line - 1][col:end_col] for name, (_, line, col, end_col) in current.items()}
+                description = ", ".join(f"{name} {old[name]} -> {value!r}" for name, value in changed.items())
+                return Proposal(description=description, edits=constant_edits(source, current, changed))
+            self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)  # train.py as it is: nothing to learn
+        return Proposal(problem=f"Optuna proposed the current train.py {MAX_OPTUNA_ASKS} times in a row.")
+
+    def reply(self, error):
+        return Proposal(problem=f"--agent optuna cannot repair a proposal that does not apply: {error}")
+
+    def tell_results(self, records):
+        """Tell every trial still running its outcome; add the baseline first (TPE then knows where it started)."""
+        TrialState, results = self.optuna.trial.TrialState, {r["experiment"]: r for r in result_rows(records)}
+        if not self.study.trials:
+            start = self.study.user_attrs["start"]
+            params = {name: start[name].bit_length() - 1 if kind == "pow2" else start[name]
+                      for name, (kind, _, _) in self.space.items()}
+            self.study.add_trial(self.optuna.trial.create_trial(
+                params=params, distributions=self.distributions, value=results[0]["val_bpb"],
+                user_attrs={"experiment": 0}))
+        for trial in self.study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
+            result = results.get(trial.user_attrs.get("experiment"))
+            if result and result["status"] in ("keep", "discard"):
+                self.study.tell(trial.number, result["val_bpb"])
+            else:  # a crash, an invalid run, or no result: the run was cut off, and its experiment gets a new trial
+                self.study.tell(trial.number, state=TrialState.FAIL)
+
+
+AGENTS = {"anthropic": AnthropicAgent, "claude-code": ClaudeCodeAgent, "openai": OpenAIAgent, "optuna": OptunaAgent}
 
 
 # -----------------------------------------------------------------------------
@@ -948,14 +1106,16 @@ def parse_args(argv):
         "Results go to results.tsv, everything else to .autoresearch/<tag>/. Ctrl-C stops it cleanly;\n"
         "run it again with the same --tag to resume.",
         epilog="examples:\n  uv run agent_loop.py --max-hours 8\n  uv run agent_loop.py --agent claude-code\n"
-        "  uv run agent_loop.py --agent openai --base-url http://localhost:11434/v1 --model qwen3-coder",
+        "  uv run agent_loop.py --agent openai --base-url http://localhost:11434/v1 --model qwen3-coder\n"
+        "  uv run agent_loop.py --agent optuna --optuna-params MATRIX_LR,WARMDOWN_RATIO\n\n" + OPTUNA_RANGES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tag", default=datetime.date.today().strftime("%b%d").lower(),
                         help="run name: the branch is autoresearch/<tag>; an existing tag is resumed "
                         "(default: today, %(default)s)")
     parser.add_argument("--agent", choices=list(AGENTS), default="anthropic",
-                        help="who proposes: the Anthropic API (ANTHROPIC_API_KEY), the claude CLI, or an "
-                        "OpenAI-compatible endpoint (default: %(default)s)")
+                        help="who proposes: the Anthropic API (ANTHROPIC_API_KEY), the claude CLI, an "
+                        "OpenAI-compatible endpoint, or optuna: no LLM, Optuna's TPE tunes the numeric ALL-CAPS "
+                        "constants of train.py within the ranges below (default: %(default)s)")
     parser.add_argument("--model", help=f"model name (default: {DEFAULT_MODELS['anthropic']} for anthropic, the CLI's "
                         "own for claude-code; required for openai)")
     parser.add_argument("--base-url", help="API endpoint, e.g. http://localhost:8000/v1 for a local OpenAI-compatible "
@@ -981,8 +1141,10 @@ def parse_args(argv):
                         help="most runs of one candidate, rule noise (default: %(default)s)")
     parser.add_argument("--min-delta", type=float, default=0.0,
                         help="smallest val_bpb gain worth keeping, whatever the noise (default: %(default)s)")
-    parser.add_argument("--max-fix-attempts", type=int, default=2,
-                        help="fixes the agent may try after a crash (default: %(default)s)")
+    parser.add_argument("--optuna-params", help="NAME,NAME: the constants --agent optuna tunes (default: all "
+                        "it can; fixed when the tag's study is created)")
+    parser.add_argument("--max-fix-attempts", type=int,
+                        help="fixes the agent may try after a crash (default: 2; 0 for optuna, which cannot fix one)")
     parser.add_argument("--max-edit-retries", type=int, default=2,
                         help="times an unapplicable reply is sent back (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=16000,
@@ -999,6 +1161,10 @@ def parse_args(argv):
     if args.noise_runs < 2 or args.max_runs < 2:
         parser.error("--noise-runs and --max-runs must be at least 2: noise is measured on repeated runs")
     args.model = args.model or DEFAULT_MODELS[args.agent]
+    if args.max_fix_attempts is None:
+        args.max_fix_attempts = 0 if args.agent == "optuna" else 2
+    if args.optuna_params and args.agent != "optuna":
+        parser.error("--optuna-params is for --agent optuna")
     if args.agent == "anthropic" and args.max_cost is not None and not price_of(args):
         parser.error(f"--max-cost needs a price for model {args.model}: pass --price IN,OUT")
     return args

@@ -1,0 +1,237 @@
+"""agent_loop.py --agent optuna: Optuna's TPE tunes the numeric constants of train.py, no LLM.
+
+Unit tests drive OptunaAgent directly in a temp folder with a hand-written ledger; end-to-end tests
+run agent_loop.main() on tests/agent_loop_support/noisy_train.py with the Night fixture of
+test_agent_loop.py. CPU only, no network."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+
+import agent_loop
+from test_agent_loop import ROOT, SUPPORT, night, pycache  # noqa: F401 (fixtures)
+
+NOISY = (SUPPORT / "noisy_train.py").read_text()
+REAL = (ROOT / "train.py").read_text()
+# A train.py with a small-compute override block, as the real one has.
+OVERRIDE = '''LR = 0.04        # top-level
+DEPTH = 8        # layers
+DEVICE_TYPE = "cpu"
+if DEVICE_TYPE != "cuda":
+    DEPTH = 4    # small
+'''
+DESCRIPTION = re.compile(r"[A-Z][A-Z0-9_]* \S+ -> \S+(, [A-Z][A-Z0-9_]* \S+ -> \S+)*")
+
+
+class Driver:
+    """An OptunaAgent in a temp folder (no git), fed results through its ledger as the loop would."""
+
+    def __init__(self, tmp_path, monkeypatch, source, *args, device="cpu"):
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(agent_loop, "train_device", lambda source: device)
+        (tmp_path / "train.py").write_text(source)
+        self.ledger = tmp_path / ".autoresearch" / "t" / "ledger.jsonl"
+        self.ledger.parent.mkdir(parents=True)
+        self.device, self.experiments = device, 0
+        self.agent = agent_loop.OptunaAgent(agent_loop.parse_args(["--tag", "t", "--agent", "optuna", *args]), "")
+        self.result(1.0, "keep")  # the baseline
+
+    def result(self, val_bpb, status="discard"):
+        with open(self.ledger, "a") as f:
+            f.write(json.dumps({"event": "result", "experiment": self.experiments, "status": status,
+                                "val_bpb": val_bpb}) + "\n")
+        self.experiments += 1
+
+    def propose(self):
+        """(proposal, train.py with it applied)."""
+        proposal = self.agent.start("ignored")
+        return proposal, agent_loop.apply_proposal(proposal, Path("train.py").read_text(), 0)
+
+
+def changed_lines(old, new):
+    """Line numbers (1-based) of old that the diff to new replaces; both have the same number of lines."""
+    assert len(old.splitlines()) == len(new.splitlines())
+    return [i + 1 for i, (a, b) in enumerate(zip(old.splitlines(), new.splitlines())) if a != b]
+
+
+def open_study(repo):
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(repo / ".autoresearch" / "t" / "optuna.journal")))
+    return optuna.load_study(study_name="t", storage=storage)
+
+
+@pytest.fixture
+def noisy(night, monkeypatch):
+    """The Night repository with noisy_train.py as its train.py."""
+    shutil.copy(SUPPORT / "noisy_train.py", night.repo / "train.py")
+    night.git("commit", "-qam", "noisy train.py")
+    night.base = night.head()
+    monkeypatch.setenv("NOISY_TRAIN_SEED", "1")
+    monkeypatch.setenv("NOISY_TRAIN_RUNS", str(night.tmp / "noisy_runs"))
+    return night
+
+
+# -----------------------------------------------------------------------------
+# What it tunes
+
+def test_tunable_constants_of_the_real_train_py_on_cpu_are_the_override_block_values():
+    found = agent_loop.tunable_constants(REAL, "cpu")
+    assert set(found) == {"DEPTH", "ASPECT_RATIO", "HEAD_DIM", "DEVICE_BATCH_SIZE", "EMBEDDING_LR", "UNEMBEDDING_LR",
+                          "MATRIX_LR", "SCALAR_LR", "WEIGHT_DECAY", "WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC"}
+    lines = REAL.splitlines()
+    assert {name: found[name][0] for name in ("DEPTH", "ASPECT_RATIO", "HEAD_DIM", "DEVICE_BATCH_SIZE")} == \
+        {"DEPTH": 4, "ASPECT_RATIO": 32, "HEAD_DIM": 64, "DEVICE_BATCH_SIZE": 16}
+    assert lines[found["DEPTH"][1] - 1].startswith("    DEPTH = 4")  # inside `if DEVICE_TYPE != "cuda":`
+    assert found["MATRIX_LR"][0] == 0.04 and lines[found["MATRIX_LR"][1] - 1].startswith("MATRIX_LR = 0.04")
+
+
+def test_tunable_constants_of_the_real_train_py_on_cuda_are_the_top_level_values():
+    found = agent_loop.tunable_constants(REAL, "cuda")
+    assert {name: found[name][0] for name in ("DEPTH", "ASPECT_RATIO", "HEAD_DIM", "DEVICE_BATCH_SIZE")} == \
+        {"DEPTH": 8, "ASPECT_RATIO": 64, "HEAD_DIM": 128, "DEVICE_BATCH_SIZE": 128}
+    assert REAL.splitlines()[found["DEPTH"][1] - 1].startswith("DEPTH = 8")
+    assert set(found) == set(agent_loop.tunable_constants(REAL, "cpu"))
+    # Not a literal number, a seed, or what the budget measures:
+    assert not {"TOTAL_BATCH_SIZE", "ADAM_BETAS", "WINDOW_PATTERN", "SEED", "UNCOUNTED_STEPS"} & set(found)
+
+
+def test_search_ranges_follow_the_documented_rules():
+    ranges = {name: agent_loop.search_range(name, value) for name, value in dict(
+        MATRIX_LR=0.04, WARMDOWN_RATIO=0.5, FINAL_LR_FRAC=0.0, WEIGHT_DECAY=0.0, SHIFT=-0.5, DEPTH=8, STEPS=6, OFF=0,
+    ).items()}
+    assert ranges == {"MATRIX_LR": ["log", 0.01, 0.16], "WARMDOWN_RATIO": ["uniform", 0.0, 1.0],
+                      "FINAL_LR_FRAC": ["uniform", 0.0, 1.0], "WEIGHT_DECAY": ["uniform", 0.0, 0.5],
+                      "SHIFT": ["uniform", -2.0, -0.125], "DEPTH": ["pow2", 1, 5], "STEPS": ["int", 3, 12],
+                      "OFF": None}
+
+
+def test_max_fix_attempts_defaults_to_none_for_optuna_and_two_for_the_llms():
+    assert agent_loop.parse_args(["--agent", "optuna"]).max_fix_attempts == 0
+    assert agent_loop.parse_args(["--agent", "openai"]).max_fix_attempts == 2
+    assert agent_loop.parse_args(["--agent", "optuna", "--max-fix-attempts", "1"]).max_fix_attempts == 1
+
+
+# -----------------------------------------------------------------------------
+# What it proposes
+
+def test_edits_touch_only_the_tuned_assignment_lines_and_keep_train_py_valid(tmp_path, monkeypatch):
+    driver = Driver(tmp_path, monkeypatch, REAL, device="cpu")
+    constants = agent_loop.tunable_constants(REAL, "cpu")
+    for _ in range(5):
+        proposal, new = driver.propose()  # apply_proposal compiles it
+        lines = changed_lines(REAL, new)
+        assert lines and set(lines) <= {line for _, line, _, _ in constants.values()}
+        for line in lines:  # only the number changed: the name, spacing and comment are byte-identical
+            old_line, new_line = REAL.splitlines()[line - 1], new.splitlines()[line - 1]
+            name = next(name for name, c in constants.items() if c[1] == line)
+            _, _, col, end_col = constants[name]
+            assert new_line[:col] == old_line[:col]
+            assert new_line.endswith(old_line[end_col:])
+        driver.result(1.0)
+
+
+def test_values_stay_inside_their_ranges_over_many_asks(tmp_path, monkeypatch):
+    driver = Driver(tmp_path, monkeypatch, REAL, device="cpu")
+    space = driver.agent.study.user_attrs["space"]
+    for _ in range(25):  # past the 10 random startup trials: TPE proper
+        proposal, new = driver.propose()
+        values = {name: c[0] for name, c in agent_loop.tunable_constants(new, "cpu").items()}
+        for name, (kind, low, high) in space.items():
+            if kind == "pow2":
+                assert values[name] in [2 ** e for e in range(low, high + 1)], name
+            else:
+                assert low <= values[name] <= high, name
+            assert type(values[name]) is (float if kind in ("log", "uniform") else int)
+        driver.result(1.0 + 0.1 * abs(values["MATRIX_LR"] - 0.02))
+
+
+def test_descriptions_list_the_changed_constants_as_name_old_to_new(tmp_path, monkeypatch):
+    driver = Driver(tmp_path, monkeypatch, NOISY)
+    for _ in range(5):
+        proposal, new = driver.propose()
+        assert DESCRIPTION.fullmatch(proposal.description), proposal.description
+        after = agent_loop.tunable_constants(new, "cpu")
+        for change in proposal.description.split(", "):
+            name, old, _, value = change.split()
+            assert f"{name} = {old}" in NOISY and repr(after[name][0]) == value and old != value
+        driver.result(1.0)
+
+
+def test_seed_is_never_tuned(tmp_path, monkeypatch):
+    driver = Driver(tmp_path, monkeypatch, NOISY)
+    assert set(driver.agent.space) == {"MATRIX_LR", "DEPTH", "WARMDOWN_RATIO"}
+    for _ in range(15):
+        proposal, new = driver.propose()
+        assert "SEED = 42\n" in new and "SEED" not in proposal.description
+        driver.result(1.0)
+
+
+@pytest.mark.parametrize("device, line", [("cpu", "    DEPTH = 4    # small"), ("cuda", "DEPTH = 8        # layers")])
+def test_the_device_override_is_edited_off_cuda_and_the_top_level_value_on_cuda(tmp_path, monkeypatch, device, line):
+    driver = Driver(tmp_path, monkeypatch, OVERRIDE, "--optuna-params", "DEPTH", device=device)
+    proposal, new = driver.propose()
+    assert [OVERRIDE.splitlines()[i - 1] for i in changed_lines(OVERRIDE, new)] == [line]
+    assert proposal.description.startswith(f"DEPTH {line.split()[2]} -> ")
+
+
+def test_a_crash_or_a_cut_off_run_is_told_as_failed_and_a_result_as_its_val_bpb(tmp_path, monkeypatch):
+    driver = Driver(tmp_path, monkeypatch, NOISY)
+    driver.propose()
+    driver.result(0.0, "crash")
+    driver.propose()  # cut off: no result, and the loop asks again for the same experiment
+    driver.propose()
+    driver.result(1.25)
+    driver.propose()
+    trials = driver.agent.study.get_trials()
+    states = [(t.user_attrs["experiment"], t.state.name, t.value) for t in trials]
+    assert states == [(0, "COMPLETE", 1.0), (1, "FAIL", None), (2, "FAIL", None), (2, "COMPLETE", 1.25),
+                      (3, "RUNNING", None)]
+
+
+def test_reply_cannot_repair_a_proposal(tmp_path, monkeypatch):
+    driver = Driver(tmp_path, monkeypatch, NOISY)
+    with pytest.raises(agent_loop.EditError, match="cannot repair"):
+        agent_loop.apply_proposal(driver.agent.reply("Edit 1: its search text occurs 0 times"), NOISY, 0)
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+def test_a_run_of_four_experiments_writes_rows_and_a_study(noisy):
+    result = noisy.run("--agent", "optuna", "--max-experiments", "4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = noisy.rows()
+    assert [row[4] for row in rows][0] == "baseline" and len(rows) == 4
+    assert all(DESCRIPTION.fullmatch(row[4]) and row[3] in ("keep", "discard") for row in rows[1:])
+    assert noisy.requests() == [] and noisy.is_clean()
+    assert all(r["cost_usd"] == 0 for r in noisy.ledger() if r["event"] == "proposal")
+    trials = open_study(noisy.repo).get_trials()
+    assert [t.user_attrs["experiment"] for t in trials] == [0, 1, 2, 3]
+    assert [t.value for t in trials[:3]] == [float(row[1]) for row in rows[:3]]  # the last is told at the next start
+    assert trials[0].params == {"MATRIX_LR": 0.04, "DEPTH": 3, "WARMDOWN_RATIO": 0.5}  # the baseline; DEPTH 2**3
+
+
+def test_resuming_the_tag_continues_the_same_study(noisy):
+    assert noisy.run("--agent", "optuna", "--max-experiments", "3").returncode == 0
+    before = open_study(noisy.repo).get_trials()
+    assert len(before) == 3 and before[2].state.name == "RUNNING"
+    result = noisy.run("--agent", "optuna", "--max-experiments", "5")
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = open_study(noisy.repo).get_trials()
+    rows = noisy.rows()
+    assert len(rows) == 5 and len(after) == 5
+    assert [t.params for t in after[:3]] == [t.params for t in before]
+    assert [t.value for t in after[:4]] == [float(row[1]) for row in rows[:4]]
+    assert [t.user_attrs["experiment"] for t in after] == [0, 1, 2, 3, 4]
+
+
+def test_an_unknown_optuna_param_is_an_error_that_lists_the_tunable_ones(noisy):
+    result = noisy.run("--agent", "optuna", "--optuna-params", "MATRIX_LR,SEED,NOPE")
+    assert result.returncode == 1
+    assert "SEED, NOPE is not a tunable constant" in result.stderr
+    assert "MATRIX_LR, DEPTH, WARMDOWN_RATIO" in result.stderr
+    assert noisy.git("branch", "--list", "autoresearch/*") == ""
