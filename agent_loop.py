@@ -671,7 +671,7 @@ OPTUNA_RANGES = """--agent optuna searches around the values in train.py when th
   a float *_RATIO or *_FRAC in [0, 1]    uniform in [0, 1]
   a float 0                              uniform in [0, 0.5]
   a float v < 0                          uniform in [4v, v/4]
-  an int power of two                    a power of two from v/4 to 4v (at least 1)
+  an int power of two v >= 16            a power of two from v/4 to 4v
   another int v >= 1                     an int in [max(1, v//2), 2v]   (ints below 1 are left alone)
 Floats are rounded to 2 significant digits. SEED and UNCOUNTED_STEPS are never tuned."""
 
@@ -709,7 +709,7 @@ def search_range(name, value):
             return ["uniform", 0.0, 1.0]
         return ["uniform", 0.0, 0.5] if value == 0 else ["log", value / 4, value * 4] if value > 0 else \
             ["uniform", value * 4, value / 4]
-    if value >= 1 and value & (value - 1) == 0:
+    if value >= 16 and value & (value - 1) == 0:  # a size (a batch, a width): DEPTH 8 -> 9 stays possible
         exponent = value.bit_length() - 1
         return ["pow2", max(0, exponent - 2), exponent + 2]  # sampled as the exponent
     return ["int", max(1, value // 2), 2 * value] if value >= 1 else None

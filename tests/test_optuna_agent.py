@@ -101,11 +101,12 @@ def test_tunable_constants_of_the_real_train_py_on_cuda_are_the_top_level_values
 
 def test_search_ranges_follow_the_documented_rules():
     ranges = {name: agent_loop.search_range(name, value) for name, value in dict(
-        MATRIX_LR=0.04, WARMDOWN_RATIO=0.5, FINAL_LR_FRAC=0.0, WEIGHT_DECAY=0.0, SHIFT=-0.5, DEPTH=8, STEPS=6, OFF=0,
+        MATRIX_LR=0.04, WARMDOWN_RATIO=0.5, FINAL_LR_FRAC=0.0, WEIGHT_DECAY=0.0, SHIFT=-0.5, DEPTH=8, WIDTH=64, STEPS=6, OFF=0,
     ).items()}
     assert ranges == {"MATRIX_LR": ["log", 0.01, 0.16], "WARMDOWN_RATIO": ["uniform", 0.0, 1.0],
                       "FINAL_LR_FRAC": ["uniform", 0.0, 1.0], "WEIGHT_DECAY": ["uniform", 0.0, 0.5],
-                      "SHIFT": ["uniform", -2.0, -0.125], "DEPTH": ["pow2", 1, 5], "STEPS": ["int", 3, 12],
+                      "SHIFT": ["uniform", -2.0, -0.125], "DEPTH": ["int", 4, 16], "WIDTH": ["pow2", 4, 8],
+                      "STEPS": ["int", 3, 12],
                       "OFF": None}
 
 
