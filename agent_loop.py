@@ -873,7 +873,8 @@ def report_main(argv):
     source.add_argument("--tag", help="report this tag's ledger (default: the tag whose ledger changed last)")
     source.add_argument("--tsv", metavar="PATH", help="report any results.tsv instead; time and cost are then unknown")
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
-    parser.add_argument("--png", metavar="PATH", help="where to write the plot (default: progress.png next to results.tsv)")
+    parser.add_argument("--png", metavar="PATH", help="where to write the plot (default: "
+                        "progress.png next to results.tsv)")
     args = parser.parse_args(argv)
     rows, records, source, name, png = report_source(args)
     summary = summarize(rows, records)
