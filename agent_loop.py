@@ -12,6 +12,7 @@ running it again with the same --tag resumes, also after it was killed.
     uv run agent_loop.py --agent claude-code               # the claude CLI, headless
     uv run agent_loop.py --agent openai --base-url http://localhost:8000/v1 --model qwen3-32b
     uv run agent_loop.py --agent optuna                    # no LLM: Optuna tunes train.py's constants
+    uv run agent_loop.py report                            # the morning summary and progress.png
 
 Everything it writes is kept out of git (it adds itself to .git/info/exclude if needed):
     results.tsv                          one row per experiment (SPEC section 10 format)
@@ -1071,6 +1072,197 @@ def why_stop(night):
 
 
 # -----------------------------------------------------------------------------
+# Report: what the night did, from the tag's ledger or any results.tsv
+
+REPORT_STATUSES = (*STATUSES, "invalid")  # invalid: ran, but its val_bpb is not to be trusted; counted like a crash
+
+
+def read_results_tsv(path):
+    """The rows of a results.tsv, shaped like the ledger's result events."""
+    lines = path.read_text().splitlines()
+    if not lines or lines[0].split("\t") != RESULTS_HEADER.split():
+        fail(f"{path}, line 1: not a results.tsv: the header must be {RESULTS_HEADER.strip()!r}")
+    rows = []
+    for number, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        try:
+            commit, val_bpb, memory_gb, status, description = line.split("\t", 4)
+            row = dict(experiment=len(rows), commit=commit, val_bpb=float(val_bpb), memory_gb=float(memory_gb),
+                       status=status, description=description)
+        except ValueError:
+            fail(f"{path}, line {number}: malformed row {line!r}: expected commit, val_bpb, memory_gb, status "
+                 "and description, separated by tabs")
+        if status not in REPORT_STATUSES:
+            fail(f"{path}, line {number}: unknown status {status!r} (expected one of {', '.join(REPORT_STATUSES)})")
+        rows.append(row)
+    return rows
+
+
+def report_source(args):
+    """(result rows, ledger records or None, where they came from, a name for the title, default png path)"""
+    if args.tsv:
+        path = Path(args.tsv)
+        if not path.is_file():
+            fail(f"{path} does not exist: pass the path of a results.tsv, or leave out --tsv for the loop's ledger.")
+        return read_results_tsv(path), None, str(path), path.name, path.with_name("progress.png")
+    root = Path(git("rev-parse", "--show-toplevel", check=False) or Path.cwd())  # where the loop writes
+    # By the ledger's own time: a tag directory's time does not change when its ledger grows.
+    ledgers = sorted((root / STATE_ROOT).glob("*/ledger.jsonl"), key=lambda p: p.stat().st_mtime)
+    tag = args.tag or (ledgers[-1].parent.name if ledgers else None)
+    ledger = root / STATE_ROOT / str(tag) / "ledger.jsonl"
+    if tag and ledger.is_file():
+        records = []
+        for line in ledger.read_text().splitlines():  # not read_ledger(): a report must never write the ledger
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # the line a running (or killed) loop has not finished
+        return result_rows(records), records, f"tag {tag} ({ledger})", tag, root / "progress.png"
+    if args.tag:
+        fail(f"there is no ledger for tag {args.tag}: {ledger} does not exist. Tags here: "
+             f"{', '.join(p.parent.name for p in ledgers) or 'none'}.")
+    tsv = root / "results.tsv"
+    if not tsv.is_file():
+        fail(f"nothing to report: neither {root / STATE_ROOT}/<tag>/ledger.jsonl nor {tsv} exists. Run the loop "
+             "first (uv run agent_loop.py), or pass --tsv PATH.")
+    return read_results_tsv(tsv), None, str(tsv), tsv.name, root / "progress.png"
+
+
+def wall_seconds(records):
+    """Each invocation from its start to its last record: its stop, or where it was killed (or is now)."""
+    spans, invocation = {}, 0
+    for record in records:
+        invocation += record["event"] == "start"
+        now = datetime.datetime.fromisoformat(record["time"])
+        spans[invocation] = (spans.get(invocation, (now,))[0], now)
+    return round(sum((last - first).total_seconds() for first, last in spans.values()), 1)
+
+
+def summarize(rows, records=None):
+    """The report's numbers, JSON-ready; None where there is nothing to say (no baseline, no ledger)."""
+    kept, best = [], None
+    for r in rows:
+        if r["status"] == "keep":  # the delta is to the best before it: the improvement this keep brought
+            delta = None if best is None else round(r["val_bpb"] - best["val_bpb"], 6)
+            kept.append(dict(experiment=r["experiment"], commit=r["commit"][:7], val_bpb=r["val_bpb"], delta=delta,
+                             description=r["description"]))
+            best = kept[-1] if best is None or r["val_bpb"] < best["val_bpb"] else best
+    baseline = kept[0] if kept else None
+    ideas = len(rows) - (baseline is not None)  # every experiment but the baseline, crashes included
+    count = {status: sum(r["status"] == status for r in rows) for status in REPORT_STATUSES}
+    improvement = baseline["val_bpb"] - best["val_bpb"] if baseline else None
+    return dict(
+        baseline=baseline, best=best, improvement=None if improvement is None else round(improvement, 6),
+        improvement_pct=None if improvement is None else round(100 * improvement / baseline["val_bpb"], 3),
+        experiments=len(rows), kept=len(kept[1:]), keep_rate=round(len(kept[1:]) / ideas, 4) if ideas else None,
+        discarded=count["discard"], crashes=count["crash"], invalid=count["invalid"],
+        seconds=wall_seconds(records) if records else None,
+        training_seconds=round(sum(r["seconds"] for r in records if r["event"] == "run"), 1) if records else None,
+        cost_usd=round(spent_usd(records), 4) if records else None,
+        kept_list=kept, top_improvements=sorted((k for k in kept[1:] if k["delta"] < 0), key=lambda k: k["delta"])[:5])
+
+
+def plot_progress(rows, title, path):
+    """progress.png as the reference's notebook draws it. Returns the Figure, whose texts the tests read."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here, not at the top: the loop never pays for it
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    kept = [r for r in rows if r["status"] == "keep"]  # crashes have no val_bpb and invalid ones a wrong one
+    discarded = [r for r in rows if r["status"] == "discard"]
+    running = [min(r["val_bpb"] for r in kept[:i + 1]) for i in range(len(kept))]  # the best after each keep
+    values = [r["val_bpb"] for r in kept + discarded]
+    # From the best to a bit above the baseline: a diverged run must not flatten the curve that matters.
+    low, high = (running[-1], running[0]) if kept else (min(values), max(values))
+    span = max(high - low, 1e-3 * high, 1e-6)
+    hidden = sum(v > high + span for v in values)
+    top = max([high + 0.4 * span] + [v + 0.05 * span for v in values if v <= high + span])  # room for labels
+    fig = Figure(figsize=(14, 7), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.scatter([r["experiment"] for r in discarded], [r["val_bpb"] for r in discarded], s=16, color="#aaaaaa",
+               alpha=0.5, zorder=2, label=f"discarded ({hidden} above the plot)" if hidden else "discarded")
+    ax.scatter([r["experiment"] for r in kept], [r["val_bpb"] for r in kept], s=44, color="#2ca02c",
+               edgecolors="black", linewidths=0.5, zorder=4, label="kept")
+    if kept:  # the best holds from each keep until the next one, to the last experiment
+        ax.step([r["experiment"] for r in kept] + [rows[-1]["experiment"]], running + running[-1:], where="post",
+                color="#2ca02c", alpha=0.7, linewidth=1.5, zorder=3, label="running best")
+    for r in kept:  # rotated and small: consecutive keeps are often a few experiments apart
+        text = r["description"] if len(r["description"]) <= 40 else r["description"][:39].rstrip() + "…"
+        ax.annotate(text, (r["experiment"], r["val_bpb"]), xytext=(5, 5), textcoords="offset points",
+                    rotation=45, fontsize=7.5, color="#1b5e20", zorder=5)
+    ax.set_ylim(low - 0.1 * span, top)
+    ax.set_xlim(-1, rows[-1]["experiment"] + max(3, 0.2 * len(rows)))  # room right for the last label
+    ax.set(title=title, xlabel="experiment", ylabel="val_bpb (lower is better)")
+    ax.grid(alpha=0.25)
+    ax.legend(loc="upper right")
+    fig.savefig(path)
+    return fig
+
+
+def print_report(s, source):
+    print(f"autoresearch report: {source}")
+    if not s["experiments"]:
+        return print("no experiments yet: no rows, so no progress.png either.")
+    if s["best"]:
+        b = s["best"]
+        print(f"baseline     val_bpb {s['baseline']['val_bpb']:.6f}\nbest         val_bpb {b['val_bpb']:.6f}  "
+              f"#{b['experiment']} {b['commit']}  {b['description']}\n"
+              f"improvement  {s['improvement']:.6f} ({s['improvement_pct']:.2f} %)")
+    else:
+        print("no baseline: no experiment has a val_bpb yet (every one crashed or is invalid)")
+    rate = "n/a" if s["keep_rate"] is None else f"{100 * s['keep_rate']:.0f} %"
+    print(f"experiments  {s['experiments']} (baseline included): {s['kept']} kept, {s['discarded']} discarded, "
+          f"{s['crashes']} crashed, {s['invalid']} invalid; keep rate {rate}")
+    if s["seconds"] is None:
+        print("time, cost   unknown: results.tsv does not record them (the tag's ledger does)")
+    else:
+        wall, training = (f"{t // 3600:.0f}h {t % 3600 // 60:02.0f}m" for t in (s["seconds"], s["training_seconds"]))
+        print(f"time         {wall} wall clock, {training} training\n"
+              f"API cost     ${s['cost_usd']:.2f}")
+    if s["kept_list"]:
+        print("\nkept, in order (delta: to the best before it)\n     #  commit   val_bpb    delta      description")
+        for k in s["kept_list"]:
+            delta = "" if k["delta"] is None else f"{k['delta']:+.6f}"
+            print(f"  {k['experiment']:>4}  {k['commit']:<7}  {k['val_bpb']:.6f}  {delta:<9}  {k['description']}")
+    if s["top_improvements"]:
+        print("\ntop improvements")
+        for rank, k in enumerate(s["top_improvements"], 1):
+            print(f"  {rank}. {k['delta']:+.6f}  #{k['experiment']} {k['description']}")
+    print(f"\nprogress.png: {s['png'] or 'not drawn: nothing has a val_bpb'}")
+
+
+def report_main(argv):
+    parser = argparse.ArgumentParser(
+        prog="agent_loop.py report",
+        description="Summarize a research night: baseline and best val_bpb, the improvement, keep rate, crashes,\n"
+        "time and API cost, the kept experiments with their deltas and the top improvements; and draw\n"
+        "progress.png (discarded runs grey, kept runs green and labelled, the running best as a step line).\n"
+        "Reads .autoresearch/<tag>/ledger.jsonl (the most recent tag by default), else the repo's results.tsv.",
+        epilog="examples:\n  uv run agent_loop.py report\n  uv run agent_loop.py report --tag nov22 --json\n"
+        "  uv run agent_loop.py report --tsv ~/old/results.tsv --png /tmp/progress.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--tag", help="report this tag's ledger (default: the tag whose ledger changed last)")
+    source.add_argument("--tsv", metavar="PATH", help="report any results.tsv instead; time and cost are then unknown")
+    parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    parser.add_argument("--png", metavar="PATH", help="where to write the plot (default: "
+                        "progress.png next to results.tsv)")
+    args = parser.parse_args(argv)
+    rows, records, source, name, png = report_source(args)
+    summary = summarize(rows, records)
+    summary["png"] = str(Path(args.png or png)) if summary["baseline"] or summary["discarded"] else None
+    if summary["png"]:  # else nothing has a val_bpb: no empty plot
+        invalid = f", {summary['invalid']} invalid" if summary["invalid"] else ""
+        plot_progress(rows, f"autoresearch {name}: {summary['experiments']} experiments, {summary['kept']} kept, "
+                      f"{summary['crashes']} crashed{invalid}", summary["png"])
+    if args.json:
+        print(json.dumps({"source": source, **summary}, indent=2))
+    else:
+        print_report(summary, source)
+    return 0
+
+
+# -----------------------------------------------------------------------------
 # Setup
 
 def read_time_budget():
@@ -1171,6 +1363,9 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     args = parse_args(argv)
     root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip()
     if not root:
@@ -1204,8 +1399,7 @@ def main(argv=None):
     kill_leftover_training(state_dir / "train.pid")
     night.record(event="start", tag=args.tag, branch=branch, base_commit=git("rev-parse", "HEAD"), agent=args.agent,
                  model=args.model, time_budget=time_budget, timeout=night.timeout, keep_rule=args.keep_rule,
-                 fingerprint=fingerprint,
-                 argv=sys.argv[1:] if argv is None else argv)
+                 fingerprint=fingerprint, argv=argv)
     best = best_result(night.records)
     git("reset", "--hard", best["commit"] if best else base_commit(night.records))
     write_results_tsv(night.records, state_dir)
