@@ -1386,6 +1386,7 @@ def main(argv=None):
     git("var", "GIT_COMMITTER_IDENT")  # fails now, not after the baseline, when git has no user.name/email
     records = read_ledger(state_dir / "ledger.jsonl")
     branch, resuming = check_branch(args.tag, records)
+    agent = AGENTS[args.agent](args, instructions_text())  # before the branch: an agent that cannot start leaves none
     if resuming:
         git("checkout", "-q", "-f", branch)  # -f: the train.py check_branch found to be ours
     else:
@@ -1394,7 +1395,7 @@ def main(argv=None):
     if changed := fingerprint_changes(fingerprint, harness_fingerprint()):
         fail(f"prepare.py or the prepared cache changed since tag {args.tag} started ({', '.join(changed)}): its "
              "results would not be comparable. Restore them (same prepare.py, same prepare flags), or use a new --tag.")
-    night = Night(args, AGENTS[args.agent](args, instructions_text()), state_dir, records,
+    night = Night(args, agent, state_dir, records,
                   args.timeout or 2 * time_budget + TIMEOUT_MARGIN, time_budget, fingerprint)
     kill_leftover_training(state_dir / "train.pid")
     night.record(event="start", tag=args.tag, branch=branch, base_commit=git("rev-parse", "HEAD"), agent=args.agent,
