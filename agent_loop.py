@@ -1074,8 +1074,6 @@ def why_stop(night):
 # -----------------------------------------------------------------------------
 # Report: what the night did, from the tag's ledger or any results.tsv
 
-REPORT_STATUSES = (*STATUSES, "invalid")  # invalid: ran, but its val_bpb is not to be trusted; counted like a crash
-
 
 def read_results_tsv(path):
     """The rows of a results.tsv, shaped like the ledger's result events."""
@@ -1093,8 +1091,8 @@ def read_results_tsv(path):
         except ValueError:
             fail(f"{path}, line {number}: malformed row {line!r}: expected commit, val_bpb, memory_gb, status "
                  "and description, separated by tabs")
-        if status not in REPORT_STATUSES:
-            fail(f"{path}, line {number}: unknown status {status!r} (expected one of {', '.join(REPORT_STATUSES)})")
+        if status not in STATUSES:
+            fail(f"{path}, line {number}: unknown status {status!r} (expected one of {', '.join(STATUSES)})")
         rows.append(row)
     return rows
 
@@ -1146,13 +1144,17 @@ def summarize(rows, records=None):
         if r["status"] == "keep":  # the delta is to the best before it: the improvement this keep brought
             delta = None if best is None else round(r["val_bpb"] - best["val_bpb"], 6)
             kept.append(dict(experiment=r["experiment"], commit=r["commit"][:7], val_bpb=r["val_bpb"], delta=delta,
-                             description=r["description"]))
+                             description=r["description"], **({"reason": r["reason"]} if "reason" in r else {})))
             best = kept[-1] if best is None or r["val_bpb"] < best["val_bpb"] else best
     baseline = kept[0] if kept else None
     ideas = len(rows) - (baseline is not None)  # every experiment but the baseline, crashes included
-    count = {status: sum(r["status"] == status for r in rows) for status in REPORT_STATUSES}
+    count = {status: sum(r["status"] == status for r in rows) for status in STATUSES}
     improvement = baseline["val_bpb"] - best["val_bpb"] if baseline else None
+    noise = [r for r in rows if r.get("noise_dof")]  # the ledger's estimate after each decision
+    starts = [r for r in records or [] if r["event"] == "start"]
     return dict(
+        keep_rule=starts[-1].get("keep_rule", "greedy") if starts else None,
+        noise_sigma=noise[-1]["noise_sigma"] if noise else None, noise_dof=noise[-1]["noise_dof"] if noise else None,
         baseline=baseline, best=best, improvement=None if improvement is None else round(improvement, 6),
         improvement_pct=None if improvement is None else round(100 * improvement / baseline["val_bpb"], 3),
         experiments=len(rows), kept=len(kept[1:]), keep_rate=round(len(kept[1:]) / ideas, 4) if ideas else None,
@@ -1160,7 +1162,9 @@ def summarize(rows, records=None):
         seconds=wall_seconds(records) if records else None,
         training_seconds=round(sum(r["seconds"] for r in records if r["event"] == "run"), 1) if records else None,
         cost_usd=round(spent_usd(records), 4) if records else None,
-        kept_list=kept, top_improvements=sorted((k for k in kept[1:] if k["delta"] < 0), key=lambda k: k["delta"])[:5])
+        kept_list=kept, top_improvements=sorted((k for k in kept[1:] if k["delta"] < 0), key=lambda k: k["delta"])[:5],
+        decisions=[dict(experiment=r["experiment"], status=r["status"], val_bpb=r["val_bpb"], runs=len(r["runs"]),
+                        reason=r["reason"]) for r in rows if "reason" in r])
 
 
 def plot_progress(rows, title, path):
@@ -1213,6 +1217,9 @@ def print_report(s, source):
     rate = "n/a" if s["keep_rate"] is None else f"{100 * s['keep_rate']:.0f} %"
     print(f"experiments  {s['experiments']} (baseline included): {s['kept']} kept, {s['discarded']} discarded, "
           f"{s['crashes']} crashed, {s['invalid']} invalid; keep rate {rate}")
+    if s["noise_sigma"] is not None:
+        print(f"noise        sigma {s['noise_sigma']:.6f} of val_bpb between runs of one commit ({s['noise_dof']} "
+              f"degrees of freedom); keep rule {s['keep_rule']}")
     if s["seconds"] is None:
         print("time, cost   unknown: results.tsv does not record them (the tag's ledger does)")
     else:
@@ -1224,6 +1231,8 @@ def print_report(s, source):
         for k in s["kept_list"]:
             delta = "" if k["delta"] is None else f"{k['delta']:+.6f}"
             print(f"  {k['experiment']:>4}  {k['commit']:<7}  {k['val_bpb']:.6f}  {delta:<9}  {k['description']}")
+            if k.get("reason"):
+                print(f"{'':34}why: {k['reason']}")
     if s["top_improvements"]:
         print("\ntop improvements")
         for rank, k in enumerate(s["top_improvements"], 1):

@@ -293,3 +293,19 @@ def test_report_help_explains_it(capsys):
         agent_loop.main(["report", "--help"])
     out = capsys.readouterr().out
     assert stop.value.code == 0 and "agent_loop.py report" in out and "progress.png" in out and "--tsv" in out
+
+
+def test_shows_the_noise_estimate_and_the_reason_of_each_decision(repo, capsys):
+    records = night()
+    for start in (r for r in records if r["event"] == "start"):
+        start["keep_rule"] = "noise"
+    records[3].update(reason="mean of 3 runs", runs=[1.0, 1.0, 1.0], noise_sigma=0.002, noise_dof=2)
+    records[-1].update(reason="0.020000 better over 3 runs, above the threshold 0.004000", runs=[0.98] * 3,
+                       noise_sigma=0.0015, noise_dof=4)
+    write_ledger(repo, "t", records)
+    summary = report_json(capsys)
+    assert (summary["keep_rule"], summary["noise_sigma"], summary["noise_dof"]) == ("noise", 0.0015, 4)
+    assert [d["reason"] for d in summary["decisions"]] == ["mean of 3 runs", records[-1]["reason"]]
+    out = report(capsys)[1]
+    assert "noise        sigma 0.001500" in out and "keep rule noise" in out
+    assert "why: 0.020000 better over 3 runs, above the threshold 0.004000" in out
