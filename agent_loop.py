@@ -50,6 +50,7 @@ STATE_ROOT = Path(".autoresearch")  # ignored by git; one folder per tag
 DEFAULT_TIME_BUDGET = 300  # seconds, the reference's, when the manifest does not say
 TIMEOUT_MARGIN = 120  # seconds on top of twice the budget: startup, compilation, evaluation
 LOG_TAIL_LINES, LOG_TAIL_CHARS = 50, 4000  # how much of a crashed run's log the agent sees
+MAX_DESCRIPTION = 300  # characters of an experiment's description kept (results.tsv, commit message)
 MAX_FAILED_PROPOSALS_IN_A_ROW = 5  # an agent that cannot produce a usable edit stops the night
 MAX_RETRY_DELAY = 600  # seconds: an API outage is waited out at this pace, never given up on
 
@@ -64,7 +65,6 @@ T_CRITICAL = {1: 6.31, 2: 2.92, 3: 2.35, 4: 2.13, 5: 2.02, 6: 1.94, 7: 1.89, 8: 
 PLAUSIBILITY_FACTOR = 3  # an improvement over 3x the largest kept so far is re-run before it can be kept...
 PLAUSIBLE_FIRST_GAIN = 0.02  # ...and the first one when over 2 % of the baseline's val_bpb
 WALL_CLOCK_SLACK = 60  # seconds a run may take beyond TIME_BUDGET plus twice the baseline's overhead
-HASHED_FILE_LIMIT = 256 * 2**20  # bytes: cache files above it are fingerprinted by size and mtime, not hashed
 PRIVATE_HARNESS_NAME = re.compile(r"_check_causal|CAUSALITY_TOLERANCE|_load_part|NonCausalModelError")
 
 DEFAULT_MODELS = {"anthropic": "claude-sonnet-4-6", "claude-code": None, "openai": None, "optuna": None}
@@ -302,17 +302,20 @@ def cache_dir():
 
 
 def harness_fingerprint():
-    """What val_bpb depends on besides train.py: prepare.py and the prepared cache (manifest, tokenizer,
-    tokens; not the raw downloads). sha256 of each file, or its size and mtime above HASHED_FILE_LIMIT."""
+    """What val_bpb depends on besides train.py: prepare.py and the prepared cache (not the raw downloads).
+    sha256 of prepare.py, the manifest, the tokenizer and the validation tokens; size and mtime of the
+    training tokens, which can be gigabytes and do not enter the metric."""
     cache = cache_dir()
-    files = [cache / "manifest.json"] + sorted(p for folder in ("tokenizer", "tokens")
-                                               for p in (cache / folder).rglob("*") if p.is_file())
+    manifest = cache / "manifest.json"
+    val_parts = set(json.loads(manifest.read_text()).get("splits", {}).get("val", {}).get("parts", []))
     fingerprint = {"prepare.py": hashlib.sha256(Path("prepare.py").read_bytes()).hexdigest()}
-    for path in files:
-        stat = path.stat()
-        fingerprint[str(path.relative_to(cache))] = (hashlib.sha256(path.read_bytes()).hexdigest()
-                                                     if stat.st_size <= HASHED_FILE_LIMIT
-                                                     else f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}")
+    for path in [manifest] + sorted(p for folder in ("tokenizer", "tokens") for p in (cache / folder).rglob("*")
+                                    if p.is_file()):
+        if path.parent.name == "tokens" and path.stem not in val_parts:
+            stat = path.stat()
+            fingerprint[str(path.relative_to(cache))] = f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}"
+        else:
+            fingerprint[str(path.relative_to(cache))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return fingerprint
 
 
@@ -429,7 +432,7 @@ def apply_proposal(proposal, source, max_tokens):
         file = os.path.normpath(str(edit.get("file") or "train.py"))
         if file != "train.py":
             raise RuleViolation(f"edit {number} changes {file}: only train.py may change",
-                                " ".join(proposal.description.split())[:200] or "(no description)")
+                                " ".join(proposal.description.split())[:MAX_DESCRIPTION] or "(no description)")
         search, replace = edit.get("search"), edit.get("replace")
         if not isinstance(search, str) or not isinstance(replace, str) or not search:
             raise EditError(f"Edit {number} needs a non-empty `search` and a `replace` string. Nothing was applied.")
@@ -669,12 +672,14 @@ DEVICE_OVERRIDE = "DEVICE_TYPE != 'cuda'"  # the test of train.py's `if` block o
 MAX_OPTUNA_ASKS = 20  # samples that round to the current train.py are asked again, this many times at most
 OPTUNA_RANGES = """--agent optuna searches around the values in train.py when the tag started (v):
   a float v > 0                          log-uniform in [v/4, 4v]
-  a float *_RATIO or *_FRAC in [0, 1]    uniform in [0, 1]
+  a float *_RATIO or *_FRAC in [0, 1]    uniform in [0, min(1, max(2v, 0.5))]
   a float 0                              uniform in [0, 0.5]
   a float v < 0                          uniform in [4v, v/4]
   an int power of two v >= 16            a power of two from v/4 to 4v
   another int v >= 1                     an int in [max(1, v//2), 2v]   (ints below 1 are left alone)
-Floats are rounded to 2 significant digits. SEED and UNCOUNTED_STEPS are never tuned."""
+Floats are rounded to 2 significant digits. By default only the floats are tuned (the learning rates,
+weight decay, the schedule); name ints such as DEPTH in --optuna-params to search them too.
+SEED and UNCOUNTED_STEPS are never tuned."""
 
 
 def tunable_constants(source, device_type):
@@ -707,7 +712,7 @@ def search_range(name, value):
     """[kind, low, high] of the search around a starting value, as OPTUNA_RANGES says (JSON: a user attr)."""
     if isinstance(value, float):
         if name.endswith(("_RATIO", "_FRAC")) and 0 <= value <= 1:
-            return ["uniform", 0.0, 1.0]
+            return ["uniform", 0.0, min(1.0, max(2 * value, 0.5))]
         return ["uniform", 0.0, 0.5] if value == 0 else ["log", value / 4, value * 4] if value > 0 else \
             ["uniform", value * 4, value / 4]
     if value >= 16 and value & (value - 1) == 0:  # a size (a batch, a width): DEPTH 8 -> 9 stays possible
@@ -761,7 +766,10 @@ class OptunaAgent:
         self.device = train_device(source)
         starting = {name: c[0] for name, c in tunable_constants(source, self.device).items()}
         space = {name: r for name, value in starting.items() if (r := search_range(name, value))}
-        names = args.optuna_params.split(",") if args.optuna_params else list(space)
+        # By default the floats: learning rates, weight decay, the schedule. The ints (DEPTH, widths, batch sizes)
+        # change the compute per step, so a random sample can take many times the budget: they are opt-in.
+        names = args.optuna_params.split(",") if args.optuna_params else [
+            name for name in space if isinstance(starting[name], float)]
         if unknown := [name for name in names if name not in space]:
             fail(f"--optuna-params: {', '.join(unknown)} is not a tunable constant of train.py; the tunable ones "
                  f"are {', '.join(space)}.")
@@ -908,7 +916,7 @@ def propose_and_commit(night, experiment, attempt, prompt):
                              cost_usd=sum(call.get("cost_usd") or 0 for call in calls))
                 return None
             proposal = night.agent.reply(str(error))
-    description = " ".join(proposal.description.split())[:200]
+    description = " ".join(proposal.description.split())[:MAX_DESCRIPTION]
     Path("train.py").write_text(new_source)
     commit = commit_train_py(description)
     number = keep_reachable(args.tag, commit)
@@ -977,7 +985,10 @@ def record_result(night, experiment, run, description, status, reason):
                  description=description, reason=reason, noise_sigma=sigma if dof else None, noise_dof=dof)
     write_results_tsv(night.records, night.state_dir)
     best = best_result(night.records)
-    git("reset", "--hard", best["commit"])
+    git("reset", "--hard", best["commit"])  # also undoes what a run did to tracked files, prepare.py included
+    if changed := fingerprint_changes(night.fingerprint, harness_fingerprint()):
+        fail(f"experiment {experiment} changed the prepared cache ({', '.join(changed)}): later results would not "
+             f"be comparable. Restore it (run prepare.py again with the same flags), or start a new --tag.")
     log(f"#{experiment} {status}: {reason}. \"{description}\" (best {best['val_bpb']:.6f}); "
         f"spent ${spent_usd(night.records):.2f}")
 

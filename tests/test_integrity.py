@@ -2,6 +2,7 @@
 Against accidents, not an adversary. agent_loop.main() in a temp repository, CPU only."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -63,10 +64,28 @@ def test_a_run_that_changes_prepare_py_is_invalid_and_prepare_py_is_restored(nig
 def test_a_run_that_changes_the_prepared_cache_is_invalid_and_the_tag_cannot_go_on(night):
     write = "open(os.environ['AUTORESEARCH_CACHE'] + '/manifest.json', 'a').write(' ')"
     night.llm.script(change("cache something", (CRASH_THEN, CRASH_THEN + "\n" + write)))
-    assert night.run("--max-experiments", "2").returncode == 0
+    result = night.run("--max-experiments", "3")
+    assert result.returncode == 1 and "experiment 1 changed the prepared cache (manifest.json)" in result.stderr
     assert statuses(night) == ["invalid"] and "the run changed manifest.json" in reasons(night)[0]
+    assert len(night.requests()) == 1  # stopped at once, without paying for another proposal
     resumed = night.run("--max-experiments", "3")
     assert resumed.returncode == 1 and "the prepared cache changed since tag t started" in resumed.stderr
+
+
+def test_the_fingerprint_hashes_the_validation_tokens_and_dates_the_training_tokens(tiny_cache, tmp_path,
+                                                                                    monkeypatch):
+    cache = shutil.copytree(tiny_cache, tmp_path / "cache")
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    monkeypatch.chdir(ROOT)  # where prepare.py is
+    before = agent_loop.harness_fingerprint()
+    splits = json.loads((cache / "manifest.json").read_text())["splits"]
+    val, train = (cache / "tokens" / f"{splits[split]['parts'][0]}.bin" for split in ("val", "train"))
+    for path in (val, train):  # other bytes, same size, same mtime
+        stat, data = path.stat(), bytearray(path.read_bytes())
+        data[0] ^= 1
+        path.write_bytes(data)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert agent_loop.fingerprint_changes(before, agent_loop.harness_fingerprint()) == [f"tokens/{val.name}"]
 
 
 def test_a_cache_prepared_again_between_runs_of_a_tag_stops_it_before_any_run(night):

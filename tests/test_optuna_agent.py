@@ -31,6 +31,7 @@ class Driver:
     """An OptunaAgent in a temp folder (no git), fed results through its ledger as the loop would."""
 
     def __init__(self, tmp_path, monkeypatch, source, *args, device="cpu"):
+        tmp_path.mkdir(exist_ok=True)
         monkeypatch.chdir(tmp_path)
         monkeypatch.setattr(agent_loop, "train_device", lambda source: device)
         (tmp_path / "train.py").write_text(source)
@@ -104,7 +105,7 @@ def test_search_ranges_follow_the_documented_rules():
         MATRIX_LR=0.04, WARMDOWN_RATIO=0.5, FINAL_LR_FRAC=0.0, WEIGHT_DECAY=0.0, SHIFT=-0.5, DEPTH=8, WIDTH=64, STEPS=6, OFF=0,
     ).items()}
     assert ranges == {"MATRIX_LR": ["log", 0.01, 0.16], "WARMDOWN_RATIO": ["uniform", 0.0, 1.0],
-                      "FINAL_LR_FRAC": ["uniform", 0.0, 1.0], "WEIGHT_DECAY": ["uniform", 0.0, 0.5],
+                      "FINAL_LR_FRAC": ["uniform", 0.0, 0.5], "WEIGHT_DECAY": ["uniform", 0.0, 0.5],
                       "SHIFT": ["uniform", -2.0, -0.125], "DEPTH": ["int", 4, 16], "WIDTH": ["pow2", 4, 8],
                       "STEPS": ["int", 3, 12],
                       "OFF": None}
@@ -164,11 +165,17 @@ def test_descriptions_list_the_changed_constants_as_name_old_to_new(tmp_path, mo
 
 def test_seed_is_never_tuned(tmp_path, monkeypatch):
     driver = Driver(tmp_path, monkeypatch, NOISY)
-    assert set(driver.agent.space) == {"MATRIX_LR", "DEPTH", "WARMDOWN_RATIO"}
+    assert "SEED" not in agent_loop.tunable_constants(NOISY, "cpu")
     for _ in range(15):
         proposal, new = driver.propose()
         assert "SEED = 42\n" in new and "SEED" not in proposal.description
         driver.result(1.0)
+
+
+def test_by_default_the_floats_are_tuned_and_the_ints_only_when_named(tmp_path, monkeypatch):
+    assert set(Driver(tmp_path / "a", monkeypatch, NOISY).agent.space) == {"MATRIX_LR", "WARMDOWN_RATIO"}
+    named = Driver(tmp_path / "b", monkeypatch, NOISY, "--optuna-params", "MATRIX_LR,DEPTH").agent.space
+    assert set(named) == {"MATRIX_LR", "DEPTH"}
 
 
 @pytest.mark.parametrize("device, line", [("cpu", "    DEPTH = 4    # small"), ("cuda", "DEPTH = 8        # layers")])
@@ -214,7 +221,7 @@ def test_a_run_of_four_experiments_writes_rows_and_a_study(noisy):
     assert [t.user_attrs["experiment"] for t in trials] == [0, 1, 2, 3]
     # The last trial is told at the next start; results.tsv rounds to 6 decimals.
     assert [t.value for t in trials[:3]] == pytest.approx([float(row[1]) for row in rows[:3]], abs=1e-6)
-    assert trials[0].params == {"MATRIX_LR": 0.04, "DEPTH": 8, "WARMDOWN_RATIO": 0.5}  # the baseline
+    assert trials[0].params == {"MATRIX_LR": 0.04, "WARMDOWN_RATIO": 0.5}  # the baseline
 
 
 def test_resuming_the_tag_continues_the_same_study(noisy):
