@@ -677,6 +677,8 @@ OPTUNA_RANGES = """--agent optuna searches around the values in train.py when th
   a float v < 0                          uniform in [4v, v/4]
   an int power of two v >= 16            a power of two from v/4 to 4v
   another int v >= 1                     an int in [max(1, v//2), 2v]   (ints below 1 are left alone)
+The first trials change one constant at a time (each one step up, then down: x2 or /2, +-0.25 of a
+uniform range, +-1); TPE then searches all of them together.
 Floats are rounded to 2 significant digits. By default only the floats are tuned (the learning rates,
 weight decay, the schedule); name ints such as DEPTH in --optuna-params to search them too.
 SEED and UNCOUNTED_STEPS are never tuned."""
@@ -719,6 +721,16 @@ def search_range(name, value):
         exponent = value.bit_length() - 1
         return ["pow2", max(0, exponent - 2), exponent + 2]  # sampled as the exponent
     return ["int", max(1, value // 2), 2 * value] if value >= 1 else None
+
+
+def probe_value(kind, low, high, param, step):
+    """One step up (step 1) or down (-1) from a starting param, inside its range: x2 or /2 for a log-uniform
+    float, +-0.25 of the range for another float, +-1 for an int or a power of two's exponent."""
+    if kind == "log":
+        return min(max(param * 2.0 ** step, low), high)
+    if kind == "uniform":
+        return min(max(param + step * 0.25 * (high - low), low), high)
+    return min(max(param + step, low), high)
 
 
 def constant_value(kind, low, high, param):
@@ -818,6 +830,13 @@ class OptunaAgent:
             self.study.add_trial(self.optuna.trial.create_trial(
                 params=params, distributions=self.distributions, value=results[0]["val_bpb"],
                 user_attrs={"experiment": 0}))
+            # Random draws of all constants at once rarely beat tuned values; one-at-a-time probes first say which
+            # constants matter, in descriptions a person can read, and give TPE informative history.
+            for name, (kind, low, high) in self.space.items():
+                for step in (1, -1):
+                    probe = probe_value(kind, low, high, params[name], step)
+                    if probe != params[name]:
+                        self.study.enqueue_trial({**params, name: probe})
         for trial in self.study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
             result = results.get(trial.user_attrs.get("experiment"))
             if result and result["status"] in ("keep", "discard"):

@@ -65,6 +65,11 @@ def open_study(repo):
     return optuna.load_study(study_name="t", storage=storage)
 
 
+def asked(study):
+    """The trials asked so far, without the probes still waiting in the queue."""
+    return [t for t in study.get_trials() if t.state.name != "WAITING"]
+
+
 @pytest.fixture
 def noisy(night, monkeypatch):
     """The Night repository with noisy_train.py as its train.py."""
@@ -194,10 +199,21 @@ def test_a_crash_or_a_cut_off_run_is_told_as_failed_and_a_result_as_its_val_bpb(
     driver.propose()
     driver.result(1.25)
     driver.propose()
-    trials = driver.agent.study.get_trials()
+    trials = asked(driver.agent.study)
     states = [(t.user_attrs["experiment"], t.state.name, t.value) for t in trials]
     assert states == [(0, "COMPLETE", 1.0), (1, "FAIL", None), (2, "FAIL", None), (2, "COMPLETE", 1.25),
                       (3, "RUNNING", None)]
+
+
+def test_the_first_trials_change_one_constant_at_a_time_up_then_down(tmp_path, monkeypatch):
+    driver = Driver(tmp_path, monkeypatch, NOISY)
+    descriptions = []
+    for _ in range(5):
+        descriptions.append(driver.propose()[0].description)
+        driver.result(1.1)
+    assert descriptions[:4] == ["MATRIX_LR 0.04 -> 0.08", "MATRIX_LR 0.04 -> 0.02",
+                                "WARMDOWN_RATIO 0.5 -> 0.75", "WARMDOWN_RATIO 0.5 -> 0.25"]
+    assert descriptions[4].count(" -> ") == 2  # then TPE, over all of them
 
 
 def test_reply_cannot_repair_a_proposal(tmp_path, monkeypatch):
@@ -217,7 +233,7 @@ def test_a_run_of_four_experiments_writes_rows_and_a_study(noisy):
     assert all(DESCRIPTION.fullmatch(row[4]) and row[3] in ("keep", "discard") for row in rows[1:])
     assert noisy.requests() == [] and noisy.is_clean()
     assert all(r["cost_usd"] == 0 for r in noisy.ledger() if r["event"] == "proposal")
-    trials = open_study(noisy.repo).get_trials()
+    trials = asked(open_study(noisy.repo))
     assert [t.user_attrs["experiment"] for t in trials] == [0, 1, 2, 3]
     # The last trial is told at the next start; results.tsv rounds to 6 decimals.
     assert [t.value for t in trials[:3]] == pytest.approx([float(row[1]) for row in rows[:3]], abs=1e-6)
@@ -226,11 +242,11 @@ def test_a_run_of_four_experiments_writes_rows_and_a_study(noisy):
 
 def test_resuming_the_tag_continues_the_same_study(noisy):
     assert noisy.run("--agent", "optuna", "--max-experiments", "3").returncode == 0
-    before = open_study(noisy.repo).get_trials()
+    before = asked(open_study(noisy.repo))
     assert len(before) == 3 and before[2].state.name == "RUNNING"
     result = noisy.run("--agent", "optuna", "--max-experiments", "5")
     assert result.returncode == 0, result.stdout + result.stderr
-    after = open_study(noisy.repo).get_trials()
+    after = asked(open_study(noisy.repo))
     rows = noisy.rows()
     assert len(rows) == 5 and len(after) == 5
     assert [t.params for t in after[:3]] == [t.params for t in before]
