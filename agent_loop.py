@@ -19,6 +19,7 @@ Everything it writes is kept out of git (it adds itself to .git/info/exclude if 
     .autoresearch/<tag>/ledger.jsonl     append-only: every attempt's diff, timings, metrics,
                                          log path, token usage and cost
     .autoresearch/<tag>/logs/<n>.log     the output of run n
+    progress.png                         drawn by `agent_loop.py report`
 and every commit it ran stays reachable as refs/autoresearch/<tag>/<n>.
 """
 
@@ -1416,7 +1417,7 @@ def main(argv=None):
     time_budget = read_time_budget()
     state_dir = STATE_ROOT / args.tag
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
-    keep_out_of_git("results.tsv", f"{STATE_ROOT}/")
+    keep_out_of_git("results.tsv", "progress.png", f"{STATE_ROOT}/")
     lock = open(STATE_ROOT / "lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
