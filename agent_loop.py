@@ -2,10 +2,13 @@
 The unattended overnight research loop: an AI agent proposes, this program experiments.
 
 Each experiment: ask the agent for ONE idea (a one-line description and exact search/replace
-edits of train.py), apply it, check that it compiles, commit it, run train.py for its time
-budget, read val_bpb from the summary block, log a row in results.tsv, then keep the commit
-(the branch advances) or reset to the best one. A crash gets up to two fix attempts (none with optuna). The
-first experiment is always the unmodified baseline. It runs until a limit, Ctrl-C or SIGTERM;
+edits of train.py), apply it, check that it compiles and still lets prepare.py score it, commit
+it, run train.py for its time budget, read val_bpb from the summary block, log a row in
+results.tsv, then keep the commit (the branch advances) or reset to the best one. The keep
+rule compares means against the measured run-to-run noise (--keep-rule greedy: the
+reference's one run, keep if lower). A crash gets up to two fix attempts (none with optuna);
+a run that breaks a rule of the metric is `invalid`, never kept. The first experiment is
+always the unmodified baseline, run three times. It runs until a limit, Ctrl-C or SIGTERM;
 running it again with the same --tag resumes, also after it was killed.
 
     uv run agent_loop.py                                   # Anthropic API, ANTHROPIC_API_KEY
