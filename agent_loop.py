@@ -1212,8 +1212,10 @@ def plot_progress(rows, title, path):
     # From the best to a bit above the baseline: a diverged run must not flatten the curve that matters.
     low, high = (running[-1], running[0]) if kept else (min(values), max(values))
     span = max(high - low, 1e-3 * high, 1e-6)
-    hidden = sum(v > high + span for v in values)
-    top = max([high + 0.4 * span] + [v + 0.05 * span for v in values if v <= high + span])  # room for labels
+    cap = high + max(span, 0.1 * high)  # ideas up to 10 % worse than the baseline are shown; a diverged run is not
+    hidden = sum(v > cap for v in values)
+    shown = max([v for v in values if v <= cap] + [high])
+    top = max(high + 0.4 * span, shown + 0.05 * (shown - low))  # room for labels
     fig = Figure(figsize=(14, 7), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -1228,7 +1230,7 @@ def plot_progress(rows, title, path):
         text = r["description"] if len(r["description"]) <= 40 else r["description"][:39].rstrip() + "…"
         ax.annotate(text, (r["experiment"], r["val_bpb"]), xytext=(5, 5), textcoords="offset points",
                     rotation=45, fontsize=7.5, color="#1b5e20", zorder=5)
-    ax.set_ylim(low - 0.1 * span, top)
+    ax.set_ylim(low - 0.05 * (top - low), top)
     ax.set_xlim(-1, rows[-1]["experiment"] + max(3, 0.2 * len(rows)))  # room right for the last label
     ax.set(title=title, xlabel="experiment", ylabel="val_bpb (lower is better)")
     ax.grid(alpha=0.25)
@@ -1258,7 +1260,7 @@ def print_report(s, source):
         print("time, cost   unknown: results.tsv does not record them (the tag's ledger does)")
     else:
         wall, training = (f"{t // 3600:.0f}h {t % 3600 // 60:02.0f}m" for t in (s["seconds"], s["training_seconds"]))
-        print(f"time         {wall} wall clock, {training} training\n"
+        print(f"time         {wall} wall clock, {training} running train.py\n"
               f"API cost     ${s['cost_usd']:.2f}")
     if s["kept_list"]:
         print("\nkept, in order (delta: to the best before it)\n     #  commit   val_bpb    delta      description")

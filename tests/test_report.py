@@ -246,7 +246,7 @@ def test_reads_the_ledger_with_time_and_cost(repo, capsys):
     assert summary["best"]["val_bpb"] == 0.98 and summary["png"] == str(repo / "progress.png")
     assert (repo / "progress.png").exists()
     out = report(capsys)[1]
-    assert "tag t" in out and "0h 30m wall clock, 0h 15m training" in out and "API cost     $0.15" in out
+    assert "tag t" in out and "0h 30m wall clock, 0h 15m running train.py" in out and "API cost     $0.15" in out
 
 
 def test_default_tag_is_the_latest_ledger(repo, capsys):
