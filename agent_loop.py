@@ -1339,9 +1339,9 @@ def check_branch(tag, records):
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Let an AI agent improve train.py overnight: it proposes one idea, this program runs it for\n"
-        "the time budget and keeps it if val_bpb went down by more than the noise, again and again. Run it in the repository.\n"
-        "Results go to results.tsv, everything else to .autoresearch/<tag>/. Ctrl-C stops it cleanly;\n"
-        "run it again with the same --tag to resume.",
+        "the time budget and keeps it if val_bpb went down by more than the noise, again and again.\n"
+        "Run it in the repository. Results go to results.tsv, everything else to .autoresearch/<tag>/.\n"
+        "Ctrl-C stops it cleanly; run it again with the same --tag to resume.",
         epilog="examples:\n  uv run agent_loop.py --max-hours 8\n  uv run agent_loop.py --agent claude-code\n"
         "  uv run agent_loop.py --agent openai --base-url http://localhost:11434/v1 --model qwen3-coder\n"
         "  uv run agent_loop.py --agent optuna --optuna-params MATRIX_LR,WARMDOWN_RATIO\n"
