@@ -8,7 +8,7 @@ results.tsv, then keep the commit (the branch advances) or reset to the best one
 rule compares means against the measured run-to-run noise (--keep-rule greedy: the
 reference's one run, keep if lower). A crash gets up to two fix attempts (none with optuna);
 a run that breaks a rule of the metric is `invalid`, never kept. The first experiment is
-always the unmodified baseline, run three times. It runs until a limit, Ctrl-C or SIGTERM;
+always the unmodified baseline, run four times. It runs until a limit, Ctrl-C or SIGTERM;
 running it again with the same --tag resumes, also after it was killed.
 
     uv run agent_loop.py                                   # Anthropic API, ANTHROPIC_API_KEY
@@ -60,12 +60,12 @@ MAX_RETRY_DELAY = 600  # seconds: an API outage is waited out at this pace, neve
 
 # The keep rule. "noise" (the default) measures run-to-run noise with repeated baseline runs,
 # discards a candidate as soon as its mean is not below the best's, else runs it --max-runs
-# times and keeps it only when the difference of means clears a one-sided t-test at 5 % (and
+# times and keeps it only when the difference of means clears a one-sided t-test at 2.5 % (and
 # --min-delta). "greedy" is the reference's: one run, keep if lower. dev/bench_keep_rule.py
 # measures both.
 KEEP_RULES = ("noise", "greedy")
-T_CRITICAL = {1: 6.31, 2: 2.92, 3: 2.35, 4: 2.13, 5: 2.02, 6: 1.94, 7: 1.89, 8: 1.86, 9: 1.83, 10: 1.81,
-              12: 1.78, 15: 1.75, 20: 1.72, 30: 1.70, 60: 1.67}  # t(0.95) by degrees of freedom; 1.645 beyond
+T_CRITICAL = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
+              12: 2.18, 15: 2.13, 20: 2.09, 30: 2.04, 60: 2.00}  # t(0.975) by degrees of freedom; 1.96 beyond
 PLAUSIBILITY_FACTOR = 3  # an improvement over 3x the largest kept so far is re-run before it can be kept...
 PLAUSIBLE_FIRST_GAIN = 0.02  # ...and the first one when over 2 % of the baseline's val_bpb
 WALL_CLOCK_SLACK = 60  # seconds a run may take beyond TIME_BUDGET plus twice the baseline's overhead
@@ -235,7 +235,7 @@ def noise_estimate(records):
 def t_critical(dof):
     if dof < 1:
         return math.inf
-    return 1.645 if dof > max(T_CRITICAL) else T_CRITICAL[max(k for k in T_CRITICAL if k <= dof)]
+    return 1.96 if dof > max(T_CRITICAL) else T_CRITICAL[max(k for k in T_CRITICAL if k <= dof)]
 
 
 def plausibility_bound(records):
@@ -1372,11 +1372,11 @@ def parse_args(argv):
     parser.add_argument("--keep-rule", choices=KEEP_RULES, default="noise",
                         help="noise: measure run-to-run noise on the baseline, discard a candidate whose mean is not "
                         "below the best's, else run it --max-runs times in all and keep it only when the "
-                        "difference of means clears a one-sided t-test at 5%% and --min-delta; greedy: the "
+                        "difference of means clears a one-sided t-test at 2.5%% and --min-delta; greedy: the "
                         "reference's rule, one run, keep if lower (default: %(default)s)")
-    parser.add_argument("--noise-runs", type=int, default=3,
+    parser.add_argument("--noise-runs", type=int, default=4,
                         help="runs of the baseline that measure the noise, rule noise (default: %(default)s)")
-    parser.add_argument("--max-runs", type=int, default=3,
+    parser.add_argument("--max-runs", type=int, default=4,
                         help="most runs of one candidate, rule noise (default: %(default)s)")
     parser.add_argument("--min-delta", type=float, default=0.0,
                         help="smallest val_bpb gain worth keeping, whatever the noise (default: %(default)s)")

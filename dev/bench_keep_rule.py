@@ -62,8 +62,8 @@ def main():
     parser.add_argument("--gains", type=int, default=6, help="proposals per night that gain 3 sigma")
     parser.add_argument("--losses", type=int, default=4, help="proposals per night that lose 5 sigma")
     parser.add_argument("--sigma", type=float, default=0.002, help="run-to-run noise (0.002: a 4090)")
-    parser.add_argument("--noise-runs", type=int, default=3)
-    parser.add_argument("--max-runs", type=int, default=3)
+    parser.add_argument("--noise-runs", type=int, default=4)
+    parser.add_argument("--max-runs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(f"{args.nights} nights of {args.nulls} null, {args.gains} 3-sigma gains, {args.losses} 5-sigma losses; "

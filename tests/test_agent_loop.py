@@ -236,7 +236,7 @@ def test_a_run_over_the_time_limit_is_killed_and_counts_as_a_crash(night):
     assert time.time() - started < 30
     assert night.rows()[1][1:] == ["0.000000", "0.0", "crash", "hang"]
     assert len(night.requests()) == 1  # no fix attempt for a hang
-    assert not alive(night.train_pids()[3])
+    assert not alive(night.train_pids()[4])
     assert night.head() == night.base and night.is_clean()
 
 
@@ -359,7 +359,7 @@ def test_max_hours_stops_before_starting_another_experiment(night):
 def test_a_signal_kills_the_run_and_leaves_train_py_at_the_best_commit(night, signum):
     night.llm.script(change("hang", HANG))
     driver = night.start()
-    hung = night.wait_for_runs(4)[3]  # after the three runs of the baseline
+    hung = night.wait_for_runs(5)[4]  # after the four runs of the baseline
     driver.send_signal(signum)
     assert driver.wait(timeout=20) == 130, driver.stdout.read()
     assert not alive(hung)
@@ -372,7 +372,7 @@ def test_a_signal_kills_the_run_and_leaves_train_py_at_the_best_commit(night, si
 def test_resume_after_sigkill_redoes_the_unfinished_experiment_without_duplicates(night):
     night.llm.script(change("hang", HANG))
     driver = night.start("--max-experiments", "2")
-    hung = night.wait_for_runs(4)[3]  # after the three runs of the baseline
+    hung = night.wait_for_runs(5)[4]  # after the four runs of the baseline
     driver.kill()
     driver.wait()
     (night.repo / "train.py").write_text("half-written edit")  # as if killed between an edit and its commit

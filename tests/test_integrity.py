@@ -45,7 +45,7 @@ def test_a_train_py_that_no_longer_calls_evaluate_bpb_is_invalid_and_never_run(n
     night.llm.script(change("score it myself", ("evaluate_bpb(VAL_BPB)", "VAL_BPB")))
     assert night.run("--max-experiments", "2").returncode == 0
     assert statuses(night) == ["invalid"] and "must import evaluate_bpb" in reasons(night)[0]
-    assert len(night.train_pids()) == 3  # the baseline's runs only
+    assert len(night.train_pids()) == 4  # the baseline's runs only
     assert night.head() == night.base and night.is_clean()
 
 
@@ -94,7 +94,7 @@ def test_a_cache_prepared_again_between_runs_of_a_tag_stops_it_before_any_run(ni
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "vocab_size": 1024}))
     result = night.run("--max-experiments", "2")
     assert result.returncode == 1 and "(manifest.json)" in result.stderr and "use a new --tag" in result.stderr
-    assert len(night.train_pids()) == 3
+    assert len(night.train_pids()) == 4
 
 
 def test_a_run_over_the_wall_clock_the_budget_allows_is_invalid(night, monkeypatch):

@@ -88,16 +88,16 @@ def test_noise_rule_keeps_a_true_3_sigma_improvement_at_least_90_percent_of_the_
 def test_the_baseline_measures_the_noise_and_the_ledger_keeps_it(noisy):
     assert noisy.run("--max-experiments", "1").returncode == 0
     noise = next(r for r in noisy.ledger() if r["event"] == "noise")
-    assert len(noise["runs"]) == 3 and noise["dof"] == 2 and 0 < noise["sigma"] < 5 * SIGMA
+    assert len(noise["runs"]) == 4 and noise["dof"] == 3 and 0 < noise["sigma"] < 5 * SIGMA
     baseline = next(r for r in noisy.ledger() if r["event"] == "result")
-    assert baseline["val_bpb"] == pytest.approx(sum(noise["runs"]) / 3)  # the mean, not the best run
+    assert baseline["val_bpb"] == pytest.approx(sum(noise["runs"]) / 4)  # the mean, not the best run
     assert "noise sigma" in baseline["reason"]
 
 
 def test_a_clearly_worse_change_is_discarded_after_one_run(night):
     night.llm.script(change("raise val_bpb", WORSE))
     assert night.run("--max-experiments", "2").returncode == 0
-    assert len(night.train_pids()) == 3 + 1  # three baseline runs, one of the candidate
+    assert len(night.train_pids()) == 4 + 1  # four baseline runs, one of the candidate
     assert night.rows()[1][3] == "discard"
     assert "not below the best's" in night.ledger()[-2]["reason"]
 
