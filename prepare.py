@@ -47,7 +47,7 @@ PRESETS = {
     # the reference's values, tuned for one H100
     "default": {"max_seq_len": 2048, "time_budget": 300, "eval_tokens": 40 * 524288, "vocab_size": 8192},
     # a laptop or this 2-core CPU: short context, small vocabulary, a quick eval
-    "small": {"max_seq_len": 256, "time_budget": 60, "eval_tokens": 2**17, "vocab_size": 4096},
+    "small": {"max_seq_len": 256, "time_budget": 30, "eval_tokens": 2**17, "vocab_size": 4096},
 }
 
 CACHE_DIR = Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
