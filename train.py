@@ -58,8 +58,8 @@ SEED = 42
 # Small-compute defaults. The values above are sized for an H100 and used unchanged on
 # CUDA. On Apple MPS or the CPU one such step would take minutes, so this block replaces
 # them (delete it to run the reference values anyway). Sized on a 2-core CPU with the
-# small preset (MAX_SEQ_LEN 256, vocab 4096): ~6k tokens/s, so its 60 s budget trains on
-# ~0.35M tokens in ~90 optimizer steps of 4k tokens with this 4-layer, 128-wide model
+# small preset (MAX_SEQ_LEN 256, vocab 4096): ~6k tokens/s, so its 30 s budget trains on
+# ~0.18M tokens in ~45 optimizer steps of 4k tokens with this 4-layer, 128-wide model
 # (a 256-wide or 6-layer one is 2-3x slower per token). The batch is derived from
 # MAX_SEQ_LEN so that TOTAL_BATCH_SIZE always divides and any prepared cache works.
 
