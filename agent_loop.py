@@ -1210,7 +1210,8 @@ def plot_progress(rows, title, path):
     running = [min(r["val_bpb"] for r in kept[:i + 1]) for i in range(len(kept))]  # the best after each keep
     values = [r["val_bpb"] for r in kept + discarded]
     # From the best to a bit above the baseline: a diverged run must not flatten the curve that matters.
-    low, high = (running[-1], running[0]) if kept else (min(values), max(values))
+    # A discard can lie below the best: under the noise rule a mean a bit lower is not always a keep.
+    low, high = (min(values), running[0]) if kept else (min(values), max(values))
     span = max(high - low, 1e-3 * high, 1e-6)
     cap = high + max(span, 0.1 * high)  # ideas up to 10 % worse than the baseline are shown; a diverged run is not
     hidden = sum(v > cap for v in values)

@@ -154,6 +154,16 @@ def test_plot_y_range_ignores_crashes_and_diverged_runs(tsv, tmp_path):
     assert ax.get_legend().get_texts()[0].get_text() == "discarded (1 above the plot)"
 
 
+def test_plot_shows_ideas_up_to_10_percent_worse_and_a_discard_below_the_best(tmp_path):
+    # Under the noise rule a mean a little below the best can still be a discard (within the noise).
+    rows = [("aaaaaaa", 2.00, "keep", "baseline"), ("bbbbbbb", 2.15, "discard", "worse"),
+            ("ccccccc", 1.99, "discard", "within the noise")]
+    tsv = write_tsv(tmp_path / "results.tsv", rows)
+    ax = agent_loop.plot_progress(agent_loop.read_results_tsv(tsv), "t", tmp_path / "p.png").axes[0]
+    low, high = ax.get_ylim()
+    assert low < 1.99 and high > 2.15
+
+
 def test_running_best_steps_after_each_keep(tsv, tmp_path):
     ax = agent_loop.plot_progress(agent_loop.read_results_tsv(tsv), "t", tmp_path / "p.png").axes[0]
     (line,) = ax.lines
