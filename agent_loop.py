@@ -1022,7 +1022,7 @@ def run_baseline(night):
     commit = git("rev-parse", "HEAD")
     number = keep_reachable(night.args.tag, commit)
     runs = night.args.noise_runs if night.args.keep_rule == "noise" else 1
-    while len(done := measured(night.records, commit)) < runs:
+    while len(done := measured(night.records, commit)) < runs:  # a resumed tag goes on from the runs it has
         log(f"#0 the unmodified train.py: the baseline, run {len(done) + 1} of {runs}")
         run = run_and_record(night, 0, 0, commit, number, repeat=len(done) + 1)
         if run["problems"]:
@@ -1030,10 +1030,11 @@ def run_baseline(night):
         if not run["ok"]:
             fail(f"the unmodified train.py did not produce val_bpb (see {run['log']}). Fix the setup, then run "
                  f"agent_loop.py again with --tag {night.args.tag}.")
+    last = next(r for r in reversed(night.records) if r["event"] == "run" and r["commit"] == commit and r["ok"])
     sigma, dof = noise_estimate(night.records)
     reason = f"mean of {runs} runs, noise sigma {sigma:.6f}" if dof else "one run"
     night.record(event="noise", sigma=sigma if dof else None, dof=dof, runs=done)
-    record_result(night, 0, run, "baseline", "keep", reason)
+    record_result(night, 0, last, "baseline", "keep", reason)
 
 
 def confirm(night, experiment, run, number):

@@ -387,6 +387,18 @@ def test_resume_after_sigkill_redoes_the_unfinished_experiment_without_duplicate
     assert night.is_clean()
 
 
+def test_a_driver_killed_after_the_baseline_runs_records_the_baseline_without_running_it_again(night):
+    assert night.run("--max-experiments", "1").returncode == 0
+    ledger = night.repo / ".autoresearch/t/ledger.jsonl"
+    # As if killed right after the baseline's last run: its noise, result and stop were never written.
+    lines = ledger.read_text().splitlines()
+    ledger.write_text("".join(line + "\n" for line in lines
+                              if json.loads(line)["event"] not in ("noise", "result", "stop")))
+    assert night.run("--max-experiments", "1").returncode == 0
+    assert len(night.train_pids()) == 4
+    assert [row[3:] for row in night.rows()] == [["keep", "baseline"]]
+
+
 # -----------------------------------------------------------------------------
 # Refusals
 
