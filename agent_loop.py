@@ -48,7 +48,7 @@ from statistics import fmean
 # -----------------------------------------------------------------------------
 # Constants
 
-STATUSES = ("keep", "discard", "crash", "invalid")  # invalid: broke a rule of the metric, see integrity_problems
+STATUSES = ("keep", "discard", "crash", "invalid")  # invalid: broke a rule of the metric (see run_and_record)
 RESULTS_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 STATE_ROOT = Path(".autoresearch")  # ignored by git; one folder per tag
 DEFAULT_TIME_BUDGET = 300  # seconds, the reference's, when the manifest does not say
@@ -164,10 +164,8 @@ def commit_train_py(description):
 # Ledger and results.tsv
 
 def read_ledger(path):
+    """The ledger's records; an unfinished last line (a killed driver, or one writing now) is skipped."""
     text = path.read_text() if path.exists() else ""
-    if text and not text.endswith("\n"):
-        with open(path, "a") as f:
-            f.write("\n")  # end the line a killed driver left unfinished, so that the next one starts clean
     records = []
     for line in text.splitlines():
         try:
@@ -175,6 +173,13 @@ def read_ledger(path):
         except json.JSONDecodeError:
             pass  # that unfinished line
     return records
+
+
+def end_unfinished_line(path):
+    """End the line a killed driver left unfinished, so that the next record starts clean."""
+    if path.exists() and (text := path.read_text()) and not text.endswith("\n"):
+        with open(path, "a") as f:
+            f.write("\n")
 
 
 def append_ledger(path, records, record):
@@ -217,15 +222,14 @@ def spent_usd(records):
 
 def measured(records, commit):
     """The val_bpb of every valid run of a commit, repeats included."""
-    return [r["metrics"]["val_bpb"] for r in records
-            if r["event"] == "run" and r["commit"] == commit and r["ok"] and not r.get("problems")]
+    return [r["metrics"]["val_bpb"] for r in records if r["event"] == "run" and r["commit"] == commit and r["ok"]]
 
 
 def noise_estimate(records):
     """Run-to-run noise: the pooled standard deviation of repeated runs of one commit, and its degrees of freedom."""
     groups = {}
     for r in records:
-        if r["event"] == "run" and r["ok"] and not r.get("problems"):
+        if r["event"] == "run" and r["ok"]:  # ok: a val_bpb, and no rule broken
             groups.setdefault(r["commit"], []).append(r["metrics"]["val_bpb"])
     dof = sum(len(values) - 1 for values in groups.values())
     squares = sum(sum((v - fmean(values)) ** 2 for v in values) for values in groups.values())
@@ -920,6 +924,12 @@ def propose_and_commit(night, experiment, attempt, prompt):
     args, started = night.args, time.time()
     source = Path("train.py").read_text()
     calls = []
+
+    def record(**outcome):
+        night.record(event="proposal", experiment=experiment, attempt=attempt, **outcome,
+                     seconds=round(time.time() - started, 1), calls=calls,
+                     cost_usd=sum(call.get("cost_usd") or 0 for call in calls))
+
     proposal = night.agent.start(prompt)
     for retry in range(args.max_edit_retries + 1):
         calls.append(proposal.usage)
@@ -927,26 +937,19 @@ def propose_and_commit(night, experiment, attempt, prompt):
             new_source = apply_proposal(proposal, source, args.max_tokens)
             break
         except RuleViolation as violation:
-            night.record(event="proposal", experiment=experiment, attempt=attempt, ok=False, error=str(violation),
-                         description=violation.description, seconds=round(time.time() - started, 1), calls=calls,
-                         cost_usd=sum(call.get("cost_usd") or 0 for call in calls))
+            record(ok=False, error=str(violation), description=violation.description)
             raise
         except EditError as error:
             log(f"#{experiment} the proposal cannot be applied: {str(error)[:200]}")
             if retry == args.max_edit_retries:
-                night.record(event="proposal", experiment=experiment, attempt=attempt, ok=False, error=str(error),
-                             seconds=round(time.time() - started, 1), calls=calls,
-                             cost_usd=sum(call.get("cost_usd") or 0 for call in calls))
+                record(ok=False, error=str(error))
                 return None
             proposal = night.agent.reply(str(error))
     description = " ".join(proposal.description.split())[:MAX_DESCRIPTION]
     Path("train.py").write_text(new_source)
     commit = commit_train_py(description)
     number = keep_reachable(args.tag, commit)
-    night.record(event="proposal", experiment=experiment, attempt=attempt, ok=True, commit=commit, ref_number=number,
-                 description=description, diff=git("diff", f"{commit}~1", commit),
-                 seconds=round(time.time() - started, 1), calls=calls,
-                 cost_usd=sum(call.get("cost_usd") or 0 for call in calls))
+    record(ok=True, commit=commit, ref_number=number, description=description, diff=git("diff", f"{commit}~1", commit))
     return commit, description, number
 
 
@@ -1009,7 +1012,7 @@ def record_result(night, experiment, run, description, status, reason):
     write_results_tsv(night.records, night.state_dir)
     best = best_result(night.records)
     git("reset", "--hard", best["commit"])  # also undoes what a run did to tracked files, prepare.py included
-    if changed := fingerprint_changes(night.fingerprint, harness_fingerprint()):
+    if status == "invalid" and (changed := fingerprint_changes(night.fingerprint, harness_fingerprint())):
         fail(f"experiment {experiment} changed the prepared cache ({', '.join(changed)}): later results would not "
              f"be comparable. Restore it (run prepare.py again with the same flags), or start a new --tag.")
     log(f"#{experiment} {status}: {reason}. \"{description}\" (best {best['val_bpb']:.6f}); "
@@ -1145,12 +1148,7 @@ def report_source(args):
     tag = args.tag or (ledgers[-1].parent.name if ledgers else None)
     ledger = root / STATE_ROOT / str(tag) / "ledger.jsonl"
     if tag and ledger.is_file():
-        records = []
-        for line in ledger.read_text().splitlines():  # not read_ledger(): a report must never write the ledger
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # the line a running (or killed) loop has not finished
+        records = read_ledger(ledger)  # reads only: the loop may be writing it now
         return result_rows(records), records, f"tag {tag} ({ledger})", tag, root / "progress.png"
     if args.tag:
         fail(f"there is no ledger for tag {args.tag}: {ledger} does not exist. Tags here: "
@@ -1433,6 +1431,7 @@ def main(argv=None):
     except BlockingIOError:
         fail(f"another agent_loop.py is running in {root}.")
     git("var", "GIT_COMMITTER_IDENT")  # fails now, not after the baseline, when git has no user.name/email
+    end_unfinished_line(state_dir / "ledger.jsonl")
     records = read_ledger(state_dir / "ledger.jsonl")
     branch, resuming = check_branch(args.tag, records)
     agent = AGENTS[args.agent](args, instructions_text())  # before the branch: an agent that cannot start leaves none
