@@ -3,11 +3,12 @@ The unattended overnight research loop: an AI agent proposes, this program exper
 
 Each experiment: ask the agent for ONE idea (a one-line description and exact search/replace
 edits of train.py), apply it, check that it compiles and still lets prepare.py score it, commit
-it, run train.py for its time budget, read val_bpb from the summary block, log a row in
-results.tsv, then keep the commit (the branch advances) or reset to the best one. The keep
-rule compares means against the measured run-to-run noise (--keep-rule greedy: the
-reference's one run, keep if lower). A crash gets up to two fix attempts (none with optuna);
-a run that breaks a rule of the metric is `invalid`, never kept. The first experiment is
+it, run train.py for its time budget under the harness, take val_bpb from the harness's signed
+record of the run (never from train.py's printout), log a row in results.tsv, then keep the
+commit (the branch advances) or reset to the best one. The keep rule compares means against the
+measured run-to-run noise (--keep-rule greedy: the reference's one run, keep if lower). A crash
+gets up to two fix attempts (none with optuna); a run that breaks a rule of the metric
+(autoresearch/integrity.py) is `invalid`, never kept. The first experiment is
 always the unmodified baseline, run four times. It runs until a limit, Ctrl-C or SIGTERM;
 running it again with the same --tag resumes, also after it was killed.
 
@@ -30,7 +31,6 @@ import argparse
 import ast
 import datetime
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -45,13 +45,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
 
+from autoresearch import integrity
+
 # -----------------------------------------------------------------------------
 # Constants
 
 STATUSES = ("keep", "discard", "crash", "invalid")  # invalid: broke a rule of the metric (see run_and_record)
 RESULTS_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 STATE_ROOT = Path(".autoresearch")  # ignored by git; one folder per tag
-DEFAULT_TIME_BUDGET = 300  # seconds, the reference's, when the manifest does not say
 TIMEOUT_MARGIN = 120  # seconds on top of twice the budget: startup, compilation, evaluation
 LOG_TAIL_LINES, LOG_TAIL_CHARS = 50, 4000  # how much of a crashed run's log the agent sees
 MAX_DESCRIPTION = 300  # characters of an experiment's description kept (results.tsv, commit message)
@@ -68,8 +69,6 @@ T_CRITICAL = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8:
               12: 2.18, 15: 2.13, 20: 2.09, 30: 2.04, 60: 2.00}  # t(0.975) by degrees of freedom; 1.96 beyond
 PLAUSIBILITY_FACTOR = 3  # an improvement over 3x the largest kept so far is re-run before it can be kept...
 PLAUSIBLE_FIRST_GAIN = 0.02  # ...and the first one when over 2 % of the baseline's val_bpb
-WALL_CLOCK_SLACK = 60  # seconds a run may take beyond TIME_BUDGET plus twice the baseline's overhead
-PRIVATE_HARNESS_NAME = re.compile(r"_check_causal|CAUSALITY_TOLERANCE|_load_part|NonCausalModelError")
 
 DEFAULT_MODELS = {"anthropic": "claude-sonnet-4-6", "claude-code": None, "openai": None, "optuna": None}
 # Dollars per million input and output tokens. Anthropic bills a write to the 1-hour prompt
@@ -222,7 +221,7 @@ def spent_usd(records):
 
 def measured(records, commit):
     """The val_bpb of every valid run of a commit, repeats included."""
-    return [r["metrics"]["val_bpb"] for r in records if r["event"] == "run" and r["commit"] == commit and r["ok"]]
+    return [r["val_bpb"] for r in records if r["event"] == "run" and r["commit"] == commit and r["ok"]]
 
 
 def noise_estimate(records):
@@ -230,7 +229,7 @@ def noise_estimate(records):
     groups = {}
     for r in records:
         if r["event"] == "run" and r["ok"]:  # ok: a val_bpb, and no rule broken
-            groups.setdefault(r["commit"], []).append(r["metrics"]["val_bpb"])
+            groups.setdefault(r["commit"], []).append(r["val_bpb"])
     dof = sum(len(values) - 1 for values in groups.values())
     squares = sum(sum((v - fmean(values)) ** 2 for v in values) for values in groups.values())
     return (math.sqrt(squares / dof) if dof else math.inf), dof
@@ -274,75 +273,26 @@ def decide(args, candidate, best, noise, bound):
 
 
 # -----------------------------------------------------------------------------
-# Integrity of the metric: checks against accidental reward hacking, not a sandbox
-
-def static_problems(source):
-    """Why train.py, as written, would not report the harness's val_bpb (empty when no reason is seen)."""
-    tree = ast.parse(source)
-    nodes = list(ast.walk(tree))
-    problems = []
-    imported = any(isinstance(node, ast.ImportFrom) and node.module == "prepare"
-                   and any(a.name == "evaluate_bpb" and a.asname in (None, "evaluate_bpb") for a in node.names)
-                   for node in nodes)
-    called = any(isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "evaluate_bpb"
-                 for node in nodes)
-    if not (imported and called):
-        problems.append("train.py must import evaluate_bpb from prepare and call it to score the model")
-    for node in nodes:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == "evaluate_bpb":
-            problems.append(f"line {node.lineno}: train.py defines its own evaluate_bpb")
-        elif isinstance(node, ast.Name) and node.id == "evaluate_bpb" and isinstance(node.ctx, ast.Store):
-            problems.append(f"line {node.lineno}: train.py assigns to evaluate_bpb")
-        elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del))
-              and isinstance(node.value, ast.Name) and node.value.id == "prepare"):
-            problems.append(f"line {node.lineno}: train.py changes prepare.{node.attr}")
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and (
-                node.value == "validation" or re.search(r"(^|[-/\\])val($|[-./])", node.value)):
-            problems.append(f"line {node.lineno}: train.py names the validation data ({node.value[:40]!r})")
-        elif isinstance(node, (ast.Name, ast.Attribute, ast.alias)) and PRIVATE_HARNESS_NAME.fullmatch(
-                getattr(node, "id", None) or getattr(node, "attr", None) or node.name):
-            problems.append(f"line {getattr(node, 'lineno', '?')}: train.py uses prepare's internals")
-    return list(dict.fromkeys(problems))
-
-
-def cache_dir():
-    return Path(os.environ.get("AUTORESEARCH_CACHE") or "~/.cache/autoresearch").expanduser()
-
-
-def harness_fingerprint():
-    """What val_bpb depends on besides train.py: prepare.py and the prepared cache (not the raw downloads).
-    sha256 of prepare.py, the manifest, the tokenizer and the validation tokens; size and mtime of the
-    training tokens, which can be gigabytes and do not enter the metric."""
-    cache = cache_dir()
-    manifest = cache / "manifest.json"
-    val_parts = set(json.loads(manifest.read_text()).get("splits", {}).get("val", {}).get("parts", []))
-    fingerprint = {"prepare.py": hashlib.sha256(Path("prepare.py").read_bytes()).hexdigest()}
-    for path in [manifest] + sorted(p for folder in ("tokenizer", "tokens") for p in (cache / folder).rglob("*")
-                                    if p.is_file()):
-        if path.parent.name == "tokens" and path.stem not in val_parts:
-            stat = path.stat()
-            fingerprint[str(path.relative_to(cache))] = f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}"
-        else:
-            fingerprint[str(path.relative_to(cache))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return fingerprint
-
-
-def fingerprint_changes(then, now):
-    return sorted(name for name in then.keys() | now.keys() if then.get(name) != now.get(name))
-
-
-# -----------------------------------------------------------------------------
 # Running train.py
 
-def run_training(log_path, timeout, pid_path):
-    """Run train.py in its own process group, output to log_path; kill the group on timeout or interrupt."""
+TRAIN_COMMAND = "import prepare; prepare.attested_run('train.py')"  # the harness first, then train.py as __main__
+
+
+def run_training(log_path, timeout, pid_path, request):
+    """Run train.py under the harness in its own process group, output to log_path, `request` (the attestation's
+    key and path) on its stdin; kill the group on timeout or interrupt."""
     started = time.time()
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([sys.executable, "train.py"], stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen([sys.executable, "-c", TRAIN_COMMAND], stdout=log_file, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.PIPE, start_new_session=True)
     pid_path.write_text(str(process.pid))
     returncode = None
     try:
+        try:
+            process.stdin.write(request.encode())
+            process.stdin.close()
+        except BrokenPipeError:
+            pass  # it ended before reading: its exit code says why
         returncode = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         pass
@@ -901,7 +851,7 @@ class Night:
     state_dir: Path
     records: list  # the ledger, as read and appended
     timeout: float
-    time_budget: float
+    constants: dict  # the prepared cache's time_budget, max_seq_len and eval_tokens
     fingerprint: dict  # of prepare.py and the cache, when the tag started
     started: float = field(default_factory=time.time)
     failed_proposals_in_a_row: int = 0
@@ -954,19 +904,21 @@ def propose_and_commit(night, experiment, attempt, prompt):
 
 
 def run_and_record(night, experiment, attempt, commit, number, repeat=1):
-    """Run train.py as committed, check the rules of the metric before and after, and ledger the run."""
+    """Run train.py as committed, check the rules of the metric before and after, and ledger the run. Its
+    val_bpb is the one the harness attests (prepare.attested_run), never train.py's printout."""
     log_path = night.state_dir / "logs" / (f"{number}.log" if repeat == 1 else f"{number}-{repeat}.log")
-    changed = fingerprint_changes(night.fingerprint, harness_fingerprint())
+    changed = integrity.fingerprint_changes(night.fingerprint, integrity.harness_fingerprint())
     if changed:
         fail(f"prepare.py or the prepared cache changed since tag {night.args.tag} started ({', '.join(changed)}): "
              "its results are no longer comparable. Restore them, or start a new --tag.")
-    problems = static_problems(Path("train.py").read_text())
+    problems = integrity.static_problems(Path("train.py").read_text())
     best = best_result(night.records)
     if best:
         problems += [f"the change touches {name}: only train.py may change"
                      for name in git("diff", "--name-only", best["commit"], commit).splitlines() if name != "train.py"]
     run = dict(experiment=experiment, attempt=attempt, repeat=repeat, commit=commit, log=str(log_path), seconds=0.0,
-               returncode=None, timed_out=False, ok=False, metrics={}, problems=problems, log_tail="")
+               returncode=None, timed_out=False, ok=False, val_bpb=None, metrics={}, problems=problems, log_tail="",
+               attestation=None)
     if problems:
         log(f"#{experiment} not run, invalid: {'; '.join(problems)}")
         night.record(event="run", **run)
@@ -974,32 +926,35 @@ def run_and_record(night, experiment, attempt, commit, number, repeat=1):
     log(f"#{experiment} running {commit[:7]}{f' again ({repeat})' if repeat > 1 else ''} "
         f"(log {log_path}, time limit {night.timeout:.0f}s)")
     night.record(event="run_started", experiment=experiment, attempt=attempt, commit=commit, log=str(log_path))
-    returncode, seconds = run_training(log_path, night.timeout, night.state_dir / "train.pid")
+    untracked_before = set(untracked_files())
+    attestation = integrity.Attestation()
+    try:
+        returncode, seconds = run_training(log_path, night.timeout, night.state_dir / "train.pid", attestation.request())
+        record, missing = attestation.read()
+    finally:
+        attestation.close()
+    left = sorted(name for name in set(untracked_files()) - untracked_before if "__pycache__" not in Path(name).parts)
+    for name in left:  # a checkpoint the next run could start from: every run starts from nothing
+        Path(name).unlink(missing_ok=True)
     log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
     metrics = parse_summary(log_text)
-    changed = fingerprint_changes(night.fingerprint, harness_fingerprint())
+    changed = integrity.fingerprint_changes(night.fingerprint, integrity.harness_fingerprint())
     problems += [f"the run changed {', '.join(changed)}"] if changed else []
     problems += [f"the run changed {name}" for name in dirty_tracked_files() if name != "prepare.py"]
-    if "NonCausalModelError" in log_text:
-        problems.append("evaluate_bpb refused to score a model that looks at future tokens")
-    allowed = wall_clock_limit(night)
-    if seconds > allowed and returncode is not None and experiment > 0:  # the baseline is what sets the allowance
-        problems.append(f"the run took {seconds:.0f}s of wall clock, over the {allowed:.0f}s a "
-                        f"{night.time_budget:.0f}s budget allows")
-    ok = returncode == 0 and math.isfinite(metrics.get("val_bpb", math.nan)) and not problems
+    problems += [f"the run left {', '.join(left)} in the repository (removed): a run starts from nothing"] if left else []
+    problems += integrity.record_problems(record, missing, returncode, metrics.get("val_bpb"), night.constants)
+    if returncode is not None and experiment > 0:  # the baseline's own runs set the limits
+        baseline = [r for r in night.records if r["event"] == "run" and r["experiment"] == 0 and r["ok"]]
+        problems += integrity.wall_clock_problems(seconds, record, integrity.baseline_timings(baseline),
+                                                  night.constants["time_budget"])
+    evaluated = integrity.evaluation(record)
+    val_bpb = evaluated["val_bpb"] if evaluated else None
+    ok = returncode == 0 and "val_bpb" in metrics and val_bpb is not None and math.isfinite(val_bpb) and not problems
     run.update(seconds=round(seconds, 1), returncode=returncode, timed_out=returncode is None, ok=ok,
-               metrics=metrics, problems=problems, log_tail="" if ok else log_tail(log_text))
+               val_bpb=val_bpb, metrics=metrics, problems=problems, log_tail="" if ok else log_tail(log_text),
+               attestation=record)
     night.record(event="run", **run)
     return run
-
-
-def wall_clock_limit(night):
-    """TIME_BUDGET plus twice the baseline's own overhead (startup, compilation, evaluation) plus slack.
-    The driver times each run itself: train.py's training_seconds is the edited file's word."""
-    baseline = [r["seconds"] for r in night.records if r["event"] == "run" and r["experiment"] == 0 and r["ok"]]
-    if not baseline:
-        return math.inf
-    return night.time_budget + 2 * max(0.0, min(baseline) - night.time_budget) + WALL_CLOCK_SLACK
 
 
 def record_result(night, experiment, run, description, status, reason):
@@ -1012,7 +967,8 @@ def record_result(night, experiment, run, description, status, reason):
     write_results_tsv(night.records, night.state_dir)
     best = best_result(night.records)
     git("reset", "--hard", best["commit"])  # also undoes what a run did to tracked files, prepare.py included
-    if status == "invalid" and (changed := fingerprint_changes(night.fingerprint, harness_fingerprint())):
+    if status == "invalid" and (changed := integrity.fingerprint_changes(night.fingerprint,
+                                                                          integrity.harness_fingerprint())):
         fail(f"experiment {experiment} changed the prepared cache ({', '.join(changed)}): later results would not "
              f"be comparable. Restore it (run prepare.py again with the same flags), or start a new --tag.")
     log(f"#{experiment} {status}: {reason}. \"{description}\" (best {best['val_bpb']:.6f}); "
@@ -1310,12 +1266,18 @@ def report_main(argv):
 # -----------------------------------------------------------------------------
 # Setup
 
-def read_time_budget():
-    manifest = cache_dir() / "manifest.json"
+def read_harness_constants():
+    """The constants of the prepared cache that the driver checks runs against."""
+    manifest = integrity.cache_dir() / "manifest.json"
     if not manifest.exists():
         fail(f"the data is not prepared: {manifest} does not exist. Run `uv run prepare.py` first "
              "(or set AUTORESEARCH_CACHE to a prepared cache).")
-    return float(json.loads(manifest.read_text()).get("time_budget", DEFAULT_TIME_BUDGET))
+    try:
+        written = json.loads(manifest.read_text())
+        return {name: float(written[name]) if name == "time_budget" else int(written[name])
+                for name in ("time_budget", "max_seq_len", "eval_tokens")}
+    except (ValueError, KeyError, TypeError) as error:
+        fail(f"{manifest} is damaged ({type(error).__name__}: {error}): run the same `uv run prepare.py` command again.")
 
 
 def check_branch(tag, records):
@@ -1421,7 +1383,7 @@ def main(argv=None):
     for name in ("train.py", "prepare.py", "program.md"):
         if not Path(name).is_file():
             fail(f"{Path(root) / name} is missing: run agent_loop.py in the autoresearch repository.")
-    time_budget = read_time_budget()
+    constants = read_harness_constants()
     state_dir = STATE_ROOT / args.tag
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     keep_out_of_git("results.tsv", "progress.png", f"{STATE_ROOT}/")
@@ -1439,15 +1401,16 @@ def main(argv=None):
         git("checkout", "-q", "-f", branch)  # -f: the train.py check_branch found to be ours
     else:
         git("checkout", "-q", "-b", branch)
-    fingerprint = next((r["fingerprint"] for r in records if r["event"] == "start"), None) or harness_fingerprint()
-    if changed := fingerprint_changes(fingerprint, harness_fingerprint()):
+    fingerprint = next((r["fingerprint"] for r in records if r["event"] == "start"), None) \
+        or integrity.harness_fingerprint()
+    if changed := integrity.fingerprint_changes(fingerprint, integrity.harness_fingerprint()):
         fail(f"prepare.py or the prepared cache changed since tag {args.tag} started ({', '.join(changed)}): its "
              "results would not be comparable. Restore them (same prepare.py, same prepare flags), or use a new --tag.")
     night = Night(args, agent, state_dir, records,
-                  args.timeout or 2 * time_budget + TIMEOUT_MARGIN, time_budget, fingerprint)
+                  args.timeout or 2 * constants["time_budget"] + TIMEOUT_MARGIN, constants, fingerprint)
     kill_leftover_training(state_dir / "train.pid")
     night.record(event="start", tag=args.tag, branch=branch, base_commit=git("rev-parse", "HEAD"), agent=args.agent,
-                 model=args.model, time_budget=time_budget, timeout=night.timeout, keep_rule=args.keep_rule,
+                 model=args.model, time_budget=constants["time_budget"], timeout=night.timeout, keep_rule=args.keep_rule,
                  fingerprint=fingerprint, argv=argv)
     best = best_result(night.records)
     git("reset", "--hard", best["commit"] if best else base_commit(night.records))

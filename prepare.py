@@ -20,17 +20,22 @@ Neither the human nor the research agent edits this file during research.
 import argparse
 import base64
 import bisect
+import contextlib
 import hashlib
+import hmac
 import itertools
 import json
 import math
 import os
 import queue
+import random
+import runpy
 import sys
 import sysconfig
 import threading
 import time
 from pathlib import Path
+from time import monotonic as _monotonic  # bound here: train.py patching time.monotonic later changes nothing
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -94,6 +99,9 @@ MAX_SEQ_LEN = int(_constants["max_seq_len"])   # context length
 TIME_BUDGET = int(_constants["time_budget"])   # seconds of training wall clock
 EVAL_TOKENS = int(_constants["eval_tokens"])   # validation tokens scored by evaluate_bpb
 VOCAB_SIZE = int(_constants["vocab_size"])     # including the 4 special tokens
+# {NAME: (value, the reference's value)} for each constant this cache was prepared with differently
+NON_DEFAULT_CONSTANTS = {key.upper(): (int(_constants[key]), default) for key, default in PRESETS["default"].items()
+                         if int(_constants[key]) != default}
 
 
 class NotPreparedError(FileNotFoundError):
@@ -446,8 +454,8 @@ def _encoding_from_spec(spec):
 
 
 def token_byte_lengths(encoding):
-    """Each token's raw byte length, 0 for specials. (The reference decoded each token to str and
-    re-encoded it, counting 3 bytes for every byte of a token that is not valid UTF-8 on its own.)"""
+    """Each token's raw byte length, 0 for specials. (The reference decoded each token to str and re-encoded
+    it: a token that is not valid UTF-8 on its own counted 3 bytes, one U+FFFD, per maximal invalid sequence.)"""
     special_ids = {encoding.encode_single_token(name) for name in encoding.special_tokens_set}
     lengths = [0 if i in special_ids else len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)]
     return np.array(lengths, dtype=np.int32)
@@ -610,6 +618,8 @@ def make_dataloader(tokenizer, B, T, split, device=None):
     DOC_BATCH at a time, before each placement. Every row starts with BOS; there is no padding.
     """
     assert split in ("train", "val"), f"split must be 'train' or 'val', not {split!r}"
+    if _ATTESTATION is not None:
+        _ATTESTATION.loader_opened(split, B, T, caller=sys._getframe(1))
     manifest = _require_manifest()
     tokenizer_sha = manifest["tokenizer_sha256"]
     vocab_size = manifest["vocab_size"]
@@ -620,7 +630,8 @@ def make_dataloader(tokenizer, B, T, split, device=None):
     import torch
 
     device = torch.device(device) if device is not None else _default_device()
-    return _pack(_document_batches(parts), B, T, device)  # a generator, but the checks above run now
+    loader = _pack(_document_batches(parts), B, T, device)  # a generator, but the checks above run now
+    return _ATTESTATION.timed(loader) if _ATTESTATION is not None and split == "train" else loader
 
 
 def _pack(batches, B, T, device):
@@ -666,50 +677,213 @@ class NonCausalModelError(ValueError):
     pass
 
 
-def _check_causal(model, x, y, loss, vocab_size):
-    """Refuse a model that looks ahead: the loss at positions before t must not move when the tokens
-    from t on are replaced. (A guard against accidents, not against an adversary.)"""
+def _token_losses(model, x, y):
+    """Cross-entropy in nats of each target, computed here from the model's logits: a model never sees the
+    targets and cannot report its own loss."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = model(x)
+    if logits.ndim != 3 or logits.shape[:2] != x.shape:
+        raise ValueError(f"evaluate_bpb: model(x) must return logits of shape [B, T, vocab], not {tuple(logits.shape)}")
+    # a few rows at a time: the fp32 log-softmax of a whole batch would double the memory of its logits
+    return torch.cat([F.cross_entropy(rows.float().flatten(0, 1), targets.flatten(), reduction="none")
+                      for rows, targets in zip(logits.split(8), y.split(8))])
+
+
+def _future_influence(model, x, y, loss):
+    """How far (nats) the loss at positions before t moves when the tokens from t on are replaced: 0 for a
+    causal model. (A guard against accidents, such as a wrong attention mask, and against a model that
+    leaks on some batches only: evaluate_bpb checks a batch chosen at random. Not against an adversary.)"""
     import torch
 
     t = x.shape[1] // 2
     changed = x.clone()  # the targets stay: positions before t see the same inputs and score the same tokens
-    changed[:, t:] = torch.randint(0, vocab_size, changed[:, t:].shape, generator=torch.Generator().manual_seed(0)).to(x.device)
-    before = loss.reshape(x.shape)[:, :t].float()
-    after = model(changed, y, reduction="none").reshape(x.shape)[:, :t].float()
-    moved = (after - before).abs().max().item()
-    if not moved <= CAUSALITY_TOLERANCE:
-        raise NonCausalModelError(
-            f"evaluate_bpb refuses to score this model: its loss at positions before {t} moved by {moved:.3g} nats "
-            f"when only the tokens from position {t} on changed, so it looks at future tokens and its val_bpb "
-            "would be meaningless. Keep attention causal (and nothing else mixing positions forward)."
-        )
+    changed[:, t:] = torch.randint(0, VOCAB_SIZE, changed[:, t:].shape, generator=torch.Generator().manual_seed(0)).to(x.device)
+    before = loss.reshape(x.shape)[:, :t]
+    after = _token_losses(model, changed, y).reshape(x.shape)[:, :t]
+    return (after - before).abs().max().item(), t
 
 
 def evaluate_bpb(model, tokenizer, batch_size):
     """Cross-entropy of EVAL_TOKENS validation tokens, in bits per byte of the text they encode.
 
-    Special tokens (0 bytes) are left out of the sum; `model(x, y, reduction='none')` must give the
-    per-token loss in nats. A model whose outputs depend on future tokens is refused.
+    Calls `model(x)` for logits [B, T, vocab] and computes the per-token loss itself; special tokens
+    (0 bytes) are left out of the sum. A model whose outputs depend on future tokens is refused.
     """
     import torch
 
+    started = _monotonic()
     steps = EVAL_TOKENS // (batch_size * MAX_SEQ_LEN)
     if steps < 1:
         raise ValueError(f"batch_size {batch_size} x MAX_SEQ_LEN {MAX_SEQ_LEN} exceeds EVAL_TOKENS {EVAL_TOKENS}")
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device)
-    val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
-    total_nats, total_bytes = 0.0, 0
+    with _evaluation_begins():
+        val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
+    total_nats, total_bytes, moved = 0.0, 0, None
+    checked_step = random.SystemRandom().randrange(steps)  # which batch train.py cannot know
     with torch.no_grad():
+        weights = _checksum(model)
         for step in range(steps):
             x, y, _ = next(val_loader)
-            loss = model(x, y, reduction="none").reshape(-1).float()
-            if step == 0:
-                _check_causal(model, x, y, loss, tokenizer.get_vocab_size())
+            loss = _token_losses(model, x, y)
+            if step == checked_step:
+                moved, t = _future_influence(model, x, y, loss)
+                if not moved <= CAUSALITY_TOLERANCE:
+                    _record_evaluation(started, batch_size, steps, None, 0, moved, weights == _checksum(model))
+                    raise NonCausalModelError(
+                        f"evaluate_bpb refuses to score this model: its loss at positions before {t} moved by "
+                        f"{moved:.3g} nats when only the tokens from position {t} on changed, so it looks at future "
+                        "tokens and its val_bpb would be meaningless. Keep attention causal (and nothing else "
+                        "mixing positions forward).")
             nbytes = token_bytes[y.reshape(-1)]
             total_nats += (loss * (nbytes > 0)).sum().item()
             total_bytes += nbytes.sum().item()
-    return total_nats / (math.log(2) * total_bytes)
+        unchanged = weights == _checksum(model)
+    val_bpb = total_nats / (math.log(2) * total_bytes)
+    _record_evaluation(started, batch_size, steps, val_bpb, total_bytes, moved, unchanged)
+    return val_bpb
+
+
+def _checksum(model):
+    """A sum of every parameter and buffer: it moves if the model learns while it is being evaluated."""
+    import torch
+
+    return torch.stack([t.detach().double().nansum() for t in model.state_dict().values()]).tolist()
+
+
+# ---------------------------------------------------------------------------
+# Attested runs: the driver (agent_loop.py) trusts this record of a run, not train.py's printout.
+#
+# The driver starts `python -c "import prepare; prepare.attested_run('train.py')"` and sends one JSON
+# line on stdin: {"record": PATH, "key": HEX}. It is read before train.py's first line runs (stdin is then
+# /dev/null), so train.py never sees the key. The harness records what it sees and writes PATH, signed
+# with HMAC-SHA256 under the key, when evaluate_bpb finishes and when the run ends. docs/integrity.md
+# says what the driver concludes from it, and what this cannot stop: code that patches the harness (or
+# torch) in memory. Not a sandbox.
+
+_ATTESTATION = None  # the _Attestation of this process when the driver started it, else None
+ATTESTATION_FORMAT = 1
+
+
+class _Attestation:
+    def __init__(self, path, key):
+        self.path, self.key = Path(path), key
+        self.started = _monotonic()
+        self.loaders, self.evaluations, self.violations = [], [], []
+        self.batch_times = []  # when each training batch was handed out
+        self.val_opener = None  # the thread in which evaluate_bpb opens its own val loader, while it does
+        self.evaluating = False  # set for good when evaluate_bpb starts
+        self.protected = _validation_files()  # {basename: {realpath}} of every file holding validation text
+
+    def loader_opened(self, split, B, T, caller):
+        where = f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno}"
+        self.loaders.append({"split": split, "batch_size": B, "seq_len": T, "caller": where})
+        if split == "val" and self.val_opener != threading.get_ident():
+            self.violations.append(f"{where} opened the val split (make_dataloader(..., 'val')): only evaluate_bpb "
+                                   "may read the validation data")
+
+    def timed(self, loader):
+        for batch in loader:
+            self.batch_times.append(_monotonic())
+            if self.evaluating:
+                self.violations.append("a training batch was taken after evaluate_bpb started: training ends "
+                                       "before the evaluation")
+            yield batch
+
+    def audit(self, event, args):
+        """sys.addaudithook: any file of the validation data opened by anything but evaluate_bpb's own loader."""
+        if event != "open" or isinstance(args[0], int) or self.val_opener == threading.get_ident():
+            return
+        try:
+            path = os.fsdecode(args[0])
+        except TypeError:  # not a path: open() itself refuses it (an exception here would escape from open)
+            return
+        if os.path.basename(path) in self.protected and os.path.realpath(path) in self.protected[os.path.basename(path)]:
+            self.violations.append(f"{path} (validation data) was opened outside evaluate_bpb's loader"
+                                   + (", while the model was being evaluated" if self.evaluating else ""))
+
+    def record(self):
+        times = self.batch_times
+        gaps = sorted(b - a for a, b in itertools.pairwise(times))
+        return {"format": ATTESTATION_FORMAT, "max_seq_len": MAX_SEQ_LEN, "eval_tokens": EVAL_TOKENS,
+                "time_budget": TIME_BUDGET, "loaders": self.loaders, "train_batches": len(times),
+                "first_train_batch": times[0] - self.started if times else None,
+                "median_batch_gap": gaps[len(gaps) // 2] if gaps else None,
+                "evaluations": self.evaluations, "violations": list(dict.fromkeys(self.violations))}
+
+    def write(self):
+        record = self.record()
+        mac = hmac.new(self.key, json.dumps(record, sort_keys=True).encode(), "sha256").hexdigest()
+        _atomic_write(self.path, lambda f: f.write(json.dumps({"record": record, "hmac": mac}).encode()))
+
+
+def _validation_files():
+    """The files of this cache that hold validation documents: the val token parts, and the raw files they
+    came from where those are known (the climbmix val shard, TinyStories, --text corpora; for stdlib the raw
+    files are Python's own sources, which every import reads)."""
+    manifest = _require_manifest()
+    paths = [p for name in manifest["splits"]["val"]["parts"] for p in _part_paths(name)]
+    source = manifest["source"]
+    if source["dataset"] == "climbmix":
+        paths.append(DATA_DIR / CLIMBMIX_SHARD.format(CLIMBMIX_VAL_SHARD))
+    elif source["dataset"] == "tinystories":
+        paths.append(DATA_DIR / TINYSTORIES_FILE)
+    elif source["dataset"] == "text":
+        paths += [Path(p) for p in source["paths"]]
+    protected = {}
+    for path in paths:
+        protected.setdefault(path.name, set()).add(os.path.realpath(path))
+    return protected
+
+
+@contextlib.contextmanager
+def _evaluation_begins():
+    """From here on training is over; while evaluate_bpb opens its val loader (and runs no code of train.py),
+    its thread may read the validation data."""
+    if _ATTESTATION is None:
+        yield
+        return
+    _ATTESTATION.evaluating = True
+    _ATTESTATION.val_opener = threading.get_ident()
+    try:
+        yield
+    finally:
+        _ATTESTATION.val_opener = None
+
+
+def _record_evaluation(started, batch_size, steps, val_bpb, total_bytes, moved, unchanged):
+    if _ATTESTATION is not None:
+        if not unchanged:
+            _ATTESTATION.violations.append("the model's parameters changed while evaluate_bpb ran: it learned from "
+                                           "the validation data it was scored on")
+        _ATTESTATION.evaluations.append({
+            "started": started - _ATTESTATION.started, "seconds": _monotonic() - started, "val_bpb": val_bpb,
+            "batch_size": batch_size, "seq_len": MAX_SEQ_LEN, "tokens": steps * batch_size * MAX_SEQ_LEN,
+            "bytes": total_bytes, "future_influence": moved, "causal": moved is not None and moved <= CAUSALITY_TOLERANCE})
+        _ATTESTATION.write()
+
+
+def attested_run(script="train.py"):
+    """Run `script` as __main__ with the harness keeping the record the driver reads (see above)."""
+    global _ATTESTATION
+    try:
+        request = json.loads(sys.stdin.readline())
+        path, key = request["record"], bytes.fromhex(request["key"])
+    except (ValueError, KeyError, TypeError):
+        sys.exit("attested_run reads the driver's request on stdin (agent_loop.py sends it); by hand, run "
+                 f"`uv run {script}` instead")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    attestation = _ATTESTATION = _Attestation(path, key)
+    sys.addaudithook(attestation.audit)
+    sys.argv = [script]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        attestation.write()  # also after a crash: the driver learns that nothing was evaluated
 
 
 # ---------------------------------------------------------------------------

@@ -14,8 +14,13 @@ Hyperparameters are the ALL-CAPS constants below: edit them directly, there are 
 CLI flags.
 """
 
+import os
+
+# before torch loads, as the reference: fewer out-of-memory errors from a fragmented CUDA cache
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # no download bars from the kernel hub in run.log
+
 import gc
-import importlib.util
 import math
 import platform
 import re
@@ -28,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb
+from prepare import MAX_SEQ_LEN, NON_DEFAULT_CONSTANTS, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb
 
 # -----------------------------------------------------------------------------
 # Hyperparameters: the reference's single-H100 values (edit directly, no CLI flags)
@@ -51,7 +56,7 @@ ADAM_BETAS = (0.8, 0.95)   # AdamW betas (the x0 scalars use (0.96, 0.95))
 WARMUP_RATIO = 0.0         # fraction of the time budget spent ramping the lr up
 WARMDOWN_RATIO = 0.5       # fraction of the time budget spent ramping the lr down
 FINAL_LR_FRAC = 0.0        # lr multiplier at the end of the warmdown
-UNCOUNTED_STEPS = 10       # first steps (compilation, warm-up) not counted in TIME_BUDGET
+UNCOUNTED_STEPS = 10       # steps 0..UNCOUNTED_STEPS (compilation, warm-up) are not timed in TIME_BUDGET
 SEED = 42
 
 # -----------------------------------------------------------------------------
@@ -71,7 +76,7 @@ if DEVICE_TYPE != "cuda":
     WINDOW_PATTERN = "L"     # a window saves no compute with a masked SDPA, so all layers are full
     DEVICE_BATCH_SIZE = 16
     TOTAL_BATCH_SIZE = DEVICE_BATCH_SIZE * MAX_SEQ_LEN   # one micro-step per optimizer step
-    UNCOUNTED_STEPS = 1      # nothing is compiled: only the first step's warm-up is left out of the budget
+    UNCOUNTED_STEPS = 0      # nothing is compiled: only step 0's warm-up is left out of the budget
 
 # -----------------------------------------------------------------------------
 # Device, precision and attention kernel
@@ -94,29 +99,35 @@ def detect_compute_dtype(device_type):
 COMPUTE_DTYPE = detect_compute_dtype(DEVICE_TYPE)
 # torch.compile is reliable on CUDA (Linux); on CPU/MPS/Windows it is slow to start or breaks.
 USE_COMPILE = DEVICE_TYPE == "cuda" and platform.system() != "Windows"
-FA3 = None  # Flash Attention 3 module, set by load_flash_attention_3() when it loads
+FA3 = None  # Flash Attention 3 module, set in main() when it loads and passes its smoke test
 
 
 def load_flash_attention_3():
-    """Flash Attention 3 from the HF kernel hub, as the reference does. Optional: returns
-    (module or None, reason) and never raises."""
+    """Flash Attention 3 from the HF kernel hub, as the reference: (module, repo) or (None, why)."""
     if DEVICE_TYPE != "cuda" or COMPUTE_DTYPE != torch.bfloat16:
         return None, "needs a CUDA GPU with bf16"
-    if importlib.util.find_spec("kernels") is None:
-        return None, "the `kernels` package is not installed"
     capability = torch.cuda.get_device_capability()
     if capability < (8, 0):
         return None, f"GPU compute capability {capability} is too old"
+    # varunneal's build is for Hopper (9.0) only; the kernels-community one covers other GPUs
     repo = "varunneal/flash-attention-3" if capability == (9, 0) else "kernels-community/flash-attn3"
     try:
         from kernels import get_kernel
-        fa3 = get_kernel(repo).flash_attn_interface
-        q = torch.randn(1, 256, 1, 64, device="cuda", dtype=torch.bfloat16)
-        fa3.flash_attn_func(q, q, q, causal=True, window_size=(128, 0))  # smoke test
+        return get_kernel(repo).flash_attn_interface, repo
+    except Exception as e:  # `kernels` not installed, offline, no build for this GPU and torch
+        return None, f"{repo} failed to load: {type(e).__name__}: {str(e)[:200]}"
+
+
+def smoke_test_flash_attention_3(fa3, repo):
+    """Run the kernel once so that a build failing on this GPU falls back: (fa3, repo) or (None,
+    why). Called after init, on fixed inputs: it must not shift the RNG that draws the weights."""
+    try:
+        q = torch.linspace(-1, 1, 256 * 64, device="cuda").view(1, 256, 1, 64).bfloat16()
+        fa3.flash_attn_func(q, q, q, causal=True, window_size=(128, 0))
         torch.cuda.synchronize()
         return fa3, repo
     except Exception as e:
-        return None, f"{repo} failed to load: {type(e).__name__}: {str(e)[:200]}"
+        return None, f"{repo} failed its smoke test: {type(e).__name__}: {str(e)[:200]}"
 
 
 def sliding_window_mask(T, window, device, block_mask):
@@ -300,11 +311,10 @@ class GPT(nn.Module):
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
                                            for i in range(n_layer) if has_value_embedding(i, n_layer)})
         self.window_sizes = self.compute_window_sizes(config)
-        # rotary tables for positions 0..sequence_len-1, base 10,000
-        inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(config.sequence_len, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos()[None, :, None, :], persistent=False)
-        self.register_buffer("sin", angles.sin()[None, :, None, :], persistent=False)
+        # rotary tables, computed by init_weights(): construction is on the meta device
+        rotary_shape = (1, config.sequence_len, 1, head_dim // 2)
+        self.register_buffer("cos", torch.empty(rotary_shape), persistent=False)
+        self.register_buffer("sin", torch.empty(rotary_shape), persistent=False)
 
     @staticmethod
     def compute_window_sizes(config):
@@ -319,6 +329,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
+        """Draw every parameter in the reference's order, so a seed gives its initial weights."""
         n_embd = self.config.n_embd
         bound = 3**0.5 * n_embd**-0.5  # uniform with the std of normal(0, 1/sqrt(dim))
         nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
@@ -337,15 +348,30 @@ class GPT(nn.Module):
         if COMPUTE_DTYPE == torch.bfloat16:  # the embedding tables are kept in bf16
             self.wte.to(torch.bfloat16)
             self.value_embeds.to(torch.bfloat16)
+        # rotary tables for positions 0..sequence_len-1, base 10,000
+        head_dim, device = n_embd // self.config.n_head, self.cos.device
+        channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        positions = torch.arange(self.config.sequence_len, dtype=torch.float32, device=device)
+        angles = torch.outer(positions, 1.0 / 10000 ** (channels / head_dim))
+        self.cos.copy_(angles.cos()[None, :, None, :])
+        self.sin.copy_(angles.sin()[None, :, None, :])
+
+    def parameter_counts(self):
+        """Parameters by kind, as the reference prints them (every parameter in one kind)."""
+        counts = dict(wte=self.wte.weight.numel(),
+                      value_embeds=sum(p.numel() for p in self.value_embeds.parameters()),
+                      lm_head=self.lm_head.weight.numel(),
+                      transformer_matrices=sum(p.numel() for p in self.blocks.parameters()),
+                      scalars=self.resid_lambdas.numel() + self.x0_lambdas.numel())
+        return counts | {"total": sum(counts.values())}
 
     def num_flops_per_token(self, T):
-        """Forward+backward FLOPs per token: 6 per matmul weight plus the attention scores."""
-        excluded = (self.wte.weight.numel() + sum(p.numel() for p in self.value_embeds.parameters())
-                    + self.resid_lambdas.numel() + self.x0_lambdas.numel())
-        n_params = sum(p.numel() for p in self.parameters()) - excluded
+        """Forward+backward FLOPs per token: 6 per matmul weight (not the embedding lookups or
+        the scalars) plus the attention scores."""
+        counts = self.parameter_counts()
         head_dim = self.config.n_embd // self.config.n_head
         attn = sum(12 * self.config.n_head * head_dim * min(w, T) for w in self.window_sizes)
-        return 6 * n_params + attn
+        return 6 * (counts["lm_head"] + counts["transformer_matrices"]) + attn
 
     def forward(self, idx, targets=None, reduction="mean"):
         B, T = idx.shape
@@ -501,10 +527,7 @@ def build_optimizer(model):
     for shape in sorted({tuple(p.shape) for p in matrices}):
         groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape],
                            lr=MATRIX_LR, momentum=0.95, beta2=0.95, weight_decay=WEIGHT_DECAY))
-    groups = [g for g in groups if g["params"]]
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    return MuonAdamW(groups)
+    return MuonAdamW([dict(g, initial_lr=g["lr"]) for g in groups if g["params"]])
 
 
 # -----------------------------------------------------------------------------
@@ -531,14 +554,24 @@ def weight_decay(progress):
 # -----------------------------------------------------------------------------
 # Training
 
-def build_model(vocab_size):
+def model_config(vocab_size):
     model_dim = math.ceil(DEPTH * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
     n_head = model_dim // HEAD_DIM
-    config = GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size, n_layer=DEPTH,
-                       n_head=n_head, n_kv_head=n_head, n_embd=model_dim,
-                       window_pattern=WINDOW_PATTERN)
-    with torch.device(DEVICE_TYPE):
-        model = GPT(config)
+    return GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size, n_layer=DEPTH, n_head=n_head,
+                     n_kv_head=n_head, n_embd=model_dim, window_pattern=WINDOW_PATTERN)
+
+
+def build_model(config):
+    """init_weights() draws every parameter: the seed gives the reference's initial weights. The
+    constructors draw too, so build on the meta device as the reference (without torch.compile its
+    first use costs 5 s of imports: there, let them draw on a forked RNG, with the same result)."""
+    if USE_COMPILE:
+        with torch.device("meta"):
+            model = GPT(config)
+        model.to_empty(device=DEVICE_TYPE)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            model = GPT(config).to(DEVICE_TYPE)
     model.init_weights()
     return model
 
@@ -561,6 +594,9 @@ def peak_memory_mb():
 def main():
     global FA3
     t_start = time.time()
+    if NON_DEFAULT_CONSTANTS:  # e.g. a --preset small cache on an H100: results not comparable
+        print("cache prepared with non-default constants: " + ", ".join(
+            f"{name} {value} (reference {ref})" for name, (value, ref) in NON_DEFAULT_CONSTANTS.items()))
     torch.manual_seed(SEED)
     if DEVICE_TYPE == "cuda":
         torch.cuda.manual_seed(SEED)
@@ -571,9 +607,11 @@ def main():
 
     FA3, fa3_info = load_flash_attention_3()
     tokenizer = Tokenizer.from_directory()
-    model = build_model(tokenizer.get_vocab_size())
+    model = build_model(model_config(tokenizer.get_vocab_size()))
+    if FA3 is not None:
+        FA3, fa3_info = smoke_test_flash_attention_3(FA3, fa3_info)
     config = model.config
-    num_params = sum(p.numel() for p in model.parameters())
+    param_counts = model.parameter_counts()
     flops_per_token = model.num_flops_per_token(MAX_SEQ_LEN)
     peak_flops, peak_info = detect_peak_flops()
 
@@ -590,7 +628,10 @@ def main():
     print(f"mfu: {peak_info}")
     print(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads, "
           f"windows {model.window_sizes}, vocab {config.vocab_size}, seq_len {MAX_SEQ_LEN}")
-    print(f"params: {num_params:,} | flops/token: {flops_per_token:e}")
+    print("Parameter counts:")
+    for key, value in param_counts.items():
+        print(f"  {key:24s}: {value:,}")
+    print(f"flops/token: {flops_per_token:e}")
     print(f"batch: {TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} rows "
           f"| time budget: {TIME_BUDGET}s")
 
@@ -601,9 +642,7 @@ def main():
     x, y, epoch = next(train_loader)  # prefetch the first batch
 
     interactive = sys.stdout.isatty()  # `\r` progress on a terminal, plain lines in a log file
-    last_print = 0.0
-    smooth_loss = 0.0
-    training_time = 0.0
+    smooth_loss = training_time = last_print = 0.0
     step = 0
     while True:
         synchronize()
@@ -630,7 +669,7 @@ def main():
             sys.exit(1)
         synchronize()
         dt = time.time() - t0
-        if step >= UNCOUNTED_STEPS:
+        if step > UNCOUNTED_STEPS:
             training_time += dt
 
         smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
@@ -650,7 +689,7 @@ def main():
             gc.collect()
             gc.freeze()
             gc.disable()
-        elif step % 5000 == 0:
+        elif (step + 1) % 5000 == 0:
             gc.collect()
         step += 1
         if step > UNCOUNTED_STEPS and training_time >= TIME_BUDGET:
@@ -658,14 +697,13 @@ def main():
 
     if interactive:
         print()
-    total_tokens = step * TOTAL_BATCH_SIZE
     model.eval()
     with autocast:
         val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
     t_end = time.time()
-    counted_steps = step - UNCOUNTED_STEPS
-    steady_mfu = (100 * flops_per_token * TOTAL_BATCH_SIZE * counted_steps / training_time / peak_flops
-                  if peak_flops and training_time > 0 else 0.0)
+    # the reference's steady-state MFU: (step - 10) steps over the counted training time
+    steady_mfu = (100 * flops_per_token * TOTAL_BATCH_SIZE * (step - UNCOUNTED_STEPS) / training_time
+                  / peak_flops if peak_flops and training_time > 0 else 0.0)
 
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")
@@ -673,9 +711,9 @@ def main():
     print(f"total_seconds:    {t_end - t_start:.1f}")
     print(f"peak_vram_mb:     {peak_memory_mb():.1f}")
     print(f"mfu_percent:      {steady_mfu:.2f}")
-    print(f"total_tokens_M:   {total_tokens / 1e6:.1f}")
+    print(f"total_tokens_M:   {step * TOTAL_BATCH_SIZE / 1e6:.1f}")
     print(f"num_steps:        {step}")
-    print(f"num_params_M:     {num_params / 1e6:.1f}")
+    print(f"num_params_M:     {param_counts['total'] / 1e6:.1f}")
     print(f"depth:            {DEPTH}")
 
 

@@ -27,7 +27,7 @@ def simulate_night(args, rule, rng):
     def run(commit, true_value):
         nonlocal runs
         runs += 1
-        records.append(dict(event="run", commit=commit, ok=True, metrics={"val_bpb": true_value + rng.gauss(0, sigma)}))
+        records.append(dict(event="run", commit=commit, ok=True, val_bpb=true_value + rng.gauss(0, sigma)))
 
     for _ in range(args.noise_runs if rule == "noise" else 1):
         run("c0", true_best)

@@ -23,7 +23,7 @@ import agent_loop  # noqa: E402
 from fake_llm import CHAT, FakeLLM, change, chat_change, overloaded  # noqa: E402
 
 SUPPORT = Path(__file__).resolve().parent / "agent_loop_support"
-FAKE_PREPARE = '"""fake harness for the agent_loop tests"""\nTIME_BUDGET = 1\n\n\ndef evaluate_bpb(val_bpb):\n    return val_bpb\n'
+FAKE_PREPARE = (SUPPORT / "fake_prepare.py").read_text()  # the harness's attestation protocol, no data
 
 AGENT_LOOP = ROOT / "agent_loop.py"
 
@@ -297,7 +297,7 @@ def test_the_model_sees_cached_instructions_prepare_py_train_py_and_the_history(
     first, second = night.requests()
     system = first["system"][0]
     assert system["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
-    assert "## Driven by agent_loop.py" in system["text"] and "fake harness for the agent_loop tests" in system["text"]
+    assert (night.repo / "program.md").read_text() in system["text"] and FAKE_PREPARE in system["text"]
     assert first["tool_choice"] == {"type": "tool", "name": "propose_change"}
     assert first["model"] == "claude-sonnet-4-6"
     prompt = second["messages"][0]["content"]

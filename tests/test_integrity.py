@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 import agent_loop
-from test_agent_loop import BETTER, FAKE_PREPARE, ROOT, SUPPORT, night, pycache  # noqa: F401 (fixtures)
+from autoresearch import integrity
+from test_agent_loop import BETTER, FAKE_PREPARE, ROOT, night, pycache  # noqa: F401 (fixtures)
 from fake_llm import change  # noqa: E402
 
 CRASH_THEN = 'MODE = "ok"'  # the line edits below hang their bad behaviour on
@@ -33,12 +34,13 @@ def reasons(night):
     (("def main():", "import prepare\nprepare.EVAL_TOKENS = 64\n\n\ndef main():"), "changes prepare.EVAL_TOKENS"),
     (("def main():", "PEEK = make_dataloader\nPEEK_SPLIT = 'val'\n\n\ndef main():"), "names the validation data"),
     (("def main():", "from prepare import CAUSALITY_TOLERANCE\n\n\ndef main():"), "uses prepare's internals"),
+    (("\nSEED = 42\n", "\nSEED = 42\nTIME_BUDGET = 3 * TIME_BUDGET\n"), "reassigns TIME_BUDGET, which prepare.py fixes"),
 ])
 def test_static_checks_name_each_way_train_py_could_stop_reporting_the_harness_metric(edit, problem):
     source = (ROOT / "train.py").read_text()
-    assert agent_loop.static_problems(source) == []
+    assert integrity.static_problems(source) == []
     assert edit[0] in source
-    assert any(problem in found for found in agent_loop.static_problems(source.replace(*edit, 1)))
+    assert any(problem in found for found in integrity.static_problems(source.replace(*edit, 1)))
 
 
 def test_a_train_py_that_no_longer_calls_evaluate_bpb_is_invalid_and_never_run(night):
@@ -77,7 +79,7 @@ def test_the_fingerprint_hashes_the_validation_tokens_and_dates_the_training_tok
     cache = shutil.copytree(tiny_cache, tmp_path / "cache")
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
     monkeypatch.chdir(ROOT)  # where prepare.py is
-    before = agent_loop.harness_fingerprint()
+    before = integrity.harness_fingerprint()
     splits = json.loads((cache / "manifest.json").read_text())["splits"]
     val, train = (cache / "tokens" / f"{splits[split]['parts'][0]}.bin" for split in ("val", "train"))
     for path in (val, train):  # other bytes, same size, same mtime
@@ -85,7 +87,7 @@ def test_the_fingerprint_hashes_the_validation_tokens_and_dates_the_training_tok
         data[0] ^= 1
         path.write_bytes(data)
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert agent_loop.fingerprint_changes(before, agent_loop.harness_fingerprint()) == [f"tokens/{val.name}"]
+    assert integrity.fingerprint_changes(before, integrity.harness_fingerprint()) == [f"tokens/{val.name}"]
 
 
 def test_a_cache_prepared_again_between_runs_of_a_tag_stops_it_before_any_run(night):
@@ -97,22 +99,114 @@ def test_a_cache_prepared_again_between_runs_of_a_tag_stops_it_before_any_run(ni
     assert len(night.train_pids()) == 4
 
 
-def test_a_run_over_the_wall_clock_the_budget_allows_is_invalid(night, monkeypatch):
-    monkeypatch.setattr(agent_loop, "WALL_CLOCK_SLACK", 1.0)  # budget 1 s + ~0 s of baseline overhead + 1 s
-    night.llm.script(change("train longer", (CRASH_THEN, CRASH_THEN + "\ntime.sleep(2.5)")))
+def test_a_run_that_trains_longer_than_the_budget_allows_is_invalid(night):
+    # budget 1 s; the fake harness's clock starts as the first training batch: 2.5 s of "training"
+    night.llm.script(change("train longer", ("print(\"---\")", "time.sleep(2.5)\nprint(\"---\")")))
     assert night.run("--max-experiments", "2").returncode == 0
-    assert statuses(night) == ["invalid"] and "of wall clock, over the" in reasons(night)[0]
+    assert statuses(night) == ["invalid"] and "it trained for 2." in reasons(night)[0]
 
 
-def test_a_model_that_looks_at_future_tokens_is_invalid(night, tiny_cache):
-    shutil.copy(ROOT / "prepare.py", night.repo / "prepare.py")
-    shutil.copy(SUPPORT / "peeking_train.py", night.repo / "train.py")
-    night.git("commit", "-qam", "the real harness, a bigram model")
-    night.llm.script(change("peek at the next token", ("PEEK = False", "PEEK = True")))
-    assert night.run("--max-experiments", "2", "--keep-rule", "greedy", "--timeout", "120").returncode == 0
-    assert statuses(night) == ["invalid"]
-    assert "looks at future tokens" in reasons(night)[0]
-    assert night.rows()[1][1] == "0.000000"
+# -----------------------------------------------------------------------------
+# What the harness attests (the fake harness speaks the real one's protocol)
+
+PRINTED = 'print(f"val_bpb:          {evaluate_bpb(VAL_BPB):.6f}")'
+
+
+@pytest.mark.parametrize("edit, reason", [
+    ((PRINTED, PRINTED.replace("evaluate_bpb(VAL_BPB)", "evaluate_bpb(VAL_BPB) * 0.5")),
+     "train.py printed val_bpb 0.500000, but evaluate_bpb measured 1.000000"),
+    ((PRINTED, PRINTED.replace("evaluate_bpb(VAL_BPB)", "VAL_BPB if MODE else evaluate_bpb(VAL_BPB)")),
+     "train.py printed a val_bpb, but evaluate_bpb never finished an evaluation"),
+    ((PRINTED, "evaluate_bpb(0.5)\n" + PRINTED), "evaluate_bpb ran 2 times"),
+    ((PRINTED, PRINTED + "\nimport atexit, glob, tempfile\natexit.register(lambda: [os.remove(p) for p in glob.glob("
+                "os.path.join(tempfile.gettempdir(), 'autoresearch-run-*', '*'))])"),
+     "the harness wrote no record of the run"),
+    ((PRINTED, PRINTED + "\nimport atexit, glob, tempfile\natexit.register(lambda: [open(p, 'w').write("
+                "'{\"record\": {}, \"hmac\": \"0\"}') for p in glob.glob("
+                "os.path.join(tempfile.gettempdir(), 'autoresearch-run-*', '*'))])"),
+     "does not verify: it was altered"),
+])
+def test_a_result_the_harness_does_not_attest_is_invalid(night, edit, reason):
+    night.llm.script(change("report a better number", edit))
+    assert night.run("--max-experiments", "2", "--keep-rule", "greedy").returncode == 0
+    assert statuses(night) == ["invalid"] and reason in reasons(night)[0]
+    assert night.rows()[1][1] == "0.000000" and night.head() == night.base
+
+
+def test_a_run_that_leaves_a_checkpoint_for_the_next_is_invalid_and_the_file_removed(night):
+    night.llm.script(change("warm start", (CRASH_THEN, CRASH_THEN + "\nopen('ckpt.pt', 'w').write('weights')")))
+    assert night.run("--max-experiments", "2", "--keep-rule", "greedy").returncode == 0
+    assert statuses(night) == ["invalid"] and "the run left ckpt.pt in the repository" in reasons(night)[0]
+    assert not (night.repo / "ckpt.pt").exists() and night.is_clean()
+
+
+def test_the_number_kept_is_the_harness_s_not_the_printout(night):
+    night.llm.script(change("lower val_bpb", BETTER))
+    assert night.run("--max-experiments", "2", "--keep-rule", "greedy").returncode == 0
+    runs = [r for r in night.ledger() if r["event"] == "run"]
+    assert [r["val_bpb"] for r in runs] == [r["attestation"]["evaluations"][0]["val_bpb"] for r in runs] == [1.0, 0.99]
+
+
+# -----------------------------------------------------------------------------
+# Edits of the real train.py that game the metric, run under the real harness on the tiny cache
+
+GAMING_EDITS = [  # (description, search, replace, the reason the driver must give)
+    ("report half the val_bpb", 'print(f"val_bpb:          {val_bpb:.6f}")',
+     'print(f"val_bpb:          {val_bpb * 0.5:.6f}")', "but evaluate_bpb measured"),
+    ("train on the val split", '"train", device=device)', '"va" + "l", device=device)', "opened the val split"),
+    ("train for three budgets", "training_time += dt", "training_time += dt / 3", "it trained for"),
+    ("attend to the future", "is_causal=True", "is_causal=False", "looks at future tokens"),
+]
+
+
+@pytest.mark.slow
+def test_each_edit_of_the_real_train_py_that_games_the_metric_is_invalid(night, tiny_cache):
+    for name in ("prepare.py", "train.py"):
+        shutil.copy(ROOT / name, night.repo / name)
+    night.git("commit", "-qam", "the real harness and train.py")
+    night.llm.script(*(change(description, (search, replace)) for description, search, replace, _ in GAMING_EDITS))
+    result = night.run("--max-experiments", "5", "--keep-rule", "greedy", "--timeout", "120")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert night.rows()[0][3:] == ["keep", "baseline"]  # the honest baseline
+    for row, reason, (description, *_, expected) in zip(night.rows()[1:], reasons(night), GAMING_EDITS):
+        assert row[3:] == ["invalid", description] and expected in reason, (description, reason)
+
+
+# -----------------------------------------------------------------------------
+# The rules, on plain values
+
+CONSTANTS = {"max_seq_len": 64, "eval_tokens": 4096}
+
+
+def attested(val_bpb=1.0, batch_size=8, tokens=4096, evaluations=1, causal=True):
+    evaluation = {"started": 3.0, "seconds": 0.1, "val_bpb": val_bpb, "batch_size": batch_size, "seq_len": 64,
+                  "tokens": tokens, "bytes": 9000, "future_influence": 0.0 if causal else 2.0, "causal": causal}
+    return {"loaders": [], "train_batches": 10, "first_train_batch": 1.0, "median_batch_gap": 0.1,
+            "evaluations": [evaluation] * evaluations, "violations": []}
+
+
+def test_an_evaluation_of_fewer_tokens_than_eval_tokens_gives_is_a_changed_harness():
+    assert integrity.record_problems(attested(batch_size=3, tokens=4032), None, 0, 1.0, CONSTANTS) == []  # 21 x 3 rows
+    [problem] = integrity.record_problems(attested(tokens=512), None, 0, 1.0, CONSTANTS)
+    assert "scored 512 tokens" in problem and "the harness's constants were changed" in problem
+
+
+def test_a_crash_claims_nothing_and_breaks_no_rule_even_without_a_record():
+    assert integrity.record_problems(None, "no record", 1, None, CONSTANTS) == []
+    assert integrity.record_problems(None, "no record", 0, 1.0, CONSTANTS) == ["no record"]
+
+
+def test_the_wall_clock_limits_scale_with_the_baselines_own_start_up_and_overhead():
+    # a 300 s budget: the baseline trained 315 s (15 s of compilation and uncounted steps) in a 330 s run
+    training, total = integrity.wall_clock_limits([(330.0, 315.0), (329.0, 314.0)], 300, batch_gap=0.3)
+    assert training == pytest.approx(300 + 2 * 15 + 2 * 0.3 + 0.02 * 300)
+    assert total == pytest.approx(training + 2 * 15)
+    record = attested()
+    record["first_train_batch"], record["evaluations"][0]["started"] = 10.0, 10.0 + 3 * 300  # three budgets
+    [problem] = integrity.wall_clock_problems(330.0, record, [(330.0, 315.0)], 300)
+    assert problem.startswith("it trained for 900.0s")
+    [problem] = integrity.wall_clock_problems(900.0, attested(), [(330.0, 315.0)], 300)  # trained before batch 1
+    assert problem.startswith("the run took 900s of wall clock")
 
 
 # -----------------------------------------------------------------------------

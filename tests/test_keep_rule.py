@@ -107,7 +107,7 @@ def test_a_borderline_win_is_run_again_and_judged_by_its_mean(noisy):
     assert noisy.run("--agent", "scripted", "--max-experiments", "2").returncode == 0
     result = [r for r in noisy.ledger() if r["event"] == "result"][1]
     runs = [r for r in noisy.ledger() if r["event"] == "run" and r["commit"] == result["commit"]]
-    assert len(runs) >= 2 and result["runs"] == [r["metrics"]["val_bpb"] for r in runs]
+    assert len(runs) >= 2 and result["runs"] == [r["val_bpb"] for r in runs]
     assert result["val_bpb"] == pytest.approx(sum(result["runs"]) / len(result["runs"]))
     assert float(noisy.rows()[1][1]) == pytest.approx(result["val_bpb"], abs=1e-6)
 

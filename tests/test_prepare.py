@@ -333,8 +333,10 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = torch.nn.Parameter(logits)
 
-    def forward(self, x, y, reduction="mean"):
+    def forward(self, x, y=None, reduction="mean"):
         logits = self.logits.expand(*x.shape, -1)
+        if y is None:
+            return logits
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction=reduction)
 
 
@@ -365,6 +367,20 @@ def test_unigram_model_matches_a_computation_by_hand(prepare_module):
     assert bpb == pytest.approx(nats / (math.log(2) * total_bytes), rel=1e-5)
 
 
+class ReportsHalfItsLoss(FixedLogits):
+    """Uniform logits, but a loss it computes itself comes out halved: the metric must not ask it."""
+
+    def forward(self, x, y=None, reduction="mean"):
+        return super().forward(x) if y is None else 0.5 * super().forward(x, y, reduction)
+
+
+def test_the_loss_is_computed_by_the_harness_from_the_models_logits(prepare_module):
+    tokenizer = prepare_module.Tokenizer.from_directory()
+    V = tokenizer.get_vocab_size()
+    honest = prepare_module.evaluate_bpb(FixedLogits(torch.zeros(V)), tokenizer, batch_size=8)
+    assert prepare_module.evaluate_bpb(ReportsHalfItsLoss(torch.zeros(V)), tokenizer, batch_size=8) == honest
+
+
 class PeeksAhead(torch.nn.Module):
     """Predicts each target by looking at the next input token: a perfect score by cheating."""
 
@@ -373,16 +389,32 @@ class PeeksAhead(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.tensor(50.0))
         self.vocab_size = vocab_size
 
-    def forward(self, x, y, reduction="mean"):
+    def forward(self, x, y=None, reduction="mean"):
         future = torch.roll(x, shifts=-1, dims=1)
-        logits = self.scale * torch.nn.functional.one_hot(future, self.vocab_size).float()
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, self.vocab_size), y.reshape(-1), reduction=reduction)
+        return self.scale * torch.nn.functional.one_hot(future, self.vocab_size).float()
 
 
 def test_a_model_that_looks_at_future_tokens_is_refused(prepare_module):
     tokenizer = prepare_module.Tokenizer.from_directory()
     with pytest.raises(prepare_module.NonCausalModelError, match="looks at future tokens"):
         prepare_module.evaluate_bpb(PeeksAhead(tokenizer.get_vocab_size()), tokenizer, batch_size=8)
+
+
+class PeeksAheadAfterItsFirstCall(PeeksAhead):
+    """Causal on the first batch only: a check of batch 0 alone would pass it."""
+
+    calls = 0
+
+    def forward(self, x, y=None, reduction="mean"):
+        self.calls += 1
+        return super().forward(x) if self.calls > 2 else self.scale * 0 * x[..., None].float().expand(-1, -1, self.vocab_size)
+
+
+def test_the_causality_check_looks_at_a_batch_train_py_cannot_predict(prepare_module, monkeypatch):
+    tokenizer = prepare_module.Tokenizer.from_directory()
+    monkeypatch.setattr(prepare_module.random.SystemRandom, "randrange", lambda self, n: n - 1)  # the last batch
+    with pytest.raises(prepare_module.NonCausalModelError, match="looks at future tokens"):
+        prepare_module.evaluate_bpb(PeeksAheadAfterItsFirstCall(tokenizer.get_vocab_size()), tokenizer, batch_size=8)
 
 
 def test_eval_batch_larger_than_eval_tokens_is_a_clear_error(prepare_module):

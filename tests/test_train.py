@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -82,8 +83,10 @@ def test_unmodified_run_reaches_val_bpb_below_the_uniform_model(tiny_run, prepar
             super().__init__()
             self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, x, y, reduction="none"):
-            return torch.full(y.shape, math.log(vocab))
+        def forward(self, x, targets=None, reduction="mean"):  # either calling convention
+            if targets is None:
+                return torch.zeros(*x.shape, vocab)  # equal logits: probability 1/vocab
+            return torch.full(targets.shape, math.log(vocab))
 
     uniform_bpb = prepare_module.evaluate_bpb(Uniform(), tokenizer, train.DEVICE_BATCH_SIZE)
     assert math.isfinite(val_bpb)
@@ -99,6 +102,23 @@ def test_run_reports_its_attention_path_and_why_mfu_is_zero_on_cpu(tiny_run):
     assert re.search(r"^attention: SDPA causal", tiny_run.stdout, re.M)
     assert "MFU reported as 0" in tiny_run.stdout
     assert re.search(r"^mfu_percent: +0\.00$", tiny_run.stdout, re.M)
+
+
+def test_run_prints_the_parameter_counts_by_kind_in_reference_format(tiny_run):
+    lines = tiny_run.stdout.splitlines()
+    start = lines.index("Parameter counts:")
+    keys = ["wte", "value_embeds", "lm_head", "transformer_matrices", "scalars", "total"]
+    counts = {}
+    for line, key in zip(lines[start + 1:start + 7], keys, strict=True):
+        assert re.fullmatch(rf"  {key} *: \d{{1,3}}(,\d{{3}})*", line) and line.index(":") == 26, line
+        counts[key] = int(line.split(":")[1].replace(",", ""))
+    assert counts.pop("total") == sum(counts.values())
+
+
+def test_run_names_the_caches_non_default_constants_in_its_first_line(tiny_run):
+    assert tiny_run.stdout.splitlines()[0] == (
+        "cache prepared with non-default constants: MAX_SEQ_LEN 64 (reference 2048), TIME_BUDGET 2 "
+        "(reference 300), EVAL_TOKENS 4096 (reference 20971520), VOCAB_SIZE 512 (reference 8192)")
 
 
 def test_nan_loss_prints_fail_and_exits_1(tmp_path, tiny_cache):
@@ -174,6 +194,82 @@ def test_windowed_model_output_ignores_tokens_beyond_the_receptive_field():
     assert not torch.allclose(a[0, 16], b[0, 16])  # position 16 still sees 0
 
 
+# --- Flash Attention 3 (a fake `kernels` package on a faked CUDA GPU) ------------------------------
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """train.py as on a CUDA GPU with bf16; returns a setter of the compute capability."""
+    monkeypatch.setattr(train, "DEVICE_TYPE", "cuda")
+    monkeypatch.setattr(train, "COMPUTE_DTYPE", torch.bfloat16)
+    return lambda capability: monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+
+
+def install_fake_kernels(monkeypatch, error=None):
+    """A `kernels` package whose get_kernel records the repo asked for (and raises `error` if
+    given) and returns an FA3 whose flash_attn_func is the explicit softmax on the CPU."""
+    asked, calls = [], []
+
+    def flash_attn_func(q, k, v, causal, window_size):
+        calls.append((causal, window_size))
+        return softmax_attention(q, k, v, window=window_size[0])
+
+    def get_kernel(repo):
+        asked.append(repo)
+        if error:
+            raise error
+        interface = types.SimpleNamespace(flash_attn_func=flash_attn_func)
+        return types.SimpleNamespace(flash_attn_interface=interface)
+
+    kernels = types.ModuleType("kernels")
+    kernels.get_kernel = get_kernel
+    monkeypatch.setitem(sys.modules, "kernels", kernels)
+    return asked, calls
+
+
+@pytest.mark.parametrize("capability, repo", [
+    ((9, 0), "varunneal/flash-attention-3"),  # Hopper
+    ((8, 6), "kernels-community/flash-attn3"),
+])
+def test_flash_attention_3_repo_is_chosen_as_the_reference_does(monkeypatch, fake_cuda, capability, repo):
+    fake_cuda(capability)
+    asked, _ = install_fake_kernels(monkeypatch)
+    fa3, info = train.load_flash_attention_3()
+    assert asked == [repo] and info == repo
+    assert callable(fa3.flash_attn_func)
+
+
+def test_without_the_kernels_package_attention_falls_back_and_says_why(monkeypatch, fake_cuda):
+    fake_cuda((9, 0))
+    monkeypatch.setitem(sys.modules, "kernels", None)  # `import kernels` fails
+    fa3, reason = train.load_flash_attention_3()
+    assert fa3 is None and "kernels" in reason
+
+
+def test_when_the_kernel_hub_is_unreachable_attention_falls_back_and_says_why(monkeypatch, fake_cuda):
+    fake_cuda((9, 0))
+    install_fake_kernels(monkeypatch, error=OSError("offline: cannot reach huggingface.co"))
+    fa3, reason = train.load_flash_attention_3()
+    assert fa3 is None
+    assert "varunneal/flash-attention-3" in reason and "offline" in reason
+
+
+def test_flash_attention_3_is_not_tried_off_cuda(monkeypatch):
+    asked, _ = install_fake_kernels(monkeypatch)
+    fa3, reason = train.load_flash_attention_3()
+    assert fa3 is None and asked == [] and "CUDA" in reason
+
+
+def test_with_flash_attention_3_every_layer_calls_it_causally_with_its_own_window(monkeypatch):
+    model = small_model(n_layer=2, pattern="SL", seq=32)  # windows [16, 32]
+    idx = torch.randint(0, 64, (1, 32))
+    expected = model(idx)  # through SDPA
+    _, calls = install_fake_kernels(monkeypatch)
+    monkeypatch.setattr(train, "FA3", sys.modules["kernels"].get_kernel("fa3").flash_attn_interface)
+    torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
+    assert calls == [(True, (16, 0)), (True, (32, 0))]
+
+
 # --- model --------------------------------------------------------------------------------------
 
 
@@ -186,6 +282,74 @@ def test_reference_config_has_50_3m_parameters_and_the_reference_flops_formula()
     matmul_params = 8 * 12 * 512 * 512 + 4 * 4 * 32 + 512 * 8192  # blocks, 4 ve gates, lm_head
     attention = 12 * 4 * 128 * (6 * 1024 + 2 * 2048)
     assert model.num_flops_per_token(2048) == 6 * matmul_params + attention
+
+
+def test_parameter_counts_split_the_reference_config_by_kind():
+    config = train.GPTConfig(sequence_len=2048, vocab_size=8192, n_layer=8, n_head=4, n_kv_head=4,
+                             n_embd=512, window_pattern="SSSL")
+    with torch.device("meta"):
+        model = train.GPT(config)
+    assert model.parameter_counts() == {
+        "wte": 8192 * 512, "value_embeds": 4 * 8192 * 512, "lm_head": 8192 * 512,
+        "transformer_matrices": 8 * 12 * 512 * 512 + 4 * 4 * 32, "scalars": 2 * 8,
+        "total": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def reference_initial_parameters(config, seed):
+    """The reference's init_weights() written out: fresh tensors drawn in its order."""
+    torch.manual_seed(seed)
+    d, vocab, n_layer = config.n_embd, config.vocab_size, config.n_layer
+    kv = config.n_kv_head * (d // config.n_head)
+    bound = 3**0.5 * d**-0.5
+
+    def uniform(*shape):
+        return torch.empty(shape).uniform_(-bound, bound)
+
+    params = {"wte.weight": torch.empty(vocab, d).normal_(0, 1.0),
+              "lm_head.weight": torch.empty(vocab, d).normal_(0, 0.001)}
+    for i in range(n_layer):
+        params[f"blocks.{i}.attn.c_q.weight"] = uniform(d, d)
+        params[f"blocks.{i}.attn.c_k.weight"] = uniform(kv, d)
+        params[f"blocks.{i}.attn.c_v.weight"] = uniform(kv, d)
+        params[f"blocks.{i}.attn.c_proj.weight"] = torch.zeros(d, d)
+        params[f"blocks.{i}.mlp.c_fc.weight"] = uniform(4 * d, d)
+        params[f"blocks.{i}.mlp.c_proj.weight"] = torch.zeros(d, 4 * d)
+    params["resid_lambdas"] = torch.ones(n_layer)
+    params["x0_lambdas"] = torch.full((n_layer,), 0.1)
+    value_layers = [i for i in range(n_layer) if i % 2 == (n_layer - 1) % 2]
+    for i in value_layers:
+        params[f"value_embeds.{i}.weight"] = uniform(vocab, kv)
+    for i in value_layers:
+        params[f"blocks.{i}.attn.ve_gate.weight"] = torch.zeros(config.n_kv_head, 32)
+    return params
+
+
+@pytest.mark.parametrize("on_meta", [True, False])  # the reference's meta-device build (with torch.compile), or not
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_model_starts_from_the_reference_initial_parameters_for_a_fixed_seed(monkeypatch, dtype, on_meta):
+    monkeypatch.setattr(train, "COMPUTE_DTYPE", dtype)  # with bf16, the embeddings are cast after drawing
+    monkeypatch.setattr(train, "USE_COMPILE", on_meta)
+    config = train.GPTConfig(sequence_len=32, vocab_size=96, n_layer=3, n_head=2, n_kv_head=2,
+                             n_embd=64, window_pattern="SL")
+    expected = reference_initial_parameters(config, seed=42)
+    torch.manual_seed(42)
+    actual = dict(train.build_model(config).named_parameters())
+    assert set(actual) == set(expected)
+    for name, tensor in expected.items():
+        if name.startswith(("wte.", "value_embeds.")):
+            tensor = tensor.to(dtype)
+        assert actual[name].dtype == tensor.dtype and torch.equal(actual[name], tensor), name
+
+
+def test_rotary_tables_of_a_meta_built_model_are_computed_at_init(monkeypatch):
+    monkeypatch.setattr(train, "USE_COMPILE", True)  # the meta-device build
+    config = train.GPTConfig(sequence_len=16, vocab_size=32, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+    model = train.build_model(config)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
+    angles = torch.arange(16.0)[:, None] * inv_freq[None, :]
+    torch.testing.assert_close(model.cos[0, :, 0], angles.cos())
+    torch.testing.assert_close(model.sin[0, :, 0], angles.sin())
 
 
 def test_initial_loss_is_close_to_log_vocab():

@@ -1,0 +1,217 @@
+"""
+What makes a run `invalid`: the checks that keep val_bpb the harness's number.
+
+train.py is code written by a model that is optimising val_bpb, so the driver does not take its word.
+Three layers, each on plain values (docs/integrity.md explains them and their limits):
+
+- before a run, `static_problems`: train.py's source must call prepare's evaluate_bpb and leave the
+  harness alone;
+- during it, the harness (prepare.attested_run) keeps a signed record of what it saw: evaluate_bpb's own
+  val_bpb and token count, the splits opened and by whom, when training started and evaluation began, the
+  causality check; `Attestation` is the driver's end of that channel, `record_problems` and
+  `wall_clock_problems` read the record;
+- around it, `harness_fingerprint`: prepare.py and the prepared cache must not change.
+
+These catch accidents and the shortcuts an optimiser finds; they are not a sandbox.
+"""
+
+import ast
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+# -----------------------------------------------------------------------------
+# train.py as written
+
+PRIVATE_HARNESS_NAME = re.compile(
+    r"_future_influence|_token_losses|CAUSALITY_TOLERANCE|_load_part|_document_batches|NonCausalModelError|"
+    r"_ATTESTATION|_Attestation|attested_run|_record_evaluation|_evaluation_begins|_validation_files|_checksum")
+
+
+def static_problems(source):
+    """Why train.py, as written, would not report the harness's val_bpb (empty when no reason is seen)."""
+    tree = ast.parse(source)
+    nodes = list(ast.walk(tree))
+    problems = []
+    imported = any(isinstance(node, ast.ImportFrom) and node.module == "prepare"
+                   and any(a.name == "evaluate_bpb" and a.asname in (None, "evaluate_bpb") for a in node.names)
+                   for node in nodes)
+    called = any(isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "evaluate_bpb"
+                 for node in nodes)
+    if not (imported and called):
+        problems.append("train.py must import evaluate_bpb from prepare and call it to score the model")
+    from_harness = {a.asname or a.name for node in nodes if isinstance(node, ast.ImportFrom)
+                    and node.module == "prepare" for a in node.names}
+    for node in nodes:
+        if isinstance(node, ast.Name) and node.id in from_harness and isinstance(node.ctx, ast.Store):
+            problems.append(f"line {node.lineno}: train.py reassigns {node.id}, which prepare.py fixes")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == "evaluate_bpb":
+            problems.append(f"line {node.lineno}: train.py defines its own evaluate_bpb")
+        elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del))
+              and isinstance(node.value, ast.Name) and node.value.id == "prepare"):
+            problems.append(f"line {node.lineno}: train.py changes prepare.{node.attr}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                node.value == "validation" or re.search(r"(^|[-/\\])val($|[-./])", node.value)):
+            problems.append(f"line {node.lineno}: train.py names the validation data ({node.value[:40]!r})")
+        elif isinstance(node, (ast.Name, ast.Attribute, ast.alias)) and PRIVATE_HARNESS_NAME.fullmatch(
+                getattr(node, "id", None) or getattr(node, "attr", None) or node.name):
+            problems.append(f"line {getattr(node, 'lineno', '?')}: train.py uses prepare's internals")
+    return list(dict.fromkeys(problems))
+
+
+# -----------------------------------------------------------------------------
+# The harness's record of a run
+
+class Attestation:
+    """One run's channel to the harness: a fresh key (so no record of another run, or one written by train.py
+    without the key, verifies) and a private folder for the record. Send `request()` on the run's stdin."""
+
+    def __init__(self):
+        self.key = secrets.token_bytes(32)
+        self.folder = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
+        self.path = self.folder / "record.json"
+
+    def request(self):
+        return json.dumps({"record": str(self.path), "key": self.key.hex()}) + "\n"
+
+    def read(self):
+        """(record, None), or (None, why there is none) when the file is missing or does not verify."""
+        try:
+            signed = json.loads(self.path.read_text())
+            record, mac = signed["record"], signed["hmac"]
+        except FileNotFoundError:
+            return None, ("the harness wrote no record of the run (train.py did not let evaluate_bpb finish, "
+                          "or removed the record)")
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, "the harness's record of the run is unreadable: it was altered"
+        expected = hmac.new(self.key, json.dumps(record, sort_keys=True).encode(), "sha256").hexdigest()
+        if not hmac.compare_digest(expected, str(mac)):
+            return None, "the harness's record of the run does not verify: it was altered"
+        return record, None
+
+    def close(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def evaluation(record):
+    """The harness's evaluation of the run's final model, or None."""
+    return record["evaluations"][-1] if record and record["evaluations"] else None
+
+
+def training_seconds(record):
+    """Wall clock from the first training batch to the start of the evaluation, as the harness saw it."""
+    evaluated = evaluation(record)
+    if evaluated is None or record["first_train_batch"] is None:
+        return None
+    return evaluated["started"] - record["first_train_batch"]
+
+
+def record_problems(record, missing, returncode, printed_val_bpb, constants):
+    """The rules of the metric a finished run broke, from the harness's record (empty: none).
+
+    record: the verified record or None (then `missing` says why); printed_val_bpb: the number in train.py's
+    summary, or None; constants: the prepared cache's max_seq_len and eval_tokens."""
+    claims = returncode == 0 and printed_val_bpb is not None  # a crash claims nothing: it is a crash
+    if record is None:
+        return [missing] if claims else []
+    problems = list(record["violations"])
+    evaluations = record["evaluations"]
+    if len(evaluations) > 1:
+        problems.append(f"evaluate_bpb ran {len(evaluations)} times: only one evaluation, of the final model, "
+                        "is allowed (more would select on the validation data)")
+    if any(not e["causal"] for e in evaluations):
+        moved = max(e["future_influence"] or 0.0 for e in evaluations)
+        problems.append(f"evaluate_bpb refused to score a model that looks at future tokens (the loss at earlier "
+                        f"positions moved by {moved:.3g} nats when only later tokens changed)")
+    final = evaluation(record)
+    if final and final["val_bpb"] is not None:
+        rows = final["batch_size"] * constants["max_seq_len"]
+        expected = constants["eval_tokens"] // rows * rows
+        if final["seq_len"] != constants["max_seq_len"] or final["tokens"] != expected:
+            problems.append(f"evaluate_bpb scored {final['tokens']} tokens at sequence length {final['seq_len']}, "
+                            f"not the {expected} at {constants['max_seq_len']} that EVAL_TOKENS and MAX_SEQ_LEN "
+                            "give: the harness's constants were changed")
+        if printed_val_bpb is not None and abs(printed_val_bpb - final["val_bpb"]) > 1e-6:
+            problems.append(f"train.py printed val_bpb {printed_val_bpb:.6f}, but evaluate_bpb measured "
+                            f"{final['val_bpb']:.6f}")
+    elif claims and not evaluations:
+        problems.append("train.py printed a val_bpb, but evaluate_bpb never finished an evaluation")
+    return list(dict.fromkeys(problems))
+
+
+# -----------------------------------------------------------------------------
+# The wall clock: the budget is TIME_BUDGET seconds of training, whatever train.py counts
+
+def timing_slack(time_budget):
+    """Seconds of jitter (the scheduler, a stall of the machine) no run is blamed for: 2 % of the budget, 1 s at
+    least. A run that trained that much longer would gain at most 2 % more steps."""
+    return max(1.0, 0.02 * time_budget)
+
+
+def wall_clock_limits(baseline, time_budget, batch_gap):
+    """(training, total): the most seconds a run may spend from its first training batch to its evaluation,
+    and in all. Both scale with what the unmodified train.py measured on this machine: `baseline` holds
+    (total seconds, training seconds) of its runs. Its start-up inside the training interval (compilation,
+    the first steps train.py leaves uncounted, the last step's overshoot) and its time outside it (imports,
+    building the model, the evaluation) may each double, as a deeper model's would; plus two steps of the
+    run itself (`batch_gap`, its median seconds between training batches), and timing_slack()."""
+    start_up = max(max(0.0, (training or 0.0) - time_budget) for _, training in baseline)
+    outside = max(total - (training or 0.0) for total, training in baseline)
+    training_limit = time_budget + 2 * start_up + 2 * (batch_gap or 0.0) + timing_slack(time_budget)
+    return training_limit, training_limit + 2 * outside
+
+
+def wall_clock_problems(seconds, record, baseline, time_budget):
+    """A run that trained, or ran, longer than the budget allows (the driver's clock and the harness's)."""
+    if not baseline:
+        return []  # the baseline's own runs set the limits
+    training_limit, total_limit = wall_clock_limits(baseline, time_budget, record and record["median_batch_gap"])
+    problems = []
+    trained = training_seconds(record)
+    if trained is not None and trained > training_limit:
+        problems.append(f"it trained for {trained:.1f}s (first training batch to evaluation), over the "
+                        f"{training_limit:.1f}s a {time_budget:g}s budget allows on this machine")
+    if seconds > total_limit:
+        problems.append(f"the run took {seconds:.0f}s of wall clock, over the {total_limit:.0f}s a "
+                        f"{time_budget:g}s budget allows on this machine")
+    return problems
+
+
+def baseline_timings(runs):
+    """(total seconds, training seconds) of the given valid runs of the baseline, for wall_clock_limits."""
+    return [(r["seconds"], training_seconds(r.get("attestation"))) for r in runs]
+
+
+# -----------------------------------------------------------------------------
+# prepare.py and the prepared cache
+
+def cache_dir():
+    return Path(os.environ.get("AUTORESEARCH_CACHE") or "~/.cache/autoresearch").expanduser()
+
+
+def harness_fingerprint():
+    """What val_bpb depends on besides train.py: prepare.py and the prepared cache (not the raw downloads).
+    sha256 of prepare.py, the manifest, the tokenizer and the validation tokens; size and mtime of the
+    training tokens, which can be gigabytes and do not enter the metric."""
+    cache = cache_dir()
+    manifest = cache / "manifest.json"
+    val_parts = set(json.loads(manifest.read_text()).get("splits", {}).get("val", {}).get("parts", []))
+    fingerprint = {"prepare.py": hashlib.sha256(Path("prepare.py").read_bytes()).hexdigest()}
+    for path in [manifest] + sorted(p for folder in ("tokenizer", "tokens") for p in (cache / folder).rglob("*")
+                                    if p.is_file()):
+        if path.parent.name == "tokens" and path.stem not in val_parts:
+            stat = path.stat()
+            fingerprint[str(path.relative_to(cache))] = f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}"
+        else:
+            fingerprint[str(path.relative_to(cache))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return fingerprint
+
+
+def fingerprint_changes(then, now):
+    return sorted(name for name in then.keys() | now.keys() if then.get(name) != now.get(name))

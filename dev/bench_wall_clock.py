@@ -1,0 +1,56 @@
+"""
+What the wall-clock rule allows on this machine: runs the unmodified train.py under the harness, as
+agent_loop.py does, and prints each run's times and the limits its baseline would set.
+
+    uv run dev/bench_wall_clock.py --runs 3           # with the prepared cache ($AUTORESEARCH_CACHE)
+
+Per run: total wall clock (the driver's clock), the training interval (the harness's clock, from the first
+training batch to the start of the evaluation), its start-up (the interval beyond TIME_BUDGET: compilation,
+the uncounted first steps, the last step's overshoot), the time outside it (imports, building the model,
+the evaluation, exit) and the median seconds between training batches. Then the limits of
+autoresearch.integrity.wall_clock_limits for a candidate with the same step time, as seconds and as a
+fraction of the budget.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from autoresearch import integrity  # noqa: E402
+from agent_loop import TRAIN_COMMAND  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--runs", type=int, default=3)
+args = parser.parse_args()
+repo = Path(__file__).resolve().parent.parent
+budget = json.loads((integrity.cache_dir() / "manifest.json").read_text())["time_budget"]
+
+timings, gaps = [], []
+for run in range(1, args.runs + 1):
+    attestation = integrity.Attestation()
+    started = time.time()
+    try:
+        result = subprocess.run([sys.executable, "-c", TRAIN_COMMAND], input=attestation.request(), cwd=repo,
+                                capture_output=True, text=True)
+        seconds = time.time() - started
+        record, missing = attestation.read()
+    finally:
+        attestation.close()
+    training = integrity.training_seconds(record)
+    if result.returncode != 0 or training is None:
+        sys.exit(f"run {run} failed ({missing or 'no evaluation'}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    timings.append((seconds, training))
+    gaps.append(record["median_batch_gap"])
+    print(f"run {run}: total {seconds:.1f}s, training {training:.1f}s (start-up {training - budget:.1f}s), "
+          f"outside {seconds - training:.1f}s, median batch gap {record['median_batch_gap']:.3f}s, "
+          f"{record['train_batches']} batches, val_bpb {integrity.evaluation(record)['val_bpb']:.6f}", flush=True)
+
+training_limit, total_limit = integrity.wall_clock_limits(timings, budget, median(gaps))
+print(f"TIME_BUDGET {budget}s: a candidate may train {training_limit:.1f}s ({training_limit / budget - 1:+.0%} of the "
+      f"budget) and run {total_limit:.1f}s in all (median of {args.runs} runs: total "
+      f"{median(s for s, _ in timings):.1f}s, training {median(t for _, t in timings):.1f}s)")
