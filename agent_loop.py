@@ -40,6 +40,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,28 +281,37 @@ TRAIN_COMMAND = "import prepare; prepare.attested_run('train.py')"  # the harnes
 
 def run_training(log_path, timeout, pid_path, request):
     """Run train.py under the harness in its own process group, output to log_path, `request` (the attestation's
-    key and path) on its stdin; kill the group on timeout or interrupt."""
+    key and path) on its stdin; kill the group on timeout or interrupt. (exit code or None on timeout, seconds)"""
     started = time.time()
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen([sys.executable, "-c", TRAIN_COMMAND], stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.PIPE, start_new_session=True)
     pid_path.write_text(str(process.pid))
-    returncode = None
+    timed_out = threading.Event()
+
+    def kill_group():
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it has just ended
+
+    # A timer, not wait(timeout): that polls, and returns up to 50 ms after the run ends
+    timer = threading.Timer(timeout, lambda: (timed_out.set(), kill_group()))
+    timer.start()
     try:
         try:
             process.stdin.write(request.encode())
             process.stdin.close()
         except BrokenPipeError:
             pass  # it ended before reading: its exit code says why
-        returncode = process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
+        returncode = process.wait()
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        timer.cancel()
+        if process.poll() is None:  # interrupted: Ctrl-C, SIGTERM
+            kill_group()
             process.wait()
         pid_path.unlink(missing_ok=True)
-    return returncode, time.time() - started
+    return (None if timed_out.is_set() else returncode), time.time() - started
 
 
 def kill_leftover_training(pid_path):
