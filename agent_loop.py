@@ -17,6 +17,7 @@ running it again with the same --tag resumes, also after it was killed.
     uv run agent_loop.py --agent openai --base-url http://localhost:8000/v1 --model qwen3-32b
     uv run agent_loop.py --agent optuna                    # no LLM: Optuna tunes train.py's constants
     uv run agent_loop.py report                            # the morning summary and progress.png
+    uv run agent_loop.py demo                              # all of it offline, in one command (~15 min)
 
 Everything it writes is kept out of git (it adds itself to .git/info/exclude if needed):
     results.tsv                          one row per experiment (SPEC section 10 format)
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
 
-from autoresearch import integrity
+from autoresearch import demo, integrity
 
 # -----------------------------------------------------------------------------
 # Constants
@@ -56,6 +57,7 @@ RESULTS_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 STATE_ROOT = Path(".autoresearch")  # ignored by git; one folder per tag
 TIMEOUT_MARGIN = 120  # seconds on top of twice the budget: startup, compilation, evaluation
 LOG_TAIL_LINES, LOG_TAIL_CHARS = 50, 4000  # how much of a crashed run's log the agent sees
+PROGRESS_EVERY = 30  # seconds between two status lines of a run when the output is not a terminal
 MAX_DESCRIPTION = 300  # characters of an experiment's description kept (results.tsv, commit message)
 MAX_FAILED_PROPOSALS_IN_A_ROW = 5  # an agent that cannot produce a usable edit stops the night
 MAX_RETRY_DELAY = 600  # seconds: an API outage is waited out at this pace, never given up on
@@ -72,6 +74,13 @@ PLAUSIBILITY_FACTOR = 3  # an improvement over 3x the largest kept so far is re-
 PLAUSIBLE_FIRST_GAIN = 0.02  # ...and the first one when over 2 % of the baseline's val_bpb
 
 DEFAULT_MODELS = {"anthropic": "claude-sonnet-4-6", "claude-code": None, "openai": None, "optuna": None}
+# The options a tag keeps, with their defaults: a resumed tag goes on with the values of its last start unless
+# the command names them; those its results depend on (TAG_IDENTITY) cannot change.
+TAG_OPTIONS = {"agent": "anthropic", "model": None, "base_url": None, "keep_rule": "noise", "noise_runs": 4,
+               "max_runs": 4, "min_delta": 0.0, "optuna_params": None, "max_fix_attempts": None, "max_edit_retries": 2,
+               "max_tokens": 16000, "timeout": None, "price": None, "max_experiments": None, "max_cost": None}
+TAG_IDENTITY = ("agent", "model", "base_url", "keep_rule", "noise_runs", "max_runs", "min_delta", "optuna_params")
+UNREACHABLE_LIMIT = 30 * 60  # seconds an agent's endpoint may refuse connections before the night stops
 # Dollars per million input and output tokens. Anthropic bills a write to the 1-hour prompt
 # cache at 2x the input price and a cache read at 0.1x.
 PRICES_PER_MTOK = {
@@ -114,6 +123,10 @@ CHANGE_TOOL_DESCRIPTION = "Propose one experiment: a one-line description and ex
 
 def log(message):
     print(f"{datetime.datetime.now():%H:%M:%S} {message}", flush=True)
+
+
+def plural(count, word):
+    return f"{count} {word}{'s' * (count != 1)}"
 
 
 def fail(message):
@@ -354,6 +367,41 @@ def log_tail(log_text):
     return "\n".join(lines[-LOG_TAIL_LINES:])[-LOG_TAIL_CHARS:]
 
 
+def run_status(log_path):
+    """The run's latest progress line, shortened: "step 42 (45.1%), loss 4.1234, 16s left", or None."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    steps = [line for line in visible_lines(tail) if line.startswith("step ")]
+    if not steps:
+        return None
+    found = re.match(r"step (\d+) \(([\d.]+)%\) \| loss: ([\d.]+)(?:.*remaining: (\d+)s)?", steps[-1])
+    if not found:  # train.py was edited: its own words, cut short
+        return " ".join(steps[-1].split())[:100]
+    step, percent, loss, left = found.groups()
+    return f"step {int(step)} ({percent}%), loss {float(loss):.4f}" + (f", {left}s left" if left else "")
+
+
+def show_progress(log_path, label, stop):
+    """Until `stop` is set: the run's progress as one status line, rewritten in place on a terminal, printed every
+    PROGRESS_EVERY seconds otherwise (a redirected log gets a line now and then, not a flood)."""
+    tty, shown, printed = sys.stdout.isatty(), "", time.time()
+    while not stop.wait(min(1.0, PROGRESS_EVERY)):
+        status = run_status(log_path)
+        if status and tty:
+            line = f"{datetime.datetime.now():%H:%M:%S} {label} {status}"
+            print("\r" + line.ljust(len(shown)), end="", flush=True)
+            shown = line
+        elif status and time.time() - printed >= PROGRESS_EVERY:
+            log(f"{label} {status}")
+            printed = time.time()
+    if shown:
+        print("\r" + " " * len(shown) + "\r", end="", flush=True)
+
+
 def fence_untrusted(text):
     # A random tag the program's output cannot know, so it cannot close the fence early.
     tag = f"untrusted-program-output-{secrets.token_hex(4)}"
@@ -437,14 +485,27 @@ def is_transient_error(error):
         cls.__name__ == "APIConnectionError" for cls in type(error).__mro__)
 
 
+def is_unreachable(error):
+    """Nothing answers at the endpoint (connection refused, no route), as opposed to a busy or slow server."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return "APIConnectionError" in names and "APITimeoutError" not in names
+
+
 def with_retries(call, first_delay):
-    delay = first_delay
+    """Wait out rate limits, overload and outages, however long; an endpoint unreachable for UNREACHABLE_LIMIT
+    seconds (a server that is not running, a wrong address) stops the night."""
+    delay, unreachable_since = first_delay, None
     while True:
         try:
             return call()
         except Exception as error:
             if not is_transient_error(error):
                 fail(f"the agent's request failed and retrying will not help: {error}")
+            unreachable_since = (unreachable_since or time.time()) if is_unreachable(error) else None
+            if unreachable_since and time.time() - unreachable_since >= UNREACHABLE_LIMIT:
+                fail(f"nothing answered at the agent's endpoint for {UNREACHABLE_LIMIT / 60:g} minutes ({error}): "
+                     "check that its server is running and the address (--base-url, or ANTHROPIC_BASE_URL), then "
+                     "run the same command again to resume.")
             log(f"agent unavailable ({type(error).__name__}: {str(error)[:200]}); retrying in {delay:.1f}s")
             time.sleep(delay)
             delay = min(2 * delay, MAX_RETRY_DELAY)
@@ -646,7 +707,7 @@ OPTUNA_RANGES = """--agent optuna searches around the values in train.py when th
   an int power of two v >= 16            a power of two from v/4 to 4v
   another int v >= 1                     an int in [max(1, v//2), 2v]   (ints below 1 are left alone)
 The first trials change one constant at a time (each one step up, then down: x2 or /2, +-0.25 of a
-uniform range, +-1); TPE then searches all of them together.
+uniform range, +-1), from the best values so far; TPE then searches all of them together.
 Floats are rounded to 2 significant digits. By default only the floats are tuned (the learning rates,
 weight decay, the schedule); name ints such as DEPTH in --optuna-params to search them too.
 SEED and UNCOUNTED_STEPS are never tuned."""
@@ -770,12 +831,16 @@ class OptunaAgent:
     def start(self, prompt):  # the prompt is for language models: what this agent knows is in the study
         records = read_ledger(self.ledger)
         self.tell_results(records)
-        source = Path("train.py").read_text()
+        source = Path("train.py").read_text()  # the best commit's: the loop resets to it before asking
         current = tunable_constants(source, self.device)
+        params = self.params_of(current)
+        self.enqueue_next_probe(params)
         for _ in range(MAX_OPTUNA_ASKS):
             trial = self.study.ask(self.distributions)
-            values = {name: constant_value(*self.space[name], trial.params[name]) for name in self.space}
-            changed = {name: value for name, value in values.items() if name in current and value != current[name][0]}
+            # what the trial moves (a value it leaves as it is stays unrounded)
+            values = {name: constant_value(*self.space[name], trial.params[name]) for name in params
+                      if trial.params[name] != params[name]}
+            changed = {name: value for name, value in values.items() if value != current[name][0]}
             if changed:
                 trial.set_user_attr("experiment", len(result_rows(records)))  # the index run_experiment gives it
                 lines = source.splitlines()
@@ -787,6 +852,22 @@ class OptunaAgent:
 
     def reply(self, error):
         return Proposal(problem=f"--agent optuna cannot repair a proposal that does not apply: {error}")
+
+    def params_of(self, current):
+        """The study's params for train.py's current values (a power of two as its exponent)."""
+        return {name: value.bit_length() - 1 if self.space[name][0] == "pow2" else value
+                for name, (value, *_) in current.items() if name in self.space}
+
+    def enqueue_next_probe(self, params):
+        """Queue the next one-at-a-time probe, taken from the current best's values so that it changes one constant
+        and undoes no kept change; probes that would change nothing (at a range's edge) are passed over."""
+        probes = self.study.user_attrs.get("probes", [])
+        while probes:
+            (name, step), probes = probes[0], probes[1:]
+            self.study.set_user_attr("probes", probes)
+            if name in params and (probe := probe_value(*self.space[name], params[name], step)) != params[name]:
+                self.study.enqueue_trial({**params, name: probe})
+                return
 
     def tell_results(self, records):
         """Tell every trial still running its outcome; add the baseline first (TPE then knows where it started)."""
@@ -800,11 +881,7 @@ class OptunaAgent:
                 user_attrs={"experiment": 0}))
             # Random draws of all constants at once rarely beat tuned values; one-at-a-time probes first say which
             # constants matter, in descriptions a person can read, and give TPE informative history.
-            for name, (kind, low, high) in self.space.items():
-                for step in (1, -1):
-                    probe = probe_value(kind, low, high, params[name], step)
-                    if probe != params[name]:
-                        self.study.enqueue_trial({**params, name: probe})
+            self.study.set_user_attr("probes", [[name, step] for name in self.space for step in (1, -1)])
         for trial in self.study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
             result = results.get(trial.user_attrs.get("experiment"))
             if result and result["status"] in ("keep", "discard"):
@@ -937,11 +1014,15 @@ def run_and_record(night, experiment, attempt, commit, number, repeat=1):
         f"(log {log_path}, time limit {night.timeout:.0f}s)")
     night.record(event="run_started", experiment=experiment, attempt=attempt, commit=commit, log=str(log_path))
     untracked_before = set(untracked_files())
-    attestation = integrity.Attestation()
+    attestation, stop_progress = integrity.Attestation(), threading.Event()
+    progress = threading.Thread(target=show_progress, args=(log_path, f"#{experiment}", stop_progress), daemon=True)
+    progress.start()
     try:
         returncode, seconds = run_training(log_path, night.timeout, night.state_dir / "train.pid", attestation.request())
         record, missing = attestation.read()
     finally:
+        stop_progress.set()
+        progress.join()
         attestation.close()
     left = sorted(name for name in set(untracked_files()) - untracked_before if "__pycache__" not in Path(name).parts)
     for name in left:  # a checkpoint the next run could start from: every run starts from nothing
@@ -999,6 +1080,7 @@ def run_baseline(night):
         if not run["ok"]:
             fail(f"the unmodified train.py did not produce val_bpb (see {run['log']}). Fix the setup, then run "
                  f"agent_loop.py again with --tag {night.args.tag}.")
+        log(f"#0 baseline run {run['repeat']} of {runs}: val_bpb {run['val_bpb']:.6f} ({run['seconds']:.0f}s)")
     last = next(r for r in reversed(night.records) if r["event"] == "run" and r["commit"] == commit and r["ok"])
     sigma, dof = noise_estimate(night.records)
     reason = f"mean of {runs} runs, noise sigma {sigma:.6f}" if dof else "one run"
@@ -1037,6 +1119,7 @@ def run_experiment(night):
         return
     night.failed_proposals_in_a_row = 0
     commit, description, number = change
+    log(f"#{experiment} the idea: {description}")
     run = run_and_record(night, experiment, 0, commit, number)
     for fix in range(1, args.max_fix_attempts + 1):
         if run["ok"] or run["timed_out"] or run["problems"]:
@@ -1171,9 +1254,11 @@ def plot_progress(rows, title, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # here, not at the top: the loop never pays for it
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
     kept = [r for r in rows if r["status"] == "keep"]  # crashes have no val_bpb and invalid ones a wrong one
-    discarded = [r for r in rows if r["status"] == "discard"]
+    near_misses = [r for r in rows if r["status"] == "discard" and r["val_bpb"] < min(  # lower, but within the noise
+        (k["val_bpb"] for k in kept if k["experiment"] < r["experiment"]), default=-math.inf)]
+    discarded = [r for r in rows if r["status"] == "discard" and r not in near_misses]
     running = [min(r["val_bpb"] for r in kept[:i + 1]) for i in range(len(kept))]  # the best after each keep
-    values = [r["val_bpb"] for r in kept + discarded]
+    values = [r["val_bpb"] for r in kept + discarded + near_misses]
     # From the best to a bit above the baseline: a diverged run must not flatten the curve that matters.
     # A discard can lie below the best: under the noise rule a mean a bit lower is not always a keep.
     low, high = (min(values), running[0]) if kept else (min(values), max(values))
@@ -1187,6 +1272,10 @@ def plot_progress(rows, title, path):
     ax = fig.subplots()
     ax.scatter([r["experiment"] for r in discarded], [r["val_bpb"] for r in discarded], s=16, color="#aaaaaa",
                alpha=0.5, zorder=2, label=f"discarded ({hidden} above the plot)" if hidden else "discarded")
+    if near_misses:
+        ax.scatter([r["experiment"] for r in near_misses], [r["val_bpb"] for r in near_misses], s=30,
+                   facecolors="none", edgecolors="#e08000", linewidths=1.2, zorder=3,
+                   label="discarded: lower than the best, but within the noise")
     ax.scatter([r["experiment"] for r in kept], [r["val_bpb"] for r in kept], s=44, color="#2ca02c",
                edgecolors="black", linewidths=0.5, zorder=4, label="kept")
     if kept:  # the best holds from each keep until the next one, to the last experiment
@@ -1197,7 +1286,8 @@ def plot_progress(rows, title, path):
         ax.annotate(text, (r["experiment"], r["val_bpb"]), xytext=(5, 5), textcoords="offset points",
                     rotation=45, fontsize=7.5, color="#1b5e20", zorder=5)
     ax.set_ylim(low - 0.05 * (top - low), top)
-    ax.set_xlim(-1, rows[-1]["experiment"] + max(3, 0.2 * len(rows)))  # room right for the last label
+    ax.set_xlim(-0.5, rows[-1]["experiment"] + max(1.5, 0.2 * len(rows)))  # room right for the last label
+    ax.xaxis.get_major_locator().set_params(integer=True)  # experiments are numbered
     ax.set(title=title, xlabel="experiment", ylabel="val_bpb (lower is better)")
     ax.grid(alpha=0.25)
     ax.legend(loc="upper right")
@@ -1217,7 +1307,8 @@ def print_report(s, source):
     else:
         print("no baseline: no experiment has a val_bpb yet (every one crashed or is invalid)")
     rate = "n/a" if s["keep_rate"] is None else f"{100 * s['keep_rate']:.0f} %"
-    print(f"experiments  {s['experiments']} (baseline included): {s['kept']} kept, {s['discarded']} discarded, "
+    print(f"experiments  {s['experiments']} (baseline included): {plural(s['kept'], 'idea')} kept, "
+          f"{s['discarded']} discarded, "
           f"{s['crashes']} crashed, {s['invalid']} invalid; keep rate {rate}")
     if s["noise_sigma"] is not None:
         print(f"noise        sigma {s['noise_sigma']:.6f} of val_bpb between runs of one commit ({s['noise_dof']} "
@@ -1264,7 +1355,8 @@ def report_main(argv):
     summary["png"] = str(Path(args.png or png)) if summary["baseline"] or summary["discarded"] else None
     if summary["png"]:  # else nothing has a val_bpb: no empty plot
         invalid = f", {summary['invalid']} invalid" if summary["invalid"] else ""
-        plot_progress(rows, f"autoresearch {name}: {summary['experiments']} experiments, {summary['kept']} kept, "
+        plot_progress(rows, f"autoresearch {name}: {plural(summary['experiments'], 'experiment')}, "
+                      f"{plural(summary['kept'], 'idea')} kept, "
                       f"{summary['crashes']} crashed{invalid}", summary["png"])
     if args.json:
         print(json.dumps({"source": source, **summary}, indent=2))
@@ -1308,7 +1400,9 @@ def check_branch(tag, records):
     return branch, exists
 
 
-def parse_args(argv):
+def parse_args(argv, started_with=None):
+    """The options of this invocation: those the command names, else (started_with) the ones a resumed tag last
+    started with, else the defaults."""
     parser = argparse.ArgumentParser(
         description="Let an AI agent improve train.py overnight: it proposes one idea, this program runs it for\n"
         "the time budget and keeps it if val_bpb went down by more than the noise, again and again.\n"
@@ -1317,16 +1411,17 @@ def parse_args(argv):
         epilog="examples:\n  uv run agent_loop.py --max-hours 8\n  uv run agent_loop.py --agent claude-code\n"
         "  uv run agent_loop.py --agent openai --base-url http://localhost:11434/v1 --model qwen3-coder\n"
         "  uv run agent_loop.py --agent optuna --optuna-params MATRIX_LR,WARMDOWN_RATIO\n"
-        "  uv run agent_loop.py report          # the morning summary and progress.png (see report --help)\n\n"
+        "  uv run agent_loop.py report          # the morning summary and progress.png (see report --help)\n"
+        "  uv run agent_loop.py demo            # the offline demo, in one command (see demo --help)\n\n"
         + OPTUNA_RANGES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tag", default=datetime.date.today().strftime("%b%d").lower(),
                         help="run name: the branch is autoresearch/<tag>; an existing tag is resumed "
                         "(default: today, %(default)s)")
-    parser.add_argument("--agent", choices=list(AGENTS), default="anthropic",
+    parser.add_argument("--agent", choices=list(AGENTS),
                         help="who proposes: the Anthropic API (ANTHROPIC_API_KEY), the claude CLI, an "
                         "OpenAI-compatible endpoint, or optuna: no LLM, Optuna's TPE tunes the numeric ALL-CAPS "
-                        "constants of train.py within the ranges below (default: %(default)s)")
+                        "constants of train.py within the ranges below (default: anthropic)")
     parser.add_argument("--model", help=f"model name (default: {DEFAULT_MODELS['anthropic']} for anthropic, the CLI's "
                         "own for claude-code; required for openai)")
     parser.add_argument("--base-url", help="API endpoint, e.g. http://localhost:8000/v1 for a local OpenAI-compatible "
@@ -1341,25 +1436,22 @@ def parse_args(argv):
                         "built-in price (known: " + ", ".join(PRICES_PER_MTOK) + ")")
     parser.add_argument("--timeout", type=float, help="seconds before a run is killed (default: twice TIME_BUDGET "
                         f"plus {TIMEOUT_MARGIN})")
-    parser.add_argument("--keep-rule", choices=KEEP_RULES, default="noise",
+    parser.add_argument("--keep-rule", choices=KEEP_RULES,
                         help="noise: measure run-to-run noise on the baseline, discard a candidate whose mean is not "
                         "below the best's, else run it --max-runs times in all and keep it only when the "
                         "difference of means clears a one-sided t-test at 2.5%% and --min-delta; greedy: the "
-                        "reference's rule, one run, keep if lower (default: %(default)s)")
-    parser.add_argument("--noise-runs", type=int, default=4,
-                        help="runs of the baseline that measure the noise, rule noise (default: %(default)s)")
-    parser.add_argument("--max-runs", type=int, default=4,
-                        help="most runs of one candidate, rule noise (default: %(default)s)")
-    parser.add_argument("--min-delta", type=float, default=0.0,
-                        help="smallest val_bpb gain worth keeping, whatever the noise (default: %(default)s)")
+                        "reference's rule, one run, keep if lower (default: noise)")
+    parser.add_argument("--noise-runs", type=int,
+                        help="runs of the baseline that measure the noise, rule noise (default: 4)")
+    parser.add_argument("--max-runs", type=int, help="most runs of one candidate, rule noise (default: 4)")
+    parser.add_argument("--min-delta", type=float,
+                        help="smallest val_bpb gain worth keeping, whatever the noise (default: 0)")
     parser.add_argument("--optuna-params", help="NAME,NAME: the constants --agent optuna tunes (default: all "
                         "it can; fixed when the tag's study is created)")
     parser.add_argument("--max-fix-attempts", type=int,
                         help="fixes the agent may try after a crash (default: 2; 0 for optuna, which cannot fix one)")
-    parser.add_argument("--max-edit-retries", type=int, default=2,
-                        help="times an unapplicable reply is sent back (default: %(default)s)")
-    parser.add_argument("--max-tokens", type=int, default=16000,
-                        help="output token limit of one reply (default: %(default)s)")
+    parser.add_argument("--max-edit-retries", type=int, help="times an unapplicable reply is sent back (default: 2)")
+    parser.add_argument("--max-tokens", type=int, help="output token limit of one reply (default: 16000)")
     parser.add_argument("--retry-delay", type=float, default=5.0, help="seconds before the first retry of a failed "
                         f"API call; it doubles up to {MAX_RETRY_DELAY}s and never gives up (default: %(default)s)")
     parser.add_argument("--api-timeout", type=float, default=600.0,
@@ -1369,6 +1461,16 @@ def parse_args(argv):
         parser.error(f"--tag {args.tag!r}: use letters, digits, '.', '_' and '-'")
     if args.price and not re.fullmatch(r"[0-9.]+,[0-9.]+", args.price):
         parser.error(f"--price {args.price!r}: expected IN,OUT, e.g. 3,15")
+    started_with = started_with or {}
+    changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (it was started with {started_with[name]})"
+               for name in TAG_IDENTITY if getattr(args, name) is not None and name in started_with
+               and getattr(args, name) != started_with[name]]
+    if changed:
+        fail(f"tag {args.tag} cannot change {'; '.join(changed)}: its results so far depend on them. Leave them out "
+             "to resume it as it was started, or start a new --tag.")
+    for name, default in TAG_OPTIONS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, started_with.get(name, default))
     if args.noise_runs < 2 or args.max_runs < 2:
         parser.error("--noise-runs and --max-runs must be at least 2: noise is measured on repeated runs")
     args.model = args.model or DEFAULT_MODELS[args.agent]
@@ -1385,6 +1487,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
+    if argv[:1] == ["demo"]:
+        return demo.demo_main(argv[1:])
     args = parse_args(argv)
     root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip()
     if not root:
@@ -1397,14 +1501,22 @@ def main(argv=None):
     state_dir = STATE_ROOT / args.tag
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     keep_out_of_git("results.tsv", "progress.png", f"{STATE_ROOT}/")
-    lock = open(STATE_ROOT / "lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fail(f"another agent_loop.py is running in {root}.")
+    with open(STATE_ROOT / "lock", "w") as lock:  # closed, so released, however the night ends
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fail(f"another agent_loop.py is running in {root}.")
+        return run_night(args, argv, constants, state_dir)
+
+
+def run_night(args, argv, constants, state_dir):
+    """Start or resume the tag, then experiment until a limit, an interrupt or an error; the exit code."""
     git("var", "GIT_COMMITTER_IDENT")  # fails now, not after the baseline, when git has no user.name/email
     end_unfinished_line(state_dir / "ledger.jsonl")
     records = read_ledger(state_dir / "ledger.jsonl")
+    started = [r for r in records if r["event"] == "start"]
+    if started and "options" in started[-1]:  # a resumed tag goes on as it was started, unless told otherwise
+        args = parse_args(argv, started[-1]["options"])
     branch, resuming = check_branch(args.tag, records)
     agent = AGENTS[args.agent](args, instructions_text())  # before the branch: an agent that cannot start leaves none
     if resuming:
@@ -1421,12 +1533,12 @@ def main(argv=None):
     kill_leftover_training(state_dir / "train.pid")
     night.record(event="start", tag=args.tag, branch=branch, base_commit=git("rev-parse", "HEAD"), agent=args.agent,
                  model=args.model, time_budget=constants["time_budget"], timeout=night.timeout, keep_rule=args.keep_rule,
-                 fingerprint=fingerprint, argv=argv)
+                 fingerprint=fingerprint, argv=argv, options={name: getattr(args, name) for name in TAG_OPTIONS})
     best = best_result(night.records)
     git("reset", "--hard", best["commit"] if best else base_commit(night.records))
     write_results_tsv(night.records, state_dir)
     log(f"{'resuming' if resuming else 'starting'} {branch}: {len(result_rows(night.records))} experiments so far, "
-        f"agent {args.agent} ({args.model or 'default model'}), runs killed after {night.timeout:.0f}s")
+        f"agent {args.agent}{f' ({args.model})' if args.model else ''}, runs killed after {night.timeout:.0f}s")
 
     def stop_on_sigterm(signum, frame):
         raise KeyboardInterrupt
@@ -1455,9 +1567,24 @@ def main(argv=None):
             signal.signal(signum, handler)
     rows = result_rows(night.records)
     summary = f"best val_bpb {best['val_bpb']:.6f} at {best['commit'][:7]}" if best else "no baseline yet"
-    log(f"stopped: {reason}. {len(rows)} experiments, {sum(r['status'] == 'keep' for r in rows)} kept, {summary}. "
-        f"Resume with: uv run agent_loop.py --tag {args.tag}")
+    log(f"stopped: {reason}. {count_text(rows)}, {summary}. {go_on_hint(args, reason)}")
     return exit_code
+
+
+def count_text(rows):
+    """The counts as the loop and the report say them: experiments include the baseline, kept ideas do not."""
+    kept = sum(r["status"] == "keep" for r in rows[1:])
+    return f"{plural(len(rows), 'experiment')} (baseline included), {plural(kept, 'idea')} kept"
+
+
+def go_on_hint(args, reason):
+    """The command that goes on from here: the tag keeps its options, so only a limit it reached must be raised."""
+    command = f"uv run agent_loop.py --tag {args.tag}"
+    if reason.startswith("reached --max-experiments"):
+        return f"To go on, raise the limit: {command} --max-experiments {args.max_experiments + 10}"
+    if reason.startswith("spent $"):
+        return f"To go on, raise the limit: {command} --max-cost {2 * args.max_cost:g}"
+    return f"Resume with: {command}"
 
 
 if __name__ == "__main__":

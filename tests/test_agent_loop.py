@@ -8,8 +8,10 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -335,6 +337,16 @@ def test_token_usage_and_cost_are_in_the_ledger_and_max_cost_stops(night):
     assert night.ledger()[-1]["reason"].startswith("spent $0.01")
 
 
+def test_the_loop_names_the_idea_shows_a_run_s_progress_and_each_baseline_run(night, monkeypatch):
+    monkeypatch.setattr(agent_loop, "PROGRESS_EVERY", 0.2)  # 30 s in a real redirected log
+    night.llm.script(change("train a while", ('print("---")', 'time.sleep(1.0)\nprint("---")')))
+    out = night.run("--max-experiments", "2", "--keep-rule", "greedy").stdout
+    assert re.search(r"#0 baseline run 1 of 1: val_bpb 1\.000000 \(\d+s\)", out)
+    assert "#1 the idea: train a while" in out
+    assert "#1 step 2 (2.0%), loss 8.0000" in out  # the run's own progress line, read from its log
+    assert out.index("#1 the idea") < out.index("#1 step 2") < out.index("#1 discard")
+
+
 # -----------------------------------------------------------------------------
 # Stopping and resuming
 
@@ -385,6 +397,49 @@ def test_resume_after_sigkill_redoes_the_unfinished_experiment_without_duplicate
     assert "hang" in [night.git("log", "-1", "--format=%s", commit) for commit in night.refs()]
     assert [r["event"] for r in night.ledger()].count("start") == 2
     assert night.is_clean()
+
+
+def test_a_resumed_tag_goes_on_with_the_agent_and_options_it_was_started_with(night):
+    assert night.run("--agent", "optuna", "--keep-rule", "greedy", "--max-experiments", "2").returncode == 0
+    result = night.run("--max-experiments", "3")  # no --agent: the tag's, not the default anthropic
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [(r["agent"], r["keep_rule"]) for r in night.ledger() if r["event"] == "start"] == [("optuna", "greedy")] * 2
+    assert night.requests() == [] and len(night.rows()) == 3
+    assert "agent optuna, runs killed" in result.stdout  # no "(default model)" for an agent without one
+
+
+def test_a_resumed_tag_refuses_another_agent_and_names_both(night):
+    assert night.run("--agent", "optuna", "--max-experiments", "1").returncode == 0
+    result = night.run("--agent", "anthropic", "--keep-rule", "greedy")
+    assert result.returncode == 1
+    assert "--agent anthropic (it was started with optuna); --keep-rule greedy (it was started with noise)" in result.stderr
+
+
+def test_the_hint_to_go_on_raises_the_limit_that_was_reached(night):
+    result = night.run("--agent", "optuna", "--max-experiments", "1")
+    assert "To go on, raise the limit: uv run agent_loop.py --tag t --max-experiments 11" in result.stdout
+    night.llm.script(change("lower val_bpb", BETTER))
+    result = night.run("--agent", "optuna", "--max-experiments", "11", "--max-hours", "0")
+    assert "Resume with: uv run agent_loop.py --tag t\n" in result.stdout  # --max-hours counts per invocation
+
+
+def test_the_loop_counts_experiments_and_kept_ideas_as_the_report_does(night, capsys):
+    night.llm.script(change("lower val_bpb", BETTER), change("raise val_bpb", ("VAL_BPB = 0.990000", "VAL_BPB = 1.01")))
+    result = night.run("--max-experiments", "3")
+    assert "stopped: reached --max-experiments 3. 3 experiments (baseline included), 1 idea kept" in result.stdout
+    assert agent_loop.main(["report"]) == 0
+    assert "experiments  3 (baseline included): 1 idea kept, 1 discarded" in capsys.readouterr().out
+
+
+def test_an_agent_endpoint_that_nothing_answers_stops_the_night_after_a_while(night, monkeypatch):
+    monkeypatch.setattr(agent_loop, "UNREACHABLE_LIMIT", 0.5)
+    with socket.socket() as closed:  # a port that was free a moment ago: nothing listens there
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    result = night.run("--agent", "openai", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m",
+                       "--max-experiments", "2")
+    assert result.returncode == 1 and "nothing answered at the agent's endpoint for 0.00833333 minutes" in result.stderr
+    assert "then run the same command again to resume" in result.stderr and night.is_clean()
 
 
 def test_a_driver_killed_after_the_baseline_runs_records_the_baseline_without_running_it_again(night):

@@ -216,6 +216,15 @@ def test_the_first_trials_change_one_constant_at_a_time_up_then_down(tmp_path, m
     assert descriptions[4].count(" -> ") == 2  # then TPE, over all of them
 
 
+def test_probes_start_from_the_best_so_a_kept_probe_is_not_undone(night):
+    # the fake train.py reports VAL_BPB: halving it is a real gain, and the next probe must keep it
+    result = night.run("--agent", "optuna", "--keep-rule", "greedy", "--max-experiments", "4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [row[1:] for row in night.rows()[1:]] == [
+        ["2.000000", "2.0", "discard", "VAL_BPB 1.000000 -> 2.0"], ["0.500000", "2.0", "keep", "VAL_BPB 1.000000 -> 0.5"],
+        ["0.500000", "4.0", "discard", "PEAK_VRAM_MB 2048.0 -> 4100.0"]]
+
+
 def test_reply_cannot_repair_a_proposal(tmp_path, monkeypatch):
     driver = Driver(tmp_path, monkeypatch, NOISY)
     with pytest.raises(agent_loop.EditError, match="cannot repair"):

@@ -116,7 +116,7 @@ def test_text_report_has_the_numbers(tsv, capsys):
     assert "baseline     val_bpb 1.000000" in out
     assert "best         val_bpb 0.969000  #8 iiiiiii  warmdown to 0.05 of the peak LR" in out
     assert "improvement  0.031000 (3.10 %)" in out
-    assert "4 kept, 3 discarded, 1 crashed, 1 invalid; keep rate 44 %" in out
+    assert "(baseline included): 4 ideas kept, 3 discarded, 1 crashed, 1 invalid; keep rate 44 %" in out
     assert "time, cost   unknown" in out
     assert "     7  hhhhhhh  0.970000  -0.015000  add a 9th layer" in out
     assert "  1. -0.015000  #7 add a 9th layer" in out
@@ -162,6 +162,25 @@ def test_plot_shows_ideas_up_to_10_percent_worse_and_a_discard_below_the_best(tm
     ax = agent_loop.plot_progress(agent_loop.read_results_tsv(tsv), "t", tmp_path / "p.png").axes[0]
     low, high = ax.get_ylim()
     assert low < 1.99 and high > 2.15
+
+
+def test_a_discard_below_the_best_of_its_time_is_marked_as_within_the_noise(tmp_path):
+    rows = [("aaaaaaa", 2.00, "keep", "baseline"), ("bbbbbbb", 1.99, "discard", "within the noise"),
+            ("ccccccc", 1.90, "keep", "a real gain"), ("ddddddd", 1.95, "discard", "worse than the new best")]
+    tsv = write_tsv(tmp_path / "results.tsv", rows)
+    ax = agent_loop.plot_progress(agent_loop.read_results_tsv(tsv), "t", tmp_path / "p.png").axes[0]
+    marked = next(c for c, text in zip(ax.collections, ax.get_legend().get_texts())
+                  if text.get_text() == "discarded: lower than the best, but within the noise")
+    assert [tuple(point) for point in marked.get_offsets()] == [(1, 1.99)]
+
+
+def test_the_x_axis_fits_the_experiments_with_whole_numbers(tmp_path):
+    rows = [("aaaaaaa", 2.00, "keep", "baseline")] + [(f"{i}" * 7, 2.1, "discard", "x") for i in range(1, 6)]
+    ax = agent_loop.plot_progress(agent_loop.read_results_tsv(write_tsv(tmp_path / "r.tsv", rows)), "t",
+                                  tmp_path / "p.png").axes[0]
+    left, right = ax.get_xlim()
+    assert left == -0.5 and 5 < right <= 7
+    assert all(tick == int(tick) for tick in ax.get_xticks() if left <= tick <= right)
 
 
 def test_running_best_steps_after_each_keep(tsv, tmp_path):

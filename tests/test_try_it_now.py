@@ -1,8 +1,9 @@
-"""The README's "Try it now" path, shortened: prepare the stdlib corpus, let --agent optuna run the
-real train.py on the CPU, read the report. A fresh git repository in a temp dir, no network."""
+"""The README's "Try it now": `agent_loop.py demo` end to end, shortened (a tiny budget and fewer runs), in a
+fresh git repository in a temp dir, offline, on the CPU, with the real train.py under the real harness."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,20 +12,20 @@ import pytest
 
 from conftest import REPO
 
-FILES = ("prepare.py", "train.py", "agent_loop.py", "program.md", "README.md", "pyproject.toml")
+FILES = ("prepare.py", "train.py", "agent_loop.py", "program.md", "README.md", "pyproject.toml", ".gitignore")
 PACKAGE = "autoresearch"  # the loop's parts
 
 
 @pytest.mark.slow
-def test_prepare_then_optuna_then_report_works_offline_on_the_cpu(tmp_path):
-    repo, cache = tmp_path / "autoresearch", tmp_path / "cache"
+def test_the_demo_runs_the_offline_loop_and_leaves_the_checkout_as_it_was(tmp_path):
+    repo, cache = tmp_path / "autoresearch", tmp_path / "demo-cache"
     repo.mkdir()
     for name in FILES:
         shutil.copy(REPO / name, repo / name)
     shutil.copytree(REPO / PACKAGE, repo / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
-    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1",
-           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+    env = {**os.environ, "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1", "AUTORESEARCH_CACHE": str(tmp_path / "main")}
+    for name in [n for n in env if n.startswith("GIT_") and n != "GIT_CONFIG_NOSYSTEM"]:
+        del env[name]  # no identity at all: the demo must not need one
 
     def run(*args, timeout=300):
         result = subprocess.run([*args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
@@ -33,21 +34,27 @@ def test_prepare_then_optuna_then_report_works_offline_on_the_cpu(tmp_path):
 
     run("git", "init", "-q", "-b", "main")
     run("git", "add", ".")
-    run("git", "commit", "-q", "-m", "autoresearch")
-    # The README's path with a shorter budget and smaller rows, and fewer runs per decision.
-    run(sys.executable, "prepare.py", "--dataset", "stdlib", "--preset", "small",
-        "--max-seq-len", "64", "--time-budget", "2", "--eval-tokens", "4096")
-    run(sys.executable, "agent_loop.py", "--agent", "optuna", "--max-experiments", "2",
-        "--noise-runs", "2", "--max-runs", "2")
-    report = run(sys.executable, "agent_loop.py", "report")
-    summary = json.loads(run(sys.executable, "agent_loop.py", "report", "--json"))
+    run("git", "-c", "user.name=u", "-c", "user.email=u@example.com", "commit", "-q", "-m", "autoresearch")
+    (repo / "notes.txt").write_text("the user's own untracked file\n")
+    before = [run("git", *command) for command in (("status", "--porcelain"), ("branch", "-a"), ("rev-parse", "HEAD"),
+                                                   ("for-each-ref",))]
+    # The demo's cache, prepared as the demo would, but tiny: a 2 s budget instead of the small preset's 30 s
+    subprocess.run([sys.executable, "prepare.py", "--dataset", "stdlib", "--preset", "small", "--max-seq-len", "64",
+                    "--time-budget", "2", "--eval-tokens", "4096"], cwd=repo,
+                   env={**env, "AUTORESEARCH_CACHE": str(cache)}, check=True, capture_output=True)
+    out = run(sys.executable, "agent_loop.py", "demo", "--cache", str(cache), "--minutes", "4",
+              "--max-experiments", "2", "--noise-runs", "2", "--max-runs", "2")
 
-    rows = (repo / "results.tsv").read_text().splitlines()[1:]
+    assert [run("git", *command) for command in (("status", "--porcelain"), ("branch", "-a"), ("rev-parse", "HEAD"),
+                                                 ("for-each-ref",))] == before
+    assert not (tmp_path / "main").exists()  # the user's main cache is not touched
+    results = re.search(r"Kept in (\S+): results.tsv", out)[1]
+    rows = (cache / "runs" / os.path.basename(results) / "results.tsv").read_text().splitlines()[1:]
     assert len(rows) == 2 and rows[0].split("\t")[3:] == ["keep", "baseline"]
-    assert all(" -> " in row.split("\t")[4] for row in rows[1:])  # NAME old -> new, from the optuna agent
-    assert rows[1].split("\t")[3] in ("keep", "discard")  # an honest change of the real train.py is judged
+    assert " -> " in rows[1].split("\t")[4] and rows[1].split("\t")[3] in ("keep", "discard")  # judged, not invalid
+    assert "baseline     val_bpb" in out and "2 experiments (baseline included)" in out
+    png = os.path.join(results, "progress.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads(run(sys.executable, "agent_loop.py", "report", "--tsv", os.path.join(results, "results.tsv"),
+                             "--json", "--png", str(tmp_path / "again.png")))
     assert 1.0 < summary["baseline"]["val_bpb"] < 12.0  # a real model, a real metric: bits per byte
-    assert summary["experiments"] == 2 and summary["cost_usd"] == 0
-    assert "baseline" in report and (repo / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list((repo / ".autoresearch").glob("*/optuna.journal"))) == 1
-    assert run("git", "status", "--porcelain") == ""  # everything it wrote is kept out of git

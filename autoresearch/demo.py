@@ -1,0 +1,102 @@
+"""
+`uv run agent_loop.py demo`: the whole loop in one command, offline, on a CPU, with no API key.
+
+It prepares Python's own standard-library sources as the corpus (small preset) in a cache of its own,
+runs the loop with Optuna as the agent in a temporary clone of the current commit, prints the report
+and keeps the results. The user's checkout, branches and main cache are not touched: a clone, not a
+worktree, because a worktree shares branches, refs and .git/info/exclude with the checkout.
+
+    uv run agent_loop.py demo                      # about 15 minutes on 2 CPU cores
+    uv run agent_loop.py demo --minutes 30
+    uv run agent_loop.py demo --noise-runs 2       # any option of the loop goes through
+"""
+
+import argparse
+import datetime
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEMO_CACHE = Path("~/.cache/autoresearch-demo").expanduser()  # beside the default cache, never the same
+PREPARE = ["--dataset", "stdlib", "--preset", "small"]  # the corpus every Python has; a 30 s budget
+LONGEST_EXPERIMENT = 4  # minutes: an idea run 4 times at the small preset's 30 s (about 50 s a run here)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="agent_loop.py demo",
+        description="The research loop offline, in one command: Python's standard library as the corpus (prepared "
+        "once in the demo's own cache), Optuna as the agent (no LLM, no API key), the small preset's 30 s runs on "
+        "this machine's CPU or GPU, in a temporary clone of your current commit. Your checkout is not touched. "
+        "Ends with the report; the results are kept in the demo cache.",
+        epilog="Other options are passed to the loop (see agent_loop.py --help), e.g. --noise-runs 2.")
+    parser.add_argument("--minutes", type=float, default=15,
+                        help="stop after this many minutes; no experiment starts in the last "
+                        f"{LONGEST_EXPERIMENT} (default: %(default)s)")
+    parser.add_argument("--cache", type=Path, default=DEMO_CACHE,
+                        help="the demo's prepared cache, made if missing (default: %(default)s)")
+    args, loop_options = parser.parse_known_args(argv)
+    if args.minutes <= 0:
+        parser.error(f"--minutes {args.minutes:g}: must be positive")
+    return args, loop_options
+
+
+def fail(message):
+    raise SystemExit(f"agent_loop.py demo: error: {message}")
+
+
+def git(*args, cwd):
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def demo_main(argv):
+    args, loop_options = parse_args(argv)
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip()
+    if not root or not (Path(root) / "agent_loop.py").is_file():
+        fail("run the demo inside the autoresearch checkout (the folder with agent_loop.py).")
+    commit = git("rev-parse", "HEAD", cwd=root)
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(args.cache)}
+    started = time.time()
+    print(f"demo: commit {commit[:7]} of {root}, in a temporary clone; corpus: Python's standard library; "
+          f"agent: Optuna; at most {args.minutes:g} minutes", flush=True)
+    if git("status", "--porcelain", "--untracked-files=no", cwd=root):
+        print("demo: your uncommitted changes are not part of it: it runs the last commit", flush=True)
+    with tempfile.TemporaryDirectory(prefix="autoresearch-demo-") as folder:
+        clone = Path(folder) / "autoresearch"
+        git("clone", "--quiet", "--shared", "--no-checkout", root, str(clone), cwd=root)
+        git("checkout", "--quiet", "--detach", commit, cwd=clone)
+        if subprocess.run(["git", "var", "GIT_COMMITTER_IDENT"], cwd=clone, capture_output=True).returncode:
+            git("config", "user.name", "autoresearch demo", cwd=clone)  # its commits never leave the clone
+            git("config", "user.email", "demo@localhost", cwd=clone)
+        if not (args.cache / "manifest.json").exists():
+            print(f"demo: preparing the corpus once, in {args.cache}", flush=True)
+            subprocess.run([sys.executable, "prepare.py", *PREPARE], cwd=clone, env=env, check=True)
+        left = args.minutes - (time.time() - started) / 60
+        loop = subprocess.Popen([sys.executable, "agent_loop.py", "--agent", "optuna", "--tag", "demo",
+                                 "--max-hours", f"{max(left - LONGEST_EXPERIMENT, left / 2) / 60:.4f}", *loop_options],
+                                cwd=clone, env=env)
+        try:
+            loop.wait(timeout=max(60.0, 60 * left))
+        except subprocess.TimeoutExpired:  # the last experiment ran long: the loop stops cleanly on SIGTERM
+            loop.send_signal(signal.SIGTERM)
+            loop.wait()
+        except KeyboardInterrupt:
+            loop.wait()  # it got the Ctrl-C too, and stops cleanly
+        if loop.returncode not in (0, 130, -signal.SIGTERM):
+            fail(f"the loop stopped with an error (exit code {loop.returncode}): see its last lines above.")
+        results = args.cache / "runs" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        state = clone / ".autoresearch" / "demo"
+        if not (state / "ledger.jsonl").exists():
+            fail("the demo stopped before its first run: nothing to report.")
+        shutil.copytree(state, results, ignore=shutil.ignore_patterns("lock", "*.pid"))
+        subprocess.run([sys.executable, "agent_loop.py", "report", "--tag", "demo", "--png",
+                        str(results / "progress.png")], cwd=clone, env=env)
+    print(f"\ndemo: {(time.time() - started) / 60:.1f} minutes. Kept in {results}: results.tsv, progress.png, "
+          f"ledger.jsonl, logs/.\nAgain, from the same numbers: uv run agent_loop.py report --tsv "
+          f"{results / 'results.tsv'}", flush=True)
+    return 0
