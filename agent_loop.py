@@ -860,13 +860,16 @@ class OptunaAgent:
 
     def enqueue_next_probe(self, params):
         """Queue the next one-at-a-time probe, taken from the current best's values so that it changes one constant
-        and undoes no kept change; probes that would change nothing (at a range's edge) are passed over."""
+        and undoes no kept change; probes that would change nothing (at a range's edge) or repeat a trial already
+        run (the step back to the value a kept probe left) are passed over."""
         probes = self.study.user_attrs.get("probes", [])
+        done = [trial.params for trial in self.study.get_trials(deepcopy=False)]
         while probes:
             (name, step), probes = probes[0], probes[1:]
             self.study.set_user_attr("probes", probes)
-            if name in params and (probe := probe_value(*self.space[name], params[name], step)) != params[name]:
-                self.study.enqueue_trial({**params, name: probe})
+            probe = {**params, name: probe_value(*self.space[name], params[name], step)} if name in params else params
+            if probe != params and probe not in done:
+                self.study.enqueue_trial(probe)
                 return
 
     def tell_results(self, records):

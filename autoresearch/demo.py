@@ -97,6 +97,7 @@ def demo_main(argv):
         subprocess.run([sys.executable, "agent_loop.py", "report", "--tag", "demo", "--png",
                         str(results / "progress.png")], cwd=clone, env=env)
     print(f"\ndemo: {(time.time() - started) / 60:.1f} minutes. Kept in {results}: results.tsv, progress.png, "
-          f"ledger.jsonl, logs/.\nAgain, from the same numbers: uv run agent_loop.py report --tsv "
-          f"{results / 'results.tsv'}", flush=True)
+          f"ledger.jsonl, logs/ (the temporary clone the loop ran in, and so its tag, are gone: the resume hint "
+          f"above does not apply).\nThe report again: uv run agent_loop.py report --tsv {results / 'results.tsv'}",
+          flush=True)
     return 0

@@ -225,6 +225,15 @@ def test_probes_start_from_the_best_so_a_kept_probe_is_not_undone(night):
         ["0.500000", "4.0", "discard", "PEAK_VRAM_MB 2048.0 -> 4100.0"]]
 
 
+def test_a_probe_that_would_step_back_to_a_value_already_run_is_passed_over(tmp_path, monkeypatch):
+    driver = Driver(tmp_path, monkeypatch, NOISY)
+    proposal, new = driver.propose()
+    assert proposal.description == "MATRIX_LR 0.04 -> 0.08"
+    Path("train.py").write_text(new)  # kept: the loop leaves train.py at the best commit
+    driver.result(0.9, "keep")
+    assert driver.propose()[0].description == "WARMDOWN_RATIO 0.5 -> 0.75"  # not MATRIX_LR 0.08 -> 0.04: the baseline
+
+
 def test_reply_cannot_repair_a_proposal(tmp_path, monkeypatch):
     driver = Driver(tmp_path, monkeypatch, NOISY)
     with pytest.raises(agent_loop.EditError, match="cannot repair"):
