@@ -323,31 +323,71 @@ def text_files(paths):
     return [p.resolve() for p in files]
 
 
-def _file_documents(path):
+def _file_documents(path, split_lines=False):
+    """The documents of one corpus file; every problem names the file (and the line, where there is one)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         for texts in _parquet_texts(path):
             yield from (t for t in texts if t)
-    elif suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        return
+    try:
+        with open(path, "rb") as f:
+            if suffix != ".jsonl" and not split_lines:
+                if text := _decode(f.read(), path):
+                    yield text
+                return
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                line = _decode(raw, where)
                 if not line.strip():
                     continue
-                try:
-                    text = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError):
-                    raise PrepareError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
-                if not isinstance(text, str):
-                    raise PrepareError(f"{path}:{lineno}: 'text' is not a string")
-                if text:
+                if text := _jsonl_text(line, where) if suffix == ".jsonl" else line.rstrip("\r\n"):
                     yield text
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise PrepareError(f"{path}: not UTF-8 text ({e})") from None
-        if text:
-            yield text
+    except OSError as e:
+        raise PrepareError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _decode(raw, where):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{where}: not UTF-8 text ({e})") from None
+
+
+def _jsonl_text(line, where):
+    try:
+        text = json.loads(line)["text"]
+    except (ValueError, KeyError, TypeError):
+        raise PrepareError(f"{where}: expected a JSON object with a 'text' field") from None
+    if not isinstance(text, str):
+        raise PrepareError(f"{where}: 'text' is not a string")
+    return text
+
+
+SINGLE_FILE_HINT = "one document per .txt file: give a folder of files, a .jsonl, or --split-lines"
+
+
+def survey_corpus(files, split_lines, given):
+    """Read every document of an own corpus once, before anything in the cache changes: a bad file fails
+    here, naming itself, and a corpus that cannot fill both splits says how to fix it."""
+    counts = {"train": 0, "val": 0}
+    update = _progress("corpus: documents read")
+    for path in files:
+        for doc in _file_documents(path, split_lines):
+            counts["val" if _in_val(doc) else "train"] += 1
+        update(f"{sum(counts.values()):,} in {path.name}")
+    update(f"{sum(counts.values()):,} documents ({counts['val']:,} for val) in {len(files)} files", final=True)
+    documents = sum(counts.values())
+    if documents == 0:
+        raise PrepareError(f"the corpus is empty: --text {' '.join(given)} holds no non-empty documents")
+    for split, n in counts.items():
+        if n == 0:
+            one_per_file = not split_lines and any(p.suffix.lower() in (".txt", ".md") for p in files)
+            raise PrepareError(
+                f"--text {' '.join(given)}: {documents} document{'s' * (documents != 1)}, and none of them falls in the "
+                f"{split} split ({VAL_PERCENT}% of documents, chosen by a hash of their text, are val); "
+                + (SINGLE_FILE_HINT if one_per_file else "give more documents"))
+    return counts
 
 
 def stdlib_files():
@@ -377,7 +417,9 @@ def resolve_source(args):
             json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode()
         ).hexdigest()
         key = {"dataset": "text", "paths": [str(p) for p in files], "fingerprint": fingerprint}
-        documents = lambda: itertools.chain.from_iterable(_file_documents(p) for p in files)
+        if args.split_lines:  # only when set: caches prepared before the option existed stay current
+            key["split_lines"] = True
+        documents = lambda: itertools.chain.from_iterable(_file_documents(p, args.split_lines) for p in files)
         return key, [], [(f"text-{s}", s, lambda s=s: _split_batches(documents(), s)) for s in ("train", "val")]
     if args.dataset == "stdlib":
         key = {"dataset": "stdlib", "python": sys.version.split()[0], "files": len(stdlib_files())}
@@ -407,17 +449,19 @@ TOKEN_BYTES_PATH = TOKENIZER_DIR / "token_bytes.npy"
 
 
 def train_tokenizer(train_batches, vocab_size, source_key):
-    """Train BPE on the training documents only (never val); save merges, pattern and specials as JSON."""
+    """Train BPE on the training documents only (never val). Returns the spec (merges, pattern, specials)
+    that save_tokenizer stores as JSON: nothing is written here, so a failure leaves the cache as it was."""
     update = _progress("tokenizer: characters read")
-    chars = 0
+    chars = documents = 0
 
     def texts():
-        nonlocal chars
+        nonlocal chars, documents
         for batch in train_batches:
             for doc in batch:
                 doc = doc[:TOKENIZER_DOC_CHARS]
                 yield doc
                 chars += len(doc)
+                documents += 1
                 update(f"{chars / 1e6:.1f}M")
                 if chars >= TOKENIZER_MAX_CHARS:
                     return
@@ -430,8 +474,10 @@ def train_tokenizer(train_batches, vocab_size, source_key):
     ranks = sorted(bpe.get_mergeable_ranks(), key=lambda pair: pair[1])
     assert [rank for _, rank in ranks] == list(range(len(ranks))), "rustbpe returned non-contiguous ranks"
     if len(ranks) != vocab_size - len(SPECIAL_TOKENS):
-        raise PrepareError(f"the corpus supports only {len(ranks) + len(SPECIAL_TOKENS)} tokens, not --vocab-size "
-                           f"{vocab_size}: give a smaller --vocab-size or more text")
+        raise PrepareError(
+            f"the corpus supports only {len(ranks) + len(SPECIAL_TOKENS)} tokens, not --vocab-size {vocab_size}: the "
+            f"tokenizer learned from {documents:,} training documents, {chars:,} characters (at most "
+            f"{TOKENIZER_DOC_CHARS:,} of each document); give a smaller --vocab-size or more text")
     spec = {
         "pattern": SPLIT_PATTERN,
         "mergeable_ranks": [base64.b64encode(token).decode("ascii") for token, _ in ranks],
@@ -442,6 +488,11 @@ def train_tokenizer(train_batches, vocab_size, source_key):
     encoding = _encoding_from_spec(spec)
     sample = "Hello world! 123 4567 naïve café — Привет, мир! 你好，世界。 こんにちは 🤖🚀\n\tdef f(x): return x**2\n"
     assert encoding.decode(encoding.encode_ordinary(sample)) == sample, "tokenizer round trip failed"
+    return spec
+
+
+def save_tokenizer(spec):
+    encoding = _encoding_from_spec(spec)
     _atomic_write(TOKEN_BYTES_PATH, lambda f: np.save(f, token_byte_lengths(encoding)))
     _atomic_write(TOKENIZER_PATH, lambda f: f.write(json.dumps(spec).encode()))
     print(f"tokenizer: {encoding.n_vocab} tokens saved to {TOKENIZER_PATH}", flush=True)
@@ -911,6 +962,8 @@ def parse_args(argv=None):
     source.add_argument("--text", action="append", metavar="PATH",
                         help="your own corpus instead (repeatable): a file or folder of .parquet (a 'text' "
                         "column), .txt/.md (one document per file), .jsonl (a 'text' field per line)")
+    source.add_argument("--split-lines", action="store_true",
+                        help="with --text: each non-empty line of a .txt/.md file is a document")
     source.add_argument("--num-shards", type=int, default=10,
                         help="climbmix training shards to fetch (-1: all); the val shard comes too (default 10)")
     source.add_argument("--download-workers", type=_positive_int, default=8, help="parallel downloads (default 8)")
@@ -926,6 +979,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.text and args.dataset:
         parser.error("--text and --dataset are alternatives: give one")
+    if args.split_lines and not args.text:
+        parser.error("--split-lines applies to --text corpora only")
     if args.vocab_size is not None and not 256 + len(SPECIAL_TOKENS) <= args.vocab_size <= 2**32:
         parser.error(f"--vocab-size {args.vocab_size}: must be at least {256 + len(SPECIAL_TOKENS)} (all bytes + specials)")
     return args
@@ -950,16 +1005,23 @@ def prepare(args):
         print(f"Updated the constants in {MANIFEST_PATH}: " + ", ".join(f"{k}={v}" for k, v in constants.items()))
         return manifest
 
-    MANIFEST_PATH.unlink(missing_ok=True)  # from here until the end, the cache is not trusted
+    # Everything that can fail on the input (a bad file, too few documents, a vocabulary the text cannot
+    # fill, a download) happens before the old cache is touched: a failed prepare leaves it usable.
+    if source_key["dataset"] == "text":
+        survey_corpus([Path(p) for p in source_key["paths"]], args.split_lines, args.text)
     download_all(downloads, args.download_workers, args.download_attempts)
-
     spec = json.loads(TOKENIZER_PATH.read_text()) if TOKENIZER_PATH.exists() else None
-    if not spec or spec.get("source") != source_key or spec.get("vocab_size") != constants["vocab_size"] \
-            or not TOKEN_BYTES_PATH.exists():
-        train_batches = itertools.chain.from_iterable(make() for _, split, make in parts if split == "train")
-        train_tokenizer(train_batches, constants["vocab_size"], source_key)
-    else:
+    if spec and spec.get("source") == source_key and spec.get("vocab_size") == constants["vocab_size"] \
+            and TOKEN_BYTES_PATH.exists():
         print(f"tokenizer: reusing {TOKENIZER_PATH}")
+        spec = None
+    else:
+        train_batches = itertools.chain.from_iterable(make() for _, split, make in parts if split == "train")
+        spec = train_tokenizer(train_batches, constants["vocab_size"], source_key)
+
+    MANIFEST_PATH.unlink(missing_ok=True)  # from here until the end, the cache is not trusted
+    if spec:
+        save_tokenizer(spec)
     tokenizer = Tokenizer.from_directory(TOKENIZER_DIR)
     tokenizer_sha = _file_sha256(TOKENIZER_PATH)
 

@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -485,7 +486,8 @@ def test_no_cache_says_which_command_to_run(tmp_path, monkeypatch):
     (lambda d: write_parquet(d / "a.parquet", ["x"], column="body"), "a.parquet has no 'text' column"),
     (lambda d: (d / "a.jsonl").write_text('{"body": "x"}\n'), "a.jsonl:1: expected a JSON object with a 'text' field"),
     (lambda d: (d / "a.txt").write_bytes(b"\xff\xfe bad"), "a.txt: not UTF-8"),
-], ids=["empty-folder", "empty-corpus", "no-text-column", "jsonl-without-text", "not-utf8"])
+    (lambda d: (d / "a.jsonl").write_bytes(b'{"text": "x"}\n{"text": "\xff"}\n'), "a.jsonl:2: not UTF-8"),
+], ids=["empty-folder", "empty-corpus", "no-text-column", "jsonl-without-text", "not-utf8", "jsonl-not-utf8"])
 def test_bad_corpus_is_a_clear_error_naming_the_file(tmp_path, setup, message):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -494,6 +496,69 @@ def test_bad_corpus_is_a_clear_error_naming_the_file(tmp_path, setup, message):
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_a_single_text_file_is_one_document_and_the_error_names_the_fix(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("\n".join(make_documents(200, max_words=12)), encoding="utf-8")
+    result = run_prepare("--text", str(book), *TINY, cache=tmp_path / "cache", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"--text {book}: 1 document" in result.stderr
+    assert "one document per .txt file: give a folder of files, a .jsonl, or --split-lines" in result.stderr
+
+
+def test_split_lines_makes_each_non_empty_line_a_document(tmp_path):
+    lines = make_documents(400, max_words=8)
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(lines) + "\n", encoding="utf-8")
+    run_prepare("--text", str(book), "--split-lines", *TINY, cache=tmp_path / "cache")
+    splits = json.loads((tmp_path / "cache" / "manifest.json").read_text())["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == len(lines)
+    assert splits["val"]["documents"] == sum(prepare._in_val(line) for line in lines) > 0
+
+
+def test_split_lines_without_a_text_corpus_is_refused(tmp_path):
+    result = run_prepare("--dataset", "stdlib", "--split-lines", cache=tmp_path, check=False)
+    assert result.returncode == 2 and "--split-lines applies to --text" in result.stderr
+
+
+def test_a_corpus_too_small_for_the_vocabulary_says_how_much_text_it_has(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_documents(100, max_words=10)))
+    result = run_prepare("--text", str(corpus), *TINY, "--vocab-size", "5000", cache=tmp_path / "cache", check=False)
+    assert result.returncode == 1
+    assert "not --vocab-size 5000" in result.stderr and "training documents" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def prepared_cache(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("corpus")
+    for i, text in enumerate(make_documents(200)):
+        (corpus / f"{i}.txt").write_text(text, encoding="utf-8")
+    cache = tmp_path_factory.mktemp("prepared")
+    run_prepare("--text", str(corpus), *TINY, cache=cache)
+    return corpus, cache
+
+
+@pytest.mark.parametrize("bad_input, message", [
+    (lambda d: [str(d / "empty.txt")], "corpus is empty"),
+    (lambda d: [str(d / "book.txt")], "--split-lines"),
+    (lambda d: [str(d / "bad.jsonl")], "bad.jsonl:3"),
+    (lambda d: [str(d / "few.jsonl"), "--vocab-size", "5000"], "not --vocab-size 5000"),
+], ids=["empty-file", "single-file", "bad-jsonl-line", "vocab-too-large"])
+def test_a_failed_prepare_leaves_the_previous_cache_usable(tmp_path, prepared_cache, bad_input, message):
+    corpus, prepared = prepared_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(prepared, cache)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "book.txt").write_text("\n".join(make_documents(50)))
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n[1, 2]\n')
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in make_documents(60, max_words=9)))
+    result = run_prepare(*TINY, "--text", *bad_input(tmp_path), cache=cache, check=False)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert prepare._file_sha256(cache / "tokenizer" / "tokenizer.json") == manifest["tokenizer_sha256"]
+    assert "nothing to do" in run_prepare("--text", str(corpus), *TINY, cache=cache).stdout
 
 
 def test_cache_from_an_older_prepare_asks_to_run_it_again(tmp_path, monkeypatch):
