@@ -22,6 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import git
+
+from autoresearch import state
+
 DEMO_CACHE = Path("~/.cache/autoresearch-demo").expanduser()  # beside the default cache, never the same
 PREPARE = ["--dataset", "stdlib", "--preset", "small"]  # the corpus every Python has; a 30 s budget
 LONGEST_EXPERIMENT = 4  # minutes: an idea run 4 times at the small preset's 30 s (about 50 s a run here)
@@ -50,29 +54,29 @@ def fail(message):
     raise SystemExit(f"agent_loop.py demo: error: {message}")
 
 
-def git(*args, cwd):
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-
-
 def demo_main(argv):
     args, loop_options = parse_args(argv)
-    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip()
-    if not root or not (Path(root) / "agent_loop.py").is_file():
+    root = state.worktree_root()
+    if not root or not (root / "agent_loop.py").is_file():
         fail("run the demo inside the autoresearch checkout (the folder with agent_loop.py).")
-    commit = git("rev-parse", "HEAD", cwd=root)
+    repo = git.Repo(root)
+    commit = repo.head.commit.hexsha
     env = {**os.environ, "AUTORESEARCH_CACHE": str(args.cache)}
     started = time.time()
     print(f"demo: commit {commit[:7]} of {root}, in a temporary clone; corpus: Python's standard library; "
           f"agent: Optuna; at most {args.minutes:g} minutes", flush=True)
-    if git("status", "--porcelain", "--untracked-files=no", cwd=root):
+    if repo.is_dirty(untracked_files=False):
         print("demo: your uncommitted changes are not part of it: it runs the last commit", flush=True)
     with tempfile.TemporaryDirectory(prefix="autoresearch-demo-") as folder:
         clone = Path(folder) / "autoresearch"
-        git("clone", "--quiet", "--shared", "--no-checkout", root, str(clone), cwd=root)
-        git("checkout", "--quiet", "--detach", commit, cwd=clone)
-        if subprocess.run(["git", "var", "GIT_COMMITTER_IDENT"], cwd=clone, capture_output=True).returncode:
-            git("config", "user.name", "autoresearch demo", cwd=clone)  # its commits never leave the clone
-            git("config", "user.email", "demo@localhost", cwd=clone)
+        copy = repo.clone(str(clone), shared=True, no_checkout=True, quiet=True)
+        copy.git.checkout("--quiet", "--detach", commit)
+        try:
+            copy.git.var("GIT_COMMITTER_IDENT")
+        except git.GitCommandError:  # no user.name/email here: its commits never leave the clone
+            with copy.config_writer() as config:
+                config.set_value("user", "name", "autoresearch demo")
+                config.set_value("user", "email", "demo@localhost")
         if not (args.cache / "manifest.json").exists():
             print(f"demo: preparing the corpus once, in {args.cache}", flush=True)
             subprocess.run([sys.executable, "prepare.py", *PREPARE], cwd=clone, env=env, check=True)
@@ -90,10 +94,10 @@ def demo_main(argv):
         if loop.returncode not in (0, 130, -signal.SIGTERM):
             fail(f"the loop stopped with an error (exit code {loop.returncode}): see its last lines above.")
         results = args.cache / "runs" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        state = clone / ".autoresearch" / "demo"
-        if not (state / "ledger.jsonl").exists():
+        tag_dir = clone / ".autoresearch" / "demo"
+        if not (tag_dir / "ledger.jsonl").exists():
             fail("the demo stopped before its first run: nothing to report.")
-        shutil.copytree(state, results, ignore=shutil.ignore_patterns("lock", "*.pid"))
+        shutil.copytree(tag_dir, results, ignore=shutil.ignore_patterns("lock", "*.pid"))
         subprocess.run([sys.executable, "agent_loop.py", "report", "--tag", "demo", "--png",
                         str(results / "progress.png")], cwd=clone, env=env)
     print(f"\ndemo: {(time.time() - started) / 60:.1f} minutes. Kept in {results}: results.tsv, progress.png, "

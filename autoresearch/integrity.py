@@ -26,6 +26,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from autoresearch.console import fail
+
 # -----------------------------------------------------------------------------
 # train.py as written
 
@@ -215,3 +217,17 @@ def harness_fingerprint():
 
 def fingerprint_changes(then, now):
     return sorted(name for name in then.keys() | now.keys() if then.get(name) != now.get(name))
+
+
+def harness_constants():
+    """The constants of the prepared cache that the driver checks runs against."""
+    manifest = cache_dir() / "manifest.json"
+    if not manifest.exists():
+        fail(f"the data is not prepared: {manifest} does not exist. Run `uv run prepare.py` first "
+             "(or set AUTORESEARCH_CACHE to a prepared cache).")
+    try:
+        written = json.loads(manifest.read_text())
+        return {name: float(written[name]) if name == "time_budget" else int(written[name])
+                for name in ("time_budget", "max_seq_len", "eval_tokens")}
+    except (ValueError, KeyError, TypeError) as error:
+        fail(f"{manifest} is damaged ({type(error).__name__}: {error}): run the same `uv run prepare.py` command again.")

@@ -2,7 +2,7 @@
 How often each keep rule of agent_loop.py keeps a change that does nothing, and a real 3-sigma gain.
 
 Simulated nights: the ledger events agent_loop.py writes, with val_bpb = true value + Gaussian
-noise of a known sigma, judged by agent_loop's own decide / noise_estimate / plausibility_bound.
+noise of a known sigma, judged by autoresearch/keep_rule.py's own decide / noise_estimate / plausibility_bound.
 Each night: the baseline, then proposals in random order: nulls (a seed or a comment: the
 true value stays), 3-sigma improvements, and 5-sigma regressions. No git, no subprocesses.
 
@@ -14,45 +14,40 @@ import argparse
 import random
 import sys
 from pathlib import Path
+from statistics import fmean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import agent_loop  # noqa: E402
+from autoresearch import keep_rule  # noqa: E402
 
 
 def simulate_night(args, rule, rng):
     """{kind: [kept?, ...]} and the number of runs of one night."""
-    settings = argparse.Namespace(keep_rule=rule, max_runs=args.max_runs, min_delta=0.0)
-    records, sigma, true_best, runs = [], args.sigma, 1.0, 0
+    groups, kept, true_best = {}, [], 1.0  # groups: {commit: [val_bpb of each run]}; kept: [(commit, mean)]
 
     def run(commit, true_value):
-        nonlocal runs
-        runs += 1
-        records.append(dict(event="run", commit=commit, ok=True, val_bpb=true_value + rng.gauss(0, sigma)))
+        groups.setdefault(commit, []).append(true_value + rng.gauss(0, args.sigma))
 
     for _ in range(args.noise_runs if rule == "noise" else 1):
         run("c0", true_best)
-    records.append(dict(event="result", status="keep", commit="c0",
-                        val_bpb=sum(agent_loop.measured(records, "c0")) / len(agent_loop.measured(records, "c0"))))
+    kept.append(("c0", fmean(groups["c0"])))
     kinds = ["null"] * args.nulls + ["gain"] * args.gains + ["loss"] * args.losses
     rng.shuffle(kinds)
     outcome = {kind: [] for kind in ("null", "gain", "loss")}
     for number, kind in enumerate(kinds, 1):
-        commit, true_value = f"c{number}", true_best + {"null": 0.0, "gain": -3 * sigma, "loss": 5 * sigma}[kind]
-        best_commit = agent_loop.best_result(records)["commit"]
-        best, bound = agent_loop.measured(records, best_commit), agent_loop.plausibility_bound(records)
+        commit, true_value = f"c{number}", true_best + {"null": 0.0, "gain": -3 * args.sigma, "loss": 5 * args.sigma}[kind]
+        best, bound = groups[kept[-1][0]], keep_rule.plausibility_bound([value for _, value in kept])
         run(commit, true_value)
         while True:
-            status, _ = agent_loop.decide(settings, agent_loop.measured(records, commit), best,
-                                          agent_loop.noise_estimate(records), bound)
+            status, _ = keep_rule.decide(groups[commit], best, keep_rule.noise_estimate(groups.values()), bound,
+                                         rule, args.max_runs)
             if status:
                 break
             run(commit, true_value)
-        values = agent_loop.measured(records, commit)
-        records.append(dict(event="result", status=status, commit=commit, val_bpb=sum(values) / len(values)))
         outcome[kind].append(status == "keep")
         if status == "keep":
+            kept.append((commit, fmean(groups[commit])))
             true_best = true_value
-    return outcome, runs
+    return outcome, sum(len(values) for values in groups.values())
 
 
 def main():
@@ -71,7 +66,7 @@ def main():
     first = argparse.Namespace(**{**vars(args), "nulls": 1, "gains": 0, "losses": 0})
     first_gain = argparse.Namespace(**{**vars(args), "nulls": 0, "gains": 1, "losses": 0})
     print(f"{'rule':8s} {'null kept':>10s} {'gain kept':>10s} {'loss kept':>10s} {'runs/proposal':>14s}")
-    for rule in agent_loop.KEEP_RULES:
+    for rule in keep_rule.KEEP_RULES:
         rng = random.Random(args.seed)
         kept, runs = {"null": [], "gain": [], "loss": []}, 0
         for _ in range(args.nights):

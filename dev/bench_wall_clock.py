@@ -22,7 +22,7 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from autoresearch import integrity  # noqa: E402
-from agent_loop import TRAIN_COMMAND  # noqa: E402
+from autoresearch.runner import TRAIN_COMMAND  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--runs", type=int, default=3)

@@ -22,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "agent_loop_support")]
 import agent_loop  # noqa: E402
+from autoresearch import agents, runner  # noqa: E402
 from fake_llm import CHAT, FakeLLM, change, chat_change, overloaded  # noqa: E402
 
 SUPPORT = Path(__file__).resolve().parent / "agent_loop_support"
@@ -338,7 +339,7 @@ def test_token_usage_and_cost_are_in_the_ledger_and_max_cost_stops(night):
 
 
 def test_the_loop_names_the_idea_shows_a_run_s_progress_and_each_baseline_run(night, monkeypatch):
-    monkeypatch.setattr(agent_loop, "PROGRESS_EVERY", 0.2)  # 30 s in a real redirected log
+    monkeypatch.setattr(runner, "PROGRESS_EVERY", 0.2)  # 30 s in a real redirected log
     night.llm.script(change("train a while", ('print("---")', 'time.sleep(1.0)\nprint("---")')))
     out = night.run("--max-experiments", "2", "--keep-rule", "greedy").stdout
     assert re.search(r"#0 baseline run 1 of 1: val_bpb 1\.000000 \(\d+s\)", out)
@@ -432,7 +433,7 @@ def test_the_loop_counts_experiments_and_kept_ideas_as_the_report_does(night, ca
 
 
 def test_an_agent_endpoint_that_nothing_answers_stops_the_night_after_a_while(night, monkeypatch):
-    monkeypatch.setattr(agent_loop, "UNREACHABLE_LIMIT", 0.5)
+    monkeypatch.setattr(agents, "UNREACHABLE_LIMIT", 0.5)
     with socket.socket() as closed:  # a port that was free a moment ago: nothing listens there
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import agent_loop
+from autoresearch import agents
 from test_agent_loop import SUPPORT, WORSE, night, pycache  # noqa: F401 (fixtures); puts fake_llm on the path
 from fake_llm import change  # noqa: E402
 
@@ -19,12 +20,12 @@ class Scripted:
     """An agent whose proposal is computed from the current train.py by the test's `propose`."""
     propose = None
 
-    def __init__(self, args, instructions):
+    def __init__(self, settings, instructions, repo):
         pass
 
     def start(self, prompt):
         description, search, replace = Scripted.propose(Path("train.py").read_text())
-        return agent_loop.Proposal(description=description, edits=[{"search": search, "replace": replace}])
+        return agents.Proposal(description=description, edits=[{"search": search, "replace": replace}])
 
     def reply(self, error):
         raise AssertionError(f"a scripted proposal was refused: {error}")
@@ -39,7 +40,7 @@ def noisy(night, monkeypatch):
                             NOISY_TRAIN_RUNS=str(night.tmp / "noisy_runs")).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setitem(agent_loop.AGENTS, "scripted", Scripted)
-    monkeypatch.setitem(agent_loop.DEFAULT_MODELS, "scripted", None)
+    monkeypatch.setitem(agents.DEFAULT_MODELS, "scripted", None)
     return night
 
 

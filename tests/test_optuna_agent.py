@@ -13,6 +13,7 @@ import optuna
 import pytest
 
 import agent_loop
+from autoresearch import agents, optuna_agent
 from test_agent_loop import ROOT, SUPPORT, night, pycache  # noqa: F401 (fixtures)
 
 NOISY = (SUPPORT / "noisy_train.py").read_text()
@@ -33,12 +34,13 @@ class Driver:
     def __init__(self, tmp_path, monkeypatch, source, *args, device="cpu"):
         tmp_path.mkdir(exist_ok=True)
         monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(agent_loop, "train_device", lambda source: device)
+        monkeypatch.setattr(optuna_agent, "train_device", lambda source: device)
         (tmp_path / "train.py").write_text(source)
         self.ledger = tmp_path / ".autoresearch" / "t" / "ledger.jsonl"
         self.ledger.parent.mkdir(parents=True)
         self.device, self.experiments = device, 0
-        self.agent = agent_loop.OptunaAgent(agent_loop.parse_args(["--tag", "t", "--agent", "optuna", *args]), "")
+        settings = agent_loop.agent_settings(agent_loop.parse_args(["--tag", "t", "--agent", "optuna", *args]))
+        self.agent = optuna_agent.OptunaAgent(settings, "", repo=None)
         self.result(1.0, "keep")  # the baseline
 
     def result(self, val_bpb, status="discard"):
@@ -50,7 +52,7 @@ class Driver:
     def propose(self):
         """(proposal, train.py with it applied)."""
         proposal = self.agent.start("ignored")
-        return proposal, agent_loop.apply_proposal(proposal, Path("train.py").read_text(), 0)
+        return proposal, agents.apply_proposal(proposal, Path("train.py").read_text(), 0)
 
 
 def changed_lines(old, new):
@@ -85,7 +87,7 @@ def noisy(night, monkeypatch):
 # What it tunes
 
 def test_tunable_constants_of_the_real_train_py_on_cpu_are_the_override_block_values():
-    found = agent_loop.tunable_constants(REAL, "cpu")
+    found = optuna_agent.tunable_constants(REAL, "cpu")
     assert set(found) == {"DEPTH", "ASPECT_RATIO", "HEAD_DIM", "DEVICE_BATCH_SIZE", "EMBEDDING_LR", "UNEMBEDDING_LR",
                           "MATRIX_LR", "SCALAR_LR", "WEIGHT_DECAY", "WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC"}
     lines = REAL.splitlines()
@@ -96,17 +98,17 @@ def test_tunable_constants_of_the_real_train_py_on_cpu_are_the_override_block_va
 
 
 def test_tunable_constants_of_the_real_train_py_on_cuda_are_the_top_level_values():
-    found = agent_loop.tunable_constants(REAL, "cuda")
+    found = optuna_agent.tunable_constants(REAL, "cuda")
     assert {name: found[name][0] for name in ("DEPTH", "ASPECT_RATIO", "HEAD_DIM", "DEVICE_BATCH_SIZE")} == \
         {"DEPTH": 8, "ASPECT_RATIO": 64, "HEAD_DIM": 128, "DEVICE_BATCH_SIZE": 128}
     assert REAL.splitlines()[found["DEPTH"][1] - 1].startswith("DEPTH = 8")
-    assert set(found) == set(agent_loop.tunable_constants(REAL, "cpu"))
+    assert set(found) == set(optuna_agent.tunable_constants(REAL, "cpu"))
     # Not a literal number, a seed, or what the budget measures:
     assert not {"TOTAL_BATCH_SIZE", "ADAM_BETAS", "WINDOW_PATTERN", "SEED", "UNCOUNTED_STEPS"} & set(found)
 
 
 def test_search_ranges_follow_the_documented_rules():
-    ranges = {name: agent_loop.search_range(name, value) for name, value in dict(
+    ranges = {name: optuna_agent.search_range(name, value) for name, value in dict(
         MATRIX_LR=0.04, WARMDOWN_RATIO=0.5, FINAL_LR_FRAC=0.0, WEIGHT_DECAY=0.0, SHIFT=-0.5, DEPTH=8, WIDTH=64, STEPS=6, OFF=0,
     ).items()}
     assert ranges == {"MATRIX_LR": ["log", 0.01, 0.16], "WARMDOWN_RATIO": ["uniform", 0.0, 1.0],
@@ -127,7 +129,7 @@ def test_max_fix_attempts_defaults_to_none_for_optuna_and_two_for_the_llms():
 
 def test_edits_touch_only_the_tuned_assignment_lines_and_keep_train_py_valid(tmp_path, monkeypatch):
     driver = Driver(tmp_path, monkeypatch, REAL, device="cpu")
-    constants = agent_loop.tunable_constants(REAL, "cpu")
+    constants = optuna_agent.tunable_constants(REAL, "cpu")
     for _ in range(5):
         proposal, new = driver.propose()  # apply_proposal compiles it
         lines = changed_lines(REAL, new)
@@ -146,7 +148,7 @@ def test_values_stay_inside_their_ranges_over_many_asks(tmp_path, monkeypatch):
     space = driver.agent.study.user_attrs["space"]
     for _ in range(25):  # past the 10 random startup trials: TPE proper
         proposal, new = driver.propose()
-        values = {name: c[0] for name, c in agent_loop.tunable_constants(new, "cpu").items()}
+        values = {name: c[0] for name, c in optuna_agent.tunable_constants(new, "cpu").items()}
         for name, (kind, low, high) in space.items():
             if kind == "pow2":
                 assert values[name] in [2 ** e for e in range(low, high + 1)], name
@@ -161,7 +163,7 @@ def test_descriptions_list_the_changed_constants_as_name_old_to_new(tmp_path, mo
     for _ in range(5):
         proposal, new = driver.propose()
         assert DESCRIPTION.fullmatch(proposal.description), proposal.description
-        after = agent_loop.tunable_constants(new, "cpu")
+        after = optuna_agent.tunable_constants(new, "cpu")
         for change in proposal.description.split(", "):
             name, old, _, value = change.split()
             assert f"{name} = {old}" in NOISY and repr(after[name][0]) == value and old != value
@@ -170,7 +172,7 @@ def test_descriptions_list_the_changed_constants_as_name_old_to_new(tmp_path, mo
 
 def test_seed_is_never_tuned(tmp_path, monkeypatch):
     driver = Driver(tmp_path, monkeypatch, NOISY)
-    assert "SEED" not in agent_loop.tunable_constants(NOISY, "cpu")
+    assert "SEED" not in optuna_agent.tunable_constants(NOISY, "cpu")
     for _ in range(15):
         proposal, new = driver.propose()
         assert "SEED = 42\n" in new and "SEED" not in proposal.description
@@ -236,8 +238,8 @@ def test_a_probe_that_would_step_back_to_a_value_already_run_is_passed_over(tmp_
 
 def test_reply_cannot_repair_a_proposal(tmp_path, monkeypatch):
     driver = Driver(tmp_path, monkeypatch, NOISY)
-    with pytest.raises(agent_loop.EditError, match="cannot repair"):
-        agent_loop.apply_proposal(driver.agent.reply("Edit 1: its search text occurs 0 times"), NOISY, 0)
+    with pytest.raises(agents.EditError, match="cannot repair"):
+        agents.apply_proposal(driver.agent.reply("Edit 1: its search text occurs 0 times"), NOISY, 0)
 
 
 # -----------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import agent_loop  # noqa: E402
+import agent_loop
+from autoresearch import report as report_module, state  # noqa: E402
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 # experiment: commit, val_bpb, status, description. Baseline 1.0, best 0.969 at #8; 4 of 9 ideas kept.
@@ -136,8 +137,8 @@ def test_png_option_sets_the_path(tsv, tmp_path, capsys):
 
 
 def test_plot_labels_kept_runs_and_leaves_out_crashes(tsv, tmp_path):
-    rows = agent_loop.read_results_tsv(tsv)
-    fig = agent_loop.plot_progress(rows, "autoresearch test", tmp_path / "p.png")
+    rows = state.read_results_tsv(tsv)
+    fig = report_module.plot_progress(rows, "autoresearch test", tmp_path / "p.png")
     ax = fig.axes[0]
     labels = [text.get_text() for text in ax.texts]
     assert labels[:3] == ["baseline", "halve TOTAL_BATCH_SIZE", "raise matrix LR to 0.05"]
@@ -148,7 +149,7 @@ def test_plot_labels_kept_runs_and_leaves_out_crashes(tsv, tmp_path):
 
 
 def test_plot_y_range_ignores_crashes_and_diverged_runs(tsv, tmp_path):
-    ax = agent_loop.plot_progress(agent_loop.read_results_tsv(tsv), "t", tmp_path / "p.png").axes[0]
+    ax = report_module.plot_progress(state.read_results_tsv(tsv), "t", tmp_path / "p.png").axes[0]
     low, high = ax.get_ylim()
     assert 0.9 < low < 0.969 and 1.0 < high < 1.1  # not down to a crash's 0.0, not up to the diverged 2.5
     assert ax.get_legend().get_texts()[0].get_text() == "discarded (1 above the plot)"
@@ -159,7 +160,7 @@ def test_plot_shows_ideas_up_to_10_percent_worse_and_a_discard_below_the_best(tm
     rows = [("aaaaaaa", 2.00, "keep", "baseline"), ("bbbbbbb", 2.15, "discard", "worse"),
             ("ccccccc", 1.99, "discard", "within the noise")]
     tsv = write_tsv(tmp_path / "results.tsv", rows)
-    ax = agent_loop.plot_progress(agent_loop.read_results_tsv(tsv), "t", tmp_path / "p.png").axes[0]
+    ax = report_module.plot_progress(state.read_results_tsv(tsv), "t", tmp_path / "p.png").axes[0]
     low, high = ax.get_ylim()
     assert low < 1.99 and high > 2.15
 
@@ -168,7 +169,7 @@ def test_a_discard_below_the_best_of_its_time_is_marked_as_within_the_noise(tmp_
     rows = [("aaaaaaa", 2.00, "keep", "baseline"), ("bbbbbbb", 1.99, "discard", "within the noise"),
             ("ccccccc", 1.90, "keep", "a real gain"), ("ddddddd", 1.95, "discard", "worse than the new best")]
     tsv = write_tsv(tmp_path / "results.tsv", rows)
-    ax = agent_loop.plot_progress(agent_loop.read_results_tsv(tsv), "t", tmp_path / "p.png").axes[0]
+    ax = report_module.plot_progress(state.read_results_tsv(tsv), "t", tmp_path / "p.png").axes[0]
     marked = next(c for c, text in zip(ax.collections, ax.get_legend().get_texts())
                   if text.get_text() == "discarded: lower than the best, but within the noise")
     assert [tuple(point) for point in marked.get_offsets()] == [(1, 1.99)]
@@ -176,7 +177,7 @@ def test_a_discard_below_the_best_of_its_time_is_marked_as_within_the_noise(tmp_
 
 def test_the_x_axis_fits_the_experiments_with_whole_numbers(tmp_path):
     rows = [("aaaaaaa", 2.00, "keep", "baseline")] + [(f"{i}" * 7, 2.1, "discard", "x") for i in range(1, 6)]
-    ax = agent_loop.plot_progress(agent_loop.read_results_tsv(write_tsv(tmp_path / "r.tsv", rows)), "t",
+    ax = report_module.plot_progress(state.read_results_tsv(write_tsv(tmp_path / "r.tsv", rows)), "t",
                                   tmp_path / "p.png").axes[0]
     left, right = ax.get_xlim()
     assert left == -0.5 and 5 < right <= 7
@@ -184,7 +185,7 @@ def test_the_x_axis_fits_the_experiments_with_whole_numbers(tmp_path):
 
 
 def test_running_best_steps_after_each_keep(tsv, tmp_path):
-    ax = agent_loop.plot_progress(agent_loop.read_results_tsv(tsv), "t", tmp_path / "p.png").axes[0]
+    ax = report_module.plot_progress(state.read_results_tsv(tsv), "t", tmp_path / "p.png").axes[0]
     (line,) = ax.lines
     assert list(line.get_ydata())[-2:] == [0.969, 0.969] and line.get_xdata()[-1] == 9  # held to the last run
     assert line.get_drawstyle() == "steps-post"

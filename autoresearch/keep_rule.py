@@ -1,0 +1,66 @@
+"""
+The keep rule: is a candidate's val_bpb better than the best's by more than the noise between runs?
+
+Plain numbers in, a verdict out (no ledger, no git), so that dev/bench_keep_rule.py and the tests
+call it directly. "noise" (the default) measures the run-to-run noise on repeated runs of one
+commit (the baseline's first), discards a candidate as soon as its mean is not below the best's,
+else runs it max_runs times and keeps it only when the difference of means clears a one-sided
+t-test at 2.5 % (and min_delta). "greedy" is the reference's: one run, keep if lower, with a gain
+too good to be true run again. docs/keep-rule.md gives the reasoning and the measured rates.
+"""
+
+import math
+from statistics import fmean
+
+KEEP_RULES = ("noise", "greedy")
+T_CRITICAL = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
+              12: 2.18, 15: 2.13, 20: 2.09, 30: 2.04, 60: 2.00}  # t(0.975) by degrees of freedom; 1.96 beyond
+PLAUSIBILITY_FACTOR = 3  # an improvement over 3x the largest kept so far is re-run before it can be kept...
+PLAUSIBLE_FIRST_GAIN = 0.02  # ...and the first one when over 2 % of the baseline's val_bpb
+
+
+def noise_estimate(groups):
+    """Run-to-run noise from the val_bpb of repeated runs, one list per commit: the pooled standard deviation
+    and its degrees of freedom (inf and 0 while no commit has run twice)."""
+    groups = [values for values in groups if values]
+    dof = sum(len(values) - 1 for values in groups)
+    squares = sum(sum((v - fmean(values)) ** 2 for v in values) for values in groups)
+    return (math.sqrt(squares / dof) if dof else math.inf), dof
+
+
+def t_critical(dof):
+    """The one-sided 2.5 % critical value of Student's t (from the table, rounded down to a listed dof)."""
+    if dof < 1:
+        return math.inf
+    return 1.96 if dof > max(T_CRITICAL) else T_CRITICAL[max(k for k in T_CRITICAL if k <= dof)]
+
+
+def plausibility_bound(kept):
+    """The largest improvement believed without the full number of runs, from the val_bpb of each kept result in
+    order (the baseline first): a bug that scores far too well once (a leak, a broken eval) must reproduce."""
+    gains = [before - after for before, after in zip(kept, kept[1:])]
+    return PLAUSIBILITY_FACTOR * max(gains) if gains else PLAUSIBLE_FIRST_GAIN * kept[0]
+
+
+def decide(candidate, best, noise, bound, rule="noise", max_runs=4, min_delta=0.0):
+    """(status, reason) for the val_bpb runs of a candidate against those of the best, or (None, reason) when the
+    candidate must run again first. noise: (sigma, dof) from noise_estimate; bound: plausibility_bound's.
+    Means are compared, never a lucky minimum."""
+    n, delta = len(candidate), fmean(best) - fmean(candidate)  # delta > 0: the candidate is better
+    runs = f"{n} run{'s' * (n > 1)}"
+    if delta <= 0:
+        return "discard", f"mean of {runs} {fmean(candidate):.6f} is not below the best's {fmean(best):.6f}"
+    if rule == "greedy":
+        if delta > bound and n < 2:
+            return None, f"{delta:.6f} better, beyond the plausible {bound:.6f}: running it again"
+        if max(candidate) >= fmean(best):
+            return "discard", f"{delta:.6f} better in the mean of {runs}, but the gain did not reproduce in each"
+        return "keep", f"{delta:.6f} better (mean of {runs})"
+    sigma, dof = noise
+    threshold = max(min_delta, t_critical(dof) * sigma * math.sqrt(1 / n + 1 / len(best)))
+    if n < max_runs:
+        return None, f"{delta:.6f} better in {runs}: running it again ({n + 1} of {max_runs})"
+    if delta > threshold:
+        return "keep", (f"{delta:.6f} better over {runs}, above the threshold {threshold:.6f} "
+                        f"(noise sigma {sigma:.6f}, {dof} dof)")
+    return "discard", f"{delta:.6f} better over {runs}, within the noise: threshold {threshold:.6f}"

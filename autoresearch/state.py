@@ -1,0 +1,232 @@
+"""
+The repository and the tag's records: git through GitPython, the ledger, results.tsv.
+
+Every experiment is a commit of train.py on the branch autoresearch/<tag>, kept reachable by its
+own ref refs/autoresearch/<tag>/<n> whatever the resets do. The ledger
+(.autoresearch/<tag>/ledger.jsonl) is append-only JSON lines, one per event: start, proposal,
+run_started, run, noise, result, stop. results.tsv is rewritten whole from it after each result.
+"""
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+import git
+
+from autoresearch.console import fail, log
+
+STATE_ROOT = Path(".autoresearch")  # ignored by git; one folder per tag
+STATUSES = ("keep", "discard", "crash", "invalid")  # invalid: broke a rule of the metric (see integrity.py)
+RESULTS_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+
+# -----------------------------------------------------------------------------
+# Git
+
+
+def open_repo(path="."):
+    """The git repository holding path, or a clear error."""
+    try:
+        return git.Repo(path, search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        fail("not inside a git repository: run agent_loop.py from the autoresearch checkout.")
+
+
+def worktree_root():
+    """The top of the git work tree around the current directory, or None outside one."""
+    try:
+        return Path(git.Repo(".", search_parent_directories=True).working_tree_dir)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return None
+
+
+def head_commit(repo):
+    return repo.head.commit.hexsha
+
+
+def current_branch(repo):
+    return None if repo.head.is_detached else repo.active_branch.name
+
+
+def dirty_tracked_files(repo):
+    """Tracked files that differ from HEAD, staged or not."""
+    return sorted({diff.a_path for diff in repo.head.commit.diff(None)})
+
+
+def untracked_files(repo):
+    return repo.untracked_files
+
+
+def changed_files(repo, old, new):
+    return sorted({diff.b_path or diff.a_path for diff in repo.commit(old).diff(new)})
+
+
+def file_at(repo, commit, path):
+    return repo.commit(commit).tree[path].data_stream.read().decode()
+
+
+def keep_out_of_git(repo, *paths):
+    """Make sure our outputs never count as changes and are never committed."""
+    exclude = Path(repo.common_dir) / "info" / "exclude"  # shared by all worktrees
+    ignored = set(repo.ignored(*paths))
+    for path in paths:
+        if path not in ignored and path.rstrip("/") not in ignored:
+            exclude.parent.mkdir(parents=True, exist_ok=True)
+            with open(exclude, "a") as f:
+                f.write(f"\n{path}\n")
+
+
+def keep_reachable(repo, tag, commit):
+    """Give the commit its own ref so that a reset never loses it; return the ref's number."""
+    prefix = f"refs/autoresearch/{tag}/"
+    taken = [int(ref.path[len(prefix):]) for ref in git.Reference.iter_items(repo, common_path=prefix)]
+    number = max(taken, default=0) + 1
+    git.Reference.create(repo, f"{prefix}{number}", commit)
+    return number
+
+
+def commit_train_py(repo, description):
+    # No hooks and no signing: nothing may stop or rewrite an unattended commit.
+    repo.git(c="commit.gpgsign=false").commit("--no-verify", "-q", "-m", description, "--", "train.py")
+    return head_commit(repo)
+
+
+def reset_hard(repo, commit):
+    """train.py (and every tracked file) back to commit, the branch with it."""
+    repo.head.reset(commit, index=True, working_tree=True)
+
+
+def check_branch(repo, tag, ledger):
+    """Whether autoresearch/<tag> can be started or resumed; refuse to touch uncommitted work."""
+    branch = f"autoresearch/{tag}"
+    exists = branch in repo.heads
+    if exists != bool(ledger.records):
+        fail(f"branch {branch} exists but it has no ledger: choose another --tag." if exists else
+             f"there is a ledger for tag {tag} but no branch {branch}: choose another --tag.")
+    dirty = dirty_tracked_files(repo)
+    on_branch = current_branch(repo) == branch
+    if dirty == ["train.py"] and exists and on_branch:
+        log("discarding the uncommitted train.py left by an interrupted run")  # ours: the commit never happened
+        dirty = []
+    if dirty:
+        fail(f"uncommitted changes to tracked files: {', '.join(dirty)}. Commit or stash them first: "
+             "every experiment starts from a commit.")
+    return branch, exists
+
+
+# -----------------------------------------------------------------------------
+# The ledger
+
+
+class Ledger:
+    """The tag's ledger.jsonl as records, and the questions the loop and the report ask of them."""
+
+    def __init__(self, path=None, records=None):
+        self.path = path
+        self.records = records if records is not None else read_records(path) if path else []
+
+    def append(self, **record):
+        record = {"time": datetime.datetime.now().isoformat(timespec="seconds"), **record}
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        self.records.append(record)
+        return record
+
+    def events(self, event):
+        return [r for r in self.records if r["event"] == event]
+
+    def results(self):
+        return self.events("result")
+
+    def best(self):
+        """The last kept result is the best (the baseline is kept); None before the baseline."""
+        kept = [r for r in self.results() if r["status"] == "keep"]
+        return kept[-1] if kept else None
+
+    def kept_val_bpbs(self):
+        return [r["val_bpb"] for r in self.results() if r["status"] == "keep"]
+
+    def valid_runs(self):
+        """Runs that gave a val_bpb and broke no rule."""
+        return [r for r in self.events("run") if r["ok"]]
+
+    def measured(self, commit):
+        """The val_bpb of every valid run of a commit, repeats included."""
+        return [r["val_bpb"] for r in self.valid_runs() if r["commit"] == commit]
+
+    def run_groups(self):
+        """{commit: [val_bpb of each valid run]}: what the noise is measured on."""
+        groups = {}
+        for r in self.valid_runs():
+            groups.setdefault(r["commit"], []).append(r["val_bpb"])
+        return groups
+
+    def base_commit(self):
+        return self.events("start")[0]["base_commit"]
+
+    def last_start(self):
+        starts = self.events("start")
+        return starts[-1] if starts else None
+
+    def spent_usd(self):
+        return sum(r.get("cost_usd") or 0 for r in self.events("proposal"))
+
+
+def read_records(path):
+    """The ledger's records; an unfinished last line (a killed driver, or one writing now) is skipped."""
+    text = path.read_text() if path.exists() else ""
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # that unfinished line
+    return records
+
+
+def end_unfinished_line(path):
+    """End the line a killed driver left unfinished, so that the next record starts clean."""
+    if path.exists() and (text := path.read_text()) and not text.endswith("\n"):
+        with open(path, "a") as f:
+            f.write("\n")
+
+
+# -----------------------------------------------------------------------------
+# results.tsv
+
+
+def write_results_tsv(rows, state_dir):
+    lines = [RESULTS_HEADER] + [
+        f"{r['commit'][:7]}\t{r['val_bpb']:.6f}\t{r['memory_gb']:.1f}\t{r['status']}\t{r['description']}\n"
+        for r in rows
+    ]
+    # Written whole from the ledger, so a killed run can never leave a duplicate row.
+    for target in (Path("results.tsv"), state_dir / "results.tsv"):
+        temporary = state_dir / "results.tsv.tmp"
+        temporary.write_text("".join(lines))
+        os.replace(temporary, target)
+
+
+def read_results_tsv(path):
+    """The rows of a results.tsv, shaped like the ledger's result events."""
+    lines = path.read_text().splitlines()
+    if not lines or lines[0].split("\t") != RESULTS_HEADER.split():
+        fail(f"{path}, line 1: not a results.tsv: the header must be {RESULTS_HEADER.strip()!r}")
+    rows = []
+    for number, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        try:
+            commit, val_bpb, memory_gb, status, description = line.split("\t", 4)
+            row = dict(experiment=len(rows), commit=commit, val_bpb=float(val_bpb), memory_gb=float(memory_gb),
+                       status=status, description=description)
+        except ValueError:
+            fail(f"{path}, line {number}: malformed row {line!r}: expected commit, val_bpb, memory_gb, status "
+                 "and description, separated by tabs")
+        if status not in STATUSES:
+            fail(f"{path}, line {number}: unknown status {status!r} (expected one of {', '.join(STATUSES)})")
+        rows.append(row)
+    return rows
