@@ -36,12 +36,9 @@ PRICES_PER_MTOK = {
     "claude-opus-4-5": (5.0, 25.0),
     "claude-opus-4-6": (5.0, 25.0),
 }
-
 CACHE_WRITE_PRICE, CACHE_READ_PRICE = 2.0, 0.1
 
-
 CHANGE_TOOL_NAME = "propose_change"
-
 CHANGE_SCHEMA = {
     "type": "object",
     "properties": {
@@ -67,9 +64,7 @@ CHANGE_SCHEMA = {
     },
     "required": ["description", "edits"],
 }
-
 CHANGE_TOOL_DESCRIPTION = "Propose one experiment: a one-line description and exact search/replace edits of train.py."
-
 
 
 @dataclass

@@ -16,11 +16,8 @@ from autoresearch.agents import Proposal
 from autoresearch.console import fail
 
 NOT_TUNED = ("SEED", "UNCOUNTED_STEPS")  # a seed only fits noise; UNCOUNTED_STEPS changes what the budget measures
-
 DEVICE_OVERRIDE = "DEVICE_TYPE != 'cuda'"  # the test of train.py's `if` block of small-compute values
-
 MAX_OPTUNA_ASKS = 20  # samples that round to the current train.py are asked again, this many times at most
-
 OPTUNA_RANGES = """--agent optuna searches around the values in train.py when the tag started (v):
   a float v > 0                          log-uniform in [v/4, 4v]
   a float *_RATIO or *_FRAC in [0, 1]    uniform in [0, min(1, max(2v, 0.5))]
@@ -33,7 +30,6 @@ uniform range, +-1), from the best values so far; TPE then searches all of them 
 Floats are rounded to 2 significant digits. By default only the floats are tuned (the learning rates,
 weight decay, the schedule); name ints such as DEPTH in --optuna-params to search them too.
 SEED and UNCOUNTED_STEPS are never tuned."""
-
 
 
 def tunable_constants(source, device_type):
