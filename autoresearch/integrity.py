@@ -10,7 +10,8 @@ Three layers, each on plain values (docs/integrity.md explains them and their li
   val_bpb and token count, the splits opened and by whom, when training started and evaluation began, the
   causality check; `Attestation` is the driver's end of that channel, `record_problems` and
   `wall_clock_problems` read the record;
-- around it, `harness_fingerprint`: prepare.py and the prepared cache must not change.
+- around it, `harness_fingerprint`: prepare.py and the prepared cache must not change (and
+  `portable_fingerprint`: a node that runs experiments for the driver must have the same cache).
 
 These catch accidents and the shortcuts an optimiser finds; they are not a sandbox.
 """
@@ -72,10 +73,12 @@ def static_problems(source):
 
 class Attestation:
     """One run's channel to the harness: a fresh key (so no record of another run, or one written by train.py
-    without the key, verifies) and a private folder for the record. Send `request()` on the run's stdin."""
+    without the key, verifies) and a private folder for the record. Send `request()` on the run's stdin.
+    A run on another node (autoresearch/ray_executor.py) gets the driver's key: `Attestation(key)` there, and
+    the driver `verify`s the record text that comes back."""
 
-    def __init__(self):
-        self.key = secrets.token_bytes(32)
+    def __init__(self, key=None):
+        self.key = key or secrets.token_bytes(32)
         self.folder = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
         self.path = self.folder / "record.json"
 
@@ -85,12 +88,23 @@ class Attestation:
     def read(self):
         """(record, None), or (None, why there is none) when the file is missing or does not verify."""
         try:
-            signed = json.loads(self.path.read_text())
-            record, mac = signed["record"], signed["hmac"]
+            text = self.path.read_text()
         except FileNotFoundError:
+            text = None
+        except (OSError, ValueError):
+            return None, "the harness's record of the run is unreadable: it was altered"
+        return self.verify(text)
+
+    def verify(self, text):
+        """(record, None) when `text` is a record signed with this run's key; else (None, why there is none).
+        text None: the harness wrote none."""
+        if text is None:
             return None, ("the harness wrote no record of the run (train.py did not let evaluate_bpb finish, "
                           "or removed the record)")
-        except (OSError, ValueError, KeyError, TypeError):
+        try:
+            signed = json.loads(text)
+            record, mac = signed["record"], signed["hmac"]
+        except (ValueError, KeyError, TypeError):
             return None, "the harness's record of the run is unreadable: it was altered"
         expected = hmac.new(self.key, json.dumps(record, sort_keys=True).encode(), "sha256").hexdigest()
         if not hmac.compare_digest(expected, str(mac)):
@@ -197,22 +211,63 @@ def cache_dir():
     return Path(os.environ.get("AUTORESEARCH_CACHE") or "~/.cache/autoresearch").expanduser()
 
 
-def harness_fingerprint():
+def harness_fingerprint(prepare_py="prepare.py", cache=None):
     """What val_bpb depends on besides train.py: prepare.py and the prepared cache (not the raw downloads).
     sha256 of prepare.py, the manifest, the tokenizer and the validation tokens; size and mtime of the
     training tokens, which can be gigabytes and do not enter the metric."""
-    cache = cache_dir()
+    return _fingerprint(Path(prepare_py), Path(cache) if cache else cache_dir(), portable=False)
+
+
+# What differs between two caches that the same prepare.py command made on two machines: when it ran, and hashes
+# over absolute paths and mtimes (a --text source's "fingerprint", and so the tokenizer's sha256, which embeds it).
+MACHINE_SPECIFIC = {"created", "fingerprint", "tokenizer_sha256"}
+
+
+def portable_fingerprint(prepare_py="prepare.py", cache=None):
+    """harness_fingerprint as two machines agree on it when they ran the same prepare.py command (a run on another
+    node checks its cache against the driver's with it): no mtimes, no MACHINE_SPECIFIC fields, a --text source's
+    files by name, the validation tokens' index by its arrays (an .npz is a zip that stores when it was written)."""
+    return _fingerprint(Path(prepare_py), Path(cache) if cache else cache_dir(), portable=True)
+
+
+def _fingerprint(prepare_py, cache, portable):
     manifest = cache / "manifest.json"
     val_parts = set(json.loads(manifest.read_text()).get("splits", {}).get("val", {}).get("parts", []))
-    fingerprint = {"prepare.py": hashlib.sha256(Path("prepare.py").read_bytes()).hexdigest()}
+    fingerprint = {"prepare.py": hashlib.sha256(prepare_py.read_bytes()).hexdigest()}
     for path in [manifest] + sorted(p for folder in ("tokenizer", "tokens") for p in (cache / folder).rglob("*")
                                     if p.is_file()):
+        name = path.relative_to(cache).as_posix() if portable else str(path.relative_to(cache))
         if path.parent.name == "tokens" and path.stem not in val_parts:
             stat = path.stat()
-            fingerprint[str(path.relative_to(cache))] = f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}"
+            fingerprint[name] = f"{stat.st_size} bytes" + ("" if portable else f", mtime {stat.st_mtime_ns}")
+        elif portable and path.suffix == ".json":
+            fingerprint[name] = hashlib.sha256(json.dumps(_portable(json.loads(path.read_text())),
+                                                          sort_keys=True).encode()).hexdigest()
+        elif portable and path.suffix == ".npz":
+            fingerprint[name] = _arrays_sha256(path)
         else:
-            fingerprint[str(path.relative_to(cache))] = hashlib.sha256(path.read_bytes()).hexdigest()
+            fingerprint[name] = hashlib.sha256(path.read_bytes()).hexdigest()
     return fingerprint
+
+
+def _portable(value, key=None):
+    if isinstance(value, dict):
+        return {k: _portable(v, k) for k, v in value.items() if k not in MACHINE_SPECIFIC}
+    if isinstance(value, list):
+        return [_portable(v, key) for v in value]
+    # a --text source lists its files by absolute path: their names are what two machines share
+    return Path(value).name if key == "paths" and isinstance(value, str) else value
+
+
+def _arrays_sha256(path):
+    import numpy as np  # here: the serial driver never needs it
+
+    digest = hashlib.sha256()
+    with np.load(path, allow_pickle=False) as arrays:
+        for name in sorted(set(arrays.files) - MACHINE_SPECIFIC):
+            array = np.ascontiguousarray(arrays[name])
+            digest.update(f"{name} {array.dtype.str} {array.shape}\n".encode() + array.tobytes())
+    return digest.hexdigest()
 
 
 def fingerprint_changes(then, now):

@@ -31,15 +31,16 @@ TRAIN_COMMAND = "import prepare; prepare.attested_run('train.py')"  # the harnes
 # Running
 
 
-def run_training(log_path, timeout, pid_path, request):
+def run_training(log_path, timeout, pid_path, request, cwd=None, env=None):
     """Run train.py under the harness, output to log_path, `request` (the attestation's key and path) on its stdin;
-    kill its process tree on timeout or interrupt. Returns (exit code, or None when killed at the limit; seconds)."""
+    kill its process tree on timeout or interrupt. Returns (exit code, or None when killed at the limit; seconds).
+    cwd and env: where it runs and with what environment (default: this process's; a Ray task gives its own)."""
     started = time.time()
     own_group = {"start_new_session": True} if os.name == "posix" else {
         "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen([sys.executable, "-c", TRAIN_COMMAND], stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.PIPE, **own_group)
+                                   stdin=subprocess.PIPE, cwd=cwd, env=env, **own_group)
     pid_path.write_text(str(process.pid))
     timed_out = threading.Event()
     # A timer, not wait(timeout): that polls, and returns up to 50 ms after the run ends

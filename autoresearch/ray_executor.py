@@ -1,0 +1,328 @@
+"""
+Many runs of train.py at once, on Ray: one run per task, on whatever node of a local Ray instance or of a
+cluster the task lands on (one GPU per run; one CPU slot on a machine without GPUs).
+
+The serial loop never imports this module, and this module imports ray only inside its functions. The
+driver's side, with plain values in and out:
+
+    cluster = ray_executor.connect(None, state_dir, num_workers=4)      # or "auto" / "host:port": join a cluster
+    fingerprint = integrity.portable_fingerprint()                      # once: every node must match it
+    attestation = integrity.Attestation()                               # per run: its key signs the record
+    ref = ray_executor.submit(cluster, train_source, prepare_source, fingerprint, attestation.key.hex(), timeout)
+    done, pending = ray_executor.wait(refs, timeout=1.0)
+    try:
+        result = ray_executor.result(done[0])    # returncode, seconds, log, record, hostname, ip, gpu, ...
+    except Exception as error:                   # NodeMismatch: stop; is_infrastructure_failure: run it again
+        ...
+    record, missing = attestation.verify(result["record"])
+    ray_executor.cancel_all(refs)                # Ctrl-C
+    ray_executor.shutdown(cluster)
+
+A local instance is private: it listens on 127.0.0.1 only, with Ray's token authentication on and no dashboard,
+and its temp dir (with the sockets and logs) and token file live in state_dir, never under ~. A cluster is
+joined with the token Ray's documentation says (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token).
+Nodes share no filesystem: the task carries train.py and prepare.py, Ray ships this package to the nodes
+(py_modules), and each node uses its own prepared cache, which must equal the driver's
+(integrity.portable_fingerprint). Workers run in the Python their node's Ray runs in: on a cluster, start Ray
+from the project's environment (`uv run ray start ...`).
+"""
+
+import functools
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+# Ray puts unix sockets in <temp dir>/session_<date>_<time>_<pid>/sockets/plasma_store, and a socket's path has
+# at most 107 bytes on Linux (103 on macOS): 64 of them are Ray's (with a 7-digit pid), so its temp dir can have 43
+# on Linux; 40 leaves room for macOS's shorter limit and Ray's next socket name.
+MAX_TEMP_DIR_CHARS = 40
+CANCEL_GRACE = 10  # seconds a cancelled run has to kill its process tree before its worker is killed
+
+
+# -----------------------------------------------------------------------------
+# Connecting
+
+@dataclass(frozen=True)
+class Cluster:
+    address: str  # the GCS's host:port
+    local: bool  # a private instance this driver started (and stops)
+    gpus: bool  # one GPU per run; else one CPU slot per run
+    slots: int  # how many runs fit at once
+    temp_dir: str = None  # of a local instance
+    token_path: str = None  # of a local instance
+
+
+def visible_gpus():
+    """How many CUDA GPUs this machine shows (CUDA_VISIBLE_DEVICES respected), without importing torch."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return len([d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.splitlines())
+
+
+def connect(address, state_dir, num_workers):
+    """Start a private local Ray instance (address None) with room for num_workers runs, or join the cluster at
+    address ("auto": RAY_ADDRESS, or the one `ray start` left on this machine). Returns a Cluster."""
+    state_dir = Path(state_dir).resolve()
+    # Under `uv run`, Ray would copy the working directory to every worker and build a virtual environment there
+    # (a minute on a 2-core machine, and the repository's state with it). Workers use the Python their node's
+    # Ray runs in instead, and get this package from the driver (py_modules): a node needs no checkout of it.
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"  # read when ray is imported; set below for an earlier import
+    common = dict(log_to_driver=False, logging_level=logging.WARNING,  # Ray's INFO lines stay out of the loop's output
+                  runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]})
+    if address is None:
+        return _start_local(state_dir, num_workers, common)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray turns it on by itself only for clusters it finds locally
+    ray = _import_ray()
+    try:
+        context = _init(ray, address=address, **common)
+    except ray.exceptions.AuthenticationError as error:
+        raise RuntimeError(f"the Ray cluster at {address} refused this driver ({error}). Give it the cluster's "
+                           "token: RAY_AUTH_TOKEN, or a file named by RAY_AUTH_TOKEN_PATH (on the head node, "
+                           "`ray get-auth-token` prints it)") from error
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    return Cluster(address=context.address_info["gcs_address"], local=False, gpus=gpus > 0,
+                   slots=gpus or int(resources.get("CPU", 0)))
+
+
+def _import_ray():
+    import ray
+    import ray._private.ray_constants as constants
+
+    # What the environment variables set before `import ray` say, also when ray was imported earlier
+    constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        constants.ENABLE_RAY_CLUSTER = False
+    return ray
+
+
+def _start_local(state_dir, num_workers, common):
+    state_dir.mkdir(parents=True, exist_ok=True)
+    temp_dir = ray_temp_dir(state_dir)
+    token_path = state_dir / "ray_auth_token"
+    # A fresh token each start, readable by this user only. Ray reads RAY_AUTH_TOKEN before RAY_AUTH_TOKEN_PATH,
+    # and would write its own token to ~/.ray/auth_token if it found none: it finds ours.
+    token_path.unlink(missing_ok=True)
+    with os.fdopen(os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
+                      # On Linux Ray swaps _node_ip_address="127.0.0.1" for the machine's network address (its
+                      # servers then listen on every interface); with this, read when ray is imported, it keeps
+                      # the loopback address, and the GCS, raylet and workers listen there only.
+                      RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    ray = _import_ray()
+    gpus = min(visible_gpus(), num_workers)
+    context = _init(ray, address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                    _temp_dir=str(temp_dir), num_cpus=None if gpus else num_workers, num_gpus=gpus, **common)
+    info = context.address_info
+    if info["node_ip_address"] != "127.0.0.1" or not info["gcs_address"].startswith("127.0.0.1:"):
+        ray.shutdown()  # never run a reachable instance: this Ray binds where it did not say
+        raise RuntimeError(f"the local Ray instance did not stay on 127.0.0.1 (GCS at {info['gcs_address']})")
+    return Cluster(address=info["gcs_address"], local=True, gpus=gpus > 0, slots=gpus or num_workers,
+                   temp_dir=str(temp_dir), token_path=str(token_path))
+
+
+def _init(ray, **options):
+    # ray.init makes SIGTERM exit the driver at once: the driver's own handler (cancel the runs, leave the
+    # repository at the best commit) stays.
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        return ray.init(**options)
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
+def ray_temp_dir(state_dir):
+    """Ray's temp dir: state_dir/ray, or, when that path is too long for Ray's sockets, a fresh private folder
+    under the system's temp dir (or /tmp, where that is long too, as macOS's is)."""
+    inside = Path(state_dir) / "ray"
+    if len(str(inside)) <= MAX_TEMP_DIR_CHARS:
+        inside.mkdir(mode=0o700, exist_ok=True)
+        return inside
+    base = tempfile.gettempdir()
+    if len(base) > MAX_TEMP_DIR_CHARS - 20 and os.path.isdir("/tmp"):
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix="autoresearch-ray-", dir=base))  # mode 0700
+
+
+def shutdown(cluster):
+    """Leave the cluster; a local instance stops, and its token goes (Ray's logs stay in its temp dir)."""
+    import ray
+
+    ray.shutdown()
+    if cluster.token_path:
+        Path(cluster.token_path).unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# One run, on a node
+
+class NodeMismatch(Exception):
+    """A node's prepare.py or prepared cache is not the driver's: its val_bpb would not be comparable."""
+
+
+def run_experiment(train_source, prepare_source, fingerprint, key_hex, timeout, cache=None):
+    """The task: one run of train.py on this node, as runner.run_training runs it on the driver's machine, in a
+    fresh folder, against this node's cache (cache None: AUTORESEARCH_CACHE of the node, or its default).
+    Raises NodeMismatch unless the node's cache has the driver's portable `fingerprint`. Returns a dict:
+    returncode (None on timeout), seconds, log, record (the harness's signed record as text, or None), changed
+    (what of prepare.py and the cache the run changed), hostname, ip, gpu, worker_pid."""
+    import ray
+
+    from autoresearch import integrity
+
+    hostname, ip = socket.gethostname(), ray.util.get_node_ip_address()
+    cache = Path(cache).expanduser() if cache else integrity.cache_dir()
+    work = Path(tempfile.mkdtemp(prefix="autoresearch-task-"))
+    attestation = integrity.Attestation(bytes.fromhex(key_hex))  # its record goes to a private folder
+    try:
+        (work / "train.py").write_text(train_source)
+        (work / "prepare.py").write_text(prepare_source)
+        _check_node(fingerprint, work / "prepare.py", cache, f"{hostname} ({ip})")
+        before = integrity.harness_fingerprint(work / "prepare.py", cache)
+        # train.py is code a model wrote: it gets no token of the cluster
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")},
+               "AUTORESEARCH_CACHE": str(cache)}
+        returncode, seconds = _run_training(work / "run.log", timeout, work / "train.pid", attestation.request(),
+                                            cwd=work, env=env)
+        changed = integrity.fingerprint_changes(before, integrity.harness_fingerprint(work / "prepare.py", cache))
+        record = attestation.path.read_text() if attestation.path.exists() else None
+        log = (work / "run.log").read_bytes().decode(errors="replace")  # keeps the \r of progress lines
+    finally:
+        attestation.close()
+        shutil.rmtree(work, ignore_errors=True)  # a checkpoint a run leaves is not the next run's to find
+    return dict(returncode=returncode, seconds=seconds, log=log, record=record, changed=changed,
+                hostname=hostname, ip=ip, gpu=_gpu_name(tuple(ray.get_gpu_ids())), worker_pid=os.getpid())
+
+
+def _check_node(fingerprint, prepare_py, cache, node):
+    from autoresearch import integrity
+
+    what_to_do = f"Run `uv run prepare.py` there with the driver's flags (AUTORESEARCH_CACHE={cache})"
+    try:
+        differ = integrity.fingerprint_changes(fingerprint, integrity.portable_fingerprint(prepare_py, cache))
+    except (OSError, ValueError) as error:
+        raise NodeMismatch(f"node {node} has no usable prepared cache at {cache} "
+                           f"({type(error).__name__}: {error}). {what_to_do}") from None
+    if differ:
+        raise NodeMismatch(f"node {node}: its prepared cache at {cache} is not the driver's ({', '.join(differ)} "
+                           f"differ{'s' if len(differ) == 1 else ''}), so its val_bpb would not be comparable. "
+                           f"{what_to_do}")
+
+
+def _run_training(log_path, timeout, pid_path, request, cwd, env):
+    """runner.run_training in a thread, so that the KeyboardInterrupt of ray.cancel, raised in this (main) thread,
+    arrives at once rather than when the run's process.wait() returns; on it, the run's process tree is killed."""
+    from autoresearch import runner
+
+    outcome, done = {}, threading.Event()
+
+    def target():
+        try:
+            outcome["value"] = runner.run_training(log_path, timeout, pid_path, request, cwd=cwd, env=env)
+        except BaseException as error:  # handed to the main thread
+            outcome["error"] = error
+        done.set()
+
+    threading.Thread(target=target, daemon=True).start()
+    # An Event, not Thread.join: a join that an exception interrupts marks the thread as ended (Python 3.11)
+    try:
+        while not done.wait(0.2):
+            pass
+    except BaseException:
+        while not done.wait(0.1):  # until the run has started (its pid file) and is dead
+            try:
+                runner.kill_tree(int(pid_path.read_text()))
+            except (OSError, ValueError):
+                pass
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@functools.lru_cache
+def _gpu_name(gpu_ids):
+    if not gpu_ids:
+        return "cpu"
+    # torch in a child process: in this worker it would keep a CUDA context (hundreds of MB) on the run's GPU.
+    # CUDA_VISIBLE_DEVICES, which Ray set for this task, makes device 0 the run's GPU.
+    named = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"],
+                           capture_output=True, text=True, timeout=300)
+    return named.stdout.strip() or f"GPU {gpu_ids[0]} (unnamed: {named.stderr.strip()[-200:]})"
+
+
+# -----------------------------------------------------------------------------
+# Submitting and collecting
+
+@functools.cache
+def _task():
+    import ray
+
+    # No retry by Ray: re-running a run whose worker or node died is the scheduler's decision, once, on the record.
+    return ray.remote(max_retries=0)(run_experiment)
+
+
+def submit(cluster, train_source, prepare_source, fingerprint, key_hex, timeout, cache=None):
+    """Start one run (run_experiment) on the cluster; returns its ObjectRef. A run takes one GPU (and no CPU
+    slot: train.py's CPU use is not Ray's to ration) on a cluster with GPUs, else one CPU slot."""
+    resources = dict(num_gpus=1, num_cpus=0) if cluster.gpus else dict(num_cpus=1)
+    return _task().options(**resources).remote(train_source, prepare_source, fingerprint, key_hex, timeout, cache)
+
+
+def wait(refs, timeout=None):
+    """(finished, unfinished) refs, once at least one has finished or after timeout seconds."""
+    import ray
+
+    return ray.wait(list(refs), num_returns=1, timeout=timeout) if refs else ([], [])
+
+
+def result(ref):
+    """The run's dict. Raises NodeMismatch, or Ray's error when the run did not finish (is_infrastructure_failure
+    tells a dead worker or node from a cancelled run)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, NodeMismatch):
+            raise error.cause from None  # its own words, not Ray's traceback of the node
+        raise
+
+
+def is_infrastructure_failure(error):
+    """Whether a run ended because its worker process or node died, not because of the idea: it may run again.
+    Ray's memory monitor kills a worker when its node runs short of memory, which another run may have caused."""
+    import ray.exceptions as failed
+
+    return isinstance(error, (failed.WorkerCrashedError, failed.NodeDiedError, failed.LocalRayletDiedError,
+                              failed.OutOfMemoryError, failed.ObjectLostError))
+
+
+def cancel_all(refs):
+    """Stop every run (Ctrl-C, SIGTERM): a cancel first, on which each task kills its train.py's process tree;
+    then, for a task still running after CANCEL_GRACE seconds, a force-cancel that kills its worker."""
+    import ray
+
+    refs = list(refs)
+    for ref in refs:
+        ray.cancel(ref)
+    _, running = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE) if refs else ([], [])
+    for ref in running:
+        ray.cancel(ref, force=True)

@@ -1,0 +1,274 @@
+"""autoresearch/ray_executor.py on a local Ray instance with 3 CPU slots, started once for the module (Ray takes
+~10 s to start here), its temp dir, token and HOME inside the test's tmp dir. The runs are the stand-ins of
+tests/agent_loop_support under the fake harness (fake_prepare.py), against a small fake cache."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+
+from autoresearch import integrity, ray_executor
+from conftest import REPO, TINY, run_prepare
+
+SUPPORT = REPO / "tests" / "agent_loop_support"
+FAKE_PREPARE = (SUPPORT / "fake_prepare.py").read_text()
+FAKE_TRAIN = (SUPPORT / "fake_train.py").read_text()
+
+
+def sleeping_train(seconds, pids_file=None, child=False):
+    """A train.py that (records its pid, its parent's, and a child's it starts, then) sleeps, then reports."""
+    return f"""
+import os, subprocess, sys, time
+from prepare import evaluate_bpb
+started = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) if {child} else None
+if {pids_file is not None}:
+    with open({str(pids_file)!r}, "w") as f:
+        f.write(f"{{os.getpid()}} {{os.getppid()}} {{started.pid if started else 0}}")
+time.sleep({seconds})
+print("---")
+print(f"val_bpb:          {{evaluate_bpb(1.0):.6f}}")
+"""
+
+
+def fake_cache(folder, val=b"\x01\x02\x03\x04"):
+    """A cache the fake harness accepts: its manifest, a tokenizer, one validation and one training part."""
+    (folder / "tokens").mkdir(parents=True)
+    (folder / "tokenizer").mkdir()
+    (folder / "manifest.json").write_text(json.dumps(
+        {"time_budget": 1, "max_seq_len": 64, "eval_tokens": 4096, "vocab_size": 512, "created": time.ctime(),
+         "splits": {"train": {"parts": ["x-train"]}, "val": {"parts": ["x-val"]}}}))
+    (folder / "tokenizer" / "tokenizer.json").write_text(json.dumps({"pattern": ".", "mergeable_ranks": ["YQ=="]}))
+    (folder / "tokens" / "x-val.bin").write_bytes(val)
+    (folder / "tokens" / "x-train.bin").write_bytes(b"\x05" * 64)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ray_env(tmp_path_factory):
+    """The cluster, its tmp dir (base), the cache and the driver's portable fingerprint of it and of prepare.py,
+    and the SIGTERM handler that connect() left."""
+    base = tmp_path_factory.mktemp("r")  # short: Ray's temp dir goes in base/s/ray when the path is short enough
+    saved = dict(os.environ)  # connect() and ray.init() set RAY_* variables for this process: undone at the end
+    os.environ.update(HOME=str(base / "home"), RAY_USAGE_STATS_ENABLED="0")
+    (base / "home").mkdir()
+    (base / "prepare.py").write_text(FAKE_PREPARE)
+    cache = fake_cache(base / "cache")
+    sigterm, cluster = signal.signal(signal.SIGTERM, on_sigterm), None
+    try:
+        cluster = ray_executor.connect(None, base / "s", num_workers=3)
+        import ray
+
+        # One worker per slot before the tests time anything (a worker's first start takes seconds here).
+        ray.get([ray.remote(num_cpus=1)(lambda: time.sleep(1.0)).remote() for _ in range(3)])
+        yield SimpleNamespace(cluster=cluster, base=base, cache=cache, sigterm=signal.getsignal(signal.SIGTERM),
+                              fingerprint=integrity.portable_fingerprint(base / "prepare.py", cache))
+    finally:
+        if cluster:
+            ray_executor.shutdown(cluster)
+        signal.signal(signal.SIGTERM, sigterm)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def on_sigterm(signum, frame):
+    """The driver's own SIGTERM handler, which connect() must leave in place."""
+
+
+def run(ray_env, train_source, key=None, timeout=30, cache=None):
+    return ray_executor.submit(ray_env.cluster, train_source, FAKE_PREPARE, ray_env.fingerprint,
+                               (key or bytes(32)).hex(), timeout, str(cache or ray_env.cache))
+
+
+def ray_processes():
+    return psutil.Process().children(recursive=True)
+
+
+def ended(pids, wait=5.0):
+    """Whether every one of these processes has ended (or is a zombie) within `wait` seconds."""
+    deadline = time.time() + wait
+    while any(running(pid) for pid in pids):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def running(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# -----------------------------------------------------------------------------
+# Runs
+
+def test_a_remote_run_returns_the_log_and_a_record_that_verifies_with_the_key(ray_env):
+    attestation = integrity.Attestation()
+    result = ray_executor.result(run(ray_env, FAKE_TRAIN, attestation.key))
+    assert result["returncode"] == 0 and 0 < result["seconds"] < 10
+    assert "val_bpb:          1.000000" in result["log"] and "step 00001" in result["log"]
+    record, missing = attestation.verify(result["record"])
+    assert missing is None and integrity.evaluation(record)["val_bpb"] == 1.0
+    assert integrity.Attestation().verify(result["record"]) == (
+        None, "the harness's record of the run does not verify: it was altered")
+    assert (result["hostname"], result["ip"], result["gpu"]) == (socket.gethostname(), "127.0.0.1", "cpu")
+    assert result["worker_pid"] != os.getpid() and result["changed"] == []
+    attestation.close()
+
+
+def test_the_run_gets_no_token_of_the_cluster(ray_env):
+    source = 'import os\nprint(sorted(k for k in os.environ if k.startswith("RAY_AUTH_TOKEN")))\n'
+    result = ray_executor.result(run(ray_env, source))
+    assert "RAY_AUTH_TOKEN_PATH" in os.environ and result["log"].strip() == "[]"
+
+
+def test_three_runs_go_out_at_once_and_take_about_the_time_of_one(ray_env):
+    started = time.time()
+    measured = ray_executor.result(run(ray_env, sleeping_train(2)))["seconds"]
+    single = time.time() - started  # as the driver sees it, like the three below
+    started = time.time()
+    results = [ray_executor.result(ref) for ref in [run(ray_env, sleeping_train(2)) for _ in range(3)]]
+    wall = time.time() - started
+    print(f"one run {single:.2f}s ({measured:.2f}s on its node); three at once {wall:.2f}s")
+    assert [r["returncode"] for r in results] == [0, 0, 0]
+    assert len({r["worker_pid"] for r in results}) == 3
+    assert wall < 2 * single
+
+
+def test_a_run_over_its_timeout_comes_back_with_no_exit_code_and_its_process_tree_killed(ray_env, tmp_path):
+    pids = tmp_path / "pids"
+    result = ray_executor.result(run(ray_env, sleeping_train(600, pids, child=True), timeout=2))
+    assert result["returncode"] is None and 2 <= result["seconds"] < 10
+    train, _, child = map(int, pids.read_text().split())
+    assert ended([train, child])
+
+
+def test_a_node_whose_cache_differs_fails_with_an_error_naming_the_node_the_file_and_prepare_py(ray_env, tmp_path):
+    other = fake_cache(tmp_path / "other", val=b"\x01\x02\x03\x05")
+    pids = tmp_path / "pids"
+    with pytest.raises(ray_executor.NodeMismatch) as mismatch:
+        ray_executor.result(run(ray_env, sleeping_train(0, pids), cache=other))
+    message = str(mismatch.value)
+    assert f"node {socket.gethostname()} (127.0.0.1)" in message and "tokens/x-val.bin differs" in message
+    assert "`uv run prepare.py` there with the driver's flags" in message and str(other) in message
+    assert not pids.exists()  # nothing ran
+
+
+def test_a_worker_killed_mid_run_is_an_infrastructure_failure_and_not_retried(ray_env, tmp_path):
+    import ray
+
+    pids = tmp_path / "pids"
+    ref = run(ray_env, sleeping_train(600, pids))
+    while not pids.exists() or not pids.read_text():
+        time.sleep(0.05)
+    train, worker, _ = map(int, pids.read_text().split())
+    os.kill(worker, 9)
+    with pytest.raises(ray.exceptions.WorkerCrashedError) as crashed:
+        ray_executor.result(ref)
+    assert ray_executor.is_infrastructure_failure(crashed.value)
+    os.kill(train, 9)  # the orphan of the killed worker
+
+
+def test_cancel_all_stops_every_run_and_kills_its_process_tree(ray_env, tmp_path):
+    import ray
+
+    refs = [run(ray_env, sleeping_train(600, tmp_path / f"pids{i}", child=True)) for i in range(2)]
+    while not all((tmp_path / f"pids{i}").exists() and (tmp_path / f"pids{i}").read_text() for i in range(2)):
+        time.sleep(0.05)
+    started = time.time()
+    ray_executor.cancel_all(refs)
+    assert time.time() - started < ray_executor.CANCEL_GRACE
+    for i, ref in enumerate(refs):
+        with pytest.raises(ray.exceptions.TaskCancelledError) as cancelled:
+            ray_executor.result(ref)
+        assert not ray_executor.is_infrastructure_failure(cancelled.value)
+        train, _, child = map(int, (tmp_path / f"pids{i}").read_text().split())
+        assert ended([train, child])
+
+
+# -----------------------------------------------------------------------------
+# Nobody else gets in
+
+def test_the_local_instance_listens_on_127_0_0_1_only_and_serves_no_dashboard(ray_env):
+    cluster = ray_env.cluster
+    assert cluster.address.startswith("127.0.0.1:") and cluster.local and cluster.slots == 3 and not cluster.gpus
+    processes = ray_processes()
+    names = {p.name() for p in processes}
+    assert {"gcs_server", "raylet"} <= names
+    listening = [(p.name(), c.laddr) for p in [psutil.Process(), *processes]
+                 for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and all(addr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for _, addr in listening), listening
+    assert not any(addr.port == 8265 for _, addr in listening)
+    # Ray 2.60 still starts its API server with include_dashboard=False: headless (no web frontend, no port)
+    for p in processes:
+        if any(arg.endswith("dashboard/dashboard.py") for arg in p.cmdline()):
+            assert {"--minimal", "--disable-frontend"} <= set(p.cmdline())
+            assert not [c for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+
+
+def test_a_client_without_the_token_is_refused(ray_env):
+    cluster = ray_env.cluster
+    probe = (f"import ray._raylet\nclient = ray._raylet.GcsClient(address={cluster.address!r})\n"
+             "print(len(client.internal_kv_keys(b'', namespace=None, timeout=5)) > 0)")
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    tokens = {"none": {"RAY_AUTH_MODE": "disabled"}, "wrong": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+              "right": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": cluster.token_path}}
+    clients = {name: subprocess.Popen([sys.executable, "-c", probe], env={**plain, **extra}, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+               for name, extra in tokens.items()}
+    said = {name: client.communicate(timeout=60)[0] for name, client in clients.items()}
+    assert said["right"].strip() == "True", said["right"]
+    for name in ("none", "wrong"):
+        assert "AuthenticationError" in said[name] and "InvalidAuthToken" in said[name], said[name]
+
+
+def test_rays_temp_dir_and_token_are_inside_the_tests_tmp_dir(ray_env):
+    cluster, base = ray_env.cluster, ray_env.base
+    inside = base / "s" / "ray"
+    if len(str(inside)) <= ray_executor.MAX_TEMP_DIR_CHARS:
+        assert Path(cluster.temp_dir) == inside and (inside / "session_latest").exists()
+    else:  # a long user name in pytest's tmp path: the fallback, tested below
+        assert Path(cluster.temp_dir).name.startswith("autoresearch-ray-")
+    assert Path(cluster.token_path).parent == base / "s" and Path(cluster.token_path).stat().st_mode & 0o077 == 0
+    raylet = next(p for p in ray_processes() if p.name() == "raylet")
+    assert f"--temp_dir={cluster.temp_dir}" in raylet.cmdline()
+    assert not (base / "home" / ".ray").exists()  # Ray's default token file stayed unwritten
+
+
+def test_connecting_leaves_the_drivers_sigterm_handler_in_place(ray_env):
+    assert ray_env.sigterm is on_sigterm  # ray.init puts its own there, which exits at once
+
+
+def test_a_state_dir_too_long_for_rays_sockets_falls_back_to_a_short_private_folder(tmp_path):
+    folder = ray_executor.ray_temp_dir(tmp_path / ("x" * 80))
+    assert len(str(folder)) <= ray_executor.MAX_TEMP_DIR_CHARS and folder.stat().st_mode & 0o077 == 0
+    folder.rmdir()
+
+
+# -----------------------------------------------------------------------------
+# The fingerprint nodes are compared by
+
+def test_caches_prepared_alike_on_two_machines_have_the_same_portable_fingerprint(_tiny_cache_dir, tiny_corpus,
+                                                                                    tmp_path):
+    corpus = shutil.copytree(tiny_corpus, tmp_path / "elsewhere" / "corpus")  # another path, other mtimes
+    there = tmp_path / "cache"
+    run_prepare("--text", str(corpus), *TINY, cache=there)
+    prepare_py = REPO / "prepare.py"
+    here = integrity.portable_fingerprint(prepare_py, _tiny_cache_dir)
+    assert integrity.portable_fingerprint(prepare_py, there) == here
+    assert integrity.harness_fingerprint(prepare_py, there) != integrity.harness_fingerprint(prepare_py,
+                                                                                          _tiny_cache_dir)
+    val = next((there / "tokens").glob("*-val.bin"))
+    val.write_bytes(val.read_bytes()[:-2] + b"\x00\x00")
+    changed = integrity.fingerprint_changes(here, integrity.portable_fingerprint(prepare_py, there))
+    assert changed == [f"tokens/{val.name}"]
