@@ -1,10 +1,13 @@
-"""Shared test support: a tiny prepared cache, and a local stand-in for the Hugging Face hub."""
+"""Shared test support: a tiny prepared cache, a local stand-in for the Hugging Face hub, and the Night
+(a temp repository for agent_loop.py, tests/agent_loop_support/night_repo.py) as the `night` fixture."""
 
 import http.server
 import importlib
 import io
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests" / "agent_loop_support"))  # the fakes and helpers, imported by name
 TINY = ["--vocab-size", "512", "--max-seq-len", "64", "--eval-tokens", "4096", "--time-budget", "2"]
 
 WORDS = (
@@ -39,7 +43,7 @@ def write_parquet(path, texts, row_group_size=None, column="text"):
 
 
 def run_prepare(*args, cache, env_extra=None, check=True, timeout=120):
-    env = {**__import__("os").environ, "AUTORESEARCH_CACHE": str(cache), **(env_extra or {})}
+    env = {**os.environ, "AUTORESEARCH_CACHE": str(cache), **(env_extra or {})}
     result = subprocess.run([sys.executable, str(REPO / "prepare.py"), *args], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -146,3 +150,27 @@ def hub():
     yield server
     server.server.shutdown()
     server.server.server_close()
+
+
+# --- the Night: agent_loop.py in a temp repository ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pycache(tmp_path_factory):
+    return tmp_path_factory.mktemp("pycache")
+
+
+@pytest.fixture
+def night(tmp_path, pycache, monkeypatch):
+    from fake_llm import FakeLLM  # here, not above: only the tests that use a Night import agent_loop
+    from night_repo import Night
+
+    llm = FakeLLM()
+    night = Night(tmp_path, llm, pycache, monkeypatch)
+    yield night
+    llm.close()
+    for pid in night.train_pids():  # a run a test left orphaned must not outlive it
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -10,8 +10,8 @@ import pytest
 
 import agent_loop
 from autoresearch import integrity, runner
-from test_agent_loop import BETTER, FAKE_PREPARE, ROOT, night, pycache  # noqa: F401 (fixtures)
-from fake_llm import change  # noqa: E402
+from fake_llm import change
+from night_repo import BETTER, FAKE_PREPARE, ROOT
 
 CRASH_THEN = 'MODE = "ok"'  # the line edits below hang their bad behaviour on
 

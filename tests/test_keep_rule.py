@@ -10,8 +10,8 @@ import pytest
 
 import agent_loop
 from autoresearch import agents
-from test_agent_loop import SUPPORT, WORSE, night, pycache  # noqa: F401 (fixtures); puts fake_llm on the path
-from fake_llm import change  # noqa: E402
+from fake_llm import change
+from night_repo import SUPPORT, WORSE
 
 SIGMA = 0.002
 

@@ -1,8 +1,8 @@
 """agent_loop.py --agent optuna: Optuna's TPE tunes the numeric constants of train.py, no LLM.
 
 Unit tests drive OptunaAgent directly in a temp folder with a hand-written ledger; end-to-end tests
-run agent_loop.main() on tests/agent_loop_support/noisy_train.py with the Night fixture of
-test_agent_loop.py. CPU only, no network."""
+run agent_loop.main() on tests/agent_loop_support/noisy_train.py with the `night` fixture
+(tests/conftest.py). CPU only, no network."""
 
 import json
 import re
@@ -14,7 +14,7 @@ import pytest
 
 import agent_loop
 from autoresearch import agents, optuna_agent
-from test_agent_loop import ROOT, SUPPORT, night, pycache  # noqa: F401 (fixtures)
+from night_repo import ROOT, SUPPORT
 
 NOISY = (SUPPORT / "noisy_train.py").read_text()
 REAL = (ROOT / "train.py").read_text()

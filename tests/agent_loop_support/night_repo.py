@@ -1,0 +1,127 @@
+"""The Night: a temp git repository ready for agent_loop.py, with a fake train.py and prepare.py, local
+stand-ins for the agents, and ways to look at what a night did. The `night` fixture (tests/conftest.py)
+makes one; the end-to-end tests of the loop import the edits below by name."""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import agent_loop
+
+SUPPORT = Path(__file__).resolve().parent
+ROOT = SUPPORT.parent.parent
+FAKE_PREPARE = (SUPPORT / "fake_prepare.py").read_text()  # the harness's attestation protocol, no data
+AGENT_LOOP = ROOT / "agent_loop.py"
+
+# Edits of the fake train.py that decide what the next run does.
+BETTER = ("VAL_BPB = 1.000000", "VAL_BPB = 0.990000")
+WORSE = ("VAL_BPB = 1.000000", "VAL_BPB = 1.010000")
+CRASH = ('MODE = "ok"', 'MODE = "crash"')
+HANG = ('MODE = "ok"', 'MODE = "hang"')
+
+
+class Night:
+    """A temp repository ready for agent_loop.py, and ways to look at what it did."""
+
+    def __init__(self, tmp_path, llm, pycache, monkeypatch):
+        self.llm, self.tmp = llm, tmp_path
+        self.repo = tmp_path / "repo"
+        self.repo.mkdir()
+        shutil.copy(SUPPORT / "fake_train.py", self.repo / "train.py")
+        shutil.copy(ROOT / "program.md", self.repo / "program.md")
+        (self.repo / "prepare.py").write_text(FAKE_PREPARE)
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        (cache / "manifest.json").write_text(json.dumps(
+            {"time_budget": 1, "max_seq_len": 64, "eval_tokens": 4096, "vocab_size": 512}))
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "claude").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{SUPPORT / "fake_claude.py"}" "$@"\n')
+        (bin_dir / "claude").chmod(0o755)
+        self.starts = tmp_path / "train_starts"
+        # The environment of this process (for main()) and of every process it starts.
+        for name in os.environ:
+            if name.startswith(("ANTHROPIC_", "OPENAI_", "GIT_")) or name == "PYTHONDONTWRITEBYTECODE":
+                monkeypatch.delenv(name)
+        for name, value in dict(
+                HOME=str(tmp_path), GIT_CONFIG_NOSYSTEM="1", AUTORESEARCH_CACHE=str(cache),
+                GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+                GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
+                ANTHROPIC_API_KEY="test-key", ANTHROPIC_BASE_URL=llm.url, FAKE_TRAIN_STARTS=str(self.starts),
+                FAKE_CLAUDE_SCRIPT=str(tmp_path / "claude_script.json"),
+                FAKE_CLAUDE_CALLS=str(tmp_path / "claude_calls"),
+                PYTHONPYCACHEPREFIX=str(pycache),  # compile the SDKs once per session, not once per process
+                PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}").items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.chdir(self.repo)
+        self.git("init", "-q", "-b", "main")
+        self.git("add", ".")
+        self.git("commit", "-q", "-m", "initial")
+        self.base = self.head()
+
+    def arguments(self, *args):
+        return ["--tag", "t", "--retry-delay", "0.01", "--timeout", "30", *args]
+
+    def run(self, *args):
+        """agent_loop.main() in this process: (exit code, what it printed, the error it stopped with)."""
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            try:
+                code, error = agent_loop.main(self.arguments(*args)), ""
+            except SystemExit as stop:
+                code, error = 1, str(stop.code)
+        return subprocess.CompletedProcess(args, code, printed.getvalue(), error)
+
+    def start(self, *args):
+        """`python agent_loop.py` as its own process."""
+        return subprocess.Popen([sys.executable, str(AGENT_LOOP), *self.arguments(*args)], cwd=self.repo,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def wait_for_runs(self, count, timeout=60):
+        """The pids of the first `count` train.py runs, once that many have started."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            pids = self.train_pids()
+            if len(pids) >= count:
+                return pids
+            time.sleep(0.05)
+        raise AssertionError(f"fewer than {count} runs of train.py started")
+
+    def train_pids(self):
+        return [int(line) for line in self.starts.read_text().split()] if self.starts.exists() else []
+
+    def git(self, *args):
+        return subprocess.run(["git", *args], cwd=self.repo, check=True, capture_output=True, text=True).stdout.strip()
+
+    def head(self):
+        return self.git("rev-parse", "HEAD")
+
+    def refs(self):
+        """Commit of each refs/autoresearch/t/<n>, in order of n."""
+        lines = self.git("for-each-ref", "--format=%(refname) %(objectname)", "refs/autoresearch/t/").splitlines()
+        return [commit for _, commit in sorted((int(ref.rsplit("/", 1)[1]), commit)
+                                               for ref, commit in (line.split() for line in lines))]
+
+    def rows(self):
+        lines = (self.repo / "results.tsv").read_text().splitlines()
+        assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+        return [line.split("\t") for line in lines[1:]]
+
+    def ledger(self):
+        return [json.loads(line) for line in (self.repo / ".autoresearch/t/ledger.jsonl").read_text().splitlines()]
+
+    def train_py(self):
+        return (self.repo / "train.py").read_text()
+
+    def is_clean(self):
+        """No change at all, untracked files included: our outputs are kept out of git."""
+        return self.git("status", "--porcelain") == ""
+
+    def requests(self, path="/v1/messages"):
+        return self.llm.requests[path]

@@ -1,0 +1,18 @@
+"""Looking at processes from the tests, portably (psutil, no /proc)."""
+
+import time
+
+import psutil
+
+
+def alive(pid, wait=5.0):
+    """Whether the process still runs after up to `wait` seconds (a zombie counts as dead)."""
+    deadline = time.time() + wait
+    while True:
+        try:
+            status = psutil.Process(pid).status()
+        except psutil.NoSuchProcess:
+            return False
+        if status == psutil.STATUS_ZOMBIE or time.time() > deadline:
+            return status != psutil.STATUS_ZOMBIE
+        time.sleep(0.05)

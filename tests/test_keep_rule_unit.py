@@ -1,0 +1,164 @@
+"""The keep rule's parts as plain functions (autoresearch/keep_rule.py): numbers in, a verdict out.
+tests/test_keep_rule.py runs the same rule end to end, on a noisy train.py."""
+
+import math
+import statistics
+
+import pytest
+
+from autoresearch.keep_rule import decide, noise_estimate, plausibility_bound, t_critical
+
+QUIET = (0.001, 3)  # a noise estimate: sigma 0.001 from 3 degrees of freedom (t = 3.18)
+BASELINE = [1.0, 1.0, 1.0, 1.0]
+
+
+def noise_rule(candidate, best=BASELINE, noise=QUIET, **options):
+    return decide(candidate, best, noise, bound=0.02, rule="noise", **options)
+
+
+def greedy_rule(candidate, best=(1.0,), bound=0.02):
+    return decide(list(candidate), list(best), noise=(math.inf, 0), bound=bound, rule="greedy")
+
+
+# -----------------------------------------------------------------------------
+# decide, either rule
+
+
+@pytest.mark.parametrize("rule", ["noise", "greedy"])
+@pytest.mark.parametrize("candidate", [[1.0], [1.01], [1.02, 1.0]])
+def test_a_candidate_whose_mean_is_not_below_the_best_s_is_discarded_at_once(rule, candidate):
+    status, reason = decide(candidate, BASELINE, QUIET, bound=0.02, rule=rule)
+    assert status == "discard" and "is not below the best's 1.000000" in reason
+
+
+def test_means_are_compared_never_a_lucky_minimum():
+    status, reason = noise_rule([0.98, 1.03])  # one run far below the best, the mean above it
+    assert status == "discard" and "mean of 2 runs 1.005000" in reason
+
+
+# -----------------------------------------------------------------------------
+# decide, greedy
+
+
+def test_greedy_keeps_a_gain_within_the_plausibility_bound_after_one_run():
+    assert greedy_rule([0.99]) == ("keep", "0.010000 better (mean of 1 run)")
+
+
+def test_greedy_runs_a_gain_beyond_the_plausibility_bound_again():
+    status, reason = greedy_rule([0.9])
+    assert status is None and "beyond the plausible 0.020000: running it again" in reason
+
+
+def test_greedy_discards_a_gain_that_did_not_reproduce_in_each_run():
+    status, reason = greedy_rule([0.5, 1.0])  # a fluke, then the best's value again
+    assert status == "discard" and "did not reproduce" in reason
+
+
+def test_greedy_keeps_a_large_gain_that_reproduced():
+    assert greedy_rule([0.9, 0.92]) == ("keep", "0.090000 better (mean of 2 runs)")
+
+
+# -----------------------------------------------------------------------------
+# decide, noise
+
+
+def test_noise_runs_a_better_candidate_again_until_max_runs():
+    status, reason = noise_rule([0.99], max_runs=4)
+    assert status is None and reason == "0.010000 better in 1 run: running it again (2 of 4)"
+    assert noise_rule([0.99, 0.99, 0.99], max_runs=4)[0] is None
+    assert noise_rule([0.99, 0.99, 0.99, 0.99], max_runs=4)[0] is not None
+
+
+def test_noise_keeps_a_difference_of_means_above_the_t_test_threshold():
+    # threshold: t(3) * sigma * sqrt(1/4 + 1/4) = 3.18 * 0.001 * 0.7071 = 0.002249
+    status, reason = noise_rule([0.997] * 4)
+    assert status == "keep"
+    assert reason == ("0.003000 better over 4 runs, above the threshold 0.002249 (noise sigma 0.001000, 3 dof)")
+
+
+def test_noise_discards_a_difference_within_the_noise():
+    status, reason = noise_rule([0.998] * 4)
+    assert status == "discard" and reason == "0.002000 better over 4 runs, within the noise: threshold 0.002249"
+
+
+def test_noise_threshold_counts_the_runs_of_the_candidate_and_of_the_best():
+    # t(3) * sigma * sqrt(1/2 + 1/4) = 3.18 * 0.001 * 0.8660 = 0.002754
+    assert noise_rule([0.997] * 2, max_runs=2) == (
+        "keep", "0.003000 better over 2 runs, above the threshold 0.002754 (noise sigma 0.001000, 3 dof)")
+
+
+def test_noise_threshold_shrinks_with_more_runs():
+    assert noise_rule([0.9978] * 4)[0] == "discard"
+    assert noise_rule([0.9978] * 8, best=[1.0] * 8, max_runs=8)[0] == "keep"  # 3.18 * 0.001 * 0.5 = 0.00159
+
+
+def test_noise_never_keeps_a_gain_below_min_delta():
+    assert noise_rule([0.99] * 4, min_delta=0.02) == (
+        "discard", "0.010000 better over 4 runs, within the noise: threshold 0.020000")
+    assert noise_rule([0.97] * 4, min_delta=0.02)[0] == "keep"
+
+
+def test_noise_keeps_nothing_before_the_noise_is_measured():
+    assert noise_rule([0.5] * 4, noise=(math.inf, 0))[0] == "discard"
+
+
+# -----------------------------------------------------------------------------
+# noise_estimate
+
+
+def test_noise_estimate_pools_the_variance_of_each_commit_around_its_own_mean():
+    sigma, dof = noise_estimate([[1.0, 1.2], [2.0, 2.4, 2.2]])
+    # squares around each mean: 0.01 + 0.01 and 0.04 + 0.04 + 0; one dof per run beyond the first of each
+    assert dof == 3 and sigma == pytest.approx(math.sqrt(0.10 / 3))
+
+
+def test_noise_estimate_of_one_commit_is_its_sample_standard_deviation():
+    runs = [1.01, 0.99, 1.00, 1.03]
+    assert noise_estimate([runs]) == (pytest.approx(statistics.stdev(runs)), 3)
+
+
+def test_noise_estimate_ignores_commits_run_once():
+    assert noise_estimate([[1.0, 1.2], [5.0], [9.0]]) == noise_estimate([[1.0, 1.2]])
+
+
+@pytest.mark.parametrize("groups", [[], [[]], [[1.0], [2.0]]])
+def test_noise_estimate_is_infinite_with_no_degrees_of_freedom_while_nothing_ran_twice(groups):
+    assert noise_estimate(groups) == (math.inf, 0)
+
+
+# -----------------------------------------------------------------------------
+# t_critical
+
+
+@pytest.mark.parametrize("dof, value", [(1, 12.71), (3, 3.18), (10, 2.23), (30, 2.04), (60, 2.00)])
+def test_t_critical_reads_listed_degrees_of_freedom_from_the_table(dof, value):
+    assert t_critical(dof) == value
+
+
+@pytest.mark.parametrize("dof, listed", [(11, 10), (14, 12), (25, 20), (59, 30)])
+def test_t_critical_between_listed_dofs_takes_the_lower_one_a_larger_conservative_value(dof, listed):
+    assert t_critical(dof) == t_critical(listed)
+
+
+@pytest.mark.parametrize("dof", [61, 1000])
+def test_t_critical_is_the_normal_1_96_beyond_60_dof(dof):
+    assert t_critical(dof) == 1.96
+
+
+@pytest.mark.parametrize("dof", [0, -1])
+def test_t_critical_is_infinite_below_one_dof(dof):
+    assert t_critical(dof) == math.inf
+
+
+# -----------------------------------------------------------------------------
+# plausibility_bound
+
+
+@pytest.mark.parametrize("baseline, bound", [(1.0, 0.02), (2.5, 0.05)])
+def test_the_first_gain_believed_at_once_is_2_percent_of_the_baseline(baseline, bound):
+    assert plausibility_bound([baseline]) == pytest.approx(bound)
+
+
+def test_later_gains_are_believed_up_to_3_times_the_largest_kept_gain():
+    # gains 0.01, 0.04, 0.01: the largest, not the last, sets the bound
+    assert plausibility_bound([1.0, 0.99, 0.95, 0.94]) == pytest.approx(0.12)
