@@ -376,8 +376,9 @@ def survey_corpus(files, split_lines, given):
         for doc in _file_documents(path, split_lines):
             counts["val" if _in_val(doc) else "train"] += 1
         update(f"{sum(counts.values()):,} in {path.name}")
-    update(f"{sum(counts.values()):,} documents ({counts['val']:,} for val) in {len(files)} files", final=True)
     documents = sum(counts.values())
+    update(f"{documents:,} document{'s' * (documents != 1)} ({counts['val']:,} for val) in {len(files)} "
+           f"file{'s' * (len(files) != 1)}", final=True)
     if documents == 0:
         raise PrepareError(f"the corpus is empty: --text {' '.join(given)} holds no non-empty documents")
     for split, n in counts.items():
