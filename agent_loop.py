@@ -30,12 +30,10 @@ and every commit it ran stays reachable as refs/autoresearch/<tag>/<n>.
 
 import argparse
 import datetime
-import math
 import os
 import re
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +43,7 @@ import filelock
 import git
 
 from autoresearch import demo, integrity, keep_rule, report, runner, state
+from autoresearch import runs as experiment_runs
 from autoresearch.agents import (DEFAULT_MODELS, MAX_DESCRIPTION, MAX_RETRY_DELAY, PRICES_PER_MTOK, AgentSettings,
                                  AnthropicAgent, ClaudeCodeAgent, EditError, OpenAIAgent, RuleViolation, apply_proposal,
                                  fix_prompt, idea_prompt, instructions_text, price_of)
@@ -81,6 +80,8 @@ class Night:
     timeout: float
     constants: dict  # the prepared cache's time_budget, max_seq_len and eval_tokens
     fingerprint: dict  # of prepare.py and the cache, when the tag started
+    cluster: object = None  # ray_executor.Cluster with --workers N > 1, else runs happen here, one at a time
+    portable_fingerprint: dict = None  # what each worker's prepare.py and cache must equal
     started: float = field(default_factory=time.time)
     failed_proposals_in_a_row: int = 0
 
@@ -124,64 +125,6 @@ def propose_and_commit(night, experiment, attempt, prompt):
     return commit, description, number
 
 
-def run_and_record(night, experiment, attempt, commit, number, repeat=1):
-    """Run train.py as committed, check the rules of the metric before and after, and ledger the run. Its
-    val_bpb is the one the harness attests (prepare.attested_run), never train.py's printout."""
-    log_path = night.state_dir / "logs" / (f"{number}.log" if repeat == 1 else f"{number}-{repeat}.log")
-    changed = integrity.fingerprint_changes(night.fingerprint, integrity.harness_fingerprint())
-    if changed:
-        fail(f"prepare.py or the prepared cache changed since tag {night.args.tag} started ({', '.join(changed)}): "
-             "its results are no longer comparable. Restore them, or start a new --tag.")
-    problems = integrity.static_problems(Path("train.py").read_text())
-    best = night.ledger.best()
-    if best:
-        problems += [f"the change touches {name}: only train.py may change"
-                     for name in state.changed_files(night.repo, best["commit"], commit) if name != "train.py"]
-    run = dict(experiment=experiment, attempt=attempt, repeat=repeat, commit=commit, log=str(log_path), seconds=0.0,
-               returncode=None, timed_out=False, ok=False, val_bpb=None, metrics={}, problems=problems, log_tail="",
-               attestation=None)
-    if problems:
-        log(f"#{experiment} not run, invalid: {'; '.join(problems)}")
-        night.record(event="run", **run)
-        return run
-    log(f"#{experiment} running {commit[:7]}{f' again ({repeat})' if repeat > 1 else ''} "
-        f"(log {log_path}, time limit {night.timeout:.0f}s)")
-    night.record(event="run_started", experiment=experiment, attempt=attempt, commit=commit, log=str(log_path))
-    untracked_before = set(state.untracked_files(night.repo))
-    attestation, stop_progress = integrity.Attestation(), threading.Event()
-    progress = threading.Thread(target=runner.show_progress, args=(log_path, f"#{experiment}", stop_progress), daemon=True)
-    progress.start()
-    try:
-        returncode, seconds = runner.run_training(log_path, night.timeout, night.state_dir / "train.pid", attestation.request())
-        record, missing = attestation.read()
-    finally:
-        stop_progress.set()
-        progress.join()
-        attestation.close()
-    left = sorted(name for name in set(state.untracked_files(night.repo)) - untracked_before if "__pycache__" not in Path(name).parts)
-    for name in left:  # a checkpoint the next run could start from: every run starts from nothing
-        Path(name).unlink(missing_ok=True)
-    log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
-    metrics = runner.parse_summary(log_text)
-    changed = integrity.fingerprint_changes(night.fingerprint, integrity.harness_fingerprint())
-    problems += [f"the run changed {', '.join(changed)}"] if changed else []
-    problems += [f"the run changed {name}" for name in state.dirty_tracked_files(night.repo) if name != "prepare.py"]
-    problems += [f"the run left {', '.join(left)} in the repository (removed): a run starts from nothing"] if left else []
-    problems += integrity.record_problems(record, missing, returncode, metrics.get("val_bpb"), night.constants)
-    if returncode is not None and experiment > 0:  # the baseline's own runs set the limits
-        baseline = [r for r in night.ledger.valid_runs() if r["experiment"] == 0]
-        problems += integrity.wall_clock_problems(seconds, record, integrity.baseline_timings(baseline),
-                                                  night.constants["time_budget"])
-    evaluated = integrity.evaluation(record)
-    val_bpb = evaluated["val_bpb"] if evaluated else None
-    ok = returncode == 0 and "val_bpb" in metrics and val_bpb is not None and math.isfinite(val_bpb) and not problems
-    run.update(seconds=round(seconds, 1), returncode=returncode, timed_out=returncode is None, ok=ok,
-               val_bpb=val_bpb, metrics=metrics, problems=problems, log_tail="" if ok else runner.log_tail(log_text),
-               attestation=record)
-    night.record(event="run", **run)
-    return run
-
-
 def record_result(night, experiment, run, description, status, reason):
     values = night.ledger.measured(run["commit"]) if status in ("keep", "discard") else []
     sigma, dof = keep_rule.noise_estimate(night.ledger.run_groups().values())
@@ -207,14 +150,15 @@ def run_baseline(night):
     number = state.keep_reachable(night.repo, night.args.tag, commit)
     runs = night.args.noise_runs if night.args.keep_rule == "noise" else 1
     while len(done := night.ledger.measured(commit)) < runs:  # a resumed tag goes on from the runs it has
-        log(f"#0 the unmodified train.py: the baseline, run {len(done) + 1} of {runs}")
-        run = run_and_record(night, 0, 0, commit, number, repeat=len(done) + 1)
-        if run["problems"]:
-            fail(f"the unmodified train.py breaks the rules of the metric: {'; '.join(run['problems'])}.")
-        if not run["ok"]:
-            fail(f"the unmodified train.py did not produce val_bpb (see {run['log']}). Fix the setup, then run "
-                 f"agent_loop.py again with --tag {night.args.tag}.")
-        log(f"#0 baseline run {run['repeat']} of {runs}: val_bpb {run['val_bpb']:.6f} ({run['seconds']:.0f}s)")
+        repeats = list(range(len(done) + 1, runs + 1))[:1 if night.cluster is None else night.cluster.slots]
+        log(f"#0 the unmodified train.py: the baseline, run {', '.join(map(str, repeats))} of {runs}")
+        for run in experiment_runs.run_commit(night, 0, 0, commit, number, repeats):
+            if run["problems"]:
+                fail(f"the unmodified train.py breaks the rules of the metric: {'; '.join(run['problems'])}.")
+            if not run["ok"]:
+                fail(f"the unmodified train.py did not produce val_bpb (see {run['log']}). Fix the setup, then run "
+                     f"agent_loop.py again with --tag {night.args.tag}.")
+            log(f"#0 baseline run {run['repeat']} of {runs}: val_bpb {run['val_bpb']:.6f} ({run['seconds']:.0f}s)")
     last = [r for r in night.ledger.valid_runs() if r["commit"] == commit][-1]
     sigma, dof = keep_rule.noise_estimate(night.ledger.run_groups().values())
     reason = f"mean of {runs} runs, noise sigma {sigma:.6f}" if dof else "one run"
@@ -233,11 +177,15 @@ def confirm(night, experiment, run, number):
         if status:
             return status, reason, run
         log(f"#{experiment} {reason}")
-        run = run_and_record(night, experiment, run["attempt"], run["commit"], number, repeat=len(candidate) + 1)
-        if run["problems"]:
-            return "invalid", "; ".join(run["problems"]), run
-        if not run["ok"]:
-            return "crash", f"run {len(candidate) + 1} of the same commit failed (see {run['log']})", run
+        # with workers, the rest of the runs the rule may need go out together
+        more = 1 if night.cluster is None or args.keep_rule == "greedy" else \
+            min(args.max_runs - len(candidate), night.cluster.slots)
+        repeats = range(len(candidate) + 1, len(candidate) + 1 + more)
+        for run in experiment_runs.run_commit(night, experiment, run["attempt"], run["commit"], number, repeats):
+            if run["problems"]:
+                return "invalid", "; ".join(run["problems"]), run
+            if not run["ok"]:
+                return "crash", f"run {run['repeat']} of the same commit failed (see {run['log']})", run
 
 
 def run_experiment(night):
@@ -255,7 +203,7 @@ def run_experiment(night):
     night.failed_proposals_in_a_row = 0
     commit, description, number = change
     log(f"#{experiment} the idea: {description}")
-    run = run_and_record(night, experiment, 0, commit, number)
+    [run] = experiment_runs.run_commit(night, experiment, 0, commit, number, [1])
     for fix in range(1, args.max_fix_attempts + 1):
         if run["ok"] or run["timed_out"] or run["problems"]:
             break
@@ -269,7 +217,7 @@ def run_experiment(night):
         if change is None:
             break
         commit, _, number = change
-        run = run_and_record(night, experiment, fix, commit, number)
+        [run] = experiment_runs.run_commit(night, experiment, fix, commit, number, [1])
     if run["problems"]:
         status, reason = "invalid", "; ".join(run["problems"])
     elif not run["ok"]:
@@ -367,7 +315,18 @@ def parse_args(argv, started_with=None):
                         f"API call; it doubles up to {MAX_RETRY_DELAY}s and never gives up (default: %(default)s)")
     parser.add_argument("--api-timeout", type=float, default=600.0,
                         help="seconds one agent call may take (default: %(default)s)")
+    parser.add_argument("--workers", default="1", help="runs at once, each on its own GPU (a CPU slot without GPUs), "
+                        "through Ray: the baseline's runs and a candidate's confirmation runs go out together; "
+                        "auto: every visible GPU (default: 1, no Ray)")
+    parser.add_argument("--ray", metavar="ADDRESS", help="run on this Ray cluster (auto: RAY_ADDRESS) instead of a "
+                        "private local Ray instance; its token from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
     args = parser.parse_args(argv)
+    if args.workers == "auto":
+        from autoresearch.ray_executor import visible_gpus  # imports no Ray
+        args.workers = visible_gpus() or 1
+    elif not args.workers.isdigit() or int(args.workers) < 1:
+        parser.error(f"--workers {args.workers!r}: a positive number, or auto")
+    args.workers = int(args.workers)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.tag):
         parser.error(f"--tag {args.tag!r}: use letters, digits, '.', '_' and '-'")
     if args.price and not re.fullmatch(r"[0-9.]+,[0-9.]+", args.price):
@@ -448,6 +407,16 @@ def run_night(repo, args, argv, constants, state_dir):
     log(f"{'resuming' if resuming else 'starting'} {branch}: {len(ledger.results())} experiments so far, "
         f"agent {args.agent}{f' ({args.model})' if args.model else ''}, runs killed after {night.timeout:.0f}s")
 
+    if args.workers > 1 or args.ray:
+        from autoresearch import ray_executor
+        try:
+            night.cluster = ray_executor.connect(args.ray, state_dir, args.workers)
+        except RuntimeError as error:  # a cluster that refuses us, or a local instance not on 127.0.0.1
+            fail(str(error))
+        night.portable_fingerprint = integrity.portable_fingerprint()
+        log(f"Ray at {night.cluster.address}: {night.cluster.slots} runs at once, one "
+            f"{'GPU' if night.cluster.gpus else 'CPU slot'} each")
+
     def stop_on_sigterm(signum, frame):
         raise KeyboardInterrupt
     previous_handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -471,6 +440,8 @@ def run_night(repo, args, argv, constants, state_dir):
         best = ledger.best()
         state.reset_hard(repo, best["commit"] if best else ledger.base_commit())
         night.record(event="stop", reason=reason or "error")
+        if night.cluster:
+            ray_executor.shutdown(night.cluster)
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
     rows = ledger.results()

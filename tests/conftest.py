@@ -1,6 +1,7 @@
 """Shared test support: a tiny prepared cache, a local stand-in for the Hugging Face hub, and the Night
 (a temp repository for agent_loop.py, tests/agent_loop_support/night_repo.py) as the `night` fixture."""
 
+import getpass
 import http.server
 import importlib
 import io
@@ -10,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,6 +22,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "agent_loop_support"))  # the fakes and helpers, imported by name
+
+# Bytecode compiled once per machine, not once per process: the tests start dozens of Python processes (train.py,
+# prepare.py, the loop, Ray's workers), each importing torch and the SDKs, and with PYTHONDONTWRITEBYTECODE (set
+# on some machines, this development box among them) each compiled them from source again: 2 s more per torch import.
+# The cache lives outside the checkout and outside the venv; Python checks each entry against its source.
+PYCACHE = Path(tempfile.gettempdir()) / f"autoresearch-tests-pycache-{getpass.getuser()}"
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+os.environ["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
+sys.dont_write_bytecode, sys.pycache_prefix = False, str(PYCACHE)
 TINY = ["--vocab-size", "512", "--max-seq-len", "64", "--eval-tokens", "4096", "--time-budget", "2"]
 
 WORDS = (
@@ -156,8 +167,8 @@ def hub():
 
 
 @pytest.fixture(scope="session")
-def pycache(tmp_path_factory):
-    return tmp_path_factory.mktemp("pycache")
+def pycache():
+    return PYCACHE
 
 
 @pytest.fixture

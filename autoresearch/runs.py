@@ -1,0 +1,172 @@
+"""
+The runs of one commit and what each proves: here, one after another (runner.run_training in the
+repository), or several at once on Ray workers (ray_executor, with --workers N > 1).
+
+Before a run: prepare.py and the cache are as the tag started, train.py passes the static checks,
+the commit changes only train.py. After it: the harness's signed record (integrity.record_problems),
+the wall clock against the baseline's, what the run changed or left behind. Each run becomes one
+"run" event of the ledger; a run on a worker also records the worker (host, IP, GPU, pid).
+"""
+
+import math
+import threading
+from pathlib import Path
+
+from autoresearch import integrity, runner, state
+from autoresearch.console import fail, log
+
+
+def run_commit(night, experiment, attempt, commit, number, repeats):
+    """Run the commit once per repeat number (1 is its first run); returns the runs, in the order they ended.
+    With workers, they all go out at once; here, they run one after another."""
+    if night.cluster is None:
+        return [run_here(night, experiment, attempt, commit, number, repeat) for repeat in repeats]
+    return run_on_workers(night, experiment, attempt, commit, number, repeats)
+
+
+def log_path_of(night, number, repeat):
+    return night.state_dir / "logs" / (f"{number}.log" if repeat == 1 else f"{number}-{repeat}.log")
+
+
+def problems_before(night, commit):
+    """Why the commit must not run (the static checks, the allowlist); stops the night if the harness changed."""
+    changed = integrity.fingerprint_changes(night.fingerprint, integrity.harness_fingerprint())
+    if changed:
+        fail(f"prepare.py or the prepared cache changed since tag {night.args.tag} started ({', '.join(changed)}): "
+             "its results are no longer comparable. Restore them, or start a new --tag.")
+    problems = integrity.static_problems(state.file_at(night.repo, commit, "train.py"))
+    best = night.ledger.best()
+    if best:
+        problems += [f"the change touches {name}: only train.py may change"
+                     for name in state.changed_files(night.repo, best["commit"], commit) if name != "train.py"]
+    return problems
+
+
+def not_run(night, experiment, attempt, commit, number, repeat, problems):
+    run = dict(experiment=experiment, attempt=attempt, repeat=repeat, commit=commit,
+               log=str(log_path_of(night, number, repeat)), seconds=0.0, returncode=None, timed_out=False, ok=False,
+               val_bpb=None, metrics={}, problems=problems, log_tail="", attestation=None)
+    log(f"#{experiment} not run, invalid: {'; '.join(problems)}")
+    night.record(event="run", **run)
+    return run
+
+
+def assess(night, run, returncode, seconds, log_text, record, missing, problems):
+    """Fill the run in from what it did, and ledger it. Its val_bpb is the one the harness attests
+    (prepare.attested_run), never train.py's printout."""
+    metrics = runner.parse_summary(log_text)
+    problems = problems + integrity.record_problems(record, missing, returncode, metrics.get("val_bpb"),
+                                                    night.constants)
+    if returncode is not None and run["experiment"] > 0:  # the baseline's own runs set the limits
+        baseline = [r for r in night.ledger.valid_runs() if r["experiment"] == 0]
+        problems += integrity.wall_clock_problems(seconds, record, integrity.baseline_timings(baseline),
+                                                  night.constants["time_budget"])
+    evaluated = integrity.evaluation(record)
+    val_bpb = evaluated["val_bpb"] if evaluated else None
+    ok = returncode == 0 and "val_bpb" in metrics and val_bpb is not None and math.isfinite(val_bpb) and not problems
+    run.update(seconds=round(seconds, 1), returncode=returncode, timed_out=returncode is None, ok=ok,
+               val_bpb=val_bpb, metrics=metrics, problems=problems, log_tail="" if ok else runner.log_tail(log_text),
+               attestation=record)
+    night.record(event="run", **run)
+    return run
+
+
+# -----------------------------------------------------------------------------
+# Here, in the repository
+
+def run_here(night, experiment, attempt, commit, number, repeat):
+    log_path = log_path_of(night, number, repeat)
+    if problems := problems_before(night, commit):
+        return not_run(night, experiment, attempt, commit, number, repeat, problems)
+    log(f"#{experiment} running {commit[:7]}{f' again ({repeat})' if repeat > 1 else ''} "
+        f"(log {log_path}, time limit {night.timeout:.0f}s)")
+    night.record(event="run_started", experiment=experiment, attempt=attempt, commit=commit, log=str(log_path))
+    untracked_before = set(state.untracked_files(night.repo))
+    attestation, stop_progress = integrity.Attestation(), threading.Event()
+    progress = threading.Thread(target=runner.show_progress, args=(log_path, f"#{experiment}", stop_progress),
+                                daemon=True)
+    progress.start()
+    try:
+        returncode, seconds = runner.run_training(log_path, night.timeout, night.state_dir / "train.pid",
+                                                  attestation.request())
+        record, missing = attestation.read()
+    finally:
+        stop_progress.set()
+        progress.join()
+        attestation.close()
+    left = sorted(name for name in set(state.untracked_files(night.repo)) - untracked_before
+                  if "__pycache__" not in Path(name).parts)
+    for name in left:  # a checkpoint the next run could start from: every run starts from nothing
+        Path(name).unlink(missing_ok=True)
+    changed = integrity.fingerprint_changes(night.fingerprint, integrity.harness_fingerprint())
+    problems = [f"the run changed {', '.join(changed)}"] if changed else []
+    problems += [f"the run changed {name}" for name in state.dirty_tracked_files(night.repo) if name != "prepare.py"]
+    problems += [f"the run left {', '.join(left)} in the repository (removed): a run starts from nothing"] if left else []
+    run = dict(experiment=experiment, attempt=attempt, repeat=repeat, commit=commit, log=str(log_path))
+    log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
+    return assess(night, run, returncode, seconds, log_text, record, missing, problems)
+
+
+# -----------------------------------------------------------------------------
+# On Ray workers
+
+def run_on_workers(night, experiment, attempt, commit, number, repeats):
+    """Every repeat as its own Ray task, all at once; a run whose worker or node died goes out again, once."""
+    from autoresearch import ray_executor
+
+    if problems := problems_before(night, commit):
+        return [not_run(night, experiment, attempt, commit, number, repeat, problems) for repeat in repeats]
+    source, harness = state.file_at(night.repo, commit, "train.py"), Path("prepare.py").read_text()
+    pending = {}  # ref: (repeat, attestation, tries)
+
+    def submit(repeat, tries):
+        attestation = integrity.Attestation()
+        ref = ray_executor.submit(night.cluster, source, harness, night.portable_fingerprint,
+                                  attestation.key.hex(), night.timeout)
+        pending[ref] = (repeat, attestation, tries)
+        night.record(event="run_started", experiment=experiment, attempt=attempt, commit=commit,
+                     log=str(log_path_of(night, number, repeat)), repeat=repeat, tries=tries)
+
+    log(f"#{experiment} running {commit[:7]} on {len(repeats)} worker{'s' * (len(repeats) > 1)} "
+        f"(runs {', '.join(map(str, repeats))}, time limit {night.timeout:.0f}s)")
+    for repeat in repeats:
+        submit(repeat, 1)
+    runs = []
+    try:
+        while pending:
+            done, _ = ray_executor.wait(pending, timeout=1.0)
+            for ref in done:
+                repeat, attestation, tries = pending.pop(ref)
+                try:
+                    result = ray_executor.result(ref)
+                except ray_executor.NodeMismatch as error:
+                    fail(str(error))
+                except Exception as error:
+                    if not ray_executor.is_infrastructure_failure(error) or tries > 1:
+                        raise
+                    log(f"#{experiment} run {repeat}: its worker died ({type(error).__name__}); running it again")
+                    night.record(event="requeued", experiment=experiment, commit=commit, repeat=repeat,
+                                 error=f"{type(error).__name__}: {str(error)[:300]}")
+                    submit(repeat, tries + 1)
+                    continue
+                finally:
+                    attestation.close()
+                runs.append(finished_on_worker(night, experiment, attempt, commit, number, repeat, result,
+                                               attestation))
+    except BaseException:  # Ctrl-C, SIGTERM, a failure: no run may outlive the night
+        ray_executor.cancel_all(list(pending))
+        raise
+    return runs
+
+
+def finished_on_worker(night, experiment, attempt, commit, number, repeat, result, attestation):
+    log_path = log_path_of(night, number, repeat)
+    log_path.write_text(result["log"])
+    record, missing = attestation.verify(result["record"])
+    problems = [f"the run changed {', '.join(result['changed'])}"] if result["changed"] else []
+    worker = {key: result[key] for key in ("hostname", "ip", "gpu", "worker_pid")}
+    run = dict(experiment=experiment, attempt=attempt, repeat=repeat, commit=commit, log=str(log_path), worker=worker)
+    run = assess(night, run, result["returncode"], result["seconds"], result["log"], record, missing, problems)
+    outcome = f"val_bpb {run['val_bpb']:.6f}" if run["ok"] else "no valid val_bpb"
+    log(f"#{experiment} run {repeat} on {worker['hostname']} ({worker['gpu']}): {outcome} ({run['seconds']:.0f}s)")
+    return run
