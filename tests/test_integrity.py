@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import agent_loop
 from autoresearch import integrity, runner
 from fake_llm import change
 from night_repo import BETTER, FAKE_PREPARE, ROOT
