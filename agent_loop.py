@@ -320,6 +320,8 @@ def parse_args(argv, started_with=None):
                         "auto: every visible GPU (default: 1, no Ray)")
     parser.add_argument("--ray", metavar="ADDRESS", help="run on this Ray cluster (auto: RAY_ADDRESS) instead of a "
                         "private local Ray instance; its token from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+    parser.add_argument("--allow-mixed-gpus", action="store_true",
+                        help="with --workers, run on a cluster whose GPUs are not all one model")
     args = parser.parse_args(argv)
     if args.workers == "auto":
         from autoresearch.ray_executor import visible_gpus  # imports no Ray
@@ -413,6 +415,11 @@ def run_night(repo, args, argv, constants, state_dir):
             night.cluster = ray_executor.connect(args.ray, state_dir, args.workers)
         except RuntimeError as error:  # a cluster that refuses us, or a local instance not on 127.0.0.1
             fail(str(error))
+        if len(night.cluster.gpu_models) > 1 and not args.allow_mixed_gpus:
+            ray_executor.shutdown(night.cluster)
+            fail(f"the Ray cluster mixes GPU models ({', '.join(night.cluster.gpu_models)}): their speed and run-to-run "
+                 "noise differ, so runs on one would be compared with runs on another. Use one model, or pass "
+                 "--allow-mixed-gpus.")
         night.portable_fingerprint = integrity.portable_fingerprint()
         log(f"Ray at {night.cluster.address}: {night.cluster.slots} runs at once, one "
             f"{'GPU' if night.cluster.gpus else 'CPU slot'} each")
@@ -458,7 +465,8 @@ def count_text(rows):
 
 def go_on_hint(args, reason):
     """The command that goes on from here: the tag keeps its options, so only a limit it reached must be raised."""
-    command = f"uv run agent_loop.py --tag {args.tag}"
+    command = f"uv run agent_loop.py --tag {args.tag}"  # + how it ran, which the tag does not keep
+    command += f" --workers {args.workers}" * (args.workers > 1) + f" --ray {args.ray}" * bool(args.ray)
     if reason.startswith("reached --max-experiments"):
         return f"To go on, raise the limit: {command} --max-experiments {args.max_experiments + 10}"
     if reason.startswith("spent $"):

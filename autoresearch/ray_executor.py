@@ -59,6 +59,7 @@ class Cluster:
     slots: int  # how many runs fit at once
     temp_dir: str = None  # of a local instance
     token_path: str = None  # of a local instance
+    gpu_models: tuple = ()  # of the live nodes with GPUs (gpu_models)
 
 
 def visible_gpus():
@@ -95,7 +96,7 @@ def connect(address, state_dir, num_workers):
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     return Cluster(address=context.address_info["gcs_address"], local=False, gpus=gpus > 0,
-                   slots=gpus or int(resources.get("CPU", 0)))
+                   slots=gpus or int(resources.get("CPU", 0)), gpu_models=gpu_models(ray.nodes()))
 
 
 def _import_ray():
@@ -133,7 +134,19 @@ def _start_local(state_dir, num_workers, common):
         ray.shutdown()  # never run a reachable instance: this Ray binds where it did not say
         raise RuntimeError(f"the local Ray instance did not stay on 127.0.0.1 (GCS at {info['gcs_address']})")
     return Cluster(address=info["gcs_address"], local=True, gpus=gpus > 0, slots=gpus or num_workers,
-                   temp_dir=str(temp_dir), token_path=str(token_path))
+                   temp_dir=str(temp_dir), token_path=str(token_path), gpu_models=gpu_models(ray.nodes()))
+
+
+def gpu_models(nodes):
+    """The GPU models of the live nodes in ray.nodes(), from the accelerator_type:<model> resource Ray gives a node
+    with GPUs ("unknown" for one without it): runs on different models are not comparable."""
+    models = set()
+    for node in nodes:
+        resources = node.get("Resources") or {}
+        if node.get("Alive") and resources.get("GPU"):
+            models.update([key.split(":", 1)[1] for key in resources if key.startswith("accelerator_type:")]
+                          or ["unknown"])
+    return tuple(sorted(models))
 
 
 def _init(ray, **options):

@@ -14,7 +14,9 @@ WORSE_THAN_BETTER = ("VAL_BPB = 0.990000", "VAL_BPB = 1.010000")
 def test_three_workers_decide_as_a_serial_night_and_send_repeated_runs_out_together(night):
     night.llm.script(change("lower val_bpb", BETTER), change("raise val_bpb", WORSE_THAN_BETTER))
     driver = night.start("--max-experiments", "3", "--workers", "3")  # its own process: Ray's state stays there
-    assert driver.wait(timeout=120) == 0, driver.stdout.read()
+    printed = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 0, printed
+    assert "raise the limit: uv run agent_loop.py --tag t --workers 3 --max-experiments 13" in printed  # as it ran
     # as serial: the noise rule runs the baseline 4 times, the gain 4 times, and discards the loss after one run
     assert [row[1:] for row in night.rows()] == [["1.000000", "2.0", "keep", "baseline"],
                                                  ["0.990000", "2.0", "keep", "lower val_bpb"],
@@ -27,6 +29,7 @@ def test_three_workers_decide_as_a_serial_night_and_send_repeated_runs_out_toget
     baseline = [e["event"] for e in events if e.get("experiment") == 0 and e["event"] in ("run_started", "run")]
     assert baseline[:3] == ["run_started"] * 3 and baseline[3] == "run"
     assert night.head() == night.refs()[1] and night.is_clean()
+    assert night.ledger()[-1]["reason"] == "reached --max-experiments 3"
 
 
 def test_ctrl_c_cancels_the_runs_on_the_workers_and_leaves_train_py_at_the_best_commit(night):
@@ -39,3 +42,17 @@ def test_ctrl_c_cancels_the_runs_on_the_workers_and_leaves_train_py_at_the_best_
     assert [row[4] for row in night.rows()] == ["baseline"]
     assert night.head() == night.base and night.is_clean()
     assert night.ledger()[-1]["event"] == "stop" and night.ledger()[-1]["reason"] == "interrupted"
+
+
+def test_a_cluster_of_mixed_gpu_models_is_refused_unless_allowed(night, monkeypatch):
+    from autoresearch import ray_executor
+
+    mixed = ray_executor.Cluster(address="127.0.0.1:6379", local=False, gpus=True, slots=12,
+                                 gpu_models=("A100", "H100"))
+    stopped = []
+    monkeypatch.setattr(ray_executor, "connect", lambda address, state_dir, workers: mixed)  # no cluster here
+    monkeypatch.setattr(ray_executor, "shutdown", stopped.append)
+    result = night.run("--workers", "12", "--ray", "10.0.0.1:6379")
+    assert result.returncode == 1 and "mixes GPU models (A100, H100)" in result.stderr
+    assert "--allow-mixed-gpus" in result.stderr and stopped == [mixed]
+    assert night.head() == night.base and night.is_clean()

@@ -272,3 +272,16 @@ def test_caches_prepared_alike_on_two_machines_have_the_same_portable_fingerprin
     val.write_bytes(val.read_bytes()[:-2] + b"\x00\x00")
     changed = integrity.fingerprint_changes(here, integrity.portable_fingerprint(prepare_py, there))
     assert changed == [f"tokens/{val.name}"]
+
+
+# -----------------------------------------------------------------------------
+# GPU models: runs on different models are not comparable
+
+def test_gpu_models_are_read_from_each_live_gpu_nodes_accelerator_type():
+    nodes = [dict(Alive=True, Resources={"CPU": 32.0, "GPU": 8.0, "accelerator_type:H100": 1.0}),
+             dict(Alive=True, Resources={"CPU": 16.0, "GPU": 4.0, "accelerator_type:A100": 1.0}),
+             dict(Alive=True, Resources={"CPU": 8.0, "GPU": 1.0}),  # Ray did not know its model
+             dict(Alive=True, Resources={"CPU": 64.0}),  # no GPU: no model
+             dict(Alive=False, Resources={"GPU": 8.0, "accelerator_type:V100": 1.0})]  # gone
+    assert ray_executor.gpu_models(nodes) == ("A100", "H100", "unknown")
+    assert ray_executor.gpu_models(nodes[:1] * 2) == ("H100",)
