@@ -56,3 +56,19 @@ def test_a_cluster_of_mixed_gpu_models_is_refused_unless_allowed(night, monkeypa
     assert result.returncode == 1 and "mixes GPU models (A100, H100)" in result.stderr
     assert "--allow-mixed-gpus" in result.stderr and stopped == [mixed]
     assert night.head() == night.base and night.is_clean()
+
+
+def test_resume_after_sigkill_with_runs_on_workers_redoes_only_what_was_in_flight(night):
+    night.llm.script(change("hang", HANG))
+    driver = night.start("--workers", "2", "--max-experiments", "2")
+    night.wait_for_runs(5, timeout=120)  # the four baseline runs are done; the hanging idea is on a worker
+    driver.kill()
+    driver.wait()
+    night.llm.script(change("lower val_bpb", BETTER))
+    driver = night.start("--workers", "2", "--max-experiments", "2")
+    printed = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 0, printed
+    assert [row[3:] for row in night.rows()] == [["keep", "baseline"], ["keep", "lower val_bpb"]]  # no duplicates
+    runs = [e for e in night.ledger() if e["event"] == "run"]
+    assert sum(r["experiment"] == 0 for r in runs) == 4  # the baseline was not run again
+    assert night.is_clean()
