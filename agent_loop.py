@@ -409,27 +409,14 @@ def run_night(repo, args, argv, constants, state_dir):
     log(f"{'resuming' if resuming else 'starting'} {branch}: {len(ledger.results())} experiments so far, "
         f"agent {args.agent}{f' ({args.model})' if args.model else ''}, runs killed after {night.timeout:.0f}s")
 
-    if args.workers > 1 or args.ray:
-        from autoresearch import ray_executor
-        try:
-            night.cluster = ray_executor.connect(args.ray, state_dir, args.workers)
-        except RuntimeError as error:  # a cluster that refuses us, or a local instance not on 127.0.0.1
-            fail(str(error))
-        if len(night.cluster.gpu_models) > 1 and not args.allow_mixed_gpus:
-            ray_executor.shutdown(night.cluster)
-            fail(f"the Ray cluster mixes GPU models ({', '.join(night.cluster.gpu_models)}): their speed and run-to-run "
-                 "noise differ, so runs on one would be compared with runs on another. Use one model, or pass "
-                 "--allow-mixed-gpus.")
-        night.portable_fingerprint = integrity.portable_fingerprint()
-        log(f"Ray at {night.cluster.address}: {night.cluster.slots} runs at once, one "
-            f"{'GPU' if night.cluster.gpus else 'CPU slot'} each")
-
     def stop_on_sigterm(signum, frame):
         raise KeyboardInterrupt
     previous_handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     reason, exit_code = None, 0
     try:
+        if args.workers > 1 or args.ray:
+            connect_workers(night)
         while not (reason := why_stop(night)):
             if ledger.best():
                 run_experiment(night)
@@ -448,6 +435,7 @@ def run_night(repo, args, argv, constants, state_dir):
         state.reset_hard(repo, best["commit"] if best else ledger.base_commit())
         night.record(event="stop", reason=reason or "error")
         if night.cluster:
+            from autoresearch import ray_executor
             ray_executor.shutdown(night.cluster)
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
@@ -455,6 +443,23 @@ def run_night(repo, args, argv, constants, state_dir):
     summary = f"best val_bpb {best['val_bpb']:.6f} at {best['commit'][:7]}" if best else "no baseline yet"
     log(f"stopped: {reason}. {count_text(rows)}, {summary}. {go_on_hint(args, reason)}")
     return exit_code
+
+
+def connect_workers(night):
+    """--workers N > 1 or --ray: the Ray cluster the runs go to (run_night's cleanup leaves it)."""
+    from autoresearch import ray_executor
+    args = night.args
+    try:
+        night.cluster = ray_executor.connect(args.ray, night.state_dir, args.workers)
+    except RuntimeError as error:  # a cluster that refuses us, or a local instance not on 127.0.0.1
+        fail(str(error))
+    if len(night.cluster.gpu_models) > 1 and not args.allow_mixed_gpus:
+        fail(f"the Ray cluster mixes GPU models ({', '.join(night.cluster.gpu_models)}): their speed and run-to-run "
+             "noise differ, so runs on one would be compared with runs on another. Use one model, or pass "
+             "--allow-mixed-gpus.")
+    night.portable_fingerprint = integrity.portable_fingerprint()
+    log(f"Ray at {night.cluster.address}: {night.cluster.slots} runs at once, one "
+        f"{'GPU' if night.cluster.gpus else 'CPU slot'} each")
 
 
 def count_text(rows):

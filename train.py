@@ -597,9 +597,8 @@ def main():
     if NON_DEFAULT_CONSTANTS:  # e.g. a --preset small cache on an H100: results not comparable
         print("cache prepared with non-default constants: " + ", ".join(
             f"{name} {value} (reference {ref})" for name, (value, ref) in NON_DEFAULT_CONSTANTS.items()))
-    torch.manual_seed(SEED)
+    torch.manual_seed(SEED)  # every device's generator, CUDA's included
     if DEVICE_TYPE == "cuda":
-        torch.cuda.manual_seed(SEED)
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls
     device = torch.device(DEVICE_TYPE)
     autocast = (torch.autocast(DEVICE_TYPE, dtype=COMPUTE_DTYPE) if COMPUTE_DTYPE != torch.float32

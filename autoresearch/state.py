@@ -25,17 +25,17 @@ RESULTS_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 
 
 def open_repo(path="."):
-    """The git repository holding path, or a clear error."""
-    try:
-        return git.Repo(path, search_parent_directories=True)
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+    """The git repository around path, or a clear error."""
+    root = worktree_root(path)
+    if root is None:
         fail("not inside a git repository: run agent_loop.py from the autoresearch checkout.")
+    return git.Repo(root)
 
 
-def worktree_root():
-    """The top of the git work tree around the current directory, or None outside one."""
+def worktree_root(path="."):
+    """The top of the git work tree around path, or None outside one."""
     try:
-        return Path(git.Repo(".", search_parent_directories=True).working_tree_dir)
+        return Path(git.Repo(path, search_parent_directories=True).working_tree_dir)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):
         return None
 

@@ -44,7 +44,7 @@ def test_ctrl_c_cancels_the_runs_on_the_workers_and_leaves_train_py_at_the_best_
     assert night.ledger()[-1]["event"] == "stop" and night.ledger()[-1]["reason"] == "interrupted"
 
 
-def test_a_cluster_of_mixed_gpu_models_is_refused_unless_allowed(night, monkeypatch):
+def test_a_cluster_of_mixed_gpu_models_is_refused_and_left(night, monkeypatch):
     from autoresearch import ray_executor
 
     mixed = ray_executor.Cluster(address="127.0.0.1:6379", local=False, gpus=True, slots=12,
@@ -56,6 +56,7 @@ def test_a_cluster_of_mixed_gpu_models_is_refused_unless_allowed(night, monkeypa
     assert result.returncode == 1 and "mixes GPU models (A100, H100)" in result.stderr
     assert "--allow-mixed-gpus" in result.stderr and stopped == [mixed]
     assert night.head() == night.base and night.is_clean()
+    assert night.ledger()[-1]["event"] == "stop" and "mixes GPU models" in night.ledger()[-1]["reason"]
 
 
 def test_resume_after_sigkill_with_runs_on_workers_redoes_only_what_was_in_flight(night):
