@@ -10,6 +10,7 @@ measured run-to-run noise (--keep-rule greedy: the reference's one run, keep if 
 gets up to two fix attempts (none with optuna); a run that breaks a rule of the metric is
 `invalid`, never kept. The first experiment is always the unmodified baseline, run four times.
 It runs until a limit, Ctrl-C or SIGTERM; the same --tag again resumes, also after a kill.
+With --workers N, many experiments run at once on Ray (autoresearch/scheduler.py, docs/parallel.md).
 The parts live in autoresearch/, one concern per module (dev/INTERFACE.md draws them).
 
     uv run agent_loop.py                                   # Anthropic API, ANTHROPIC_API_KEY
@@ -35,19 +36,19 @@ import re
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import fmean
 
 import filelock
 import git
 
 from autoresearch import demo, integrity, keep_rule, report, runner, state
 from autoresearch import runs as experiment_runs
-from autoresearch.agents import (DEFAULT_MODELS, MAX_DESCRIPTION, MAX_RETRY_DELAY, PRICES_PER_MTOK, AgentSettings,
-                                 AnthropicAgent, ClaudeCodeAgent, EditError, OpenAIAgent, RuleViolation, apply_proposal,
-                                 fix_prompt, idea_prompt, instructions_text, price_of)
+from autoresearch.agents import (DEFAULT_MODELS, MAX_RETRY_DELAY, PRICES_PER_MTOK, AgentSettings, AnthropicAgent,
+                                 ClaudeCodeAgent, OpenAIAgent, RuleViolation, ask_for_change, fix_prompt, idea_prompt,
+                                 instructions_text, price_of)
 from autoresearch.console import fail, log, plural
+from autoresearch.night import (Night, check_baseline_run, finish_baseline, next_experiment_number, record_proposal,
+                                record_result, why_stop)
 from autoresearch.optuna_agent import OPTUNA_RANGES, OptunaAgent
 from autoresearch.state import Ledger
 
@@ -55,7 +56,6 @@ from autoresearch.state import Ledger
 # Constants
 
 TIMEOUT_MARGIN = 120  # seconds on top of twice the budget: startup, compilation, evaluation
-MAX_FAILED_PROPOSALS_IN_A_ROW = 5  # an agent that cannot produce a usable edit stops the night
 
 # The options a tag keeps, with their defaults: a resumed tag goes on with the values of its last start unless
 # the command names them; those its results depend on (TAG_IDENTITY) cannot change.
@@ -70,77 +70,23 @@ AGENTS = {"anthropic": AnthropicAgent, "claude-code": ClaudeCodeAgent, "openai":
 # -----------------------------------------------------------------------------
 # The night: baseline, experiment, confirm, stop
 
-@dataclass
-class Night:
-    args: argparse.Namespace
-    agent: object
-    repo: git.Repo
-    state_dir: Path
-    ledger: Ledger
-    timeout: float
-    constants: dict  # the prepared cache's time_budget, max_seq_len and eval_tokens
-    fingerprint: dict  # of prepare.py and the cache, when the tag started
-    cluster: object = None  # ray_executor.Cluster with --workers N > 1, else runs happen here, one at a time
-    portable_fingerprint: dict = None  # what each worker's prepare.py and cache must equal
-    started: float = field(default_factory=time.time)
-    failed_proposals_in_a_row: int = 0
-
-    def record(self, **record):
-        self.ledger.append(**record)
-
-
 def propose_and_commit(night, experiment, attempt, prompt):
-    """Ask the agent, send unapplicable replies back in the same conversation, commit.
+    """Ask the agent (unapplicable replies go back in the same conversation), commit the change on the branch.
     Returns (commit, description, ref number), or None when no usable change came; raises RuleViolation."""
     args, started = night.args, time.time()
-    source = Path("train.py").read_text()
-    calls = []
-
-    def record(**outcome):
-        night.record(event="proposal", experiment=experiment, attempt=attempt, **outcome,
-                     seconds=round(time.time() - started, 1), calls=calls,
-                     cost_usd=sum(call.get("cost_usd") or 0 for call in calls))
-
-    proposal = night.agent.start(prompt)
-    for retry in range(args.max_edit_retries + 1):
-        calls.append(proposal.usage)
-        try:
-            new_source = apply_proposal(proposal, source, args.max_tokens)
-            break
-        except RuleViolation as violation:
-            record(ok=False, error=str(violation), description=violation.description)
-            raise
-        except EditError as error:
-            log(f"#{experiment} the proposal cannot be applied: {str(error)[:200]}")
-            if retry == args.max_edit_retries:
-                record(ok=False, error=str(error))
-                return None
-            proposal = night.agent.reply(str(error))
-    description = " ".join(proposal.description.split())[:MAX_DESCRIPTION]
-    Path("train.py").write_text(new_source)
-    commit = state.commit_train_py(night.repo, description)
+    base = night.ledger.best()["commit"]
+    change = ask_for_change(night.agent, prompt, Path("train.py").read_text(), args.max_edit_retries, args.max_tokens,
+                            f"#{experiment}")
+    if change.source is None:
+        record_proposal(night, experiment, attempt, change, started)
+        if change.violation:
+            raise RuleViolation(change.error, change.description)
+        return None
+    Path("train.py").write_text(change.source)
+    commit = state.commit_train_py(night.repo, change.description)
     number = state.keep_reachable(night.repo, args.tag, commit)
-    record(ok=True, commit=commit, ref_number=number, description=description,
-           diff=night.repo.git.diff(f"{commit}~1", commit))
-    return commit, description, number
-
-
-def record_result(night, experiment, run, description, status, reason):
-    values = night.ledger.measured(run["commit"]) if status in ("keep", "discard") else []
-    sigma, dof = keep_rule.noise_estimate(night.ledger.run_groups().values())
-    night.record(event="result", experiment=experiment, commit=run["commit"], status=status,
-                 val_bpb=fmean(values) if values else 0.0, runs=values,
-                 memory_gb=run["metrics"].get("peak_vram_mb", 0.0) / 1024 if values else 0.0,
-                 description=description, reason=reason, noise_sigma=sigma if dof else None, noise_dof=dof)
-    state.write_results_tsv(night.ledger.results(), night.state_dir)
-    best = night.ledger.best()
-    state.reset_hard(night.repo, best["commit"])  # also undoes what a run did to tracked files, prepare.py included
-    if status == "invalid" and (changed := integrity.fingerprint_changes(night.fingerprint,
-                                                                          integrity.harness_fingerprint())):
-        fail(f"experiment {experiment} changed the prepared cache ({', '.join(changed)}): later results would not "
-             f"be comparable. Restore it (run prepare.py again with the same flags), or start a new --tag.")
-    log(f"#{experiment} {status}: {reason}. \"{description}\" (best {best['val_bpb']:.6f}); "
-        f"spent ${night.ledger.spent_usd():.2f}")
+    record_proposal(night, experiment, attempt, change, started, commit, ref_number=number, base=base)
+    return commit, change.description, number
 
 
 def run_baseline(night):
@@ -150,20 +96,11 @@ def run_baseline(night):
     number = state.keep_reachable(night.repo, night.args.tag, commit)
     runs = night.args.noise_runs if night.args.keep_rule == "noise" else 1
     while len(done := night.ledger.measured(commit)) < runs:  # a resumed tag goes on from the runs it has
-        repeats = list(range(len(done) + 1, runs + 1))[:1 if night.cluster is None else night.cluster.slots]
-        log(f"#0 the unmodified train.py: the baseline, run {', '.join(map(str, repeats))} of {runs}")
-        for run in experiment_runs.run_commit(night, 0, 0, commit, number, repeats):
-            if run["problems"]:
-                fail(f"the unmodified train.py breaks the rules of the metric: {'; '.join(run['problems'])}.")
-            if not run["ok"]:
-                fail(f"the unmodified train.py did not produce val_bpb (see {run['log']}). Fix the setup, then run "
-                     f"agent_loop.py again with --tag {night.args.tag}.")
-            log(f"#0 baseline run {run['repeat']} of {runs}: val_bpb {run['val_bpb']:.6f} ({run['seconds']:.0f}s)")
-    last = [r for r in night.ledger.valid_runs() if r["commit"] == commit][-1]
-    sigma, dof = keep_rule.noise_estimate(night.ledger.run_groups().values())
-    reason = f"mean of {runs} runs, noise sigma {sigma:.6f}" if dof else "one run"
-    night.record(event="noise", sigma=sigma if dof else None, dof=dof, runs=done)
-    record_result(night, 0, last, "baseline", "keep", reason)
+        log(f"#0 the unmodified train.py: the baseline, run {len(done) + 1} of {runs}")
+        [run] = experiment_runs.run_commit(night, 0, 0, commit, number, [len(done) + 1])
+        check_baseline_run(night, run)
+        log(f"#0 baseline run {run['repeat']} of {runs}: val_bpb {run['val_bpb']:.6f} ({run['seconds']:.0f}s)")
+    finish_baseline(night, commit, runs)
 
 
 def confirm(night, experiment, run, number):
@@ -177,22 +114,19 @@ def confirm(night, experiment, run, number):
         if status:
             return status, reason, run
         log(f"#{experiment} {reason}")
-        # with workers, the rest of the runs the rule may need go out together
-        more = 1 if night.cluster is None or args.keep_rule == "greedy" else \
-            min(args.max_runs - len(candidate), night.cluster.slots)
-        repeats = range(len(candidate) + 1, len(candidate) + 1 + more)
-        for run in experiment_runs.run_commit(night, experiment, run["attempt"], run["commit"], number, repeats):
-            if run["problems"]:
-                return "invalid", "; ".join(run["problems"]), run
-            if not run["ok"]:
-                return "crash", f"run {run['repeat']} of the same commit failed (see {run['log']})", run
+        [run] = experiment_runs.run_commit(night, experiment, run["attempt"], run["commit"], number,
+                                           [len(candidate) + 1])
+        if run["problems"]:
+            return "invalid", "; ".join(run["problems"]), run
+        if not run["ok"]:
+            return "crash", f"run {run['repeat']} of the same commit failed (see {run['log']})", run
 
 
 def run_experiment(night):
-    args, experiment = night.args, len(night.ledger.results())
+    args, experiment = night.args, next_experiment_number(night.ledger)
     log(f"#{experiment} asking {args.agent} for an idea")
     try:
-        change = propose_and_commit(night, experiment, 0, idea_prompt(night.ledger))
+        change = propose_and_commit(night, experiment, 0, idea_prompt(night.ledger, Path("train.py").read_text()))
     except RuleViolation as violation:
         run = dict(commit="0" * 40, metrics={})  # nothing was committed: the change was refused whole
         record_result(night, experiment, run, violation.description, "invalid", str(violation))
@@ -209,8 +143,8 @@ def run_experiment(night):
             break
         log(f"#{experiment} crashed; asking for fix {fix} of {args.max_fix_attempts}")
         try:
-            change = propose_and_commit(night, experiment, fix,
-                                        fix_prompt(night.ledger, description, run, fix, args.max_fix_attempts))
+            change = propose_and_commit(night, experiment, fix, fix_prompt(
+                night.ledger, description, run, fix, args.max_fix_attempts, Path("train.py").read_text()))
         except RuleViolation as violation:
             run = dict(run, problems=[str(violation)])
             break
@@ -226,19 +160,6 @@ def run_experiment(night):
     else:
         status, reason, run = confirm(night, experiment, run, number)
     record_result(night, experiment, run, description, status, reason)
-
-
-def why_stop(night):
-    args, spent = night.args, night.ledger.spent_usd()
-    if args.max_experiments is not None and len(night.ledger.results()) >= args.max_experiments:
-        return f"reached --max-experiments {args.max_experiments}"
-    if args.max_hours is not None and time.time() - night.started >= 3600 * args.max_hours:
-        return f"reached --max-hours {args.max_hours}"
-    if args.max_cost is not None and spent >= args.max_cost:
-        return f"spent ${spent:.2f}, reached --max-cost {args.max_cost}"
-    if night.failed_proposals_in_a_row >= MAX_FAILED_PROPOSALS_IN_A_ROW:
-        return f"the agent gave no usable change {MAX_FAILED_PROPOSALS_IN_A_ROW} times in a row (see {night.ledger.path})"
-    return None
 
 
 # -----------------------------------------------------------------------------
@@ -316,10 +237,11 @@ def parse_args(argv, started_with=None):
     parser.add_argument("--api-timeout", type=float, default=600.0,
                         help="seconds one agent call may take (default: %(default)s)")
     parser.add_argument("--workers", default="1", help="runs at once, each on its own GPU (a CPU slot without GPUs), "
-                        "through Ray: the baseline's runs and a candidate's confirmation runs go out together; "
-                        "auto: every visible GPU (default: 1, no Ray)")
+                        "through Ray: different experiments at the same time, ideas asked ahead while runs go on, "
+                        "decisions in the order they end; auto: every visible GPU (default: 1, no Ray)")
     parser.add_argument("--ray", metavar="ADDRESS", help="run on this Ray cluster (auto: RAY_ADDRESS) instead of a "
-                        "private local Ray instance; its token from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+                        "private local Ray instance, on all its GPUs or at most --workers N of them; its token from "
+                        "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
     parser.add_argument("--allow-mixed-gpus", action="store_true",
                         help="with --workers, run on a cluster whose GPUs are not all one model")
     args = parser.parse_args(argv)
@@ -388,7 +310,11 @@ def run_night(repo, args, argv, constants, state_dir):
     if started and "options" in started:  # a resumed tag goes on as it was started, unless told otherwise
         args = parse_args(argv, started["options"])
     branch, resuming = state.check_branch(repo, args.tag, ledger)
-    agent = AGENTS[args.agent](agent_settings(args), instructions_text(), repo)  # before the branch: none if it fails
+    instructions = instructions_text()
+
+    def make_agent(repo):  # with workers, each conversation has an agent of its own
+        return AGENTS[args.agent](agent_settings(args), instructions, repo)
+    agent = make_agent(repo)  # before the branch: none if it fails
     if resuming:
         repo.heads[branch].checkout(force=True)  # force: the train.py check_branch found to be ours
     else:
@@ -417,7 +343,9 @@ def run_night(repo, args, argv, constants, state_dir):
     try:
         if args.workers > 1 or args.ray:
             connect_workers(night)
-        while not (reason := why_stop(night)):
+            from autoresearch import scheduler
+            reason = scheduler.run_night_on_workers(night, make_agent)
+        while not reason and not (reason := why_stop(night)):
             if ledger.best():
                 run_experiment(night)
             else:

@@ -3,8 +3,9 @@
 constants, a free and offline baseline to compare the LLM agents with.
 
 Each experiment is an Optuna trial (ask/tell); the study lives in .autoresearch/<tag>/optuna.journal
-and learns each trial's val_bpb from the ledger. The first trials probe one constant at a time from
-the current best's values; TPE then searches all of them together.
+and learns each trial's val_bpb from the ledger (the experiment's proposal record names its trial).
+The first trials probe one constant at a time from the current best's values; TPE then searches all
+of them together.
 """
 
 import ast
@@ -149,8 +150,7 @@ class OptunaAgent:
                               for name, (kind, low, high) in self.space.items()}
 
     def start(self, prompt):  # the prompt is for language models: what this agent knows is in the study
-        ledger = state.Ledger(self.ledger_path)
-        self.tell_results(ledger.results())
+        self.tell_results(state.Ledger(self.ledger_path))
         source = Path("train.py").read_text()  # the best commit's: the loop resets to it before asking
         current = tunable_constants(source, self.device)
         params = self.params_of(current)
@@ -162,11 +162,11 @@ class OptunaAgent:
                       if trial.params[name] != params[name]}
             changed = {name: value for name, value in values.items() if value != current[name][0]}
             if changed:
-                trial.set_user_attr("experiment", len(ledger.results()))  # the index run_experiment gives it
                 lines = source.splitlines()
                 old = {name: lines[line - 1][col:end_col] for name, (_, line, col, end_col) in current.items()}
                 description = ", ".join(f"{name} {old[name]} -> {value!r}" for name, value in changed.items())
-                return Proposal(description=description, edits=constant_edits(source, current, changed))
+                return Proposal(description=description, edits=constant_edits(source, current, changed),
+                                trial=trial.number)  # the driver's ledger ties it to its experiment
             self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)  # train.py as it is: nothing to learn
         return Proposal(problem=f"Optuna proposed the current train.py {MAX_OPTUNA_ASKS} times in a row.")
 
@@ -192,9 +192,10 @@ class OptunaAgent:
                 self.study.enqueue_trial(probe)
                 return
 
-    def tell_results(self, rows):
-        """Tell every trial still running its outcome; add the baseline first (TPE then knows where it started)."""
-        TrialState, results = self.optuna.trial.TrialState, {r["experiment"]: r for r in rows}
+    def tell_results(self, ledger):
+        """Tell each trial still running its outcome, found through the ledger: the proposal that carried the trial
+        names its experiment, whose result is its value. Add the baseline first (TPE then knows where it started)."""
+        TrialState, results = self.optuna.trial.TrialState, {r["experiment"]: r for r in ledger.results()}
         if not self.study.trials:
             start = self.study.user_attrs["start"]
             params = {name: start[name].bit_length() - 1 if kind == "pow2" else start[name]
@@ -205,9 +206,16 @@ class OptunaAgent:
             # Random draws of all constants at once rarely beat tuned values; one-at-a-time probes first say which
             # constants matter, in descriptions a person can read, and give TPE informative history.
             self.study.set_user_attr("probes", [[name, step] for name in self.space for step in (1, -1)])
+        starts = [i for i, r in enumerate(ledger.records) if r["event"] == "start"]
+        proposed = [r for r in ledger.events("proposal") if r["ok"] and r.get("trial") is not None]
+        since_start = {id(r) for r in ledger.records[starts[-1] if starts else 0:]}
+        experiment_of = {r["trial"]: r["experiment"] for r in proposed}
+        running_now = {r["trial"] for r in proposed if id(r) in since_start and r["experiment"] not in results}
         for trial in self.study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
-            result = results.get(trial.user_attrs.get("experiment"))
+            if trial.number in running_now:  # on another worker: its result comes later
+                continue
+            result = results.get(experiment_of.get(trial.number))
             if result and result["status"] in ("keep", "discard"):
                 self.study.tell(trial.number, result["val_bpb"])
-            else:  # a crash, an invalid run, or no result: the run was cut off, and its experiment gets a new trial
+            else:  # a crash, an invalid run, a change refused, or a run cut off by a stop: its trial failed
                 self.study.tell(trial.number, state=TrialState.FAIL)

@@ -75,7 +75,8 @@ def visible_gpus():
 
 def connect(address, state_dir, num_workers):
     """Start a private local Ray instance (address None) with room for num_workers runs, or join the cluster at
-    address ("auto": RAY_ADDRESS, or the one `ray start` left on this machine). Returns a Cluster."""
+    address ("auto": RAY_ADDRESS, or the one `ray start` left on this machine), using at most num_workers of its
+    GPUs at once (all of them when num_workers is 1). Returns a Cluster."""
     state_dir = Path(state_dir).resolve()
     # Under `uv run`, Ray would copy the working directory to every worker and build a virtual environment there
     # (a minute on a 2-core machine, and the repository's state with it). Workers use the Python their node's
@@ -95,8 +96,10 @@ def connect(address, state_dir, num_workers):
                            "`ray get-auth-token` prints it)") from error
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
+    capacity = gpus or int(resources.get("CPU", 0))
     return Cluster(address=context.address_info["gcs_address"], local=False, gpus=gpus > 0,
-                   slots=gpus or int(resources.get("CPU", 0)), gpu_models=gpu_models(ray.nodes()))
+                   slots=min(num_workers, capacity) if num_workers > 1 else capacity,
+                   gpu_models=gpu_models(ray.nodes()))
 
 
 def _import_ray():

@@ -84,8 +84,8 @@ def plot_progress(rows, title, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # here, not at the top: the loop never pays for it
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
     kept = [r for r in rows if r["status"] == "keep"]  # crashes have no val_bpb and invalid ones a wrong one
-    near_misses = [r for r in rows if r["status"] == "discard" and r["val_bpb"] < min(  # lower, but within the noise
-        (k["val_bpb"] for k in kept if k["experiment"] < r["experiment"]), default=-math.inf)]
+    near_misses = [r for i, r in enumerate(rows) if r["status"] == "discard" and r["val_bpb"] < min(  # lower, but
+        (k["val_bpb"] for k in rows[:i] if k["status"] == "keep"), default=-math.inf)]  # within the noise
     discarded = [r for r in rows if r["status"] == "discard" and r not in near_misses]
     running = [min(r["val_bpb"] for r in kept[:i + 1]) for i in range(len(kept))]  # the best after each keep
     values = [r["val_bpb"] for r in kept + discarded + near_misses]
@@ -108,15 +108,16 @@ def plot_progress(rows, title, path):
                    label="discarded: lower than the best, but within the noise")
     ax.scatter([r["experiment"] for r in kept], [r["val_bpb"] for r in kept], s=44, color="#2ca02c",
                edgecolors="black", linewidths=0.5, zorder=4, label="kept")
+    last = max(r["experiment"] for r in rows)  # with workers, rows are in the order experiments were decided
     if kept:  # the best holds from each keep until the next one, to the last experiment
-        ax.step([r["experiment"] for r in kept] + [rows[-1]["experiment"]], running + running[-1:], where="post",
+        ax.step([r["experiment"] for r in kept] + [last], running + running[-1:], where="post",
                 color="#2ca02c", alpha=0.7, linewidth=1.5, zorder=3, label="running best")
     for r in kept:  # rotated and small: consecutive keeps are often a few experiments apart
         text = r["description"] if len(r["description"]) <= 40 else r["description"][:39].rstrip() + "…"
         ax.annotate(text, (r["experiment"], r["val_bpb"]), xytext=(5, 5), textcoords="offset points",
                     rotation=45, fontsize=7.5, color="#1b5e20", zorder=5)
     ax.set_ylim(low - 0.05 * (top - low), top)
-    ax.set_xlim(-0.5, rows[-1]["experiment"] + max(1.5, 0.2 * len(rows)))  # room right for the last label
+    ax.set_xlim(-0.5, last + max(1.5, 0.2 * len(rows)))  # room right for the last label
     ax.xaxis.get_major_locator().set_params(integer=True)  # experiments are numbered
     ax.set(title=title, xlabel="experiment", ylabel="val_bpb (lower is better)")
     ax.grid(alpha=0.25)

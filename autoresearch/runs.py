@@ -1,6 +1,6 @@
 """
-The runs of one commit and what each proves: here, one after another (runner.run_training in the
-repository), or several at once on Ray workers (ray_executor, with --workers N > 1).
+The runs of train.py and what each proves: here, one after another (runner.run_training in the
+repository), or on Ray workers (ray_executor, with --workers N > 1: WorkerRuns, driven by scheduler.py).
 
 Before a run: prepare.py and the cache are as the tag started, train.py passes the static checks,
 the commit changes only train.py. After it: the harness's signed record (integrity.record_problems),
@@ -17,11 +17,8 @@ from autoresearch.console import fail, log
 
 
 def run_commit(night, experiment, attempt, commit, number, repeats):
-    """Run the commit once per repeat number (1 is its first run); returns the runs, in the order they ended.
-    With workers, they all go out at once; here, they run one after another."""
-    if night.cluster is None:
-        return [run_here(night, experiment, attempt, commit, number, repeat) for repeat in repeats]
-    return run_on_workers(night, experiment, attempt, commit, number, repeats)
+    """Run the commit here once per repeat number (1 is its first run), one after another; returns the runs."""
+    return [run_here(night, experiment, attempt, commit, number, repeat) for repeat in repeats]
 
 
 def log_path_of(night, number, repeat):
@@ -110,53 +107,62 @@ def run_here(night, experiment, attempt, commit, number, repeat):
 # -----------------------------------------------------------------------------
 # On Ray workers
 
-def run_on_workers(night, experiment, attempt, commit, number, repeats):
-    """Every repeat as its own Ray task, all at once; a run whose worker or node died goes out again, once."""
-    from autoresearch import ray_executor
+class WorkerRuns:
+    """The runs out on Ray workers. send() puts one out (or refuses it, when it must not run), collect() returns
+    those that ended, in the order they did; a run whose worker or node died goes out again, once, and the
+    ledger says so. cancel() stops them all (Ctrl-C, SIGTERM, an error: no run may outlive the night)."""
 
-    if problems := problems_before(night, commit):
-        return [not_run(night, experiment, attempt, commit, number, repeat, problems) for repeat in repeats]
-    source, harness = state.file_at(night.repo, commit, "train.py"), Path("prepare.py").read_text()
-    pending = {}  # ref: (repeat, attestation, tries)
+    def __init__(self, night):
+        from autoresearch import ray_executor
+        self.night, self.ray_executor = night, ray_executor
+        self.pending = {}  # Ray ref: (experiment, attempt, commit, number, repeat, attestation, tries)
+        self.refused = []  # runs that never went out (static checks, the allowlist): they end at once
 
-    def submit(repeat, tries):
+    def busy(self):
+        return len(self.pending)
+
+    def send(self, experiment, attempt, commit, number, repeat, tries=1):
+        night = self.night
+        if tries == 1 and (problems := problems_before(night, commit)):
+            self.refused.append(not_run(night, experiment, attempt, commit, number, repeat, problems))
+            return
         attestation = integrity.Attestation()
-        ref = ray_executor.submit(night.cluster, source, harness, night.portable_fingerprint,
-                                  attestation.key.hex(), night.timeout)
-        pending[ref] = (repeat, attestation, tries)
+        ref = self.ray_executor.submit(night.cluster, state.file_at(night.repo, commit, "train.py"),
+                                       Path("prepare.py").read_text(), night.portable_fingerprint,
+                                       attestation.key.hex(), night.timeout)
+        self.pending[ref] = (experiment, attempt, commit, number, repeat, attestation, tries)
         night.record(event="run_started", experiment=experiment, attempt=attempt, commit=commit,
                      log=str(log_path_of(night, number, repeat)), repeat=repeat, tries=tries)
 
-    log(f"#{experiment} running {commit[:7]} on {len(repeats)} worker{'s' * (len(repeats) > 1)} "
-        f"(runs {', '.join(map(str, repeats))}, time limit {night.timeout:.0f}s)")
-    for repeat in repeats:
-        submit(repeat, 1)
-    runs = []
-    try:
-        while pending:
-            done, _ = ray_executor.wait(pending, timeout=1.0)
-            for ref in done:
-                repeat, attestation, tries = pending.pop(ref)
-                try:
-                    result = ray_executor.result(ref)
-                except ray_executor.NodeMismatch as error:
-                    fail(str(error))
-                except Exception as error:
-                    if not ray_executor.is_infrastructure_failure(error) or tries > 1:
-                        raise
-                    log(f"#{experiment} run {repeat}: its worker died ({type(error).__name__}); running it again")
-                    night.record(event="requeued", experiment=experiment, commit=commit, repeat=repeat,
-                                 error=f"{type(error).__name__}: {str(error)[:300]}")
-                    submit(repeat, tries + 1)
-                    continue
-                finally:
-                    attestation.close()
-                runs.append(finished_on_worker(night, experiment, attempt, commit, number, repeat, result,
-                                               attestation))
-    except BaseException:  # Ctrl-C, SIGTERM, a failure: no run may outlive the night
-        ray_executor.cancel_all(list(pending))
-        raise
-    return runs
+    def collect(self, timeout):
+        """The runs that ended within timeout seconds (and those refused since the last call)."""
+        ended, self.refused = self.refused, []
+        if not self.pending:
+            return ended
+        done, _ = self.ray_executor.wait(list(self.pending), timeout=timeout)
+        for ref in done:
+            experiment, attempt, commit, number, repeat, attestation, tries = self.pending.pop(ref)
+            try:
+                result = self.ray_executor.result(ref)
+            except self.ray_executor.NodeMismatch as error:
+                fail(str(error))
+            except Exception as error:
+                if not self.ray_executor.is_infrastructure_failure(error) or tries > 1:
+                    raise
+                log(f"#{experiment} run {repeat}: its worker died ({type(error).__name__}); running it again")
+                self.night.record(event="requeued", experiment=experiment, commit=commit, repeat=repeat,
+                                  error=f"{type(error).__name__}: {str(error)[:300]}")
+                self.send(experiment, attempt, commit, number, repeat, tries + 1)
+                continue
+            finally:
+                attestation.close()
+            ended.append(finished_on_worker(self.night, experiment, attempt, commit, number, repeat, result,
+                                            attestation))
+        return ended
+
+    def cancel(self):
+        self.ray_executor.cancel_all(list(self.pending))
+        self.pending.clear()
 
 
 def finished_on_worker(night, experiment, attempt, commit, number, repeat, result, attestation):

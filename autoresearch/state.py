@@ -10,6 +10,7 @@ run_started, run, noise, result, stop. results.tsv is rewritten whole from it af
 import datetime
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import git
@@ -89,6 +90,44 @@ def commit_train_py(repo, description):
     # No hooks and no signing: nothing may stop or rewrite an unattended commit.
     repo.git(c="commit.gpgsign=false").commit("--no-verify", "-q", "-m", description, "--", "train.py")
     return head_commit(repo)
+
+
+def commit_source(repo, parent, source, message):
+    """A commit whose train.py is source, on top of parent, made without touching the working tree, the index or
+    a branch (with several workers, candidates are committed while the branch stays at the best)."""
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "train.py").write_text(source)
+        blob = repo.git.hash_object("-w", str(Path(folder) / "train.py"))
+    parent = repo.commit(parent)
+    index = git.IndexFile.from_tree(repo, parent)  # a temporary index: the repository's own is left alone
+    index.add([git.BaseIndexEntry((parent.tree["train.py"].mode, bytes.fromhex(blob), 0, "train.py"))])
+    return git.Commit.create_from_tree(repo, index.write_tree(), message, parent_commits=[parent], head=False).hexsha
+
+
+def merge_train_py(repo, base, ours, theirs):
+    """train.py of ours with the change base -> theirs applied to it (git merge-file, a three-way merge), or None
+    when the two changes conflict."""
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for name, commit in (("ours", ours), ("base", base), ("theirs", theirs)):
+            paths.append(Path(folder) / name)
+            paths[-1].write_text(file_at(repo, commit, "train.py"))
+        try:
+            return repo.git.merge_file("-p", "-q", *map(str, paths), strip_newline_in_stdout=False)
+        except git.GitCommandError as error:
+            if isinstance(error.status, int) and 0 < error.status < 128:  # the number of conflicts
+                return None
+            raise
+
+
+def add_scratch_worktree(repo, path, commit):
+    """A detached worktree of commit at path, for an agent that edits files itself; a repo object for it."""
+    repo.git.worktree("add", "--detach", "--force", str(path), commit)
+    return git.Repo(path)
+
+
+def remove_scratch_worktree(repo, path):
+    repo.git.worktree("remove", "--force", str(path))
 
 
 def reset_hard(repo, commit):

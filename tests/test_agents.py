@@ -349,23 +349,25 @@ def test_history_text_shows_each_result_s_delta_to_the_best_and_none_for_a_crash
         "eeeeeee\t0.990000\t+0.000000\tkeep\tlower LR")
 
 
-def test_the_idea_prompt_is_the_history_and_the_current_train_py(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "train.py").write_text(SOURCE)
-    prompt = agents.idea_prompt(HISTORY)
+def test_the_idea_prompt_is_the_history_and_the_current_train_py():
+    prompt = agents.idea_prompt(HISTORY, SOURCE)
     assert prompt.startswith(agents.history_text(HISTORY)) and f"```python\n{SOURCE}```" in prompt
-    assert "Propose the next experiment: ONE idea" in prompt
+    assert "Propose the next experiment: ONE idea" in prompt and "Being tested now" not in prompt
+
+
+def test_the_idea_prompt_lists_the_experiments_being_tested_on_other_workers():
+    prompt = agents.idea_prompt(HISTORY, SOURCE, testing=["lower LR", "wider MLP"])
+    running = prompt.split("Being tested now, on other workers (do not propose these again):\n")[1]
+    assert running.startswith("- lower LR\n- wider MLP\n\nThe current train.py")
 
 
 @pytest.mark.parametrize("run, how", [
     (dict(timed_out=False, returncode=1), "crashed (exit code 1)"),
     (dict(timed_out=True, returncode=None), "was killed after the time limit"),
 ])
-def test_the_fix_prompt_says_how_the_run_failed_and_fences_its_log_tail(tmp_path, monkeypatch, run, how):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "train.py").write_text(SOURCE)
+def test_the_fix_prompt_says_how_the_run_failed_and_fences_its_log_tail(run, how):
     run = dict(run, commit="f" * 40, log_tail="Traceback\nRuntimeError: out of memory")
-    prompt = agents.fix_prompt(HISTORY, "huge batch", run, attempt=1, max_attempts=2)
+    prompt = agents.fix_prompt(HISTORY, "huge batch", run, attempt=1, max_attempts=2, source=SOURCE)
     assert f'Your change "huge batch" (commit fffffff) {how}.' in prompt
     assert "\nTraceback\nRuntimeError: out of memory\n</untrusted-program-output-" in prompt
     assert f"```python\n{SOURCE}```" in prompt and "This is fix attempt 1 of 2" in prompt

@@ -1,7 +1,9 @@
-"""The keep rule's parts as plain functions (autoresearch/keep_rule.py): numbers in, a verdict out.
+"""The keep rule's parts as plain functions (autoresearch/keep_rule.py): numbers in, a verdict out, and its
+error rates on simulated nights (Gaussian run-to-run noise, fed to the rule as the loop feeds it).
 tests/test_keep_rule.py runs the same rule end to end, on a noisy train.py."""
 
 import math
+import random
 import statistics
 
 import pytest
@@ -162,3 +164,37 @@ def test_the_first_gain_believed_at_once_is_2_percent_of_the_baseline(baseline, 
 def test_later_gains_are_believed_up_to_3_times_the_largest_kept_gain():
     # gains 0.01, 0.04, 0.01: the largest, not the last, sets the bound
     assert plausibility_bound([1.0, 0.99, 0.95, 0.94]) == pytest.approx(0.12)
+
+
+# -----------------------------------------------------------------------------
+# Error rates over simulated first decisions: the baseline's runs and the candidate's, with Gaussian noise,
+# judged as the loop judges them (the noise pooled over every commit's runs, the candidate's included)
+
+SIGMA = 0.002
+
+
+def first_decision(rule, true_gain, rng):
+    baseline = [1.0 + rng.gauss(0, SIGMA) for _ in range(4 if rule == "noise" else 1)]
+    bound, candidate = plausibility_bound([statistics.fmean(baseline)]), []
+    while True:
+        candidate.append(1.0 - true_gain + rng.gauss(0, SIGMA))
+        status, _ = decide(candidate, baseline, noise_estimate([baseline, candidate]), bound, rule, max_runs=4)
+        if status:
+            return status
+
+
+def keep_rate(rule, true_gain, nights=2000, seed=0):
+    rng = random.Random(seed)
+    return sum(first_decision(rule, true_gain, rng) == "keep" for _ in range(nights)) / nights
+
+
+def test_noise_rule_keeps_changes_that_do_nothing_at_most_5_percent_of_the_time():
+    assert keep_rate("noise", 0.0) <= 0.05
+
+
+def test_greedy_rule_keeps_about_half_of_the_changes_that_do_nothing():
+    assert 0.4 <= keep_rate("greedy", 0.0) <= 0.6
+
+
+def test_noise_rule_keeps_a_true_3_sigma_improvement_at_least_90_percent_of_the_time():
+    assert keep_rate("noise", 3 * SIGMA) >= 0.9

@@ -38,20 +38,28 @@ class Driver:
         (tmp_path / "train.py").write_text(source)
         self.ledger = tmp_path / ".autoresearch" / "t" / "ledger.jsonl"
         self.ledger.parent.mkdir(parents=True)
-        self.device, self.experiments = device, 0
+        self.device, self.experiment = device, 0
         settings = agent_loop.agent_settings(agent_loop.parse_args(["--tag", "t", "--agent", "optuna", *args]))
         self.agent = optuna_agent.OptunaAgent(settings, "", repo=None)
         self.result(1.0, "keep")  # the baseline
 
-    def result(self, val_bpb, status="discard"):
+    def write(self, **record):
         with open(self.ledger, "a") as f:
-            f.write(json.dumps({"event": "result", "experiment": self.experiments, "status": status,
-                                "val_bpb": val_bpb}) + "\n")
-        self.experiments += 1
+            f.write(json.dumps(record) + "\n")
+
+    def result(self, val_bpb, status="discard"):
+        """The result of the experiment proposed last."""
+        self.write(event="result", experiment=self.experiment, status=status, val_bpb=val_bpb)
+
+    def restart(self):
+        """The loop stopped (what was in flight is cut off) and started again."""
+        self.write(event="start")
 
     def propose(self):
-        """(proposal, train.py with it applied)."""
+        """(proposal, train.py with it applied), recorded as the loop records it: a new experiment."""
         proposal = self.agent.start("ignored")
+        self.experiment += 1
+        self.write(event="proposal", experiment=self.experiment, ok=True, trial=proposal.trial)
         return proposal, agents.apply_proposal(proposal, Path("train.py").read_text(), 0)
 
 
@@ -70,6 +78,12 @@ def open_study(repo):
 def asked(study):
     """The trials asked so far, without the probes still waiting in the queue."""
     return [t for t in study.get_trials() if t.state.name != "WAITING"]
+
+
+def experiments_of(trials, ledger):
+    """The experiment of each trial: the baseline's is in the study, the others' in the ledger's proposals."""
+    proposed = {r["trial"]: r["experiment"] for r in ledger if r["event"] == "proposal" and "trial" in r}
+    return [proposed.get(t.number, t.user_attrs.get("experiment")) for t in trials]
 
 
 @pytest.fixture
@@ -197,14 +211,26 @@ def test_a_crash_or_a_cut_off_run_is_told_as_failed_and_a_result_as_its_val_bpb(
     driver = Driver(tmp_path, monkeypatch, NOISY)
     driver.propose()
     driver.result(0.0, "crash")
-    driver.propose()  # cut off: no result, and the loop asks again for the same experiment
+    driver.propose()
+    driver.restart()  # experiment 2 was cut off: no result will come
     driver.propose()
     driver.result(1.25)
     driver.propose()
     trials = asked(driver.agent.study)
-    states = [(t.user_attrs["experiment"], t.state.name, t.value) for t in trials]
-    assert states == [(0, "COMPLETE", 1.0), (1, "FAIL", None), (2, "FAIL", None), (2, "COMPLETE", 1.25),
-                      (3, "RUNNING", None)]
+    ledger = [json.loads(line) for line in driver.ledger.read_text().splitlines()]
+    states = list(zip(experiments_of(trials, ledger), [(t.state.name, t.value) for t in trials]))
+    assert states == [(0, ("COMPLETE", 1.0)), (1, ("FAIL", None)), (2, ("FAIL", None)), (3, ("COMPLETE", 1.25)),
+                      (4, ("RUNNING", None))]
+
+
+def test_a_trial_whose_experiment_runs_on_another_worker_waits_for_its_result(tmp_path, monkeypatch):
+    driver = Driver(tmp_path, monkeypatch, NOISY)
+    driver.propose()  # still running when the next is asked
+    driver.propose()
+    driver.result(1.25)  # experiment 2's
+    driver.propose()
+    assert [(t.state.name, t.value) for t in asked(driver.agent.study)[1:]] == [
+        ("RUNNING", None), ("COMPLETE", 1.25), ("RUNNING", None)]
 
 
 def test_the_first_trials_change_one_constant_at_a_time_up_then_down(tmp_path, monkeypatch):
@@ -220,7 +246,8 @@ def test_the_first_trials_change_one_constant_at_a_time_up_then_down(tmp_path, m
 
 def test_probes_start_from_the_best_so_a_kept_probe_is_not_undone(night):
     # the fake train.py reports VAL_BPB: halving it is a real gain, and the next probe must keep it
-    result = night.run("--agent", "optuna", "--keep-rule", "greedy", "--max-experiments", "4")
+    result = night.run("--agent", "optuna", "--keep-rule", "greedy", "--max-experiments", "4",
+                       "--optuna-params", "VAL_BPB,PEAK_VRAM_MB")
     assert result.returncode == 0, result.stdout + result.stderr
     assert [row[1:] for row in night.rows()[1:]] == [
         ["2.000000", "2.0", "discard", "VAL_BPB 1.000000 -> 2.0"], ["0.500000", "2.0", "keep", "VAL_BPB 1.000000 -> 0.5"],
@@ -254,7 +281,7 @@ def test_a_run_of_four_experiments_writes_rows_and_a_study(noisy):
     assert noisy.requests() == [] and noisy.is_clean()
     assert all(r["cost_usd"] == 0 for r in noisy.ledger() if r["event"] == "proposal")
     trials = asked(open_study(noisy.repo))
-    assert [t.user_attrs["experiment"] for t in trials] == [0, 1, 2, 3]
+    assert experiments_of(trials, noisy.ledger()) == [0, 1, 2, 3]
     # The last trial is told at the next start; results.tsv rounds to 6 decimals.
     assert [t.value for t in trials[:3]] == pytest.approx([float(row[1]) for row in rows[:3]], abs=1e-6)
     assert trials[0].params == {"MATRIX_LR": 0.04, "WARMDOWN_RATIO": 0.5}  # the baseline
@@ -271,7 +298,7 @@ def test_resuming_the_tag_continues_the_same_study(noisy):
     assert len(rows) == 5 and len(after) == 5
     assert [t.params for t in after[:3]] == [t.params for t in before]
     assert [t.value for t in after[:4]] == pytest.approx([float(row[1]) for row in rows[:4]], abs=1e-6)
-    assert [t.user_attrs["experiment"] for t in after] == [0, 1, 2, 3, 4]
+    assert experiments_of(after, noisy.ledger()) == [0, 1, 2, 3, 4]
 
 
 def test_an_unknown_optuna_param_is_an_error_that_lists_the_tunable_ones(noisy):

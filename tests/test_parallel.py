@@ -2,39 +2,87 @@
 (127.0.0.1, token auth, no dashboard), with the decisions a serial night makes. The loop runs as its own
 process: a Ray instance leaves state in the process that started it (its token, environment variables)."""
 
+import json
+import re
 import signal
+from pathlib import Path
 
+import psutil
 from fake_llm import change
-from night_repo import BETTER, HANG
+from night_repo import BETTER, HANG, WORSE
 from processes import alive
 
-WORSE_THAN_BETTER = ("VAL_BPB = 0.990000", "VAL_BPB = 1.010000")
+GAIN_A, MORE_GAIN_A = ("GAIN_A = 0.0", "GAIN_A = 0.01"), ("GAIN_A = 0.0", "GAIN_A = 0.02")
+GAIN_B = ("GAIN_B = 0.0", "GAIN_B = 0.005")
+SLOW = ("SLEEP = 0.0", "SLEEP = 1.0")  # a run in flight long enough to kill something
+ON_TOP = re.compile(r" on top of [0-9a-f]{7}$")
 
 
-def test_three_workers_decide_as_a_serial_night_and_send_repeated_runs_out_together(night):
-    night.llm.script(change("lower val_bpb", BETTER), change("raise val_bpb", WORSE_THAN_BETTER))
-    driver = night.start("--max-experiments", "3", "--workers", "3")  # its own process: Ray's state stays there
+def apply(source, edit):
+    return source.replace(*edit)
+
+
+def test_four_workers_keep_what_a_serial_night_keeps_and_reapply_a_gain_the_best_overtook(night):
+    # Three ideas asked at once on the baseline: two independent gains and a loss. A serial night keeps both gains
+    # (each beats the best before it) and discards the loss; here the gain decided second beat its base, which
+    # is no longer the best, so its change goes onto the new best as a new experiment, and is kept there.
+    night.llm.script(change("gain a", GAIN_A), change("worse", WORSE), change("gain b", GAIN_B))
+    driver = night.start("--max-experiments", "4", "--workers", "4")  # its own process: Ray's state stays there
     printed = driver.communicate(timeout=120)[0]
     assert driver.returncode == 0, printed
-    assert "raise the limit: uv run agent_loop.py --tag t --workers 3 --max-experiments 13" in printed  # as it ran
-    # as serial: the noise rule runs the baseline 4 times, the gain 4 times, and discards the loss after one run
-    assert [row[1:] for row in night.rows()] == [["1.000000", "2.0", "keep", "baseline"],
-                                                 ["0.990000", "2.0", "keep", "lower val_bpb"],
-                                                 ["1.010000", "2.0", "discard", "raise val_bpb"]]
-    events = night.ledger()
-    runs = [e for e in events if e["event"] == "run"]
-    assert [sum(r["experiment"] == n for r in runs) for n in (0, 1, 2)] == [4, 4, 1]
-    assert all(r["worker"]["gpu"] == "cpu" and r["worker"]["ip"] == "127.0.0.1" for r in runs)
-    # three slots: three baseline runs were out before the first one ended, then the fourth
-    baseline = [e["event"] for e in events if e.get("experiment") == 0 and e["event"] in ("run_started", "run")]
-    assert baseline[:3] == ["run_started"] * 3 and baseline[3] == "run"
-    assert night.head() == night.refs()[1] and night.is_clean()
-    assert night.ledger()[-1]["reason"] == "reached --max-experiments 3"
+    assert "raise the limit: uv run agent_loop.py --tag t --workers 4 --max-experiments 14" in printed  # as it ran
+    rows = night.rows()
+    assert len(rows) == 5 and rows[0][3:] == ["keep", "baseline"], printed
+    assert sorted(ON_TOP.sub("", r[4]) for r in rows if r[3] == "keep") == ["baseline", "gain a", "gain b"]
+    assert [r[4] for r in rows if r[3] == "discard"].count("worse") == 1
+    bests = [float(r[1]) for r in rows if r[3] == "keep"]
+    assert bests == sorted(bests, reverse=True) and bests[-1] == 0.985  # each keep beats the best before it
+    assert night.train_py() == apply(apply(night.git("show", f"{night.base}:train.py") + "\n", GAIN_A), GAIN_B)
+    results = [e for e in night.ledger() if e["event"] == "result"]
+    [overtaken] = [r for r in results if "re-applied on top of it as #" in r["reason"]]
+    again = int(overtaken["reason"].rsplit("#", 1)[1])
+    [reapplied] = [r for r in results if r["experiment"] == again]
+    [first] = [r for r in results[1:] if r["status"] == "keep" and r["experiment"] != again]
+    assert reapplied["description"] == f"{overtaken['description']} on top of {first['commit'][:7]}"
+    assert reapplied["status"] == "keep" and night.head() == reapplied["commit"] and night.is_clean()
+    events = night.ledger()  # the four baseline runs went out together
+    assert [e["event"] for e in events if e["event"] in ("run_started", "run")][:5] == ["run_started"] * 4 + ["run"]
+    assert all(r["worker"]["gpu"] == "cpu" and r["worker"]["ip"] == "127.0.0.1" for r in events if r["event"] == "run")
+    assert night.ledger()[-1]["reason"] == "reached --max-experiments 4"
+
+
+def test_a_gain_whose_change_conflicts_with_the_new_best_is_discarded_saying_so(night):
+    night.llm.script(change("gain a", GAIN_A), change("more gain a", MORE_GAIN_A))
+    driver = night.start("--max-experiments", "3", "--workers", "2")
+    printed = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 0, printed
+    results = [e for e in night.ledger() if e["event"] == "result"]
+    kept, conflicting = results[1], results[2]  # in the order they were decided
+    assert kept["status"] == "keep" and conflicting["status"] == "discard" and len(results) == 3
+    assert f"but the best is now {kept['commit'][:7]}, and this change conflicts with it: not re-applied" \
+        in conflicting["reason"]
+    assert night.head() == kept["commit"] and night.is_clean()
+
+
+def test_claude_code_on_workers_edits_in_a_scratch_worktree_of_its_own_for_each_proposal(night):
+    (night.tmp / "claude_script.json").write_text(json.dumps([
+        {"edits": [{"file": "train.py", "search": search, "replace": replace}], "result": f"DESCRIPTION: {name}"}
+        for name, (search, replace) in (("gain a", GAIN_A), ("gain b", GAIN_B))]))
+    driver = night.start("--agent", "claude-code", "--workers", "2", "--max-experiments", "3")
+    printed = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 0, printed
+    calls = [json.loads(line) for line in (night.tmp / "claude_calls").read_text().splitlines()]
+    folders = sorted(Path(call["cwd"]).relative_to(night.repo).as_posix() for call in calls)
+    assert folders == [".autoresearch/t/scratch/1-0", ".autoresearch/t/scratch/2-0"]  # asked at once, apart
+    assert night.git("worktree", "list", "--porcelain").count("worktree ") == 1  # the scratch trees are gone
+    assert sorted(ON_TOP.sub("", row[4]) for row in night.rows() if row[3] == "keep") == ["baseline", "gain a",
+                                                                                         "gain b"]
+    assert night.is_clean()
 
 
 def test_ctrl_c_cancels_the_runs_on_the_workers_and_leaves_train_py_at_the_best_commit(night):
     night.llm.script(change("hang", HANG))
-    driver = night.start("--workers", "2")
+    driver = night.start("--workers", "2", "--max-experiments", "2")
     hung = night.wait_for_runs(5, timeout=120)[4]  # after the four runs of the baseline, two at a time
     driver.send_signal(signal.SIGINT)
     assert driver.wait(timeout=60) == 130, driver.stdout.read()
@@ -59,17 +107,31 @@ def test_a_cluster_of_mixed_gpu_models_is_refused_and_left(night, monkeypatch):
     assert night.ledger()[-1]["event"] == "stop" and "mixes GPU models" in night.ledger()[-1]["reason"]
 
 
-def test_resume_after_sigkill_with_runs_on_workers_redoes_only_what_was_in_flight(night):
-    night.llm.script(change("hang", HANG))
+def test_resume_after_sigkill_with_runs_on_workers_reruns_only_what_was_in_flight(night):
+    night.llm.script(change("slow gain", BETTER, SLOW))
     driver = night.start("--workers", "2", "--max-experiments", "2")
-    night.wait_for_runs(5, timeout=120)  # the four baseline runs are done; the hanging idea is on a worker
+    night.wait_for_runs(5, timeout=120)  # the baseline's four runs are done; the idea's first run is on a worker
     driver.kill()
     driver.wait()
-    night.llm.script(change("lower val_bpb", BETTER))
-    driver = night.start("--workers", "2", "--max-experiments", "2")
+    driver = night.start("--workers", "2", "--max-experiments", "2")  # the same command
     printed = driver.communicate(timeout=120)[0]
     assert driver.returncode == 0, printed
-    assert [row[3:] for row in night.rows()] == [["keep", "baseline"], ["keep", "lower val_bpb"]]  # no duplicates
+    assert '#1 resumed: "slow gain"' in printed and len(night.requests()) == 1  # not proposed again
+    assert [row[3:] for row in night.rows()] == [["keep", "baseline"], ["keep", "slow gain"]]  # no duplicates
     runs = [e for e in night.ledger() if e["event"] == "run"]
-    assert sum(r["experiment"] == 0 for r in runs) == 4  # the baseline was not run again
+    assert [sum(r["experiment"] == n for r in runs) for n in (0, 1)] == [4, 4]  # the baseline was not run again
+    assert night.is_clean()
+
+
+def test_a_run_whose_worker_dies_goes_out_again_once_and_the_ledger_says_so(night):
+    night.llm.script(change("slow gain", BETTER, SLOW))
+    driver = night.start("--workers", "2", "--max-experiments", "2")
+    train = night.wait_for_runs(5, timeout=120)[4]  # the idea's first run
+    psutil.Process(train).parent().kill()  # the Ray worker that runs it
+    printed = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 0, printed
+    [requeued] = [e for e in night.ledger() if e["event"] == "requeued"]
+    assert requeued["experiment"] == 1 and requeued["repeat"] == 1 and "WorkerCrashedError" in requeued["error"]
+    assert "#1 run 1: its worker died (WorkerCrashedError); running it again" in printed
+    assert [row[3:] for row in night.rows()] == [["keep", "baseline"], ["keep", "slow gain"]]
     assert night.is_clean()

@@ -232,6 +232,20 @@ def test_a_client_without_the_token_is_refused(ray_env):
         assert "AuthenticationError" in said[name] and "InvalidAuthToken" in said[name], said[name]
 
 
+def test_joining_a_cluster_uses_at_most_workers_of_its_slots_and_all_of_them_by_default(ray_env, tmp_path):
+    cluster = ray_env.cluster  # three CPU slots, joined by another driver with the cluster's token
+    join = ("from autoresearch import ray_executor\n"
+            "for workers in (2, 1):\n"
+            f"    joined = ray_executor.connect({cluster.address!r}, {str(tmp_path)!r}, workers)\n"
+            "    print(joined.slots, joined.local, joined.gpus)\n    __import__('ray').shutdown()")
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray keeps 127.0.0.1, where this cluster listens, as the address
+    environment = {**plain, "RAY_AUTH_TOKEN_PATH": cluster.token_path, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    said = subprocess.run([sys.executable, "-c", join], env=environment, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert said.stdout.split("\n")[:2] == ["2 False False", "3 False False"], said.stdout + said.stderr
+
+
 def test_rays_temp_dir_and_token_are_inside_the_tests_tmp_dir(ray_env):
     cluster, base = ray_env.cluster, ray_env.base
     inside = base / "s" / "ray"

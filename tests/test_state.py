@@ -282,6 +282,43 @@ def test_a_commit_with_a_ref_stays_reachable_after_a_reset(repo):
     assert state.file_at(repo, discarded, "train.py") == "LR = 0.05\n"
 
 
+THREE = "LR = 0.04\nDEPTH = 8\nWIDTH = 512\n"  # a line between the first and the last
+
+
+def test_commit_source_commits_beside_the_branch_leaving_the_work_tree_the_index_and_head_alone(repo):
+    base = state.head_commit(repo)
+    commit = state.commit_source(repo, base, "LR = 0.05\n", "raise LR")
+    assert state.head_commit(repo) == base and Path("train.py").read_text() == TRAIN_PY
+    assert state.dirty_tracked_files(repo) == [] and repo.index.diff(None) == []
+    assert state.file_at(repo, commit, "train.py") == "LR = 0.05\n" and state.changed_files(repo, base, commit) == [
+        "train.py"]
+    assert repo.commit(commit).parents[0].hexsha == base and repo.commit(commit).message == "raise LR"
+
+
+def test_merge_train_py_applies_one_change_onto_another_that_touched_other_lines(repo):
+    base = state.commit_source(repo, state.head_commit(repo), THREE, "three constants")
+    lr = state.commit_source(repo, base, THREE.replace("0.04", "0.05"), "raise LR")
+    width = state.commit_source(repo, base, THREE.replace("512", "768"), "wider")
+    assert state.merge_train_py(repo, base, lr, width) == "LR = 0.05\nDEPTH = 8\nWIDTH = 768\n"
+
+
+@pytest.mark.parametrize("other", ["LR = 0.03\nDEPTH = 8\nWIDTH = 512\n",   # the same line
+                                   "LR = 0.04\nDEPTH = 9\nWIDTH = 512\n"])  # the next line: git calls it a conflict
+def test_merge_train_py_is_none_when_the_two_changes_conflict(repo, other):
+    base = state.commit_source(repo, state.head_commit(repo), THREE, "three constants")
+    lr = state.commit_source(repo, base, THREE.replace("0.04", "0.05"), "raise LR")
+    assert state.merge_train_py(repo, base, lr, state.commit_source(repo, base, other, "other")) is None
+
+
+def test_a_scratch_worktree_holds_the_commit_and_is_gone_after_removal(repo, tmp_path):
+    commit = state.commit_source(repo, state.head_commit(repo), "LR = 0.05\n", "raise LR")
+    scratch = state.add_scratch_worktree(repo, tmp_path / "scratch" / "1-0", commit)
+    assert (tmp_path / "scratch/1-0/train.py").read_text() == "LR = 0.05\n" and state.head_commit(scratch) == commit
+    assert Path("train.py").read_text() == TRAIN_PY  # the main tree is untouched
+    state.remove_scratch_worktree(repo, tmp_path / "scratch" / "1-0")
+    assert not (tmp_path / "scratch/1-0").exists() and len(repo.git.worktree("list").splitlines()) == 1
+
+
 def test_reset_hard_moves_the_branch_back_and_restores_train_py(repo):
     base = state.head_commit(repo)
     commit_train(repo, "LR = 0.05\n")

@@ -1,8 +1,9 @@
 """Stand-in for the `claude` CLI in the agent_loop tests.
 
-Each call records its arguments and stdin in $FAKE_CLAUDE_CALLS (JSON lines), takes the next
-step of the JSON list in $FAKE_CLAUDE_SCRIPT, applies the step's edits to the files in the
-working directory, and prints a JSON result like `claude -p --output-format json` does.
+Each call records its arguments, stdin and working directory in $FAKE_CLAUDE_CALLS (JSON lines),
+takes the next step of the JSON list in $FAKE_CLAUDE_SCRIPT (calls at the same time each get their
+own), applies the step's edits to the files in the working directory, and prints a JSON result like
+`claude -p --output-format json` does.
 """
 import json
 import os
@@ -10,10 +11,16 @@ import sys
 from pathlib import Path
 
 calls_path = Path(os.environ["FAKE_CLAUDE_CALLS"])
-calls = calls_path.read_text().splitlines() if calls_path.exists() else []
-step = json.loads(Path(os.environ["FAKE_CLAUDE_SCRIPT"]).read_text())[len(calls)]
+index = 0
+while True:  # the step number is claimed by creating its marker file: two calls never take the same one
+    try:
+        os.close(os.open(f"{calls_path}.{index}", os.O_CREAT | os.O_EXCL))
+        break
+    except FileExistsError:
+        index += 1
+step = json.loads(Path(os.environ["FAKE_CLAUDE_SCRIPT"]).read_text())[index]
 with open(calls_path, "a") as f:
-    f.write(json.dumps({"argv": sys.argv[1:], "stdin": sys.stdin.read()}) + "\n")
+    f.write(json.dumps({"argv": sys.argv[1:], "stdin": sys.stdin.read(), "cwd": os.getcwd()}) + "\n")
 for edit in step.get("edits", []):
     path = Path(edit["file"])
     text = path.read_text() if path.exists() else ""

@@ -1,7 +1,8 @@
 """Stand-in for train.py in the agent_loop tests: it behaves as its constants say.
 
-MODE "ok" prints the summary block with VAL_BPB, "crash" raises, "hang" sleeps. Each start
-appends its pid to the file named by $FAKE_TRAIN_STARTS, so tests can wait for a run.
+MODE "ok" prints the summary block with VAL_BPB - GAIN_A - GAIN_B (two ideas that edit different
+lines) after SLEEP seconds, "crash" raises, "hang" sleeps. Each start appends its pid to the file
+named by $FAKE_TRAIN_STARTS, so tests can wait for a run.
 """
 import os
 import time
@@ -9,8 +10,11 @@ import time
 from prepare import evaluate_bpb
 
 VAL_BPB = 1.000000
+GAIN_A = 0.0
 PEAK_VRAM_MB = 2048.0
 MODE = "ok"
+GAIN_B = 0.0  # a line apart from GAIN_A: git's three-way merge takes changes of adjacent lines for a conflict
+SLEEP = 0.0
 
 if os.environ.get("FAKE_TRAIN_STARTS"):
     with open(os.environ["FAKE_TRAIN_STARTS"], "a") as f:
@@ -20,6 +24,8 @@ if MODE == "crash":
     raise RuntimeError("fake failure: CUDA out of memory")
 if MODE == "hang":
     time.sleep(600)
+time.sleep(SLEEP)
+VAL_BPB -= GAIN_A + GAIN_B
 print("---")
 print(f"val_bpb:          {evaluate_bpb(VAL_BPB):.6f}")
 print("training_seconds: 1.0")

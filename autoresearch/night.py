@@ -1,0 +1,115 @@
+"""
+The night's shared state and its records: what agent_loop.py (one run at a time) and scheduler.py (several
+workers) both write the same way. A proposal, a result row, the baseline's end, and when to stop.
+"""
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import fmean
+
+import git
+
+from autoresearch import integrity, keep_rule, state
+from autoresearch.console import fail, log
+from autoresearch.state import Ledger
+
+MAX_FAILED_PROPOSALS_IN_A_ROW = 5  # an agent that cannot produce a usable edit stops the night
+
+
+@dataclass
+class Night:
+    args: argparse.Namespace
+    agent: object
+    repo: git.Repo
+    state_dir: Path
+    ledger: Ledger
+    timeout: float
+    constants: dict  # the prepared cache's time_budget, max_seq_len and eval_tokens
+    fingerprint: dict  # of prepare.py and the cache, when the tag started
+    cluster: object = None  # ray_executor.Cluster with --workers N > 1, else runs happen here, one at a time
+    portable_fingerprint: dict = None  # what each worker's prepare.py and cache must equal
+    started: float = field(default_factory=time.time)
+    failed_proposals_in_a_row: int = 0
+
+    def record(self, **record):
+        self.ledger.append(**record)
+
+
+def next_experiment_number(ledger):
+    """Experiments are numbered as they are proposed (with workers, several are open at once)."""
+    numbered = ledger.results() + [r for r in ledger.events("proposal") if r["ok"]]
+    return max((r["experiment"] for r in numbered), default=0) + 1
+
+
+def open_experiments(ledger):
+    """{experiment: its last committed proposal} of the experiments proposed but not decided: those in flight
+    when the driver was killed."""
+    decided = {r["experiment"] for r in ledger.results()}
+    return {r["experiment"]: r for r in ledger.events("proposal") if r["ok"] and r["experiment"] not in decided}
+
+
+def record_proposal(night, experiment, attempt, change, started, commit=None, **committed):
+    """Ledger one conversation's outcome (an agents.Change); committed: the commit made of it, and its ref."""
+    if change.source is None:
+        outcome = dict(ok=False, error=change.error) | ({"description": change.description} if change.violation else {})
+    else:
+        outcome = dict(ok=True, commit=commit, **committed, description=change.description,
+                       diff=night.repo.git.diff(f"{commit}~1", commit))
+    night.record(event="proposal", experiment=experiment, attempt=attempt, **outcome,
+                 **({"trial": change.trial} if change.trial is not None else {}),
+                 seconds=round(time.time() - started, 1), calls=change.calls,
+                 cost_usd=sum(call.get("cost_usd") or 0 for call in change.calls))
+
+
+def record_result(night, experiment, run, description, status, reason):
+    """The experiment's row (results.tsv is rewritten from the ledger), then train.py back at the best commit."""
+    values = night.ledger.measured(run["commit"]) if status in ("keep", "discard") else []
+    sigma, dof = keep_rule.noise_estimate(night.ledger.run_groups().values())
+    night.record(event="result", experiment=experiment, commit=run["commit"], status=status,
+                 val_bpb=fmean(values) if values else 0.0, runs=values,
+                 memory_gb=run["metrics"].get("peak_vram_mb", 0.0) / 1024 if values else 0.0,
+                 description=description, reason=reason, noise_sigma=sigma if dof else None, noise_dof=dof)
+    state.write_results_tsv(night.ledger.results(), night.state_dir)
+    best = night.ledger.best()
+    state.reset_hard(night.repo, best["commit"])  # also undoes what a run did to tracked files, prepare.py included
+    if status == "invalid" and (changed := integrity.fingerprint_changes(night.fingerprint,
+                                                                          integrity.harness_fingerprint())):
+        fail(f"experiment {experiment} changed the prepared cache ({', '.join(changed)}): later results would not "
+             f"be comparable. Restore it (run prepare.py again with the same flags), or start a new --tag.")
+    log(f"#{experiment} {status}: {reason}. \"{description}\" (best {best['val_bpb']:.6f}); "
+        f"spent ${night.ledger.spent_usd():.2f}")
+
+
+def check_baseline_run(night, run):
+    """A baseline run that fails or breaks a rule stops the night: nothing could be compared with it."""
+    if run["problems"]:
+        fail(f"the unmodified train.py breaks the rules of the metric: {'; '.join(run['problems'])}.")
+    if not run["ok"]:
+        fail(f"the unmodified train.py did not produce val_bpb (see {run['log']}). Fix the setup, then run "
+             f"agent_loop.py again with --tag {night.args.tag}.")
+
+
+def finish_baseline(night, commit, runs):
+    """The baseline's row: the mean of its runs is the first best, their spread the first noise estimate."""
+    done = night.ledger.measured(commit)
+    last = [r for r in night.ledger.valid_runs() if r["commit"] == commit][-1]
+    sigma, dof = keep_rule.noise_estimate(night.ledger.run_groups().values())
+    reason = f"mean of {runs} runs, noise sigma {sigma:.6f}" if dof else "one run"
+    night.record(event="noise", sigma=sigma if dof else None, dof=dof, runs=done)
+    record_result(night, 0, last, "baseline", "keep", reason)
+
+
+def why_stop(night, open_count=0):
+    """Why no new experiment may start, or None; open_count: experiments proposed or running, not yet decided."""
+    args, spent = night.args, night.ledger.spent_usd()
+    if args.max_experiments is not None and len(night.ledger.results()) + open_count >= args.max_experiments:
+        return f"reached --max-experiments {args.max_experiments}"
+    if args.max_hours is not None and time.time() - night.started >= 3600 * args.max_hours:
+        return f"reached --max-hours {args.max_hours}"
+    if args.max_cost is not None and spent >= args.max_cost:
+        return f"spent ${spent:.2f}, reached --max-cost {args.max_cost}"
+    if night.failed_proposals_in_a_row >= MAX_FAILED_PROPOSALS_IN_A_ROW:
+        return f"the agent gave no usable change {MAX_FAILED_PROPOSALS_IN_A_ROW} times in a row (see {night.ledger.path})"
+    return None
