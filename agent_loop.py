@@ -47,8 +47,7 @@ from autoresearch.agents import (DEFAULT_MODELS, MAX_RETRY_DELAY, PRICES_PER_MTO
                                  ClaudeCodeAgent, OpenAIAgent, RuleViolation, ask_for_change, fix_prompt, idea_prompt,
                                  instructions_text, price_of)
 from autoresearch.console import fail, log, plural
-from autoresearch.night import (Night, check_baseline_run, finish_baseline, next_experiment_number, record_proposal,
-                                record_result, why_stop)
+from autoresearch.night import Night, check_baseline_run, finish_baseline, record_proposal, record_result, why_stop
 from autoresearch.optuna_agent import OPTUNA_RANGES, OptunaAgent
 from autoresearch.state import Ledger
 
@@ -123,7 +122,7 @@ def confirm(night, experiment, run, number):
 
 
 def run_experiment(night):
-    args, experiment = night.args, next_experiment_number(night.ledger)
+    args, experiment = night.args, night.ledger.next_experiment()
     log(f"#{experiment} asking {args.agent} for an idea")
     try:
         change = propose_and_commit(night, experiment, 0, idea_prompt(night.ledger, Path("train.py").read_text()))
@@ -345,11 +344,14 @@ def run_night(repo, args, argv, constants, state_dir):
             connect_workers(night)
             from autoresearch import scheduler
             reason = scheduler.run_night_on_workers(night, make_agent)
-        while not reason and not (reason := why_stop(night)):
-            if ledger.best():
-                run_experiment(night)
-            else:
-                run_baseline(night)
+        else:
+            for number in ledger.open_experiments():  # cut off by a stop: this loop proposes anew
+                night.record(event="abandoned", experiment=number)
+            while not (reason := why_stop(night)):
+                if ledger.best():
+                    run_experiment(night)
+                else:
+                    run_baseline(night)
     except KeyboardInterrupt:
         reason, exit_code = "interrupted", 130
     except SystemExit as error:
@@ -381,6 +383,9 @@ def connect_workers(night):
         night.cluster = ray_executor.connect(args.ray, night.state_dir, args.workers)
     except RuntimeError as error:  # a cluster that refuses us, or a local instance not on 127.0.0.1
         fail(str(error))
+    if night.cluster.slots < 1:
+        fail(f"the Ray cluster at {night.cluster.address} has no {'GPU' if night.cluster.gpus else 'CPU'} for a run: "
+             "start its worker nodes (or give the head node resources), then run the same command again.")
     if len(night.cluster.gpu_models) > 1 and not args.allow_mixed_gpus:
         fail(f"the Ray cluster mixes GPU models ({', '.join(night.cluster.gpu_models)}): their speed and run-to-run "
              "noise differ, so runs on one would be compared with runs on another. Use one model, or pass "

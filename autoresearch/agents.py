@@ -3,9 +3,9 @@ The agents that propose experiments, and what they are shown.
 
 A proposal is a one-line description and exact search/replace edits of train.py. Every agent has
 start(prompt) -> Proposal for a new conversation and reply(error) -> Proposal to send an error back
-in the same one. ask_for_change holds one such conversation to a usable new train.py. Three talk to a language model: the Anthropic API, any OpenAI-compatible
-endpoint (vLLM, Ollama, llama.cpp, ...) through a forced tool call, and the claude CLI, which
-edits train.py itself; the fourth, Optuna, is in optuna_agent.py. Calls are retried through
+in the same one; ask_for_change holds one such conversation until it gives a usable train.py. Three
+talk to a language model: the Anthropic API, any OpenAI-compatible endpoint (vLLM, Ollama,
+llama.cpp, ...) through a forced tool call, and the claude CLI, which edits train.py itself; the fourth, Optuna, is in optuna_agent.py. Calls are retried through
 outages and rate limits (honouring retry-after) and priced per token.
 """
 

@@ -37,19 +37,6 @@ class Night:
         self.ledger.append(**record)
 
 
-def next_experiment_number(ledger):
-    """Experiments are numbered as they are proposed (with workers, several are open at once)."""
-    numbered = ledger.results() + [r for r in ledger.events("proposal") if r["ok"]]
-    return max((r["experiment"] for r in numbered), default=0) + 1
-
-
-def open_experiments(ledger):
-    """{experiment: its last committed proposal} of the experiments proposed but not decided: those in flight
-    when the driver was killed."""
-    decided = {r["experiment"] for r in ledger.results()}
-    return {r["experiment"]: r for r in ledger.events("proposal") if r["ok"] and r["experiment"] not in decided}
-
-
 def record_proposal(night, experiment, attempt, change, started, commit=None, **committed):
     """Ledger one conversation's outcome (an agents.Change); committed: the commit made of it, and its ref."""
     if change.source is None:
@@ -111,5 +98,6 @@ def why_stop(night, open_count=0):
     if args.max_cost is not None and spent >= args.max_cost:
         return f"spent ${spent:.2f}, reached --max-cost {args.max_cost}"
     if night.failed_proposals_in_a_row >= MAX_FAILED_PROPOSALS_IN_A_ROW:
-        return f"the agent gave no usable change {MAX_FAILED_PROPOSALS_IN_A_ROW} times in a row (see {night.ledger.path})"
+        return (f"the agent gave no usable change {MAX_FAILED_PROPOSALS_IN_A_ROW} times in a row "
+                f"(see {night.ledger.path})")
     return None

@@ -206,16 +206,14 @@ class OptunaAgent:
             # Random draws of all constants at once rarely beat tuned values; one-at-a-time probes first say which
             # constants matter, in descriptions a person can read, and give TPE informative history.
             self.study.set_user_attr("probes", [[name, step] for name in self.space for step in (1, -1)])
-        starts = [i for i, r in enumerate(ledger.records) if r["event"] == "start"]
-        proposed = [r for r in ledger.events("proposal") if r["ok"] and r.get("trial") is not None]
-        since_start = {id(r) for r in ledger.records[starts[-1] if starts else 0:]}
-        experiment_of = {r["trial"]: r["experiment"] for r in proposed}
-        running_now = {r["trial"] for r in proposed if id(r) in since_start and r["experiment"] not in results}
+        experiment_of = {r["trial"]: r["experiment"] for r in ledger.events("proposal") if r["ok"] and "trial" in r}
+        still_open = ledger.open_experiments()
         for trial in self.study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
-            if trial.number in running_now:  # on another worker: its result comes later
+            experiment = experiment_of.get(trial.number)
+            if experiment in still_open:  # on another worker, or resumed by the next start: its result comes later
                 continue
-            result = results.get(experiment_of.get(trial.number))
+            result = results.get(experiment)
             if result and result["status"] in ("keep", "discard"):
                 self.study.tell(trial.number, result["val_bpb"])
-            else:  # a crash, an invalid run, a change refused, or a run cut off by a stop: its trial failed
+            else:  # a crash, an invalid run, a change refused, or an experiment abandoned: its trial failed
                 self.study.tell(trial.number, state=TrialState.FAIL)

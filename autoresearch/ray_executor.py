@@ -303,10 +303,13 @@ def submit(cluster, train_source, prepare_source, fingerprint, key_hex, timeout,
 
 
 def wait(refs, timeout=None):
-    """(finished, unfinished) refs, once at least one has finished or after timeout seconds."""
+    """(finished, unfinished) refs: every one finished by the time at least one has, or after timeout seconds."""
     import ray
 
-    return ray.wait(list(refs), num_returns=1, timeout=timeout) if refs else ([], [])
+    refs = list(refs)
+    if not refs or not ray.wait(refs, num_returns=1, timeout=timeout)[0]:
+        return [], refs
+    return ray.wait(refs, num_returns=len(refs), timeout=0)
 
 
 def result(ref):

@@ -117,13 +117,16 @@ class WorkerRuns:
         self.night, self.ray_executor = night, ray_executor
         self.pending = {}  # Ray ref: (experiment, attempt, commit, number, repeat, attestation, tries)
         self.refused = []  # runs that never went out (static checks, the allowlist): they end at once
+        self.checked = {}  # commit: problems_before's answer (the repeats of a commit need no second look)
 
     def busy(self):
         return len(self.pending)
 
     def send(self, experiment, attempt, commit, number, repeat, tries=1):
         night = self.night
-        if tries == 1 and (problems := problems_before(night, commit)):
+        if commit not in self.checked:
+            self.checked[commit] = problems_before(night, commit)
+        if problems := self.checked[commit]:
             self.refused.append(not_run(night, experiment, attempt, commit, number, repeat, problems))
             return
         attestation = integrity.Attestation()

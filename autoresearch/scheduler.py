@@ -27,13 +27,15 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from statistics import median
 
-from autoresearch import keep_rule, state
+import psutil
+
+from autoresearch import keep_rule, runner, state
 from autoresearch.agents import MAX_DESCRIPTION, Change, ask_for_change, fix_prompt, idea_prompt
 from autoresearch.console import log
-from autoresearch.night import (check_baseline_run, finish_baseline, next_experiment_number, open_experiments,
-                                record_proposal, record_result, why_stop)
+from autoresearch.night import check_baseline_run, finish_baseline, record_proposal, record_result, why_stop
 from autoresearch.runs import WorkerRuns
 
 POLL_SECONDS = 0.2  # how long the driver waits for a run or an agent call to end before it looks again
@@ -82,7 +84,7 @@ class Scheduler:
         self.experiments = {}  # number: Experiment, every one not decided yet
         self.asking = {}  # Future of an agents.Change: (Experiment, attempt, started, scratch worktree or None)
         self.scratch_root = night.state_dir / "scratch"
-        self.next_number = next_experiment_number(self.ledger)
+        self.next_number = self.ledger.next_experiment()
 
     def run(self):
         try:
@@ -93,12 +95,26 @@ class Scheduler:
                 if not reason:
                     self.ask_for_ideas()
                 if not (self.queue or self.workers.busy() or self.workers.refused or self.asking):
+                    assert reason, "nothing in flight, and no reason to stop"  # ask_for_ideas always asks
                     return reason
                 self.wait()
         finally:  # Ctrl-C, SIGTERM, an error: nothing may outlive the night
             self.workers.cancel()
+            self.stop_agent_processes()
             shutil.rmtree(self.scratch_root, ignore_errors=True)
             self.night.repo.git.worktree("prune")
+
+    def stop_agent_processes(self):
+        """Kill the claude CLI calls still running in their scratch worktrees: an agent call runs in a thread,
+        which nothing can interrupt, and its process would go on (and spend) after the night."""
+        scratch = self.scratch_root.resolve()
+        for process in psutil.Process().children(recursive=True):
+            try:
+                inside = Path(process.cwd()).is_relative_to(scratch)
+            except psutil.Error:  # ended meanwhile, or not ours to look at
+                continue
+            if inside:
+                runner.kill_tree(process.pid)
 
     def why_stop(self):
         return why_stop(self.night, open_count=len(self.experiments))
@@ -109,25 +125,28 @@ class Scheduler:
     def start(self):
         shutil.rmtree(self.scratch_root, ignore_errors=True)  # a killed driver's
         self.night.repo.git.worktree("prune")
-        best = self.ledger.best()
-        if best is None:
+        if self.ledger.best() is None:
             commit = state.head_commit(self.night.repo)
             baseline = Experiment(0, None, "baseline", commit, state.keep_reachable(self.night.repo, self.args.tag,
                                                                                       commit))
             self.experiments[0] = baseline
             runs, done = self.baseline_runs(), len(self.ledger.measured(commit))
-            log(f"#0 the unmodified train.py: the baseline, runs {', '.join(map(str, range(done + 1, runs + 1)))} "
-                f"of {runs}")
-            self.enqueue(baseline, CONFIRM, range(done + 1, runs + 1))
-        for number, proposal in sorted(open_experiments(self.ledger).items()):
+            if done < runs:
+                log(f"#0 the unmodified train.py: the baseline, runs "
+                    f"{', '.join(map(str, range(done + 1, runs + 1)))} of {runs}")
+                self.enqueue(baseline, CONFIRM, range(done + 1, runs + 1))
+            else:  # a driver killed between the baseline's last run and its row
+                self.judge_baseline(baseline)
+        for number, proposal in sorted(self.ledger.open_experiments().items()):
             first = [r for r in self.ledger.events("proposal") if r["experiment"] == number and r["ok"]][0]
-            experiment = Experiment(number, proposal.get("base") or best["commit"], first["description"],
-                                    proposal["commit"], proposal["ref_number"], proposal["attempt"])
+            base = proposal.get("base") or self.ledger.best()["commit"]  # a ledger from before bases were recorded
+            experiment = Experiment(number, base, first["description"], proposal["commit"], proposal["ref_number"],
+                                    proposal["attempt"])
             self.experiments[number] = experiment
             log(f"#{number} resumed: \"{experiment.description}\" ({experiment.commit[:7]})")
-            valid = [r for r in self.ledger.valid_runs() if r["commit"] == experiment.commit]
-            if valid:
-                experiment.ended = valid[-1:]
+            runs = [r for r in self.ledger.events("run") if r["commit"] == experiment.commit]
+            if runs:  # decided as if they had just ended: more runs, a fix, or its row
+                experiment.ended = runs
                 self.judge(experiment)
             else:
                 self.enqueue(experiment, FIRST, [1])
@@ -153,9 +172,12 @@ class Scheduler:
         """Until a run or an agent call ends (or POLL_SECONDS), then act on what ended."""
         if self.workers.busy() or self.workers.refused:
             ended = self.workers.collect(timeout=POLL_SECONDS)
-        else:
+        elif self.asking:
             concurrent.futures.wait(list(self.asking), timeout=POLL_SECONDS,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
+            ended = []
+        else:  # runs queued for workers Ray has not got yet
+            time.sleep(POLL_SECONDS)
             ended = []
         for run in ended:
             experiment = self.experiments[run["experiment"]]
@@ -293,25 +315,29 @@ class Scheduler:
 
     def conclude(self, experiment, status, reason, run):
         """The experiment's row. A keep against a base that is no longer the best becomes a discard, and its change
-        goes on top of the best as a new experiment."""
-        best = self.ledger.best()["commit"]
+        goes on top of the best as a new experiment (recorded after the row: a driver killed in between loses the
+        re-application, never runs it twice)."""
+        best, merged = self.ledger.best()["commit"], None
         if experiment.base != best and status in ("keep", "discard"):
             reason = f"against its base {experiment.base[:7]}: {reason}"
             if status == "keep":
-                status, reason = "discard", f"{reason}; {self.carry_over(experiment, best)}"
+                merged = state.merge_train_py(self.night.repo, experiment.base, best, experiment.commit)
+                if merged is None:
+                    outcome = f"but the best is now {best[:7]}, and this change conflicts with it: not re-applied"
+                elif merged == state.file_at(self.night.repo, best, "train.py"):
+                    outcome, merged = f"but the best is now {best[:7]}, which already has this change", None
+                else:
+                    outcome = f"but the best is now {best[:7]}: re-applied on top of it as #{self.next_number}"
+                status, reason = "discard", f"{reason}; {outcome}"
         del self.experiments[experiment.number]
         record_result(self.night, experiment.number, run, experiment.description, status, reason)
+        if merged is not None:
+            self.reapply(experiment, best, merged)
 
-    def carry_over(self, experiment, best):
-        """Re-apply a winning change onto the best that moved on; says what became of it. It is the end of an
+    def reapply(self, experiment, best, merged):
+        """A change that beat its base, merged onto the best that moved on, as a new experiment. It is the end of an
         experiment already in flight, so it runs even past a limit (--max-experiments may be exceeded by it)."""
-        repo = self.night.repo
-        merged = state.merge_train_py(repo, experiment.base, best, experiment.commit)
-        if merged is None:
-            return f"but the best is now {best[:7]}, and this change conflicts with it: not re-applied"
-        if merged == state.file_at(repo, best, "train.py"):
-            return f"but the best is now {best[:7]}, which already has this change"
-        suffix = f" on top of {best[:7]}"
+        repo, suffix = self.night.repo, f" on top of {best[:7]}"
         description = ON_TOP.sub("", experiment.description)[:MAX_DESCRIPTION - len(suffix)] + suffix
         commit = state.commit_source(repo, best, merged, description)
         again = Experiment(self.next_number, best, description, commit, state.keep_reachable(repo, self.args.tag,
@@ -322,4 +348,3 @@ class Scheduler:
         self.experiments[again.number] = again
         self.enqueue(again, CONFIRM, [1])
         log(f"#{again.number} #{experiment.number}'s change, merged onto the best {best[:7]}: {description}")
-        return f"but the best is now {best[:7]}: re-applied on top of it as #{again.number}"

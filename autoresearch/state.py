@@ -4,7 +4,7 @@ The repository and the tag's records: git through GitPython, the ledger, results
 Every experiment is a commit of train.py on the branch autoresearch/<tag>, kept reachable by its
 own ref refs/autoresearch/<tag>/<n> whatever the resets do. The ledger
 (.autoresearch/<tag>/ledger.jsonl) is append-only JSON lines, one per event: start, proposal,
-run_started, run, noise, result, stop. results.tsv is rewritten whole from it after each result.
+run_started, run, requeued, noise, result, abandoned, stop. results.tsv is rewritten whole from it after each result.
 """
 
 import datetime
@@ -202,6 +202,18 @@ class Ledger:
         for r in self.valid_runs():
             groups.setdefault(r["commit"], []).append(r["val_bpb"])
         return groups
+
+    def next_experiment(self):
+        """The next experiment's number: numbers are given as ideas are asked for (with workers, several are open)."""
+        numbered = self.results() + [r for r in self.events("proposal") if r["ok"]]
+        return max((r["experiment"] for r in numbered), default=0) + 1
+
+    def open_experiments(self):
+        """{experiment: its last committed proposal} of the experiments proposed but not decided: those in flight
+        when the driver stopped. With workers they are resumed; a night without workers abandons them (the
+        ledger says so) and proposes anew."""
+        closed = {r["experiment"] for r in self.results() + self.events("abandoned")}
+        return {r["experiment"]: r for r in self.events("proposal") if r["ok"] and r["experiment"] not in closed}
 
     def base_commit(self):
         return self.events("start")[0]["base_commit"]

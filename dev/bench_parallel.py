@@ -106,9 +106,9 @@ def run_night(workers, args, folder):
     for command in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-qm", "bench"]):
         subprocess.run(["git", *command], cwd=repo, env=env, check=True)
     started = time.time()
-    night = subprocess.run([sys.executable, str(ROOT / "agent_loop.py"), "--tag", "bench", "--workers", str(workers),
-                            "--max-experiments", str(args.experiments + 1), "--timeout", str(4 * args.run_seconds + 60)],
-                           cwd=repo, env=env, capture_output=True, text=True)
+    command = [sys.executable, str(ROOT / "agent_loop.py"), "--tag", "bench", "--workers", str(workers),
+               "--max-experiments", str(args.experiments + 1), "--timeout", str(4 * args.run_seconds + 60)]
+    night = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
     if night.returncode != 0:
         sys.exit(f"the night with {workers} workers failed:\n{night.stdout[-3000:]}{night.stderr[-3000:]}")
     ledger = [json.loads(line) for line in (repo / ".autoresearch/bench/ledger.jsonl").read_text().splitlines()]
@@ -144,7 +144,8 @@ def measure(workers, stamps, ledger, wall):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", default="1,2,4,8", help="numbers of workers, comma-separated (default: %(default)s)")
+    parser.add_argument("--workers", default="1,2,4,8",
+                        help="numbers of workers, comma-separated (default: %(default)s)")
     parser.add_argument("--run-seconds", type=float, default=6.0, help="how long a run sleeps (default: %(default)s)")
     parser.add_argument("--agent-latency", type=float, default=1.0,
                         help="seconds the agent stand-in takes to answer (default: %(default)s)")

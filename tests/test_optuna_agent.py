@@ -52,8 +52,9 @@ class Driver:
         self.write(event="result", experiment=self.experiment, status=status, val_bpb=val_bpb)
 
     def restart(self):
-        """The loop stopped (what was in flight is cut off) and started again."""
+        """The loop stopped and started again without workers: the experiment in flight is abandoned."""
         self.write(event="start")
+        self.write(event="abandoned", experiment=self.experiment)
 
     def propose(self):
         """(proposal, train.py with it applied), recorded as the loop records it: a new experiment."""
@@ -212,7 +213,7 @@ def test_a_crash_or_a_cut_off_run_is_told_as_failed_and_a_result_as_its_val_bpb(
     driver.propose()
     driver.result(0.0, "crash")
     driver.propose()
-    driver.restart()  # experiment 2 was cut off: no result will come
+    driver.restart()  # experiment 2 was cut off and abandoned: no result will come
     driver.propose()
     driver.result(1.25)
     driver.propose()

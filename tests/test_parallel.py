@@ -1,10 +1,13 @@
-"""--workers N: the runs of one commit go out together, on a private local Ray instance that the loop starts
-(127.0.0.1, token auth, no dashboard), with the decisions a serial night makes. The loop runs as its own
-process: a Ray instance leaves state in the process that started it (its token, environment variables)."""
+"""--workers N: different experiments at once on a private local Ray instance that the loop starts (127.0.0.1,
+token auth, no dashboard), decided in the order they end, with the outcome of a serial night; a change that beat
+its base after the best moved on is merged onto it or discarded; faults (a dead worker, signals, SIGKILL and
+resume). The loop runs as its own process: a Ray instance leaves state in the process that started it (its
+token, environment variables)."""
 
 import json
 import re
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -80,7 +83,23 @@ def test_claude_code_on_workers_edits_in_a_scratch_worktree_of_its_own_for_each_
     assert night.is_clean()
 
 
+def test_a_signal_kills_the_claude_cli_calls_still_running_in_their_scratch_worktrees(night):
+    (night.tmp / "claude_script.json").write_text(json.dumps([{"sleep": 600, "result": "DESCRIPTION: slow"}] * 2))
+    driver = night.start("--agent", "claude-code", "--workers", "2", "--max-experiments", "3")
+    calls = night.tmp / "claude_calls"
+    deadline = time.time() + 120
+    while (not calls.exists() or len(calls.read_text().splitlines()) < 2) and time.time() < deadline:
+        time.sleep(0.1)
+    pids = [json.loads(line)["pid"] for line in calls.read_text().splitlines()]
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=60) == 130, driver.stdout.read()
+    assert len(pids) == 2 and not any(alive(pid, wait=10) for pid in pids)  # a thread cannot be stopped; they were
+    assert not (night.repo / ".autoresearch/t/scratch").exists() and night.is_clean()
+
+
 def test_ctrl_c_cancels_the_runs_on_the_workers_and_leaves_train_py_at_the_best_commit(night):
+    # SIGTERM takes the same way out (run_night turns it into KeyboardInterrupt: test_agent_loop.py, with Ray's
+    # handler put back by connect(): test_ray_executor.py)
     night.llm.script(change("hang", HANG))
     driver = night.start("--workers", "2", "--max-experiments", "2")
     hung = night.wait_for_runs(5, timeout=120)[4]  # after the four runs of the baseline, two at a time
@@ -89,6 +108,7 @@ def test_ctrl_c_cancels_the_runs_on_the_workers_and_leaves_train_py_at_the_best_
     assert not alive(hung, wait=15)  # cancelled: the task killed its train.py's process tree
     assert [row[4] for row in night.rows()] == ["baseline"]
     assert night.head() == night.base and night.is_clean()
+    assert night.git("log", "-1", "--format=%s", night.refs()[-1]) == "hang"  # committed beside it, reachable
     assert night.ledger()[-1]["event"] == "stop" and night.ledger()[-1]["reason"] == "interrupted"
 
 
@@ -135,3 +155,18 @@ def test_a_run_whose_worker_dies_goes_out_again_once_and_the_ledger_says_so(nigh
     assert "#1 run 1: its worker died (WorkerCrashedError); running it again" in printed
     assert [row[3:] for row in night.rows()] == [["keep", "baseline"], ["keep", "slow gain"]]
     assert night.is_clean()
+
+
+def test_a_baseline_whose_runs_all_ended_before_a_kill_gets_its_row_on_resume_and_is_not_run_again(night):
+    assert night.run("--max-experiments", "1").returncode == 0  # the baseline's four runs, here
+    ledger = night.repo / ".autoresearch/t/ledger.jsonl"
+    lines = ledger.read_text().splitlines()
+    ledger.write_text("".join(line + "\n" for line in lines if '"event": "noise"' not in line
+                              and '"event": "result"' not in line))  # as if killed right after its last run
+    night.llm.script(change("lower val_bpb", BETTER))
+    driver = night.start("--workers", "2", "--max-experiments", "2")
+    printed = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 0, printed
+    assert [row[3:] for row in night.rows()] == [["keep", "baseline"], ["keep", "lower val_bpb"]]
+    assert len(night.train_pids()) == 4 + 4  # the baseline's four runs, then the idea's: none again
+    assert all("worker" in r for r in night.ledger() if r["event"] == "run" and r["experiment"] == 1)  # on workers

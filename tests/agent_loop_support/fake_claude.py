@@ -2,12 +2,13 @@
 
 Each call records its arguments, stdin and working directory in $FAKE_CLAUDE_CALLS (JSON lines),
 takes the next step of the JSON list in $FAKE_CLAUDE_SCRIPT (calls at the same time each get their
-own), applies the step's edits to the files in the working directory, and prints a JSON result like
-`claude -p --output-format json` does.
+own), sleeps the step's `sleep` seconds if it has one, applies its edits to the files in the working
+directory, and prints a JSON result like `claude -p --output-format json` does.
 """
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 calls_path = Path(os.environ["FAKE_CLAUDE_CALLS"])
@@ -20,7 +21,9 @@ while True:  # the step number is claimed by creating its marker file: two calls
         index += 1
 step = json.loads(Path(os.environ["FAKE_CLAUDE_SCRIPT"]).read_text())[index]
 with open(calls_path, "a") as f:
-    f.write(json.dumps({"argv": sys.argv[1:], "stdin": sys.stdin.read(), "cwd": os.getcwd()}) + "\n")
+    f.write(json.dumps({"argv": sys.argv[1:], "stdin": sys.stdin.read(), "cwd": os.getcwd(), "pid": os.getpid()})
+            + "\n")
+time.sleep(step.get("sleep", 0))
 for edit in step.get("edits", []):
     path = Path(edit["file"])
     text = path.read_text() if path.exists() else ""
