@@ -247,6 +247,7 @@ def test_resume_after_sigkill_redoes_the_unfinished_experiment_without_duplicate
     assert night.git("log", "--format=%s", "-3") == "lower val_bpb\ninitial"
     assert "hang" in [night.git("log", "-1", "--format=%s", commit) for commit in night.refs()]
     assert [r["event"] for r in night.ledger()].count("start") == 2
+    assert [r["experiment"] for r in night.ledger() if r["event"] == "abandoned"] == [1]  # not resumed later
     assert night.is_clean()
 
 

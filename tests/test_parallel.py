@@ -67,45 +67,46 @@ def test_a_gain_whose_change_conflicts_with_the_new_best_is_discarded_saying_so(
     assert night.head() == kept["commit"] and night.is_clean()
 
 
-def test_claude_code_on_workers_edits_in_a_scratch_worktree_of_its_own_for_each_proposal(night):
-    (night.tmp / "claude_script.json").write_text(json.dumps([
-        {"edits": [{"file": "train.py", "search": search, "replace": replace}], "result": f"DESCRIPTION: {name}"}
-        for name, (search, replace) in (("gain a", GAIN_A), ("gain b", GAIN_B))]))
-    driver = night.start("--agent", "claude-code", "--workers", "2", "--max-experiments", "3")
-    printed = driver.communicate(timeout=120)[0]
-    assert driver.returncode == 0, printed
-    calls = [json.loads(line) for line in (night.tmp / "claude_calls").read_text().splitlines()]
-    folders = sorted(Path(call["cwd"]).relative_to(night.repo).as_posix() for call in calls)
-    assert folders == [".autoresearch/t/scratch/1-0", ".autoresearch/t/scratch/2-0"]  # asked at once, apart
-    assert night.git("worktree", "list", "--porcelain").count("worktree ") == 1  # the scratch trees are gone
+def test_claude_code_edits_in_a_scratch_worktree_per_proposal_and_ctrl_c_kills_the_calls_still_running(night):
+    steps = [{"edits": [{"file": "train.py", "search": search, "replace": replace}], "result": f"DESCRIPTION: {name}"}
+             for name, (search, replace) in (("gain a", GAIN_A), ("gain b", GAIN_B))]
+    asleep = {"sleep": 600, "result": "DESCRIPTION: slow"}
+    (night.tmp / "claude_script.json").write_text(json.dumps(steps + [asleep] * 2))
+    driver = night.start("--agent", "claude-code", "--workers", "2", "--max-experiments", "5")
+    calls_path = night.tmp / "claude_calls"
+    deadline = time.time() + 120  # both gains decided (one re-applied on top of the other), two calls asleep
+    while time.time() < deadline and not (calls_path.exists() and len(calls_path.read_text().splitlines()) == 4
+                                          and (night.repo / "results.tsv").exists() and len(night.rows()) == 4):
+        time.sleep(0.1)
+    calls = [json.loads(line) for line in calls_path.read_text().splitlines()]
+    asleep = [call["pid"] for call in calls if call["step"] >= 2]
+    assert len(asleep) == 2 and all(alive(pid, wait=0) for pid in asleep)
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=60) == 130, driver.stdout.read()
+    assert not any(alive(pid, wait=10) for pid in asleep)  # a thread cannot be stopped; its CLI call was
+    folders = {Path(call["cwd"]).relative_to(night.repo).parent.as_posix() for call in calls}
+    assert len({call["cwd"] for call in calls}) == 4 and folders == {".autoresearch/t/scratch"}  # one each
     assert sorted(ON_TOP.sub("", row[4]) for row in night.rows() if row[3] == "keep") == ["baseline", "gain a",
                                                                                          "gain b"]
-    assert night.is_clean()
-
-
-def test_a_signal_kills_the_claude_cli_calls_still_running_in_their_scratch_worktrees(night):
-    (night.tmp / "claude_script.json").write_text(json.dumps([{"sleep": 600, "result": "DESCRIPTION: slow"}] * 2))
-    driver = night.start("--agent", "claude-code", "--workers", "2", "--max-experiments", "3")
-    calls = night.tmp / "claude_calls"
-    deadline = time.time() + 120
-    while (not calls.exists() or len(calls.read_text().splitlines()) < 2) and time.time() < deadline:
-        time.sleep(0.1)
-    pids = [json.loads(line)["pid"] for line in calls.read_text().splitlines()]
-    driver.send_signal(signal.SIGINT)
-    assert driver.wait(timeout=60) == 130, driver.stdout.read()
-    assert len(pids) == 2 and not any(alive(pid, wait=10) for pid in pids)  # a thread cannot be stopped; they were
     assert not (night.repo / ".autoresearch/t/scratch").exists() and night.is_clean()
+    assert night.git("worktree", "list", "--porcelain").count("worktree ") == 1
 
 
-def test_ctrl_c_cancels_the_runs_on_the_workers_and_leaves_train_py_at_the_best_commit(night):
-    # SIGTERM takes the same way out (run_night turns it into KeyboardInterrupt: test_agent_loop.py, with Ray's
-    # handler put back by connect(): test_ray_executor.py)
+def test_a_run_whose_worker_dies_goes_out_again_once_and_ctrl_c_then_cancels_it(night):
+    # SIGTERM takes the same way out as Ctrl-C (run_night turns it into KeyboardInterrupt: test_agent_loop.py,
+    # with the handler Ray's init replaced put back by connect(): test_ray_executor.py)
     night.llm.script(change("hang", HANG))
     driver = night.start("--workers", "2", "--max-experiments", "2")
-    hung = night.wait_for_runs(5, timeout=120)[4]  # after the four runs of the baseline, two at a time
+    first = night.wait_for_runs(5, timeout=120)[4]  # the idea's first run, after the baseline's four
+    psutil.Process(first).parent().kill()  # the Ray worker that runs it
+    again = night.wait_for_runs(6, timeout=60)[5]
     driver.send_signal(signal.SIGINT)
-    assert driver.wait(timeout=60) == 130, driver.stdout.read()
-    assert not alive(hung, wait=15)  # cancelled: the task killed its train.py's process tree
+    printed = driver.communicate(timeout=60)[0]
+    assert driver.returncode == 130, printed
+    assert "#1 run 1: its worker died (WorkerCrashedError); running it again" in printed
+    [requeued] = [e for e in night.ledger() if e["event"] == "requeued"]
+    assert requeued["experiment"] == 1 and requeued["repeat"] == 1 and "WorkerCrashedError" in requeued["error"]
+    assert not alive(again, wait=15)  # cancelled: the task killed its train.py's process tree
     assert [row[4] for row in night.rows()] == ["baseline"]
     assert night.head() == night.base and night.is_clean()
     assert night.git("log", "-1", "--format=%s", night.refs()[-1]) == "hang"  # committed beside it, reachable
@@ -140,20 +141,6 @@ def test_resume_after_sigkill_with_runs_on_workers_reruns_only_what_was_in_fligh
     assert [row[3:] for row in night.rows()] == [["keep", "baseline"], ["keep", "slow gain"]]  # no duplicates
     runs = [e for e in night.ledger() if e["event"] == "run"]
     assert [sum(r["experiment"] == n for r in runs) for n in (0, 1)] == [4, 4]  # the baseline was not run again
-    assert night.is_clean()
-
-
-def test_a_run_whose_worker_dies_goes_out_again_once_and_the_ledger_says_so(night):
-    night.llm.script(change("slow gain", BETTER, SLOW))
-    driver = night.start("--workers", "2", "--max-experiments", "2")
-    train = night.wait_for_runs(5, timeout=120)[4]  # the idea's first run
-    psutil.Process(train).parent().kill()  # the Ray worker that runs it
-    printed = driver.communicate(timeout=120)[0]
-    assert driver.returncode == 0, printed
-    [requeued] = [e for e in night.ledger() if e["event"] == "requeued"]
-    assert requeued["experiment"] == 1 and requeued["repeat"] == 1 and "WorkerCrashedError" in requeued["error"]
-    assert "#1 run 1: its worker died (WorkerCrashedError); running it again" in printed
-    assert [row[3:] for row in night.rows()] == [["keep", "baseline"], ["keep", "slow gain"]]
     assert night.is_clean()
 
 

@@ -21,7 +21,8 @@ while True:  # the step number is claimed by creating its marker file: two calls
         index += 1
 step = json.loads(Path(os.environ["FAKE_CLAUDE_SCRIPT"]).read_text())[index]
 with open(calls_path, "a") as f:
-    f.write(json.dumps({"argv": sys.argv[1:], "stdin": sys.stdin.read(), "cwd": os.getcwd(), "pid": os.getpid()})
+    f.write(json.dumps({"argv": sys.argv[1:], "stdin": sys.stdin.read(), "cwd": os.getcwd(), "pid": os.getpid(),
+                        "step": index})
             + "\n")
 time.sleep(step.get("sleep", 0))
 for edit in step.get("edits", []):
