@@ -47,7 +47,8 @@ from autoresearch.agents import (DEFAULT_MODELS, MAX_RETRY_DELAY, PRICES_PER_MTO
                                  ClaudeCodeAgent, OpenAIAgent, RuleViolation, ask_for_change, fix_prompt, idea_prompt,
                                  instructions_text, price_of)
 from autoresearch.console import fail, log, plural
-from autoresearch.night import Night, check_baseline_run, finish_baseline, record_proposal, record_result, why_stop
+from autoresearch.night import (Night, already_run, check_baseline_run, finish_baseline, record_proposal, record_result,
+                                why_stop)
 from autoresearch.optuna_agent import OPTUNA_RANGES, OptunaAgent
 from autoresearch.state import Ledger
 
@@ -75,7 +76,7 @@ def propose_and_commit(night, experiment, attempt, prompt):
     args, started = night.args, time.time()
     base = night.ledger.best()["commit"]
     change = ask_for_change(night.agent, prompt, Path("train.py").read_text(), args.max_edit_retries, args.max_tokens,
-                            f"#{experiment}")
+                            f"#{experiment}", already_run(night))
     if change.source is None:
         record_proposal(night, experiment, attempt, change, started)
         if change.violation:

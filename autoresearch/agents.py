@@ -5,10 +5,12 @@ A proposal is a one-line description and exact search/replace edits of train.py.
 start(prompt) -> Proposal for a new conversation and reply(error) -> Proposal to send an error back
 in the same one; ask_for_change holds one such conversation until it gives a usable train.py. Three
 talk to a language model: the Anthropic API, any OpenAI-compatible endpoint (vLLM, Ollama,
-llama.cpp, ...) through a forced tool call, and the claude CLI, which edits train.py itself; the fourth, Optuna, is in optuna_agent.py. Calls are retried through
-outages and rate limits (honouring retry-after) and priced per token.
+llama.cpp, ...) through a forced tool call, and the claude CLI, which edits train.py itself; the
+fourth, Optuna, is in optuna_agent.py. Calls are retried through outages and rate limits (honouring
+retry-after) and priced per token.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -153,14 +155,19 @@ def apply_proposal(proposal, source, max_tokens):
     return new_source
 
 
-def ask_for_change(agent, prompt, source, max_edit_retries, max_tokens, label):
+def ask_for_change(agent, prompt, source, max_edit_retries, max_tokens, label, already_run=None):
     """Start a conversation and send each reply that cannot be applied to source back in it, up to
-    max_edit_retries times; a Change. Touches no file and no record: with workers it runs beside the night."""
+    max_edit_retries times; a Change. A train.py byte-identical to one in already_run ({source_digest(text):
+    what became of it}) is not run again: the agent is told so, in the same conversation. Touches no file and no
+    record: with workers it runs beside the night."""
     proposal, calls = agent.start(prompt), []
     for retry in range(max_edit_retries + 1):
         calls.append(proposal.usage)
         try:
             new_source = apply_proposal(proposal, source, max_tokens)
+            if earlier := (already_run or {}).get(source_digest(new_source)):
+                raise EditError(f"This train.py is byte-identical to that of {earlier}: it is not run again. "
+                                "Propose a different change.")
             break
         except RuleViolation as violation:
             return Change(description=violation.description, error=str(violation), violation=True, calls=calls)
@@ -171,6 +178,10 @@ def ask_for_change(agent, prompt, source, max_edit_retries, max_tokens, label):
             proposal = agent.reply(str(error))
     return Change(description=" ".join(proposal.description.split())[:MAX_DESCRIPTION], source=new_source,
                   calls=calls, trial=proposal.trial)
+
+
+def source_digest(source):
+    return hashlib.sha256(source.encode()).hexdigest()
 
 
 # -----------------------------------------------------------------------------

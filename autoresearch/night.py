@@ -12,6 +12,7 @@ from statistics import fmean
 import git
 
 from autoresearch import integrity, keep_rule, state
+from autoresearch.agents import source_digest
 from autoresearch.console import fail, log
 from autoresearch.state import Ledger
 
@@ -35,6 +36,19 @@ class Night:
 
     def record(self, **record):
         self.ledger.append(**record)
+
+
+def already_run(night):
+    """{agents.source_digest(train.py): what became of it} for every commit of the tag decided or in flight: the
+    train.py sources the agent must not propose again."""
+    known = {}
+    for r in night.ledger.results():
+        if r["commit"] != "0" * 40:  # a change refused whole has no commit
+            outcome = f", val_bpb {r['val_bpb']:.6f}" if r["status"] in ("keep", "discard") else ""
+            known[r["commit"]] = f"experiment #{r['experiment']} ({r['status']}{outcome})"
+    for number, proposal in night.ledger.open_experiments().items():
+        known.setdefault(proposal["commit"], f"experiment #{number} (being tested now)")
+    return {source_digest(state.file_at(night.repo, commit, "train.py")): what for commit, what in known.items()}
 
 
 def record_proposal(night, experiment, attempt, change, started, commit=None, **committed):

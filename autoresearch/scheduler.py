@@ -35,7 +35,8 @@ import psutil
 from autoresearch import keep_rule, runner, state
 from autoresearch.agents import MAX_DESCRIPTION, Change, ask_for_change, fix_prompt, idea_prompt
 from autoresearch.console import log
-from autoresearch.night import check_baseline_run, finish_baseline, record_proposal, record_result, why_stop
+from autoresearch.night import (already_run, check_baseline_run, finish_baseline, record_proposal, record_result,
+                                why_stop)
 from autoresearch.runs import WorkerRuns
 
 POLL_SECONDS = 0.2  # how long the driver waits for a run or an agent call to end before it looks again
@@ -223,7 +224,8 @@ class Scheduler:
             agent = self.make_agent(state.add_scratch_worktree(self.night.repo, scratch, on))
         else:
             agent = self.night.agent if self.args.agent == "optuna" else self.make_agent(self.night.repo)
-        arguments = (agent, prompt, source, self.args.max_edit_retries, self.args.max_tokens, f"#{experiment.number}")
+        arguments = (agent, prompt, source, self.args.max_edit_retries, self.args.max_tokens, f"#{experiment.number}",
+                     already_run(self.night))
         if self.args.agent == "optuna":  # stateful and fast: one at a time, here
             future = concurrent.futures.Future()
             try:

@@ -125,6 +125,17 @@ def test_an_unmatched_search_block_is_sent_back_and_the_repair_applied(night):
     assert night.git("log", "--format=%s", "-2") == "lower val_bpb\ninitial"
 
 
+def test_a_train_py_already_run_in_the_tag_is_not_run_again_and_the_agent_is_told_its_outcome(night):
+    night.llm.script(change("raise val_bpb", WORSE), change("raise val_bpb again", WORSE),
+                     change("lower val_bpb", BETTER))
+    assert night.run("--max-experiments", "3").returncode == 0
+    told = last_user_content(night.requests()[2])  # the reply to the repeat, in the same conversation
+    assert "byte-identical to that of experiment #1 (discard, val_bpb 1.010000): it is not run again" in told
+    assert [row[3:] for row in night.rows()] == [["keep", "baseline"], ["discard", "raise val_bpb"],
+                                                 ["keep", "lower val_bpb"]]
+    assert len(night.train_pids()) == 4 + 1 + 4  # the repeat never ran
+
+
 def test_a_reply_cut_off_by_the_token_limit_is_never_applied(night):
     night.llm.script(change("cut off", BETTER, stop_reason="max_tokens"), change("raise val_bpb", WORSE))
     assert night.run("--max-experiments", "2").returncode == 0
