@@ -44,8 +44,8 @@ import git
 from autoresearch import demo, integrity, keep_rule, report, runner, state
 from autoresearch import runs as experiment_runs
 from autoresearch.agents import (DEFAULT_MODELS, MAX_RETRY_DELAY, PRICES_PER_MTOK, AgentSettings, AnthropicAgent,
-                                 ClaudeCodeAgent, OpenAIAgent, RuleViolation, ask_for_change, fix_prompt, idea_prompt,
-                                 instructions_text, price_of)
+                                 ClaudeCodeAgent, OpenAIAgent, RuleViolation, ask_for_change, price_of)
+from autoresearch.prompts import fix_prompt, idea_prompt, instructions_text
 from autoresearch.console import fail, log, plural
 from autoresearch.night import (Night, already_run, check_baseline_run, finish_baseline, record_proposal, record_result,
                                 why_stop)

@@ -33,6 +33,7 @@ class Night:
     portable_fingerprint: dict = None  # what each worker's prepare.py and cache must equal
     started: float = field(default_factory=time.time)
     failed_proposals_in_a_row: int = 0
+    source_digests: dict = field(default_factory=dict)  # commit: its train.py's source_digest (already_run's)
 
     def record(self, **record):
         self.ledger.append(**record)
@@ -48,7 +49,9 @@ def already_run(night):
             known[r["commit"]] = f"experiment #{r['experiment']} ({r['status']}{outcome})"
     for number, proposal in night.ledger.open_experiments().items():
         known.setdefault(proposal["commit"], f"experiment #{number} (being tested now)")
-    return {source_digest(state.file_at(night.repo, commit, "train.py")): what for commit, what in known.items()}
+    for commit in known.keys() - night.source_digests.keys():  # read from git once per commit, not per proposal
+        night.source_digests[commit] = source_digest(state.file_at(night.repo, commit, "train.py"))
+    return {night.source_digests[commit]: what for commit, what in known.items()}
 
 
 def record_proposal(night, experiment, attempt, change, started, commit=None, **committed):

@@ -33,7 +33,8 @@ from statistics import median
 import psutil
 
 from autoresearch import keep_rule, runner, state
-from autoresearch.agents import MAX_DESCRIPTION, Change, ask_for_change, fix_prompt, idea_prompt
+from autoresearch.agents import MAX_DESCRIPTION, Change, ask_for_change
+from autoresearch.prompts import fix_prompt, idea_prompt
 from autoresearch.console import log
 from autoresearch.night import (already_run, check_baseline_run, finish_baseline, record_proposal, record_result,
                                 why_stop)

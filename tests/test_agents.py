@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from autoresearch import agents
+from autoresearch import agents, prompts
 from autoresearch.agents import EditError, Proposal, RuleViolation, apply_proposal
 from autoresearch.state import Ledger
 
@@ -339,7 +339,7 @@ HISTORY = Ledger(records=[
 
 
 def test_history_text_shows_each_result_s_delta_to_the_best_and_none_for_a_crash_or_an_invalid_run():
-    assert agents.history_text(HISTORY) == (
+    assert prompts.history_text(HISTORY) == (
         "History of this run (5 experiments; best val_bpb 0.990000 at commit eeeeeee; lower is better):\n\n"
         "commit\tval_bpb\tdelta_to_best\tstatus\tdescription\n"
         "aaaaaaa\t1.000000\t+0.010000\tkeep\tbaseline\n"
@@ -350,13 +350,13 @@ def test_history_text_shows_each_result_s_delta_to_the_best_and_none_for_a_crash
 
 
 def test_the_idea_prompt_is_the_history_and_the_current_train_py():
-    prompt = agents.idea_prompt(HISTORY, SOURCE)
-    assert prompt.startswith(agents.history_text(HISTORY)) and f"```python\n{SOURCE}```" in prompt
+    prompt = prompts.idea_prompt(HISTORY, SOURCE)
+    assert prompt.startswith(prompts.history_text(HISTORY)) and f"```python\n{SOURCE}```" in prompt
     assert "Propose the next experiment: ONE idea" in prompt and "Being tested now" not in prompt
 
 
 def test_the_idea_prompt_lists_the_experiments_being_tested_on_other_workers():
-    prompt = agents.idea_prompt(HISTORY, SOURCE, testing=["lower LR", "wider MLP"])
+    prompt = prompts.idea_prompt(HISTORY, SOURCE, testing=["lower LR", "wider MLP"])
     running = prompt.split("Being tested now, on other workers (do not propose these again):\n")[1]
     assert running.startswith("- lower LR\n- wider MLP\n\nThe current train.py")
 
@@ -367,7 +367,7 @@ def test_the_idea_prompt_lists_the_experiments_being_tested_on_other_workers():
 ])
 def test_the_fix_prompt_says_how_the_run_failed_and_fences_its_log_tail(run, how):
     run = dict(run, commit="f" * 40, log_tail="Traceback\nRuntimeError: out of memory")
-    prompt = agents.fix_prompt(HISTORY, "huge batch", run, attempt=1, max_attempts=2, source=SOURCE)
+    prompt = prompts.fix_prompt(HISTORY, "huge batch", run, attempt=1, max_attempts=2, source=SOURCE)
     assert f'Your change "huge batch" (commit fffffff) {how}.' in prompt
     assert "\nTraceback\nRuntimeError: out of memory\n</untrusted-program-output-" in prompt
     assert f"```python\n{SOURCE}```" in prompt and "This is fix attempt 1 of 2" in prompt
