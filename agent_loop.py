@@ -47,8 +47,8 @@ from autoresearch.agents import (DEFAULT_MODELS, MAX_RETRY_DELAY, PRICES_PER_MTO
                                  ClaudeCodeAgent, OpenAIAgent, RuleViolation, ask_for_change, price_of)
 from autoresearch.prompts import fix_prompt, idea_prompt, instructions_text
 from autoresearch.console import fail, log, plural
-from autoresearch.night import (Night, already_run, check_baseline_run, finish_baseline, record_proposal, record_result,
-                                why_stop)
+from autoresearch.night import (Night, already_run, before_proposal, check_baseline_run, finish_baseline,
+                                record_proposal, record_result, why_stop)
 from autoresearch.optuna_agent import OPTUNA_RANGES, OptunaAgent
 from autoresearch.state import Ledger
 
@@ -61,7 +61,8 @@ TIMEOUT_MARGIN = 120  # seconds on top of twice the budget: startup, compilation
 # the command names them; those its results depend on (TAG_IDENTITY) cannot change.
 TAG_OPTIONS = {"agent": "anthropic", "model": None, "base_url": None, "keep_rule": "noise", "noise_runs": 4,
                "max_runs": 4, "min_delta": 0.0, "optuna_params": None, "max_fix_attempts": None, "max_edit_retries": 2,
-               "max_tokens": 16000, "timeout": None, "price": None, "max_experiments": None, "max_cost": None}
+               "max_tokens": 16000, "timeout": None, "price": None, "max_experiments": None, "max_cost": None,
+               "plateau": 10}
 TAG_IDENTITY = ("agent", "model", "base_url", "keep_rule", "noise_runs", "max_runs", "min_delta", "optuna_params")
 
 AGENTS = {"anthropic": AnthropicAgent, "claude-code": ClaudeCodeAgent, "openai": OpenAIAgent, "optuna": OptunaAgent}
@@ -126,7 +127,8 @@ def run_experiment(night):
     args, experiment = night.args, night.ledger.next_experiment()
     log(f"#{experiment} asking {args.agent} for an idea")
     try:
-        change = propose_and_commit(night, experiment, 0, idea_prompt(night.ledger, Path("train.py").read_text()))
+        change = propose_and_commit(night, experiment, 0, idea_prompt(
+            night.ledger, Path("train.py").read_text(), steering=before_proposal(night), plateau_after=args.plateau))
     except RuleViolation as violation:
         run = dict(commit="0" * 40, metrics={})  # nothing was committed: the change was refused whole
         record_result(night, experiment, run, violation.description, "invalid", str(violation))
@@ -144,7 +146,8 @@ def run_experiment(night):
         log(f"#{experiment} crashed; asking for fix {fix} of {args.max_fix_attempts}")
         try:
             change = propose_and_commit(night, experiment, fix, fix_prompt(
-                night.ledger, description, run, fix, args.max_fix_attempts, Path("train.py").read_text()))
+                night.ledger, description, run, fix, args.max_fix_attempts, Path("train.py").read_text(),
+                before_proposal(night)))
         except RuleViolation as violation:
             run = dict(run, problems=[str(violation)])
             break
@@ -232,6 +235,8 @@ def parse_args(argv, started_with=None):
                         help="fixes the agent may try after a crash (default: 2; 0 for optuna, which cannot fix one)")
     parser.add_argument("--max-edit-retries", type=int, help="times an unapplicable reply is sent back (default: 2)")
     parser.add_argument("--max-tokens", type=int, help="output token limit of one reply (default: 16000)")
+    parser.add_argument("--plateau", type=int, metavar="K", help="after K experiments in a row not kept, ask the "
+                        "agent for a different kind of change than those (0: never; default: 10)")
     parser.add_argument("--retry-delay", type=float, default=5.0, help="seconds before the first retry of a failed "
                         f"API call; it doubles up to {MAX_RETRY_DELAY}s and never gives up (default: %(default)s)")
     parser.add_argument("--api-timeout", type=float, default=600.0,
@@ -293,7 +298,9 @@ def main(argv=None):
     constants = integrity.harness_constants()
     state_dir = state.STATE_ROOT / args.tag
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
-    state.keep_out_of_git(repo, "results.tsv", "progress.png", f"{state.STATE_ROOT}/")
+    state.keep_out_of_git(repo, "results.tsv", "progress.png", f"{state.STATE_ROOT}/", str(state.STEER_FILE))
+    if not state.STEER_FILE.exists():  # for the researcher to steer the night with, while it goes
+        state.STEER_FILE.write_text(state.STEER_TEMPLATE)
     try:
         with filelock.FileLock(state.STATE_ROOT / "lock", timeout=0):  # released however the night ends
             return run_night(repo, args, argv, constants, state_dir)

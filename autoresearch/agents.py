@@ -22,8 +22,10 @@ from pathlib import Path
 
 from autoresearch import state
 from autoresearch.console import fail, log
+from autoresearch.prompts import CHANGE_SCHEMA, CHANGE_TOOL_DESCRIPTION, CHANGE_TOOL_NAME, MAX_NOTES
 
 MAX_DESCRIPTION = 300  # characters of an experiment's description kept (results.tsv, commit message)
+MAX_HYPOTHESIS = 500  # characters of a proposal's hypothesis kept (the history shows it beside the result)
 MAX_RETRY_DELAY = 600  # seconds: an API outage is waited out at this pace, never given up on
 UNREACHABLE_LIMIT = 30 * 60  # seconds an agent's endpoint may refuse connections before the night stops
 DEFAULT_MODELS = {"anthropic": "claude-sonnet-4-6", "claude-code": None, "openai": None, "optuna": None}
@@ -39,33 +41,6 @@ PRICES_PER_MTOK = {
 }
 CACHE_WRITE_PRICE, CACHE_READ_PRICE = 2.0, 0.1
 
-CHANGE_TOOL_NAME = "propose_change"
-CHANGE_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "description": {
-            "type": "string",
-            "description": "One line saying what this experiment tries. It becomes the "
-            "commit message and the description in results.tsv.",
-        },
-        "edits": {
-            "type": "array",
-            "description": "Search/replace edits of train.py, applied in order.",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "file": {"type": "string", "description": "Always train.py: no other file may change."},
-                    "search": {"type": "string",
-                               "description": "Exact text of the current train.py; must occur exactly once."},
-                    "replace": {"type": "string", "description": "The text that takes its place."},
-                },
-                "required": ["search", "replace"],
-            },
-        },
-    },
-    "required": ["description", "edits"],
-}
-CHANGE_TOOL_DESCRIPTION = "Propose one experiment: a one-line description and exact search/replace edits of train.py."
 
 
 @dataclass
@@ -105,6 +80,8 @@ class Proposal:
     problem: str = ""  # what was wrong with the reply itself, if anything
     usage: dict = field(default_factory=dict)  # token counts and cost_usd of the call
     trial: int | None = None  # Optuna's trial number: the ledger ties it to its experiment
+    hypothesis: str = ""  # why it should help
+    notes: str | None = None  # the agent's lab notes, replacing the last ones; None: unchanged
 
 
 @dataclass
@@ -116,6 +93,8 @@ class Change:
     violation: bool = False  # the change breaks a rule (it edits another file): the experiment is invalid
     calls: list = field(default_factory=list)  # the usage of each call
     trial: int | None = None
+    hypothesis: str = ""
+    notes: str | None = None  # the lab notes of its last reply (kept even when no usable change came)
 
 
 def apply_proposal(proposal, source, max_tokens):
@@ -159,9 +138,10 @@ def ask_for_change(agent, prompt, source, max_edit_retries, max_tokens, label, a
     max_edit_retries times; a Change. A train.py byte-identical to one in already_run ({source_digest(text):
     what became of it}) is not run again: the agent is told so, in the same conversation. Touches no file and no
     record: with workers it runs beside the night."""
-    proposal, calls = agent.start(prompt), []
+    proposal, calls, notes = agent.start(prompt), [], None
     for retry in range(max_edit_retries + 1):
         calls.append(proposal.usage)
+        notes = proposal.notes[:MAX_NOTES] if proposal.notes is not None else notes
         try:
             new_source = apply_proposal(proposal, source, max_tokens)
             if earlier := (already_run or {}).get(source_digest(new_source)):
@@ -169,14 +149,16 @@ def ask_for_change(agent, prompt, source, max_edit_retries, max_tokens, label, a
                                 "Propose a different change.")
             break
         except RuleViolation as violation:
-            return Change(description=violation.description, error=str(violation), violation=True, calls=calls)
+            return Change(description=violation.description, error=str(violation), violation=True, calls=calls,
+                          notes=notes)
         except EditError as error:
             log(f"{label} the proposal cannot be applied: {str(error)[:200]}")
             if retry == max_edit_retries:
-                return Change(error=str(error), calls=calls)
+                return Change(error=str(error), calls=calls, notes=notes)
             proposal = agent.reply(str(error))
     return Change(description=" ".join(proposal.description.split())[:MAX_DESCRIPTION], source=new_source,
-                  calls=calls, trial=proposal.trial)
+                  calls=calls, trial=proposal.trial, notes=notes,
+                  hypothesis=" ".join(proposal.hypothesis.split())[:MAX_HYPOTHESIS])
 
 
 def source_digest(source):
@@ -363,10 +345,12 @@ class OpenAIAgent:
 def proposal_from_tool_input(tool_input, truncated, usage):
     if not isinstance(tool_input, dict):
         return Proposal(truncated=truncated, usage=usage, problem=(
-            f"Answer by calling the {CHANGE_TOOL_NAME} tool once, with JSON arguments `description` and `edits`."))
-    edits = tool_input.get("edits")
+            f"Answer by calling the {CHANGE_TOOL_NAME} tool once, with JSON arguments `description`, `hypothesis` "
+            "and `edits` (and `notes` to replace your lab notes)."))
+    edits, notes = tool_input.get("edits"), tool_input.get("notes")
     return Proposal(description=str(tool_input.get("description") or ""), truncated=truncated, usage=usage,
-                    edits=[e for e in edits if isinstance(e, dict)] if isinstance(edits, list) else [])
+                    edits=[e for e in edits if isinstance(e, dict)] if isinstance(edits, list) else [],
+                    hypothesis=str(tool_input.get("hypothesis") or ""), notes=notes if isinstance(notes, str) else None)
 
 
 class ClaudeCodeAgent:
@@ -382,11 +366,14 @@ class ClaudeCodeAgent:
     def start(self, prompt):
         self.session = None
         return self.ask(prompt + "\n\nMake the change by editing train.py with your Edit tool (no other file: "
-                        "do not run anything, the driver runs it). Then end your reply with one line: "
-                        "`DESCRIPTION: <what this experiment tries>`.")
+                        "do not run anything, the driver runs it). Then end your reply with the line "
+                        "`DESCRIPTION: <what this experiment tries>`, the line `HYPOTHESIS: <why it should lower "
+                        f"val_bpb>`, and, to replace your lab notes, last, a line `NOTES:` followed by the notes "
+                        f"(at most {MAX_NOTES} characters).")
 
     def reply(self, error):
-        return self.ask(error + "\nYour edits were undone: make them again, then end with the DESCRIPTION line.")
+        return self.ask(error + "\nYour edits were undone: make them again, then end with the DESCRIPTION and "
+                        "HYPOTHESIS lines (and NOTES, to replace your notes).")
 
     def ask(self, prompt):
         command = ["claude", "-p", "--output-format", "json", "--append-system-prompt", self.instructions,
@@ -407,11 +394,16 @@ class ClaudeCodeAgent:
         for path in new_files:
             (tree / path).unlink(missing_ok=True)
         self.session = result.get("session_id") or self.session
-        found = re.findall(r"^\W*DESCRIPTION:\s*(.+)$", str(result.get("result", "")), re.MULTILINE)
+        text = str(result.get("result", ""))
+        text, notes = (re.split(r"^\W*NOTES:[ \t]*", text, maxsplit=1, flags=re.MULTILINE) + [None])[:2]
+        found = {name: re.findall(rf"^\W*{name}:\s*(.+)$", text, re.MULTILINE)
+                 for name in ("DESCRIPTION", "HYPOTHESIS")}
         usage = {key: value for key, value in (result.get("usage") or {}).items() if isinstance(value, int)}
         usage["cost_usd"] = result.get("total_cost_usd")
-        return Proposal(description=found[-1].strip(" `*") if found else "", edits=edits, usage=usage,
-                        problem="" if found else "End your reply with one line `DESCRIPTION: <one line>`.")
+        description, hypothesis = (values[-1].strip(" `*") if values else "" for values in found.values())
+        return Proposal(description=description, hypothesis=hypothesis, edits=edits, usage=usage,
+                        notes=notes.strip() if notes is not None else None,
+                        problem="" if description else "End your reply with one line `DESCRIPTION: <one line>`.")
 
 
 def run_claude(command, prompt, timeout, cwd):

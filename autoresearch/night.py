@@ -60,11 +60,27 @@ def record_proposal(night, experiment, attempt, change, started, commit=None, **
         outcome = dict(ok=False, error=change.error) | ({"description": change.description} if change.violation else {})
     else:
         outcome = dict(ok=True, commit=commit, **committed, description=change.description,
-                       diff=night.repo.git.diff(f"{commit}~1", commit))
+                       hypothesis=change.hypothesis, diff=night.repo.git.diff(f"{commit}~1", commit))
     night.record(event="proposal", experiment=experiment, attempt=attempt, **outcome,
                  **({"trial": change.trial} if change.trial is not None else {}),
+                 **({"notes": change.notes} if change.notes is not None else {}),
                  seconds=round(time.time() - started, 1), calls=change.calls,
                  cost_usd=sum(call.get("cost_usd") or 0 for call in change.calls))
+
+
+def before_proposal(night):
+    """What the night says before each proposal: steer.md read fresh (a change is ledgered and logged), and a
+    plateau (ledgered once per run of --plateau experiments not kept). Returns steer.md's text for the prompt."""
+    steering, rows = state.read_steering(), night.ledger.results()
+    if steering != night.ledger.steering():
+        night.record(event="steer", text=steering)
+        log("steer.md changed: the agent is shown it from this proposal on" if steering else "steer.md is empty now")
+    streak, after = state.plateau_streak(rows), night.args.plateau
+    last = night.ledger.events("plateau")[-1:]
+    if after and streak >= after and not (last and last[0]["since"] == len(rows) - streak):
+        night.record(event="plateau", since=len(rows) - streak, streak=streak, after=after)
+        log(f"plateau: {streak} experiments in a row were not kept; the agent is asked for another kind of change")
+    return steering
 
 
 def record_result(night, experiment, run, description, status, reason):
@@ -74,7 +90,8 @@ def record_result(night, experiment, run, description, status, reason):
     night.record(event="result", experiment=experiment, commit=run["commit"], status=status,
                  val_bpb=fmean(values) if values else 0.0, runs=values,
                  memory_gb=run["metrics"].get("peak_vram_mb", 0.0) / 1024 if values else 0.0,
-                 description=description, reason=reason, noise_sigma=sigma if dof else None, noise_dof=dof)
+                 description=description, hypothesis=night.ledger.hypothesis(experiment), reason=reason,
+                 noise_sigma=sigma if dof else None, noise_dof=dof)
     state.write_results_tsv(night.ledger.results(), night.state_dir)
     best = night.ledger.best()
     state.reset_hard(night.repo, best["commit"])  # also undoes what a run did to tracked files, prepare.py included

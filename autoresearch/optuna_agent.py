@@ -166,6 +166,8 @@ class OptunaAgent:
                 old = {name: lines[line - 1][col:end_col] for name, (_, line, col, end_col) in current.items()}
                 description = ", ".join(f"{name} {old[name]} -> {value!r}" for name, value in changed.items())
                 return Proposal(description=description, edits=constant_edits(source, current, changed),
+                                hypothesis=hypothesis(changed, current, len(self.study.get_trials(
+                                    deepcopy=False, states=[self.optuna.trial.TrialState.COMPLETE]))),
                                 trial=trial.number)  # the driver's ledger ties it to its experiment
             self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)  # train.py as it is: nothing to learn
         return Proposal(problem=f"Optuna proposed the current train.py {MAX_OPTUNA_ASKS} times in a row.")
@@ -217,3 +219,11 @@ class OptunaAgent:
                 self.study.tell(trial.number, result["val_bpb"])
             else:  # a crash, an invalid run, a change refused, or an experiment abandoned: its trial failed
                 self.study.tell(trial.number, state=TrialState.FAIL)
+
+
+def hypothesis(changed, current, results):
+    """Optuna's reason for a trial, as the history shows it: a probe of one constant, or TPE's pick."""
+    if len(changed) == 1:
+        [(name, value)] = changed.items()
+        return f"probe {name} {'up' if value > current[name][0] else 'down'}: does val_bpb depend on it, and which way?"
+    return f"TPE's pick of {len(changed)} constants, from the {results} results it has so far"

@@ -7,7 +7,6 @@ The morning report: what a night did, from the tag's ledger or any results.tsv, 
 import argparse
 import datetime
 import json
-import math
 from pathlib import Path
 
 from autoresearch import state
@@ -76,7 +75,10 @@ def summarize(rows, ledger=None):
         cost_usd=round(ledger.spent_usd(), 4) if ledger else None,
         kept_list=kept, top_improvements=sorted((k for k in kept[1:] if k["delta"] < 0), key=lambda k: k["delta"])[:5],
         decisions=[dict(experiment=r["experiment"], status=r["status"], val_bpb=r["val_bpb"], runs=len(r["runs"]),
-                        reason=r["reason"]) for r in rows if "reason" in r])
+                        reason=r["reason"], hypothesis=r.get("hypothesis", "")) for r in rows if "reason" in r],
+        steering=[dict(time=r["time"], text=r["text"]) for r in ledger.events("steer")] if ledger else [],
+        plateaus=[dict(time=r["time"], streak=r["streak"]) for r in ledger.events("plateau")] if ledger else [],
+        notes=(notes := ledger and ledger.notes()) and dict(experiment=notes["experiment"], text=notes["notes"]))
 
 
 def plot_progress(rows, title, path):
@@ -84,8 +86,7 @@ def plot_progress(rows, title, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # here, not at the top: the loop never pays for it
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
     kept = [r for r in rows if r["status"] == "keep"]  # crashes have no val_bpb and invalid ones a wrong one
-    near_misses = [r for i, r in enumerate(rows) if r["status"] == "discard" and r["val_bpb"] < min(  # lower, but
-        (k["val_bpb"] for k in rows[:i] if k["status"] == "keep"), default=-math.inf)]  # within the noise
+    near_misses = state.near_misses(rows)  # lower than the best of their time, but within the noise
     discarded = [r for r in rows if r["status"] == "discard" and r not in near_misses]
     running = [min(r["val_bpb"] for r in kept[:i + 1]) for i in range(len(kept))]  # the best after each keep
     values = [r["val_bpb"] for r in kept + discarded + near_misses]
@@ -161,6 +162,16 @@ def print_report(s, source):
         print("\ntop improvements")
         for rank, k in enumerate(s["top_improvements"], 1):
             print(f"  {rank}. {k['delta']:+.6f}  #{k['experiment']} {k['description']}")
+    if s["steering"]:
+        print("\nsteering (steer.md, from when the agent was shown it)")
+        for change in s["steering"]:
+            print(f"  {change['time']}  " + ("\n" + " " * 23).join(change["text"].splitlines() or ["(emptied)"]))
+    for plateau in s["plateaus"]:
+        print(f"plateau      {plateau['time']}: {plateau['streak']} experiments in a row not kept; asked for "
+              "another kind of change")
+    if s["notes"]:
+        print(f"\nthe agent's lab notes at the end (written with #{s['notes']['experiment']})")
+        print("\n".join(f"  {line}" for line in s["notes"]["text"].splitlines()))
     print(f"\nprogress.png: {s['png'] or 'not drawn: nothing has a val_bpb'}")
 
 

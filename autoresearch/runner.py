@@ -163,7 +163,7 @@ def show_progress(log_path, label, stop):
         print("\r" + " " * len(shown) + "\r", end="", flush=True)
 
 
-def fence_untrusted(text):
-    # A random tag the program's output cannot know, so it cannot close the fence early.
-    tag = f"untrusted-program-output-{secrets.token_hex(4)}"
+def fence_untrusted(text, kind="program-output"):
+    # A random tag the text cannot know, so it cannot close the fence early.
+    tag = f"untrusted-{kind}-{secrets.token_hex(4)}"
     return f"<{tag}>\n{text}\n</{tag}>"

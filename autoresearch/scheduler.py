@@ -36,8 +36,8 @@ from autoresearch import keep_rule, runner, state
 from autoresearch.agents import MAX_DESCRIPTION, Change, ask_for_change
 from autoresearch.prompts import fix_prompt, idea_prompt
 from autoresearch.console import log
-from autoresearch.night import (already_run, check_baseline_run, finish_baseline, record_proposal, record_result,
-                                why_stop)
+from autoresearch.night import (already_run, before_proposal, check_baseline_run, finish_baseline, record_proposal,
+                                record_result, why_stop)
 from autoresearch.runs import WorkerRuns
 
 POLL_SECONDS = 0.2  # how long the driver waits for a run or an agent call to end before it looks again
@@ -215,7 +215,8 @@ class Scheduler:
             source = state.file_at(self.night.repo, best["commit"], "train.py")
             log(f"#{experiment.number} asking {self.args.agent} for an idea"
                 + (f" ({len(testing)} being tested now)" if testing else ""))
-            self.ask(experiment, 0, idea_prompt(self.ledger, source, testing), best["commit"])
+            prompt = idea_prompt(self.ledger, source, testing, before_proposal(self.night), self.args.plateau)
+            self.ask(experiment, 0, prompt, best["commit"])
 
     def ask(self, experiment, attempt, prompt, on):
         """Start a conversation about the experiment on commit `on`: an idea, or a fix of it."""
@@ -291,7 +292,8 @@ class Scheduler:
                 log(f"#{experiment.number} crashed; asking for fix {fix} of {args.max_fix_attempts}")
                 source = state.file_at(self.night.repo, experiment.commit, "train.py")
                 return self.ask(experiment, fix, fix_prompt(self.ledger, experiment.description, run, fix,
-                                                            args.max_fix_attempts, source), experiment.commit)
+                                                            args.max_fix_attempts, source, before_proposal(self.night)),
+                                experiment.commit)
             return self.conclude(experiment, "crash", f"exit code {run['returncode']}, no val_bpb", run)
         candidate = self.ledger.measured(experiment.commit)
         noise = keep_rule.noise_estimate(self.ledger.run_groups().values())
@@ -346,7 +348,8 @@ class Scheduler:
         again = Experiment(self.next_number, best, description, commit, state.keep_reachable(repo, self.args.tag,
                                                                                              commit))
         self.next_number += 1
-        record_proposal(self.night, again.number, 0, Change(description=description, source=merged), time.time(),
+        change = Change(description=description, source=merged, hypothesis=self.ledger.hypothesis(experiment.number))
+        record_proposal(self.night, again.number, 0, change, time.time(),
                         commit, ref_number=again.ref_number, base=best, merged_from=experiment.commit)
         self.experiments[again.number] = again
         self.enqueue(again, CONFIRM, [1])

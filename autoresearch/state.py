@@ -4,12 +4,14 @@ The repository and the tag's records: git through GitPython, the ledger, results
 Every experiment is a commit of train.py on the branch autoresearch/<tag>, kept reachable by its
 own ref refs/autoresearch/<tag>/<n> whatever the resets do. The ledger
 (.autoresearch/<tag>/ledger.jsonl) is append-only JSON lines, one per event: start, proposal,
-run_started, run, requeued, noise, result, abandoned, stop. results.tsv is rewritten whole from it after each result.
+run_started, run, requeued, noise, result, abandoned, steer, plateau, stop. results.tsv is rewritten whole from it
+after each result. steer.md, untracked, is the researcher's guidance to the agent, read before each proposal.
 """
 
 import datetime
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -20,6 +22,14 @@ from autoresearch.console import fail, log
 STATE_ROOT = Path(".autoresearch")  # ignored by git; one folder per tag
 STATUSES = ("keep", "discard", "crash", "invalid")  # invalid: broke a rule of the metric (see integrity.py)
 RESULTS_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+STEER_FILE = Path("steer.md")
+STEER_TEMPLATE = """<!--
+steer.md: your guidance to the research agent, in your words, below this comment. It is read before every
+proposal and shown to the agent above the history, so you can steer a night that is already going (no restart).
+The ledger and the report record each change. Text inside HTML comments like this one is not shown.
+Examples: "Stop tuning learning rates; try architecture changes." "Keep peak memory under 40 GB."
+-->
+"""
 
 # -----------------------------------------------------------------------------
 # Git
@@ -157,6 +167,18 @@ def check_branch(repo, tag, ledger):
 # The ledger
 
 
+def read_steering(path=STEER_FILE):
+    """The researcher's guidance in steer.md, without its comments; "" when there is none."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return re.sub(r"<!--.*?(-->|$)", "", text, flags=re.DOTALL).strip()
+
+
+# -----------------------------------------------------------------------------
+# The ledger
+
 class Ledger:
     """The tag's ledger.jsonl as records, and the questions the loop and the report ask of them."""
 
@@ -215,6 +237,21 @@ class Ledger:
         closed = {r["experiment"] for r in self.results() + self.events("abandoned")}
         return {r["experiment"]: r for r in self.events("proposal") if r["ok"] and r["experiment"] not in closed}
 
+    def hypothesis(self, experiment):
+        """The hypothesis of the experiment's idea ("" when its agent gave none)."""
+        ideas = [r for r in self.events("proposal") if r["experiment"] == experiment and r["ok"] and not r["attempt"]]
+        return ideas[-1].get("hypothesis", "") if ideas else ""
+
+    def notes(self):
+        """The agent's lab notes as it last wrote them: the last proposal record with notes, or None."""
+        written = [r for r in self.events("proposal") if r.get("notes")]
+        return written[-1] if written else None
+
+    def steering(self):
+        """steer.md's text as the ledger last recorded it ("" before any)."""
+        changes = self.events("steer")
+        return changes[-1]["text"] if changes else ""
+
     def base_commit(self):
         return self.events("start")[0]["base_commit"]
 
@@ -224,6 +261,23 @@ class Ledger:
 
     def spent_usd(self):
         return sum(r.get("cost_usd") or 0 for r in self.events("proposal"))
+
+
+def near_misses(rows):
+    """The discarded rows whose mean was below the best of their time: better, but within the noise."""
+    misses, best = [], None
+    for r in rows:
+        if r["status"] == "keep":
+            best = r["val_bpb"] if best is None else min(best, r["val_bpb"])
+        elif r["status"] == "discard" and best is not None and r["val_bpb"] < best:
+            misses.append(r)
+    return misses
+
+
+def plateau_streak(rows):
+    """How many experiments in a row, since the last keep, were not kept."""
+    kept = [i for i, r in enumerate(rows) if r["status"] == "keep"]
+    return len(rows) - 1 - kept[-1] if kept else len(rows)
 
 
 def read_records(path):

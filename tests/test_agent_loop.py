@@ -153,6 +153,57 @@ def test_an_agent_that_never_gives_a_usable_edit_skips_the_idea(night):
 
 
 # -----------------------------------------------------------------------------
+# Lab notes, steering, plateaus: what the agent learns across the night
+
+def test_the_hypothesis_and_notes_reach_the_next_prompt_the_ledger_and_the_report(night, capsys):
+    night.llm.script(change("raise val_bpb", WORSE, hypothesis="more loss teaches more",
+                            notes="Raising VAL_BPB: try it once."),
+                     change("lower val_bpb", BETTER, hypothesis="less is more"))
+    assert night.run("--max-experiments", "3", "--keep-rule", "greedy").returncode == 0
+    prompt = night.requests()[1]["messages"][0]["content"]
+    assert "\traise val_bpb\tmore loss teaches more" in prompt
+    assert re.search(r"<untrusted-notes-\w+>\nRaising VAL_BPB: try it once.\n</untrusted-notes-", prompt)
+    rows = [r for r in night.ledger() if r["event"] == "result"]
+    assert [r["hypothesis"] for r in rows] == ["", "more loss teaches more", "less is more"]
+    capsys.readouterr()
+    assert agent_loop.main(["report", "--tag", "t"]) == 0
+    assert "lab notes at the end (written with #1)\n  Raising VAL_BPB: try it once." in capsys.readouterr().out
+
+
+def test_steer_md_is_created_untracked_and_each_change_reaches_the_next_prompt_and_the_ledger(night, capsys):
+    def steer_then(text, reply):
+        def act():
+            (night.repo / "steer.md").write_text(text)
+            return reply
+        return act
+    night.llm.script(steer_then("Now try wider models.", change("raise val_bpb", WORSE)),
+                     change("lower val_bpb", BETTER))
+    assert night.run("--max-experiments", "1").returncode == 0  # the baseline only: steer.md is made
+    assert "It is read before every\nproposal" in (night.repo / "steer.md").read_text() and night.is_clean()
+    (night.repo / "steer.md").write_text("<!-- mine -->\nTry deeper models.\n")
+    assert night.run("--max-experiments", "3").returncode == 0
+    first, second = (request["messages"][0]["content"] for request in night.requests())
+    assert "Guidance from the researcher" in first and "Try deeper models." in first and "mine" not in first
+    assert "Now try wider models." in second and "deeper" not in second
+    assert [r["text"] for r in night.ledger() if r["event"] == "steer"] == ["Try deeper models.",
+                                                                            "Now try wider models."]
+    capsys.readouterr()
+    agent_loop.main(["report", "--tag", "t"])
+    out = capsys.readouterr().out
+    assert out.index("Try deeper models.") < out.index("Now try wider models.") and night.is_clean()
+
+
+def test_after_k_experiments_not_kept_the_prompt_asks_for_another_kind_of_change(night):
+    night.llm.script(change("raise val_bpb", WORSE), change("crash", CRASH), change("lower val_bpb", BETTER))
+    assert night.run("--max-experiments", "4", "--keep-rule", "greedy", "--max-fix-attempts", "0",
+                     "--plateau", "2").returncode == 0
+    prompts = [request["messages"][0]["content"] for request in night.requests()]
+    assert ["Plateau: the last 2 experiments were not kept" in prompt for prompt in prompts] == [False, False, True]
+    [plateau] = [r for r in night.ledger() if r["event"] == "plateau"]
+    assert (plateau["since"], plateau["streak"]) == (1, 2)
+
+
+# -----------------------------------------------------------------------------
 # The Anthropic API
 
 def test_the_model_sees_cached_instructions_prepare_py_train_py_and_the_history(night):
@@ -346,15 +397,18 @@ def test_a_missing_api_key_names_the_other_agents(night, monkeypatch):
 # The other agents
 
 def test_openai_compatible_endpoint(night):
-    night.llm.script(chat_change("lower val_bpb", BETTER), path=CHAT)
+    night.llm.script(chat_change("raise val_bpb", WORSE, hypothesis="a guess", notes="VAL_BPB is all that matters"),
+                     chat_change("lower val_bpb", BETTER), path=CHAT)
     result = night.run("--agent", "openai", "--base-url", f"{night.llm.url}/v1", "--model", "local-model",
-                       "--max-experiments", "2")
+                       "--max-experiments", "3", "--keep-rule", "greedy")
     assert result.returncode == 0, result.stderr
     request = night.requests(CHAT)[0]
     system = request["messages"][0]
     assert system["role"] == "system" and "## Driven by agent_loop.py" in system["content"]
     assert request["tools"][0]["function"]["name"] == "propose_change"
-    assert night.rows()[1][1:] == ["0.990000", "2.0", "keep", "lower val_bpb"]
+    assert night.rows()[2][1:] == ["0.990000", "2.0", "keep", "lower val_bpb"]
+    prompt = night.requests(CHAT)[1]["messages"][1]["content"]
+    assert "\traise val_bpb\ta guess" in prompt and "\nVAL_BPB is all that matters\n</untrusted-notes-" in prompt
     assert night.is_clean()
 
 
@@ -364,7 +418,8 @@ def test_claude_code_edits_only_train_py_and_other_files_are_undone(night):
                    {"file": "notes.txt", "search": "", "replace": "scratch"}],
          "result": "Done.\nDESCRIPTION: edit the harness"},
         {"edits": [{"file": "train.py", "search": BETTER[0], "replace": BETTER[1]}],
-         "result": "Lowered it.\nDESCRIPTION: lower val_bpb"},
+         "result": "Lowered it.\nDESCRIPTION: lower val_bpb\nHYPOTHESIS: lower is better\n"
+                   "NOTES:\nThe harness cannot be edited.\nVAL_BPB decides."},
     ]))
     result = night.run("--agent", "claude-code", "--max-experiments", "3")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -377,6 +432,8 @@ def test_claude_code_edits_only_train_py_and_other_files_are_undone(night):
     assert [row[3:] for row in night.rows()[1:]] == [["invalid", "edit the harness"], ["keep", "lower val_bpb"]]
     proposals = [r for r in night.ledger() if r["event"] == "proposal"]
     assert [p["ok"] for p in proposals] == [False, True]
+    assert proposals[1]["hypothesis"] == "lower is better"
+    assert proposals[1]["notes"] == "The harness cannot be edited.\nVAL_BPB decides."
     assert sum(p["cost_usd"] for p in proposals) == pytest.approx(0.10)  # total_cost_usd of each call
     assert night.is_clean()
 

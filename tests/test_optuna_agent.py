@@ -245,6 +245,17 @@ def test_the_first_trials_change_one_constant_at_a_time_up_then_down(tmp_path, m
     assert descriptions[4].count(" -> ") == 2  # then TPE, over all of them
 
 
+def test_optuna_s_hypothesis_names_the_probe_or_tpe_and_it_writes_no_notes(tmp_path, monkeypatch):
+    driver = Driver(tmp_path, monkeypatch, NOISY)
+    proposals = []
+    for _ in range(5):
+        proposals.append(driver.propose()[0])
+        driver.result(1.1)
+    assert [p.hypothesis.split(":")[0] for p in proposals[:2]] == ["probe MATRIX_LR up", "probe MATRIX_LR down"]
+    assert proposals[4].hypothesis == "TPE's pick of 2 constants, from the 5 results it has so far"
+    assert all(p.notes is None for p in proposals)
+
+
 def test_probes_start_from_the_best_so_a_kept_probe_is_not_undone(night):
     # the fake train.py reports VAL_BPB: halving it is a real gain, and the next probe must keep it
     result = night.run("--agent", "optuna", "--keep-rule", "greedy", "--max-experiments", "4",

@@ -116,6 +116,42 @@ def test_there_is_no_best_before_the_baseline():
     assert Ledger(records=NIGHT[:3]).best() is None
 
 
+def proposal(experiment, attempt=0, ok=True, **fields):
+    return {"event": "proposal", "experiment": experiment, "attempt": attempt, "ok": ok, **fields}
+
+
+def test_an_experiment_s_hypothesis_is_that_of_its_idea_not_of_a_fix():
+    ledger = Ledger(records=[proposal(3, hypothesis="wider is better"), proposal(3, 1, hypothesis="fix the shape"),
+                             proposal(4)])
+    assert (ledger.hypothesis(3), ledger.hypothesis(4), ledger.hypothesis(5)) == ("wider is better", "", "")
+
+
+def test_the_notes_are_the_last_written_even_by_a_proposal_that_failed():
+    ledger = Ledger(records=[proposal(1, notes="first"), proposal(2), proposal(3, ok=False, notes="third")])
+    assert ledger.notes()["notes"] == "third" and Ledger(records=[proposal(1)]).notes() is None
+
+
+def test_near_misses_are_discards_below_the_best_of_their_time():
+    rows = [result("a", 1.0, "keep"), result("b", 0.99, "discard"), result("c", 0.98, "keep"),
+            result("d", 0.985, "discard"), result("e", 0.97, "discard"), result("f", 0.0, "crash")]
+    assert [r["commit"] for r in state.near_misses(rows)] == ["b", "e"]
+
+
+@pytest.mark.parametrize("statuses, streak", [
+    (["keep"], 0), (["keep", "discard", "crash", "invalid"], 3), (["keep", "discard", "keep", "discard"], 1),
+])
+def test_the_plateau_streak_counts_the_experiments_since_the_last_keep(statuses, streak):
+    assert state.plateau_streak([result("c", 1.0, status) for status in statuses]) == streak
+
+
+def test_the_steering_is_steer_md_without_its_comments(tmp_path):
+    path = tmp_path / "steer.md"
+    path.write_text(state.STEER_TEMPLATE)
+    assert state.read_steering(path) == "" and state.read_steering(tmp_path / "missing.md") == ""
+    path.write_text(state.STEER_TEMPLATE + "Try deeper models.\n<!-- not this -->\nKeep memory low.\n<!-- nor")
+    assert state.read_steering(path) == "Try deeper models.\n\nKeep memory low."
+
+
 def test_kept_val_bpbs_are_those_of_each_kept_result_baseline_first():
     assert Ledger(records=NIGHT).kept_val_bpbs() == [1.01, 0.98]
 

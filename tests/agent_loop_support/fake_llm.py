@@ -1,8 +1,8 @@
 """A local stand-in for the Anthropic Messages API and an OpenAI-compatible chat endpoint.
 
 It answers POST /v1/messages and POST /v1/chat/completions from a script of replies (one
-queue per endpoint) and records every request body, so that tests can assert what the model
-saw. The real SDKs talk to it through ANTHROPIC_BASE_URL or --base-url.
+queue per endpoint; a callable in it is called when its turn comes, and returns the reply) and
+records every request body, so that tests can assert what the model saw. The real SDKs talk to it through ANTHROPIC_BASE_URL or --base-url.
 """
 import json
 import threading
@@ -11,13 +11,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 MESSAGES, CHAT = "/v1/messages", "/v1/chat/completions"
 
 
-def change(description, *edits, stop_reason="tool_use"):
-    """An Anthropic reply calling propose_change; each edit is (search, replace) or (file, search, replace)."""
+def change(description, *edits, stop_reason="tool_use", **fields):
+    """An Anthropic reply calling propose_change; each edit is (search, replace) or (file, search, replace);
+    fields: hypothesis, notes."""
     edits = [dict(zip(("file", "search", "replace"), e if len(e) == 3 else ("train.py", *e))) for e in edits]
     return 200, {
         "id": "msg_test", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
         "content": [{"type": "tool_use", "id": "toolu_test", "name": "propose_change",
-                     "input": {"description": description, "edits": edits}}],
+                     "input": {"description": description, "edits": edits, **fields}}],
         "stop_reason": stop_reason, "stop_sequence": None,
         "usage": {"input_tokens": 2000, "output_tokens": 300, "cache_creation_input_tokens": 0,
                   "cache_read_input_tokens": 5000},
@@ -28,9 +29,9 @@ def overloaded():
     return 529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
 
 
-def chat_change(description, *edits, finish_reason="tool_calls"):
-    """An OpenAI chat completion calling propose_change."""
-    arguments = {"description": description, "edits": [{"search": s, "replace": r} for s, r in edits]}
+def chat_change(description, *edits, finish_reason="tool_calls", **fields):
+    """An OpenAI chat completion calling propose_change; fields: hypothesis, notes."""
+    arguments = {"description": description, "edits": [{"search": s, "replace": r} for s, r in edits], **fields}
     return 200, {
         "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": "local-model",
         "choices": [{"index": 0, "finish_reason": finish_reason, "message": {
@@ -53,7 +54,8 @@ class FakeLLM:
                 path = self.path.split("?")[0]
                 fake.requests[path].append(body)
                 if fake.replies[path]:
-                    status, reply = fake.replies[path].pop(0)
+                    scripted = fake.replies[path].pop(0)
+                    status, reply = scripted() if callable(scripted) else scripted  # a callable acts, then replies
                 else:
                     status, reply = 400, {"type": "error", "error": {
                         "type": "invalid_request_error", "message": "the test scripted no more replies"}}
