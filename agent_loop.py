@@ -47,7 +47,7 @@ from autoresearch.agents import (DEFAULT_MODELS, MAX_RETRY_DELAY, PRICES_PER_MTO
                                  ClaudeCodeAgent, OpenAIAgent, RuleViolation, ask_for_change, price_of)
 from autoresearch.prompts import fix_prompt, idea_prompt, instructions_text
 from autoresearch.console import fail, log, plural
-from autoresearch.night import (Night, already_run, before_proposal, check_baseline_run, finish_baseline,
+from autoresearch.night import (Night, already_run, before_proposal, check_baseline_run, finish_baseline, is_paired,
                                 record_proposal, record_result, why_stop)
 from autoresearch.optuna_agent import OPTUNA_RANGES, OptunaAgent
 from autoresearch.state import Ledger
@@ -62,8 +62,9 @@ TIMEOUT_MARGIN = 120  # seconds on top of twice the budget: startup, compilation
 TAG_OPTIONS = {"agent": "anthropic", "model": None, "base_url": None, "keep_rule": "noise", "noise_runs": 4,
                "max_runs": 4, "min_delta": 0.0, "optuna_params": None, "max_fix_attempts": None, "max_edit_retries": 2,
                "max_tokens": 16000, "timeout": None, "price": None, "max_experiments": None, "max_cost": None,
-               "plateau": 10}
-TAG_IDENTITY = ("agent", "model", "base_url", "keep_rule", "noise_runs", "max_runs", "min_delta", "optuna_params")
+               "plateau": 10, "paired": "on"}
+TAG_IDENTITY = ("agent", "model", "base_url", "keep_rule", "noise_runs", "max_runs", "min_delta", "optuna_params",
+                "paired")
 
 AGENTS = {"anthropic": AnthropicAgent, "claude-code": ClaudeCodeAgent, "openai": OpenAIAgent, "optuna": OptunaAgent}
 
@@ -105,22 +106,44 @@ def run_baseline(night):
 
 
 def confirm(night, experiment, run, number):
-    """Run the candidate again until the keep rule decides; (status, reason, last run)."""
-    args, best = night.args, night.ledger.measured(night.ledger.best()["commit"])
-    bound = keep_rule.plausibility_bound(night.ledger.kept_val_bpbs())
+    """Run the candidate again (paired: and the best beside it) until the keep rule decides; (status, reason,
+    last run)."""
+    args, ledger = night.args, night.ledger
+    best = ledger.best()["commit"]
+    bound = keep_rule.plausibility_bound(ledger.kept_val_bpbs())
     while True:
-        candidate = night.ledger.measured(run["commit"])
-        noise = keep_rule.noise_estimate(night.ledger.run_groups().values())
-        status, reason = keep_rule.decide(candidate, best, noise, bound, args.keep_rule, args.max_runs, args.min_delta)
+        noise = keep_rule.noise_estimate(ledger.run_groups().values())
+        if is_paired(args):
+            candidate, reference = ledger.paired_runs(experiment, run["commit"])
+            status, reason = keep_rule.decide_paired(candidate, reference, ledger.measured(best)[-args.max_runs:],
+                                                     noise, args.max_runs, args.min_delta)
+            roles = keep_rule.next_pair_runs(len(candidate), len(reference))
+        else:
+            candidate = ledger.measured(run["commit"])
+            status, reason = keep_rule.decide(candidate, ledger.measured(best), noise, bound, args.keep_rule,
+                                              args.max_runs, args.min_delta)
+            roles = ["candidate"]
         if status:
             return status, reason, run
         log(f"#{experiment} {reason}")
-        [run] = experiment_runs.run_commit(night, experiment, run["attempt"], run["commit"], number,
-                                           [len(candidate) + 1])
-        if run["problems"]:
-            return "invalid", "; ".join(run["problems"]), run
-        if not run["ok"]:
-            return "crash", f"run {run['repeat']} of the same commit failed (see {run['log']})", run
+        for role in roles:
+            if role == "best":  # the pair's run of the best: beside the candidate's, in its logs
+                state.reset_hard(night.repo, best)  # runs happen in the work tree: the best's train.py, then back
+                try:
+                    [beside] = experiment_runs.run_commit(night, experiment, run["attempt"], best, number,
+                                                          [len(reference) + 1], reference=True)
+                finally:
+                    state.reset_hard(night.repo, run["commit"])
+                if not beside["ok"]:
+                    return "discard", (f"the best's own run beside it failed (see {beside['log']}): nothing to "
+                                       "compare it with"), run
+                continue
+            [run] = experiment_runs.run_commit(night, experiment, run["attempt"], run["commit"], number,
+                                               [len(candidate) + 1])
+            if run["problems"]:
+                return "invalid", "; ".join(run["problems"]), run
+            if not run["ok"]:
+                return "crash", f"run {run['repeat']} of the same commit failed (see {run['log']})", run
 
 
 def run_experiment(night):
@@ -224,6 +247,11 @@ def parse_args(argv, started_with=None):
                         "below the best's, else run it --max-runs times in all and keep it only when the "
                         "difference of means clears a one-sided t-test at 2.5%% and --min-delta; greedy: the "
                         "reference's rule, one run, keep if lower (default: noise)")
+    parser.add_argument("--paired", choices=["on", "off"],
+                        help="rule noise: a promising candidate's runs alternate with runs of the best (A B, B A, "
+                        "...; with workers, at the same time) and the differences within pairs are tested, so that "
+                        "a drift of the machine over the night cancels out; off: compare with the best's own runs, "
+                        "made earlier (fewer runs per idea; default: on)")
     parser.add_argument("--noise-runs", type=int,
                         help="runs of the baseline that measure the noise, rule noise (default: 4)")
     parser.add_argument("--max-runs", type=int, help="most runs of one candidate, rule noise (default: 4)")
@@ -349,8 +377,8 @@ def run_night(repo, args, argv, constants, state_dir):
     reason, exit_code = None, 0
     try:
         if args.workers > 1 or args.ray:
-            connect_workers(night)
-            from autoresearch import scheduler
+            from autoresearch import scheduler  # imports no Ray until it connects
+            scheduler.connect_workers(night)
             reason = scheduler.run_night_on_workers(night, make_agent)
         else:
             for number in ledger.open_experiments():  # cut off by a stop: this loop proposes anew
@@ -381,26 +409,6 @@ def run_night(repo, args, argv, constants, state_dir):
     summary = f"best val_bpb {best['val_bpb']:.6f} at {best['commit'][:7]}" if best else "no baseline yet"
     log(f"stopped: {reason}. {count_text(rows)}, {summary}. {go_on_hint(args, reason)}")
     return exit_code
-
-
-def connect_workers(night):
-    """--workers N > 1 or --ray: the Ray cluster the runs go to (run_night's cleanup leaves it)."""
-    from autoresearch import ray_executor
-    args = night.args
-    try:
-        night.cluster = ray_executor.connect(args.ray, night.state_dir, args.workers)
-    except RuntimeError as error:  # a cluster that refuses us, or a local instance not on 127.0.0.1
-        fail(str(error))
-    if night.cluster.slots < 1:
-        fail(f"the Ray cluster at {night.cluster.address} has no {'GPU' if night.cluster.gpus else 'CPU'} for a run: "
-             "start its worker nodes (or give the head node resources), then run the same command again.")
-    if len(night.cluster.gpu_models) > 1 and not args.allow_mixed_gpus:
-        fail(f"the Ray cluster mixes GPU models ({', '.join(night.cluster.gpu_models)}): their speed and run-to-run "
-             "noise differ, so runs on one would be compared with runs on another. Use one model, or pass "
-             "--allow-mixed-gpus.")
-    night.portable_fingerprint = integrity.portable_fingerprint()
-    log(f"Ray at {night.cluster.address}: {night.cluster.slots} runs at once, one "
-        f"{'GPU' if night.cluster.gpus else 'CPU slot'} each")
 
 
 def count_text(rows):

@@ -1,12 +1,15 @@
 """
 The keep rule: is a candidate's val_bpb better than the best's by more than the noise between runs?
 
-Plain numbers in, a verdict out (no ledger, no git), so that dev/bench_keep_rule.py and the tests
-call it directly. "noise" (the default) measures the run-to-run noise on repeated runs of one
-commit (the baseline's first), discards a candidate as soon as its mean is not below the best's,
-else runs it max_runs times and keeps it only when the difference of means clears a one-sided
-t-test at 2.5 % (and min_delta). "greedy" is the reference's: one run, keep if lower, with a gain
-too good to be true run again. docs/keep-rule.md gives the reasoning and the measured rates.
+Plain numbers in, a verdict out (no ledger, no git), so that dev/bench_keep_rule.py, dev/bench_drift.py and the
+tests call it directly. "noise" (the default) measures the run-to-run noise on repeated runs of one commit (the
+baseline's first) and discards a candidate as soon as its first run is not below the best's runs. A promising
+one is then paired (decide_paired, the default): each of its runs gets a run of the best beside it, A B, B A,
+..., and it is kept only when the mean of the max_runs paired differences clears a one-sided t-test at 2.5 %
+(and min_delta), so that a machine whose speed drifts during the night cannot make a change look better than
+it is. Unpaired (--paired off, decide): it runs max_runs times and the difference of means against the best's
+own runs is tested. "greedy" is the reference's: one run, keep if lower, with a gain too good to be true run
+again. docs/keep-rule.md gives the reasoning and the measured rates.
 """
 
 import math
@@ -64,3 +67,39 @@ def decide(candidate, best, noise, bound, rule="noise", max_runs=4, min_delta=0.
         return "keep", (f"{delta:.6f} better over {runs}, above the threshold {threshold:.6f} "
                         f"(noise sigma {sigma:.6f}, {dof} dof)")
     return "discard", f"{delta:.6f} better over {runs}, within the noise: threshold {threshold:.6f}"
+
+
+def decide_paired(candidate, reference, screen, noise, max_runs=4, min_delta=0.0):
+    """(status, reason) for a candidate judged on paired runs, or (None, reason) when it needs more of them.
+    candidate: the val_bpb of its runs by pair number (1: its first run); reference: those of the best's runs
+    made beside them, by the same numbers; screen: the best's latest runs, which the first run must beat before
+    a run of the best is spent on it; noise: (sigma, dof) from noise_estimate. The two runs of a pair ran at
+    about the same time, so a drift of the machine moves both alike and cancels in their difference."""
+    first = candidate[min(candidate)]
+    if not reference:
+        if first >= fmean(screen):
+            return "discard", f"its first run {first:.6f} is not below the best's latest {fmean(screen):.6f}"
+        return None, (f"{fmean(screen) - first:.6f} better in its first run: running the best beside it "
+                      f"(pair 1 of {max_runs})")
+    pairs = [(candidate[k], reference[k]) for k in sorted(candidate.keys() & reference.keys())]
+    n, delta = len(pairs), fmean(best - mine for mine, best in pairs)  # delta > 0: the candidate is better
+    runs = f"{n} pair{'s' * (n > 1)}"
+    if delta <= 0:
+        return "discard", f"not better than the best run beside it: mean paired difference {-delta:+.6f} over {runs}"
+    if n < max_runs:
+        return None, f"{delta:.6f} better than the best beside it over {runs}: running pair {n + 1} of {max_runs}"
+    sigma, dof = noise
+    threshold = max(min_delta, t_critical(dof) * sigma * math.sqrt(2 / n))  # a difference of two runs: 2 sigma^2
+    verdict = "keep" if delta > threshold else "discard"
+    where = "above" if verdict == "keep" else "within the noise:"
+    return verdict, (f"{delta:.6f} better than the best beside it over {runs}, {where} threshold {threshold:.6f} "
+                     f"(noise sigma {sigma:.6f}, {dof} dof)")
+
+
+def next_pair_runs(candidate_runs, reference_runs):
+    """Which runs make the next pair, in the order to run them one after another: pair k runs the candidate first
+    when k is odd and the best first when it is even (A B, B A, ...), so that a linear drift within pairs cancels
+    over two of them; a candidate run already made for pair k (its first run) is not made again."""
+    pair = reference_runs + 1
+    order = ("candidate", "best") if pair % 2 else ("best", "candidate")
+    return [role for role in order if role == "best" or candidate_runs < pair]

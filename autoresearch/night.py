@@ -39,6 +39,11 @@ class Night:
         self.ledger.append(**record)
 
 
+def is_paired(args):
+    """The paired rule: a promising candidate's runs alternate with runs of the best (--paired, the noise rule)."""
+    return args.keep_rule == "noise" and args.paired == "on"
+
+
 def already_run(night):
     """{agents.source_digest(train.py): what became of it} for every commit of the tag decided or in flight: the
     train.py sources the agent must not propose again."""
@@ -86,10 +91,12 @@ def before_proposal(night):
 def record_result(night, experiment, run, description, status, reason):
     """The experiment's row (results.tsv is rewritten from the ledger), then train.py back at the best commit."""
     values = night.ledger.measured(run["commit"]) if status in ("keep", "discard") else []
+    beside = night.ledger.paired_runs(experiment, run["commit"])[1]  # the best's runs paired with these
     sigma, dof = keep_rule.noise_estimate(night.ledger.run_groups().values())
     night.record(event="result", experiment=experiment, commit=run["commit"], status=status,
                  val_bpb=fmean(values) if values else 0.0, runs=values,
                  memory_gb=run["metrics"].get("peak_vram_mb", 0.0) / 1024 if values else 0.0,
+                 **({"best_runs_beside": list(beside.values())} if beside and values else {}),
                  description=description, hypothesis=night.ledger.hypothesis(experiment), reason=reason,
                  noise_sigma=sigma if dof else None, noise_dof=dof)
     state.write_results_tsv(night.ledger.results(), night.state_dir)

@@ -16,12 +16,17 @@ from autoresearch import integrity, runner, state
 from autoresearch.console import fail, log
 
 
-def run_commit(night, experiment, attempt, commit, number, repeats):
-    """Run the commit here once per repeat number (1 is its first run), one after another; returns the runs."""
-    return [run_here(night, experiment, attempt, commit, number, repeat) for repeat in repeats]
+def run_commit(night, experiment, attempt, commit, number, repeats, reference=False):
+    """Run the commit here once per repeat number (1 is its first run), one after another; returns the runs.
+    reference: runs of the best beside those of the experiment's commit `number` (the paired rule), whose repeat
+    is the pair's number."""
+    return [run_here(night, experiment, attempt, commit, number, repeat, reference) for repeat in repeats]
 
 
-def log_path_of(night, number, repeat):
+def log_path_of(night, number, repeat, reference=False):
+    """logs/<n>.log, <n>-<k>.log for its k-th run, and <n>-best-<k>.log for the best's run beside it in pair k."""
+    if reference:
+        return night.state_dir / "logs" / f"{number}-best-{repeat}.log"
     return night.state_dir / "logs" / (f"{number}.log" if repeat == 1 else f"{number}-{repeat}.log")
 
 
@@ -39,10 +44,10 @@ def problems_before(night, commit):
     return problems
 
 
-def not_run(night, experiment, attempt, commit, number, repeat, problems):
-    run = dict(experiment=experiment, attempt=attempt, repeat=repeat, commit=commit,
-               log=str(log_path_of(night, number, repeat)), seconds=0.0, returncode=None, timed_out=False, ok=False,
-               val_bpb=None, metrics={}, problems=problems, log_tail="", attestation=None)
+def not_run(night, experiment, attempt, commit, number, repeat, problems, reference=False):
+    run = dict(experiment=experiment, attempt=attempt, repeat=repeat, commit=commit, **beside(reference),
+               log=str(log_path_of(night, number, repeat, reference)), seconds=0.0, returncode=None, timed_out=False,
+               ok=False, val_bpb=None, metrics={}, problems=problems, log_tail="", attestation=None)
     log(f"#{experiment} not run, invalid: {'; '.join(problems)}")
     night.record(event="run", **run)
     return run
@@ -71,13 +76,20 @@ def assess(night, run, returncode, seconds, log_text, record, missing, problems)
 # -----------------------------------------------------------------------------
 # Here, in the repository
 
-def run_here(night, experiment, attempt, commit, number, repeat):
-    log_path = log_path_of(night, number, repeat)
+def beside(reference):
+    """What marks a run of the best made beside a candidate's, in its ledger record."""
+    return {"reference": True} if reference else {}
+
+
+def run_here(night, experiment, attempt, commit, number, repeat, reference=False):
+    log_path = log_path_of(night, number, repeat, reference)
     if problems := problems_before(night, commit):
-        return not_run(night, experiment, attempt, commit, number, repeat, problems)
-    log(f"#{experiment} running {commit[:7]}{f' again ({repeat})' if repeat > 1 else ''} "
-        f"(log {log_path}, time limit {night.timeout:.0f}s)")
-    night.record(event="run_started", experiment=experiment, attempt=attempt, commit=commit, log=str(log_path))
+        return not_run(night, experiment, attempt, commit, number, repeat, problems, reference)
+    what = f"the best {commit[:7]} beside it (pair {repeat})" if reference else \
+        f"{commit[:7]}{f' again ({repeat})' if repeat > 1 else ''}"
+    log(f"#{experiment} running {what} (log {log_path}, time limit {night.timeout:.0f}s)")
+    night.record(event="run_started", experiment=experiment, attempt=attempt, commit=commit, **beside(reference),
+                 log=str(log_path))
     untracked_before = set(state.untracked_files(night.repo))
     attestation, stop_progress = integrity.Attestation(), threading.Event()
     progress = threading.Thread(target=runner.show_progress, args=(log_path, f"#{experiment}", stop_progress),
@@ -99,7 +111,8 @@ def run_here(night, experiment, attempt, commit, number, repeat):
     problems = [f"the run changed {', '.join(changed)}"] if changed else []
     problems += [f"the run changed {name}" for name in state.dirty_tracked_files(night.repo) if name != "prepare.py"]
     problems += [f"the run left {', '.join(left)} in the repository (removed): a run starts from nothing"] if left else []
-    run = dict(experiment=experiment, attempt=attempt, repeat=repeat, commit=commit, log=str(log_path))
+    run = dict(experiment=experiment, attempt=attempt, repeat=repeat, commit=commit, **beside(reference),
+               log=str(log_path))
     log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
     return assess(night, run, returncode, seconds, log_text, record, missing, problems)
 
@@ -115,27 +128,27 @@ class WorkerRuns:
     def __init__(self, night):
         from autoresearch import ray_executor
         self.night, self.ray_executor = night, ray_executor
-        self.pending = {}  # Ray ref: (experiment, attempt, commit, number, repeat, attestation, tries)
+        self.pending = {}  # Ray ref: (experiment, attempt, commit, number, repeat, reference, attestation, tries)
         self.refused = []  # runs that never went out (static checks, the allowlist): they end at once
         self.checked = {}  # commit: problems_before's answer (the repeats of a commit need no second look)
 
     def busy(self):
         return len(self.pending)
 
-    def send(self, experiment, attempt, commit, number, repeat, tries=1):
+    def send(self, experiment, attempt, commit, number, repeat, reference=False, tries=1):
         night = self.night
         if commit not in self.checked:
             self.checked[commit] = problems_before(night, commit)
         if problems := self.checked[commit]:
-            self.refused.append(not_run(night, experiment, attempt, commit, number, repeat, problems))
+            self.refused.append(not_run(night, experiment, attempt, commit, number, repeat, problems, reference))
             return
         attestation = integrity.Attestation()
         ref = self.ray_executor.submit(night.cluster, state.file_at(night.repo, commit, "train.py"),
                                        Path("prepare.py").read_text(), night.portable_fingerprint,
                                        attestation.key.hex(), night.timeout)
-        self.pending[ref] = (experiment, attempt, commit, number, repeat, attestation, tries)
-        night.record(event="run_started", experiment=experiment, attempt=attempt, commit=commit,
-                     log=str(log_path_of(night, number, repeat)), repeat=repeat, tries=tries)
+        self.pending[ref] = (experiment, attempt, commit, number, repeat, reference, attestation, tries)
+        night.record(event="run_started", experiment=experiment, attempt=attempt, commit=commit, **beside(reference),
+                     log=str(log_path_of(night, number, repeat, reference)), repeat=repeat, tries=tries)
 
     def collect(self, timeout):
         """The runs that ended within timeout seconds (and those refused since the last call)."""
@@ -144,7 +157,7 @@ class WorkerRuns:
             return ended
         done, _ = self.ray_executor.wait(list(self.pending), timeout=timeout)
         for ref in done:
-            experiment, attempt, commit, number, repeat, attestation, tries = self.pending.pop(ref)
+            experiment, attempt, commit, number, repeat, reference, attestation, tries = self.pending.pop(ref)
             try:
                 result = self.ray_executor.result(ref)
             except self.ray_executor.NodeMismatch as error:
@@ -155,12 +168,12 @@ class WorkerRuns:
                 log(f"#{experiment} run {repeat}: its worker died ({type(error).__name__}); running it again")
                 self.night.record(event="requeued", experiment=experiment, commit=commit, repeat=repeat,
                                   error=f"{type(error).__name__}: {str(error)[:300]}")
-                self.send(experiment, attempt, commit, number, repeat, tries + 1)
+                self.send(experiment, attempt, commit, number, repeat, reference, tries + 1)
                 continue
             finally:
                 attestation.close()
-            ended.append(finished_on_worker(self.night, experiment, attempt, commit, number, repeat, result,
-                                            attestation))
+            ended.append(finished_on_worker(self.night, experiment, attempt, commit, number, repeat, reference,
+                                            result, attestation))
         return ended
 
     def cancel(self):
@@ -168,13 +181,14 @@ class WorkerRuns:
         self.pending.clear()
 
 
-def finished_on_worker(night, experiment, attempt, commit, number, repeat, result, attestation):
-    log_path = log_path_of(night, number, repeat)
+def finished_on_worker(night, experiment, attempt, commit, number, repeat, reference, result, attestation):
+    log_path = log_path_of(night, number, repeat, reference)
     log_path.write_text(result["log"])
     record, missing = attestation.verify(result["record"])
     problems = [f"the run changed {', '.join(result['changed'])}"] if result["changed"] else []
     worker = {key: result[key] for key in ("hostname", "ip", "gpu", "worker_pid")}
-    run = dict(experiment=experiment, attempt=attempt, repeat=repeat, commit=commit, log=str(log_path), worker=worker)
+    run = dict(experiment=experiment, attempt=attempt, repeat=repeat, commit=commit, **beside(reference),
+               log=str(log_path), worker=worker)
     run = assess(night, run, result["returncode"], result["seconds"], result["log"], record, missing, problems)
     outcome = f"val_bpb {run['val_bpb']:.6f}" if run["ok"] else "no valid val_bpb"
     log(f"#{experiment} run {repeat} on {worker['hostname']} ({worker['gpu']}): {outcome} ({run['seconds']:.0f}s)")

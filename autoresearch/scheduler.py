@@ -1,11 +1,13 @@
 """
 The night on several workers (--workers N > 1, or --ray): every worker kept busy, decisions made in the order
-experiments end. agent_loop.run_night calls it once Ray is connected:
+experiments end. agent_loop.run_night calls:
 
+    scheduler.connect_workers(night)                             # Ray: a private local instance, or --ray's
     reason = scheduler.run_night_on_workers(night, make_agent)   # make_agent(repo) -> a new agent
 
 What goes out when a worker is free: the baseline's noise runs (all at once), then the runs a promising
-candidate still needs before the keep rule can decide (together), then the first run of a new idea. The agent is
+candidate still needs before the keep rule can decide (together; paired, each of its runs beside a run of its
+base, at the same time), then the first run of a new idea. The agent is
 asked for ideas ahead, while runs go on, so that one is ready when a worker frees up: as many more than the
 free workers as free up during one agent call (measured on the night so far). Each idea's prompt lists the
 experiments being tested now. An agent that edits files itself (claude-code) works in a scratch worktree of its
@@ -32,12 +34,12 @@ from statistics import median
 
 import psutil
 
-from autoresearch import keep_rule, runner, state
+from autoresearch import integrity, keep_rule, runner, state
 from autoresearch.agents import MAX_DESCRIPTION, Change, ask_for_change
+from autoresearch.console import fail, log
+from autoresearch.night import (already_run, before_proposal, check_baseline_run, finish_baseline, is_paired,
+                                record_proposal, record_result, why_stop)
 from autoresearch.prompts import fix_prompt, idea_prompt
-from autoresearch.console import log
-from autoresearch.night import (already_run, before_proposal, check_baseline_run, finish_baseline, record_proposal,
-                                record_result, why_stop)
 from autoresearch.runs import WorkerRuns
 
 POLL_SECONDS = 0.2  # how long the driver waits for a run or an agent call to end before it looks again
@@ -56,6 +58,26 @@ class Experiment:
     attempt: int = 0  # 0: the idea; k: its k-th fix after a crash
     out: int = 0  # its runs queued or on a worker
     ended: list = field(default_factory=list)  # the runs of its current commit that ended
+
+
+def connect_workers(night):
+    """--workers N > 1 or --ray: the Ray cluster the runs go to (run_night's cleanup leaves it)."""
+    from autoresearch import ray_executor  # here: Ray is imported only by a night on workers
+    args = night.args
+    try:
+        night.cluster = ray_executor.connect(args.ray, night.state_dir, args.workers)
+    except RuntimeError as error:  # a cluster that refuses us, or a local instance not on 127.0.0.1
+        fail(str(error))
+    if night.cluster.slots < 1:
+        fail(f"the Ray cluster at {night.cluster.address} has no {'GPU' if night.cluster.gpus else 'CPU'} for a run: "
+             "start its worker nodes (or give the head node resources), then run the same command again.")
+    if len(night.cluster.gpu_models) > 1 and not args.allow_mixed_gpus:
+        fail(f"the Ray cluster mixes GPU models ({', '.join(night.cluster.gpu_models)}): their speed and run-to-run "
+             "noise differ, so runs on one would be compared with runs on another. Use one model, or pass "
+             "--allow-mixed-gpus.")
+    night.portable_fingerprint = integrity.portable_fingerprint()
+    log(f"Ray at {night.cluster.address}: {night.cluster.slots} runs at once, one "
+        f"{'GPU' if night.cluster.gpus else 'CPU slot'} each")
 
 
 def run_night_on_workers(night, make_agent):
@@ -81,7 +103,7 @@ class Scheduler:
         self.night, self.args, self.ledger, self.make_agent = night, night.args, night.ledger, make_agent
         self.slots = night.cluster.slots
         self.workers = WorkerRuns(night)
-        self.queue = []  # heap of (priority, order, experiment number, repeat)
+        self.queue = []  # heap of (priority, order, experiment number, repeat, a run of the best beside it?)
         self.order = itertools.count()
         self.experiments = {}  # number: Experiment, every one not decided yet
         self.asking = {}  # Future of an agents.Change: (Experiment, attempt, started, scratch worktree or None)
@@ -146,7 +168,8 @@ class Scheduler:
                                     proposal["attempt"])
             self.experiments[number] = experiment
             log(f"#{number} resumed: \"{experiment.description}\" ({experiment.commit[:7]})")
-            runs = [r for r in self.ledger.events("run") if r["commit"] == experiment.commit]
+            runs = [r for r in self.ledger.events("run") if r["commit"] == experiment.commit
+                    or (r["experiment"] == number and r.get("reference"))]
             if runs:  # decided as if they had just ended: more runs, a fix, or its row
                 experiment.ended = runs
                 self.judge(experiment)
@@ -159,16 +182,18 @@ class Scheduler:
     # -------------------------------------------------------------------------
     # Runs: a queue in priority order, out to the workers
 
-    def enqueue(self, experiment, priority, repeats):
+    def enqueue(self, experiment, priority, repeats, reference=False):
+        """Queue runs of the experiment's commit (reference: of its base, beside them, pair by pair)."""
         for repeat in repeats:
-            heapq.heappush(self.queue, (priority, next(self.order), experiment.number, repeat))
+            heapq.heappush(self.queue, (priority, next(self.order), experiment.number, repeat, reference))
             experiment.out += 1
 
     def send_runs(self):
         while self.queue and self.workers.busy() < self.slots:
-            _, _, number, repeat = heapq.heappop(self.queue)
+            _, _, number, repeat, reference = heapq.heappop(self.queue)
             experiment = self.experiments[number]
-            self.workers.send(number, experiment.attempt, experiment.commit, experiment.ref_number, repeat)
+            commit = experiment.base if reference else experiment.commit
+            self.workers.send(number, experiment.attempt, commit, experiment.ref_number, repeat, reference)
 
     def wait(self):
         """Until a run or an agent call ends (or POLL_SECONDS), then act on what ended."""
@@ -278,6 +303,10 @@ class Scheduler:
         runs, args = experiment.ended, self.args
         if experiment.number == 0:
             return self.judge_baseline(experiment)
+        if failed := [r for r in runs if r.get("reference") and not r["ok"]]:
+            return self.conclude(experiment, "discard", f"the best's own run beside it failed (see "
+                                 f"{failed[-1]['log']}): nothing to compare it with", runs[-1])
+        runs = [r for r in runs if not r.get("reference")]
         if invalid := [r for r in runs if r["problems"]]:
             return self.conclude(experiment, "invalid", "; ".join(invalid[-1]["problems"]), invalid[-1])
         if failed := [r for r in runs if not r["ok"]]:
@@ -295,17 +324,32 @@ class Scheduler:
                                                             args.max_fix_attempts, source, before_proposal(self.night)),
                                 experiment.commit)
             return self.conclude(experiment, "crash", f"exit code {run['returncode']}, no val_bpb", run)
-        candidate = self.ledger.measured(experiment.commit)
         noise = keep_rule.noise_estimate(self.ledger.run_groups().values())
-        bound = keep_rule.plausibility_bound(self.ledger.kept_val_bpbs())
-        status, reason = keep_rule.decide(candidate, self.ledger.measured(experiment.base), noise, bound,
-                                          args.keep_rule, args.max_runs, args.min_delta)
+        if is_paired(args):
+            candidate, reference = self.ledger.paired_runs(experiment.number, experiment.commit)
+            status, reason = keep_rule.decide_paired(candidate, reference,
+                                                     self.ledger.measured(experiment.base)[-args.max_runs:], noise,
+                                                     args.max_runs, args.min_delta)
+        else:
+            candidate, reference = self.ledger.measured(experiment.commit), {}
+            bound = keep_rule.plausibility_bound(self.ledger.kept_val_bpbs())
+            status, reason = keep_rule.decide(candidate, self.ledger.measured(experiment.base), noise, bound,
+                                              args.keep_rule, args.max_runs, args.min_delta)
         if status:
             return self.conclude(experiment, status, reason, runs[-1])
         log(f"#{experiment.number} {reason}")
-        more = 1 if args.keep_rule == "greedy" else args.max_runs - len(candidate)  # out together
         experiment.ended = []
-        self.enqueue(experiment, CONFIRM, range(len(candidate) + 1, len(candidate) + 1 + more))
+        if args.keep_rule == "greedy":
+            return self.enqueue(experiment, CONFIRM, [len(candidate) + 1])
+        # Every run it still needs goes out at once; paired, each pair side by side (they run at the same time),
+        # after the best's run that pairs with the first run, which ran alone.
+        paired = is_paired(args)
+        if paired and len(reference) < len(candidate):
+            self.enqueue(experiment, CONFIRM, range(len(reference) + 1, len(candidate) + 1), reference=True)
+        for pair in range(len(candidate) + 1, args.max_runs + 1):
+            self.enqueue(experiment, CONFIRM, [pair])
+            if paired:
+                self.enqueue(experiment, CONFIRM, [pair], reference=True)
 
     def judge_baseline(self, baseline):
         runs = self.baseline_runs()

@@ -219,11 +219,20 @@ class Ledger:
         return [r["val_bpb"] for r in self.valid_runs() if r["commit"] == commit]
 
     def run_groups(self):
-        """{commit: [val_bpb of each valid run]}: what the noise is measured on."""
+        """{(commit, experiment): [val_bpb of each valid run]}: what the noise is measured on. The best's runs
+        beside each candidate (paired rule) are a group of their own: runs hours apart would measure the
+        machine's drift as noise."""
         groups = {}
         for r in self.valid_runs():
-            groups.setdefault(r["commit"], []).append(r["val_bpb"])
+            groups.setdefault((r["commit"], r["experiment"]), []).append(r["val_bpb"])
         return groups
+
+    def paired_runs(self, experiment, commit):
+        """({pair: val_bpb} of the valid runs of the experiment's commit, {pair: val_bpb} of the best's valid runs
+        made beside them): the pair number of a run is its repeat."""
+        runs = [r for r in self.valid_runs() if r["experiment"] == experiment]
+        return ({r["repeat"]: r["val_bpb"] for r in runs if r["commit"] == commit and not r.get("reference")},
+                {r["repeat"]: r["val_bpb"] for r in runs if r.get("reference")})
 
     def next_experiment(self):
         """The next experiment's number: numbers are given as ideas are asked for (with workers, several are open)."""

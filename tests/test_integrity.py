@@ -4,6 +4,7 @@ Against accidents, not an adversary. agent_loop.main() in a temp repository, CPU
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,13 @@ PRINTED = 'print(f"val_bpb:          {evaluate_bpb(VAL_BPB):.6f}")'
                 "os.path.join(tempfile.gettempdir(), 'autoresearch-run-*', '*'))])"),
      "does not verify: it was altered"),
 ])
-def test_a_result_the_harness_does_not_attest_is_invalid(night, edit, reason):
+def test_a_result_the_harness_does_not_attest_is_invalid(night, edit, reason, monkeypatch):
+    # Some of these edits tamper with every record in the temp dir: a temp dir of this test's own, so that they
+    # cannot reach the records of tests running beside it (the driver's and train.py's temp dir alike).
+    own = night.tmp / "tmp"
+    own.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(own))
+    monkeypatch.setenv("TMPDIR", str(own))
     night.llm.script(change("report a better number", edit))
     assert night.run("--max-experiments", "2", "--keep-rule", "greedy").returncode == 0
     assert statuses(night) == ["invalid"] and reason in reasons(night)[0]

@@ -66,6 +66,19 @@ def test_the_baseline_measures_the_noise_and_the_ledger_keeps_it(noisy):
     assert "noise sigma" in baseline["reason"]
 
 
+@pytest.mark.parametrize("paired, status", [("off", "keep"), ("on", "discard")])
+def test_on_a_machine_drifting_down_a_change_that_does_nothing_is_kept_unpaired_and_discarded_paired(
+        noisy, monkeypatch, paired, status):
+    monkeypatch.setenv("NOISY_TRAIN_DRIFT", str(-SIGMA))  # each run 1 sigma lower than the one before
+    Scripted.propose = staticmethod(lambda source: ("SEED 43", "SEED = 42", "SEED = 43"))  # nothing real
+    assert noisy.run("--agent", "scripted", "--max-experiments", "2", "--paired", paired).returncode == 0
+    result = [r for r in noisy.ledger() if r["event"] == "result"][1]
+    assert result["status"] == status, result["reason"]
+    beside = [r for r in noisy.ledger() if r["event"] == "run" and r.get("reference")]
+    assert [r["repeat"] for r in beside] == ([] if paired == "off" else list(range(1, len(beside) + 1)))
+    assert paired == "off" or (beside and result["best_runs_beside"] == [r["val_bpb"] for r in beside])
+
+
 def test_a_clearly_worse_change_is_discarded_after_one_run(night):
     night.llm.script(change("raise val_bpb", WORSE))
     assert night.run("--max-experiments", "2").returncode == 0

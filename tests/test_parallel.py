@@ -48,7 +48,13 @@ def test_four_workers_keep_what_a_serial_night_keeps_and_reapply_a_gain_the_best
     [first] = [r for r in results[1:] if r["status"] == "keep" and r["experiment"] != again]
     assert reapplied["description"] == f"{overtaken['description']} on top of {first['commit'][:7]}"
     assert reapplied["status"] == "keep" and night.head() == reapplied["commit"] and night.is_clean()
-    events = night.ledger()  # the four baseline runs went out together
+    events = night.ledger()
+    started = [(e["experiment"], e["repeat"], e.get("reference", False)) for e in events if e["event"] == "run_started"]
+    pairs = [started.index((again, k, False)) for k in range(2, 5)]  # pair 1: the first run, then the best's
+    assert [started[i + 1] for i in pairs] == [(again, k, True) for k in range(2, 5)]  # each pair side by side
+    assert started.index((again, 1, True)) > started.index((again, 1, False))
+    assert len(reapplied["best_runs_beside"]) == 4
+    # the four baseline runs went out together
     assert [e["event"] for e in events if e["event"] in ("run_started", "run")][:5] == ["run_started"] * 4 + ["run"]
     assert all(r["worker"]["gpu"] == "cpu" and r["worker"]["ip"] == "127.0.0.1" for r in events if r["event"] == "run")
     assert night.ledger()[-1]["reason"] == "reached --max-experiments 4"
@@ -140,7 +146,8 @@ def test_resume_after_sigkill_with_runs_on_workers_reruns_only_what_was_in_fligh
     assert '#1 resumed: "slow gain"' in printed and len(night.requests()) == 1  # not proposed again
     assert [row[3:] for row in night.rows()] == [["keep", "baseline"], ["keep", "slow gain"]]  # no duplicates
     runs = [e for e in night.ledger() if e["event"] == "run"]
-    assert [sum(r["experiment"] == n for r in runs) for n in (0, 1)] == [4, 4]  # the baseline was not run again
+    assert [sum(r["experiment"] == n for r in runs) for n in (0, 1)] == [4, 8]  # the baseline was not run again
+    assert sum(r.get("reference", False) for r in runs) == 4  # the best's runs, paired with the idea's four
     assert night.is_clean()
 
 
@@ -155,5 +162,5 @@ def test_a_baseline_whose_runs_all_ended_before_a_kill_gets_its_row_on_resume_an
     printed = driver.communicate(timeout=120)[0]
     assert driver.returncode == 0, printed
     assert [row[3:] for row in night.rows()] == [["keep", "baseline"], ["keep", "lower val_bpb"]]
-    assert len(night.train_pids()) == 4 + 4  # the baseline's four runs, then the idea's: none again
+    assert len(night.train_pids()) == 4 + 4 + 4  # the baseline's four runs, then the idea's and the best's beside
     assert all("worker" in r for r in night.ledger() if r["event"] == "run" and r["experiment"] == 1)  # on workers

@@ -163,8 +163,19 @@ def test_measured_is_every_valid_run_of_a_commit_repeats_included():
     assert ledger.measured("c3") == []
 
 
-def test_run_groups_gather_the_valid_runs_by_commit():
-    assert Ledger(records=NIGHT).run_groups() == {"base": [1.00, 1.02], "c1": [0.98], "c2": [1.05]}
+def test_run_groups_gather_the_valid_runs_by_commit_and_experiment():
+    records = [dict(r, experiment=0 if r.get("commit") == "base" else 1) for r in NIGHT]
+    records.append(dict(run("base", 1.03), experiment=2, reference=True))  # the best's run beside #2's
+    assert Ledger(records=records).run_groups() == {("base", 0): [1.00, 1.02], ("c1", 1): [0.98],
+                                                    ("c2", 1): [1.05], ("base", 2): [1.03]}
+
+
+def test_paired_runs_are_the_candidate_s_and_the_best_s_beside_it_by_pair_number():
+    records = [dict(run("c1", 0.98), experiment=3, repeat=1), dict(run("base", 1.0), experiment=3, repeat=1,
+                                                                    reference=True),
+               dict(run("base", 1.01), experiment=3, repeat=2, reference=True),
+               dict(run("c1", 0.0, ok=False), experiment=3, repeat=2), dict(run("base", 1.1), experiment=4, repeat=1)]
+    assert Ledger(records=records).paired_runs(3, "c1") == ({1: 0.98}, {1: 1.0, 2: 1.01})
 
 
 def test_spent_usd_sums_the_priced_proposals():

@@ -4,6 +4,7 @@ The measured val_bpb is true_val_bpb(...) + Gaussian noise of sigma $NOISY_TRAIN
 0.002). The noise of run n is drawn from random.Random(f"{$NOISY_TRAIN_SEED}-{n}"), where n counts
 the lines of the file $NOISY_TRAIN_RUNS (each run appends one), so a test replays the same noise.
 SEED changes nothing real: it only stands for the edits a keep rule should not reward.
+$NOISY_TRAIN_DRIFT (default 0) is added once per run so far: a machine whose speed drifts over the night.
 """
 import math
 import os
@@ -30,7 +31,8 @@ if __name__ == "__main__":
             f.write(f"{os.getpid()}\n")
     rng = random.Random(f"{os.environ.get('NOISY_TRAIN_SEED', os.getpid())}-{run}")
     sigma = float(os.environ.get("NOISY_TRAIN_SIGMA", "0.002"))
-    val_bpb = evaluate_bpb(true_val_bpb(MATRIX_LR, DEPTH, WARMDOWN_RATIO) + rng.gauss(0.0, sigma))
+    drift = float(os.environ.get("NOISY_TRAIN_DRIFT", "0")) * run
+    val_bpb = evaluate_bpb(true_val_bpb(MATRIX_LR, DEPTH, WARMDOWN_RATIO) + drift + rng.gauss(0.0, sigma))
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")
     print("training_seconds: 1.0")
