@@ -400,6 +400,7 @@ def run_night(repo, args, argv, constants, state_dir):
         best = ledger.best()
         state.reset_hard(repo, best["commit"] if best else ledger.base_commit())
         night.record(event="stop", reason=reason or "error")
+        report.write_html(ledger, state_dir / "report.html", f"autoresearch {args.tag}")  # the night is over
         if night.cluster:
             from autoresearch import ray_executor
             ray_executor.shutdown(night.cluster)

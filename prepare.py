@@ -4,14 +4,16 @@ One-time data preparation and the fixed runtime harness of autoresearch.
 Run once before training (everything lands in $AUTORESEARCH_CACHE, default ~/.cache/autoresearch):
 
     uv run prepare.py                                  # climbmix: 10 training shards + the val shard
-    uv run prepare.py --num-shards 2                   # fewer shards (-1: all 6542)
+    uv run prepare.py --num-shards 2                   # fewer shards (-1: all 6541)
     uv run prepare.py --dataset tinystories --preset small
     uv run prepare.py --dataset stdlib --preset small  # no network: Python's own sources
     uv run prepare.py --text ./my_corpus/ --text notes.jsonl
 
 It downloads the data, trains a BPE tokenizer (rustbpe, wrapped as a tiktoken Encoding), and
-pre-tokenizes every document so that training never waits for data. The constants actually used
-(sequence length, time budget, eval tokens, vocabulary size) are written to a manifest in the
+pre-tokenizes every document so that training never waits for data. Three splits: train, val (what
+evaluate_bpb scores), and holdout, which nothing trains on and only the driver asks evaluate_bpb to
+score, to check at the end of a night that a gain found on val holds on text no decision has seen.
+The constants actually used (sequence length, time budget, eval tokens, vocabulary size) are written to a manifest in the
 cache; the module constants below are read from it at import, so train.py can read them but not
 change them. train.py imports the runtime helpers (Tokenizer, make_dataloader, evaluate_bpb).
 Neither the human nor the research agent edits this file during research.
@@ -66,10 +68,13 @@ HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"
 CLIMBMIX_URL = HF_ENDPOINT + "/datasets/karpathy/climbmix-400b-shuffle/resolve/main/{name}"
 CLIMBMIX_SHARD = "shard_{:05d}.parquet"
 CLIMBMIX_VAL_SHARD = 6542                # the last shard is pinned as validation
+CLIMBMIX_HOLDOUT_SHARD = 6541            # the one before it is never trained on: the holdout
 TINYSTORIES_FILE = "tinystories_gpt4_clean.parquet"
 TINYSTORIES_URL = HF_ENDPOINT + "/datasets/karpathy/tinystories-gpt4-clean/resolve/main/" + TINYSTORIES_FILE
 DOWNLOAD_CHUNK = 1 << 20
-VAL_PERCENT = 5                          # single-file and own corpora: documents hashed into val
+VAL_PERCENT = 5                          # single-file and own corpora: documents hashed into val...
+HOLDOUT_PERCENT = 5                      # ...and the next 5 % into the holdout
+SPLITS = ("train", "val", "holdout")
 
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -288,15 +293,15 @@ def _parquet_batches(path):
             yield texts[i : i + DOC_BATCH]
 
 
-def _in_val(text):
-    # a hash of the content, not the position: deterministic, and duplicates never straddle the split
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "big") % 100 < VAL_PERCENT
+def _split_of(text):
+    # a hash of the content, not the position: deterministic, and duplicates never straddle the splits
+    bucket = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "big") % 100
+    return "val" if bucket < VAL_PERCENT else "holdout" if bucket < VAL_PERCENT + HOLDOUT_PERCENT else "train"
 
 
 def _split_batches(documents, split):
     """Keep one split's documents (by content hash) and cut them into batches of DOC_BATCH."""
-    want_val = split == "val"
-    docs = (d for d in documents if _in_val(d) == want_val)
+    docs = (d for d in documents if _split_of(d) == split)
     while batch := list(itertools.islice(docs, DOC_BATCH)):
         yield batch
 
@@ -370,19 +375,20 @@ SINGLE_FILE_HINT = "one document per .txt file: give a folder of files, a .jsonl
 def survey_corpus(files, split_lines, given):
     """Read every document of an own corpus once, before anything in the cache changes: a bad file fails
     here, naming itself, and a corpus that cannot fill both splits says how to fix it."""
-    counts = {"train": 0, "val": 0}
+    counts = {split: 0 for split in SPLITS}
     update = _progress("corpus: documents read")
     for path in files:
         for doc in _file_documents(path, split_lines):
-            counts["val" if _in_val(doc) else "train"] += 1
+            counts[_split_of(doc)] += 1
         update(f"{sum(counts.values()):,} in {path.name}")
     documents = sum(counts.values())
-    update(f"{documents:,} document{'s' * (documents != 1)} ({counts['val']:,} for val) in {len(files)} "
+    update(f"{documents:,} document{'s' * (documents != 1)} ({counts['val']:,} for val, {counts['holdout']:,} for "
+           f"the holdout) in {len(files)} "
            f"file{'s' * (len(files) != 1)}", final=True)
     if documents == 0:
         raise PrepareError(f"the corpus is empty: --text {' '.join(given)} holds no non-empty documents")
     for split, n in counts.items():
-        if n == 0:
+        if n == 0 and split != "holdout":  # a holdout too small to score is a warning, later
             one_per_file = not split_lines and any(p.suffix.lower() in (".txt", ".md") for p in files)
             raise PrepareError(
                 f"--text {' '.join(given)}: {documents} document{'s' * (documents != 1)}, and none of them falls in the "
@@ -417,29 +423,32 @@ def resolve_source(args):
         fingerprint = hashlib.sha256(
             json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode()
         ).hexdigest()
-        key = {"dataset": "text", "paths": [str(p) for p in files], "fingerprint": fingerprint}
+        key = {"dataset": "text", "paths": [str(p) for p in files], "fingerprint": fingerprint,
+               "holdout_percent": HOLDOUT_PERCENT}
         if args.split_lines:  # only when set: caches prepared before the option existed stay current
             key["split_lines"] = True
         documents = lambda: itertools.chain.from_iterable(_file_documents(p, args.split_lines) for p in files)
-        return key, [], [(f"text-{s}", s, lambda s=s: _split_batches(documents(), s)) for s in ("train", "val")]
+        return key, [], [(f"text-{s}", s, lambda s=s: _split_batches(documents(), s)) for s in SPLITS]
     if args.dataset == "stdlib":
-        key = {"dataset": "stdlib", "python": sys.version.split()[0], "files": len(stdlib_files())}
-        return key, [], [(f"stdlib-{s}", s, lambda s=s: _split_batches(_stdlib_documents(), s)) for s in ("train", "val")]
+        key = {"dataset": "stdlib", "python": sys.version.split()[0], "files": len(stdlib_files()),
+               "holdout_percent": HOLDOUT_PERCENT}
+        return key, [], [(f"stdlib-{s}", s, lambda s=s: _split_batches(_stdlib_documents(), s)) for s in SPLITS]
     if args.dataset == "tinystories":
         path = DATA_DIR / TINYSTORIES_FILE
         documents = lambda: itertools.chain.from_iterable(_parquet_texts(path))
-        parts = [(f"tinystories-{s}", s, lambda s=s: _split_batches(documents(), s)) for s in ("train", "val")]
-        return {"dataset": "tinystories"}, [(TINYSTORIES_URL, path)], parts
-    num = CLIMBMIX_VAL_SHARD if args.num_shards == -1 else args.num_shards
-    if not 1 <= num <= CLIMBMIX_VAL_SHARD:
-        raise PrepareError(f"--num-shards {args.num_shards}: use 1 to {CLIMBMIX_VAL_SHARD}, or -1 for all")
-    names = [CLIMBMIX_SHARD.format(i) for i in [*range(num), CLIMBMIX_VAL_SHARD]]
-    downloads = [(CLIMBMIX_URL.format(name=n), DATA_DIR / n) for n in names]
-    parts = [
-        (n.removesuffix(".parquet"), "val" if i == num else "train", lambda p=DATA_DIR / n: _parquet_batches(p))
-        for i, n in enumerate(names)
-    ]
-    return {"dataset": "climbmix", "num_shards": num}, downloads, parts
+        parts = [(f"tinystories-{s}", s, lambda s=s: _split_batches(documents(), s)) for s in SPLITS]
+        return {"dataset": "tinystories", "holdout_percent": HOLDOUT_PERCENT}, [(TINYSTORIES_URL, path)], parts
+    num = CLIMBMIX_HOLDOUT_SHARD if args.num_shards == -1 else args.num_shards
+    if not 1 <= num <= CLIMBMIX_HOLDOUT_SHARD:
+        raise PrepareError(f"--num-shards {args.num_shards}: use 1 to {CLIMBMIX_HOLDOUT_SHARD}, or -1 for all "
+                           f"(shard {CLIMBMIX_HOLDOUT_SHARD} is the holdout, {CLIMBMIX_VAL_SHARD} the val shard)")
+    splits = {CLIMBMIX_SHARD.format(i): "train" for i in range(num)}
+    splits[CLIMBMIX_SHARD.format(CLIMBMIX_HOLDOUT_SHARD)] = "holdout"
+    splits[CLIMBMIX_SHARD.format(CLIMBMIX_VAL_SHARD)] = "val"
+    downloads = [(CLIMBMIX_URL.format(name=n), DATA_DIR / n) for n in splits]
+    parts = [(n.removesuffix(".parquet"), split, lambda p=DATA_DIR / n: _parquet_batches(p))
+             for n, split in splits.items()]
+    return {"dataset": "climbmix", "num_shards": num, "holdout_shard": CLIMBMIX_HOLDOUT_SHARD}, downloads, parts
 
 
 # ---------------------------------------------------------------------------
@@ -669,10 +678,13 @@ def make_dataloader(tokenizer, B, T, split, device=None):
     the row and its rest discarded. The buffer is topped up to PACK_BUFFER documents, one batch of
     DOC_BATCH at a time, before each placement. Every row starts with BOS; there is no padding.
     """
-    assert split in ("train", "val"), f"split must be 'train' or 'val', not {split!r}"
+    assert split in SPLITS, f"split must be one of {', '.join(SPLITS)}, not {split!r}"
     if _ATTESTATION is not None:
         _ATTESTATION.loader_opened(split, B, T, caller=sys._getframe(1))
     manifest = _require_manifest()
+    if split not in manifest["splits"]:
+        raise NotPreparedError(f"{CACHE_DIR} has no {split} split: it was prepared before holdouts existed. Run the "
+                               "same prepare.py command again (it re-makes what changed).")
     tokenizer_sha = manifest["tokenizer_sha256"]
     vocab_size = manifest["vocab_size"]
     parts = [_load_part(name, vocab_size, tokenizer_sha, manifest["split_tokens"]) for name in manifest["splits"][split]["parts"]]
@@ -762,6 +774,8 @@ def evaluate_bpb(model, tokenizer, batch_size):
 
     Calls `model(x)` for logits [B, T, vocab] and computes the per-token loss itself; special tokens
     (0 bytes) are left out of the sum. A model whose outputs depend on future tokens is refused.
+    The tokens are the val split's, or the holdout's when the driver asked the harness for that run
+    (attested_run's request): train.py cannot tell which.
     """
     import torch
 
@@ -772,7 +786,7 @@ def evaluate_bpb(model, tokenizer, batch_size):
     device = next(model.parameters()).device
     token_bytes = get_token_bytes(device)
     with _evaluation_begins():
-        val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
+        val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, _EVAL_SPLIT, device=device)
     total_nats, total_bytes, moved = 0.0, 0, None
     checked_step = random.SystemRandom().randrange(steps)  # which batch train.py cannot know
     with torch.no_grad():
@@ -809,13 +823,15 @@ def _checksum(model):
 # Attested runs: the driver (agent_loop.py) trusts this record of a run, not train.py's printout.
 #
 # The driver starts `python -c "import prepare; prepare.attested_run('train.py')"` and sends one JSON
-# line on stdin: {"record": PATH, "key": HEX}. It is read before train.py's first line runs (stdin is then
-# /dev/null), so train.py never sees the key. The harness records what it sees and writes PATH, signed
+# line on stdin: {"record": PATH, "key": HEX} (and "split": "holdout" for a holdout run). It is read
+# before train.py's first line runs (stdin is then /dev/null), so train.py never sees the key, nor which
+# split evaluate_bpb will score. The harness records what it sees and writes PATH, signed
 # with HMAC-SHA256 under the key, when evaluate_bpb finishes and when the run ends. docs/integrity.md
 # says what the driver concludes from it, and what this cannot stop: code that patches the harness (or
 # torch) in memory. Not a sandbox.
 
 _ATTESTATION = None  # the _Attestation of this process when the driver started it, else None
+_EVAL_SPLIT = "val"  # what evaluate_bpb scores: the driver's request may say "holdout"
 ATTESTATION_FORMAT = 1
 
 
@@ -832,9 +848,9 @@ class _Attestation:
     def loader_opened(self, split, B, T, caller):
         where = f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno}"
         self.loaders.append({"split": split, "batch_size": B, "seq_len": T, "caller": where})
-        if split == "val" and self.val_opener != threading.get_ident():
-            self.violations.append(f"{where} opened the val split (make_dataloader(..., 'val')): only evaluate_bpb "
-                                   "may read the validation data")
+        if split != "train" and self.val_opener != threading.get_ident():
+            self.violations.append(f"{where} opened the {split} split (make_dataloader(..., {split!r})): only "
+                                   "evaluate_bpb may read the validation data")
 
     def timed(self, loader):
         for batch in loader:
@@ -872,14 +888,15 @@ class _Attestation:
 
 
 def _validation_files():
-    """The files of this cache that hold validation documents: the val token parts, and the raw files they
-    came from where those are known (the climbmix val shard, TinyStories, --text corpora; for stdlib the raw
-    files are Python's own sources, which every import reads)."""
+    """The files of this cache that hold validation documents: the val and holdout token parts, and the raw files
+    they came from where those are known (the climbmix val and holdout shards, TinyStories, --text corpora; for
+    stdlib the raw files are Python's own sources, which every import reads)."""
     manifest = _require_manifest()
-    paths = [p for name in manifest["splits"]["val"]["parts"] for p in _part_paths(name)]
+    paths = [p for split in ("val", "holdout") for name in manifest["splits"].get(split, {}).get("parts", [])
+             for p in _part_paths(name)]
     source = manifest["source"]
     if source["dataset"] == "climbmix":
-        paths.append(DATA_DIR / CLIMBMIX_SHARD.format(CLIMBMIX_VAL_SHARD))
+        paths += [DATA_DIR / CLIMBMIX_SHARD.format(n) for n in (CLIMBMIX_VAL_SHARD, CLIMBMIX_HOLDOUT_SHARD)]
     elif source["dataset"] == "tinystories":
         paths.append(DATA_DIR / TINYSTORIES_FILE)
     elif source["dataset"] == "text":
@@ -912,17 +929,19 @@ def _record_evaluation(started, batch_size, steps, val_bpb, total_bytes, moved, 
                                            "the validation data it was scored on")
         _ATTESTATION.evaluations.append({
             "started": started - _ATTESTATION.started, "seconds": _monotonic() - started, "val_bpb": val_bpb,
-            "batch_size": batch_size, "seq_len": MAX_SEQ_LEN, "tokens": steps * batch_size * MAX_SEQ_LEN,
+            "split": _EVAL_SPLIT, "batch_size": batch_size, "seq_len": MAX_SEQ_LEN,
+            "tokens": steps * batch_size * MAX_SEQ_LEN,
             "bytes": total_bytes, "future_influence": moved, "causal": moved is not None and moved <= CAUSALITY_TOLERANCE})
         _ATTESTATION.write()
 
 
 def attested_run(script="train.py"):
     """Run `script` as __main__ with the harness keeping the record the driver reads (see above)."""
-    global _ATTESTATION
+    global _ATTESTATION, _EVAL_SPLIT
     try:
         request = json.loads(sys.stdin.readline())
         path, key = request["record"], bytes.fromhex(request["key"])
+        _EVAL_SPLIT = {"val": "val", "holdout": "holdout"}[request.get("split", "val")]
     except (ValueError, KeyError, TypeError):
         sys.exit("attested_run reads the driver's request on stdin (agent_loop.py sends it); by hand, run "
                  f"`uv run {script}` instead")
@@ -966,7 +985,8 @@ def parse_args(argv=None):
     source.add_argument("--split-lines", action="store_true",
                         help="with --text: each non-empty line of a .txt/.md file is a document")
     source.add_argument("--num-shards", type=int, default=10,
-                        help="climbmix training shards to fetch (-1: all); the val shard comes too (default 10)")
+                        help="climbmix training shards to fetch (-1: all); the holdout and val shards come too "
+                        "(default 10)")
     source.add_argument("--download-workers", type=_positive_int, default=8, help="parallel downloads (default 8)")
     source.add_argument("--download-attempts", type=_positive_int, default=5,
                         help="tries per file, with 2^n s backoff (default 5)")
@@ -1026,7 +1046,7 @@ def prepare(args):
     tokenizer = Tokenizer.from_directory(TOKENIZER_DIR)
     tokenizer_sha = _file_sha256(TOKENIZER_PATH)
 
-    splits = {"train": {"parts": [], "tokens": 0, "documents": 0}, "val": {"parts": [], "tokens": 0, "documents": 0}}
+    splits = {split: {"parts": [], "tokens": 0, "documents": 0} for split in SPLITS}
     for name, split, make in parts:
         if _part_is_current(name, tokenizer_sha, split_tokens):
             with np.load(_part_paths(name)[1], allow_pickle=False) as index:
@@ -1037,8 +1057,12 @@ def prepare(args):
         splits[split]["tokens"] += n_tokens
         splits[split]["documents"] += n_docs
     for split, info in splits.items():
-        if info["tokens"] == 0:
+        if info["tokens"] == 0 and split != "holdout":
             raise PrepareError(f"the {split} split is empty: the corpus needs more (non-empty) documents")
+    if splits["holdout"]["tokens"] < constants["eval_tokens"]:
+        print(f"warning: the holdout split has {splits['holdout']['tokens']:,} tokens, fewer than EVAL_TOKENS "
+              f"({constants['eval_tokens']:,}): a holdout score would repeat its documents "
+              "(a bigger corpus gives a better one)", file=sys.stderr)
     keep = {p.name for name in (n for n, _, _ in parts) for p in _part_paths(name)}
     for stale in TOKENS_DIR.iterdir():
         if stale.name not in keep:
@@ -1048,8 +1072,8 @@ def prepare(args):
                 "split_tokens": split_tokens,
                 "splits": splits, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _atomic_write(MANIFEST_PATH, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-    print(f"Prepared {CACHE_DIR}: train {splits['train']['tokens']:,} tokens in {splits['train']['documents']:,} "
-          f"documents, val {splits['val']['tokens']:,} tokens in {splits['val']['documents']:,} documents; "
+    print(f"Prepared {CACHE_DIR}: " + ", ".join(f"{split} {info['tokens']:,} tokens in {info['documents']:,} documents"
+                                                 for split, info in splits.items()) + "; "
           + ", ".join(f"{k}={v}" for k, v in constants.items()))
     print("Next: uv run train.py")
     return manifest

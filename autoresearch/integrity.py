@@ -65,6 +65,9 @@ def static_problems(source):
         elif isinstance(node, (ast.Name, ast.Attribute, ast.alias)) and PRIVATE_HARNESS_NAME.fullmatch(
                 getattr(node, "id", None) or getattr(node, "attr", None) or node.name):
             problems.append(f"line {getattr(node, 'lineno', '?')}: train.py uses prepare's internals")
+    if holdout := re.search(r"holdout", source, re.IGNORECASE):
+        problems.append(f"line {source.count(chr(10), 0, holdout.start()) + 1}: train.py names the holdout split, "
+                        "which only the driver may ask evaluate_bpb to score")
     return list(dict.fromkeys(problems))
 
 
@@ -77,13 +80,14 @@ class Attestation:
     A run on another node (autoresearch/ray_executor.py) gets the driver's key: `Attestation(key)` there, and
     the driver `verify`s the record text that comes back."""
 
-    def __init__(self, key=None):
-        self.key = key or secrets.token_bytes(32)
+    def __init__(self, key=None, split="val"):
+        self.key, self.split = key or secrets.token_bytes(32), split  # split: what evaluate_bpb is to score
         self.folder = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
         self.path = self.folder / "record.json"
 
     def request(self):
-        return json.dumps({"record": str(self.path), "key": self.key.hex()}) + "\n"
+        split = {"split": self.split} if self.split != "val" else {}
+        return json.dumps({"record": str(self.path), "key": self.key.hex(), **split}) + "\n"
 
     def read(self):
         """(record, None), or (None, why there is none) when the file is missing or does not verify."""

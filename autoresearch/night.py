@@ -11,7 +11,7 @@ from statistics import fmean
 
 import git
 
-from autoresearch import integrity, keep_rule, state
+from autoresearch import integrity, keep_rule, report, state
 from autoresearch.agents import source_digest
 from autoresearch.console import fail, log
 from autoresearch.state import Ledger
@@ -100,6 +100,7 @@ def record_result(night, experiment, run, description, status, reason):
                  description=description, hypothesis=night.ledger.hypothesis(experiment), reason=reason,
                  noise_sigma=sigma if dof else None, noise_dof=dof)
     state.write_results_tsv(night.ledger.results(), night.state_dir)
+    report.write_html(night.ledger, night.state_dir / "report.html", f"autoresearch {night.args.tag}", live=True)
     best = night.ledger.best()
     state.reset_hard(night.repo, best["commit"])  # also undoes what a run did to tracked files, prepare.py included
     if status == "invalid" and (changed := integrity.fingerprint_changes(night.fingerprint,

@@ -1,7 +1,8 @@
 """
-The morning report: what a night did, from the tag's ledger or any results.tsv, and progress.png.
+The morning report: what a night did, from the tag's ledger or any results.tsv, and progress.png; with --html,
+the same as one web page (html_report.py), which the loop also keeps up to date during the night.
 
-    uv run agent_loop.py report [--tag TAG | --tsv PATH] [--json] [--png PATH]
+    uv run agent_loop.py report [--tag TAG | --tsv PATH] [--json] [--png PATH] [--html [PATH]]
 """
 
 import argparse
@@ -9,7 +10,7 @@ import datetime
 import json
 from pathlib import Path
 
-from autoresearch import state
+from autoresearch import html_report, state
 from autoresearch.console import fail, plural
 
 
@@ -79,6 +80,12 @@ def summarize(rows, ledger=None):
         steering=[dict(time=r["time"], text=r["text"]) for r in ledger.events("steer")] if ledger else [],
         plateaus=[dict(time=r["time"], streak=r["streak"]) for r in ledger.events("plateau")] if ledger else [],
         notes=(notes := ledger and ledger.notes()) and dict(experiment=notes["experiment"], text=notes["notes"]))
+
+
+def write_html(ledger, path, title, live=False):
+    """The page of the tag's ledger (live: it reloads itself while the night goes on)."""
+    rows = ledger.results()
+    return html_report.write_page(rows, ledger, summarize(rows, ledger), title, path, live)
 
 
 def plot_progress(rows, title, path):
@@ -173,6 +180,8 @@ def print_report(s, source):
         print(f"\nthe agent's lab notes at the end (written with #{s['notes']['experiment']})")
         print("\n".join(f"  {line}" for line in s["notes"]["text"].splitlines()))
     print(f"\nprogress.png: {s['png'] or 'not drawn: nothing has a val_bpb'}")
+    if s.get("html"):
+        print(f"report.html:  {s['html']}")
 
 
 def report_main(argv):
@@ -191,9 +200,17 @@ def report_main(argv):
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     parser.add_argument("--png", metavar="PATH", help="where to write the plot (default: "
                         "progress.png next to results.tsv)")
+    parser.add_argument("--html", metavar="PATH", nargs="?", const="", help="also write the report as one "
+                        "self-contained web page: the plot, every experiment with its diff and the keep rule's "
+                        "reason, a crash's log tail, the steering and the agent's notes (default PATH: report.html "
+                        "beside the tag's ledger, or beside results.tsv)")
     args = parser.parse_args(argv)
     rows, ledger, source, name, png = report_source(args.tag, args.tsv)
     summary = summarize(rows, ledger)
+    if args.html is not None:
+        beside = ledger.path.parent if ledger else png.parent
+        summary["html"] = str(html_report.write_page(rows, ledger, summary, f"autoresearch {name}",
+                                                     args.html or beside / "report.html"))
     summary["png"] = str(Path(args.png or png)) if summary["baseline"] or summary["discarded"] else None
     if summary["png"]:  # else nothing has a val_bpb: no empty plot
         invalid = f", {summary['invalid']} invalid" if summary["invalid"] else ""

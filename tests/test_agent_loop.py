@@ -416,7 +416,8 @@ def test_claude_code_edits_only_train_py_and_other_files_are_undone(night):
     (night.tmp / "claude_script.json").write_text(json.dumps([
         {"edits": [{"file": "prepare.py", "search": "TIME_BUDGET = 1", "replace": "TIME_BUDGET = 9"},
                    {"file": "notes.txt", "search": "", "replace": "scratch"}],
-         "result": "Done.\nDESCRIPTION: edit the harness"},
+         "result": "Done.\nDESCRIPTION: edit the harness\nHYPOTHESIS: a shorter budget scores better\n"
+                   "NOTES:\nThe harness is read-only."},
         {"edits": [{"file": "train.py", "search": BETTER[0], "replace": BETTER[1]}],
          "result": "Lowered it.\nDESCRIPTION: lower val_bpb\nHYPOTHESIS: lower is better\n"
                    "NOTES:\nThe harness cannot be edited.\nVAL_BPB decides."},
@@ -427,6 +428,7 @@ def test_claude_code_edits_only_train_py_and_other_files_are_undone(night):
     assert first["argv"][:2] == ["-p", "--output-format"] and "--append-system-prompt" in first["argv"]
     assert "VAL_BPB = 1.000000" in first["stdin"]  # the prompt carries the current train.py
     assert "--resume" not in second["argv"]  # a new experiment, a new conversation
+    assert re.search(r"<untrusted-notes-\w+>\nThe harness is read-only.\n</untrusted-notes-", second["stdin"])
     assert (night.repo / "prepare.py").read_text() == FAKE_PREPARE
     assert not (night.repo / "notes.txt").exists()
     assert [row[3:] for row in night.rows()[1:]] == [["invalid", "edit the harness"], ["keep", "lower val_bpb"]]

@@ -63,11 +63,11 @@ CHEATS = [  # (what the script does, the search text in HONEST, its replacement)
 ]
 
 
-def run_attested(tmp_path, cache, script):
+def run_attested(tmp_path, cache, script, split="val"):
     """(exit code, output, record or None, why there is none): one run as the driver starts it."""
     (tmp_path / "train.py").write_text(script)
     (tmp_path / "prepare.py").write_text((REPO / "prepare.py").read_text())
-    attestation = integrity.Attestation()
+    attestation = integrity.Attestation(split=split)
     try:
         result = subprocess.run([sys.executable, "-c", "import prepare; prepare.attested_run('train.py')"],
                                 input=attestation.request(), cwd=tmp_path, capture_output=True, text=True,
@@ -104,6 +104,17 @@ def test_an_honest_run_is_attested_with_evaluate_bpbs_own_number(honest):
     assert record["train_batches"] == 3 and 0 < record["first_train_batch"] < evaluation["started"]
     assert integrity.record_problems(record, missing, code, evaluation["val_bpb"],
                                      {"max_seq_len": 64, "eval_tokens": 4096}) == []
+
+
+def test_a_run_the_driver_asks_to_score_the_holdout_is_scored_on_it_and_train_py_cannot_tell(
+        tmp_path, tiny_cache, honest):
+    code, output, record, missing = run_attested(tmp_path, tiny_cache, HONEST, split="holdout")
+    assert code == 0 and missing is None and record["violations"] == [], output
+    [evaluation] = record["evaluations"]
+    assert evaluation["split"] == "holdout" and honest[2]["evaluations"][0]["split"] == "val"
+    assert [(loader["split"], loader["caller"].split(":")[0]) for loader in record["loaders"]] == [
+        ("train", "train.py"), ("holdout", "prepare.py")]
+    assert "stdin: '' env: []" in output  # the request, and with it the split, was read before train.py ran
 
 
 def test_the_key_never_reaches_train_py(honest):

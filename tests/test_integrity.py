@@ -35,6 +35,7 @@ def reasons(night):
     (("def main():", "PEEK = make_dataloader\nPEEK_SPLIT = 'val'\n\n\ndef main():"), "names the validation data"),
     (("def main():", "from prepare import CAUSALITY_TOLERANCE\n\n\ndef main():"), "uses prepare's internals"),
     (("\nSEED = 42\n", "\nSEED = 42\nTIME_BUDGET = 3 * TIME_BUDGET\n"), "reassigns TIME_BUDGET, which prepare.py fixes"),
+    (("\nSEED = 42\n", "\nSEED = 42\nSPLIT = 'HoldOut'\n"), "names the holdout split, which only the driver"),
 ])
 def test_static_checks_name_each_way_train_py_could_stop_reporting_the_harness_metric(edit, problem):
     source = (ROOT / "train.py").read_text()

@@ -19,12 +19,13 @@ from conftest import REPO, TINY, make_documents, run_prepare, write_parquet
 
 import prepare
 
-VAL_SHARD = "shard_06542.parquet"
+VAL_SHARD, HOLDOUT_SHARD = "shard_06542.parquet", "shard_06541.parquet"
 
 
 def serve_climbmix(hub, num_train=2, docs_per_shard=700, row_group_size=300):
     for i in range(num_train):
         hub.add_parquet(f"shard_{i:05d}.parquet", make_documents(docs_per_shard, seed=i), row_group_size)
+    hub.add_parquet(HOLDOUT_SHARD, make_documents(600, seed=98, max_words=150), row_group_size)
     hub.add_parquet(VAL_SHARD, make_documents(1500, seed=99, max_words=150), row_group_size)
 
 
@@ -87,13 +88,25 @@ def parquet_batches_with_bos(path, tokenizer):
 # --- downloads ---------------------------------------------------------------------------------
 
 
-def test_download_fetches_training_shards_and_the_pinned_val_shard(climbmix):
+def test_download_fetches_training_shards_the_holdout_shard_and_the_pinned_val_shard(climbmix):
     cache, hub, result = climbmix
-    assert sorted(p.name for p in (cache / "data").iterdir()) == ["shard_00000.parquet", "shard_00001.parquet", VAL_SHARD]
+    assert sorted(p.name for p in (cache / "data").iterdir()) == ["shard_00000.parquet", "shard_00001.parquet",
+                                                                   HOLDOUT_SHARD, VAL_SHARD]
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["splits"]["train"]["parts"] == ["shard_00000", "shard_00001"]
     assert manifest["splits"]["val"]["parts"] == ["shard_06542"]
     assert manifest["splits"]["val"]["documents"] == 1500
+    assert manifest["splits"]["holdout"]["parts"] == ["shard_06541"]  # never trained on: the shard before val
+    assert manifest["splits"]["holdout"]["documents"] == 600
+
+
+def test_all_climbmix_shards_stop_before_the_holdout_shard(tmp_path):
+    args = prepare.parse_args(["--num-shards", "-1"])
+    _, downloads, parts = prepare.resolve_source(args)
+    train = [name for name, split, _ in parts if split == "train"]
+    assert len(train) == 6541 and train[-1] == "shard_06540" and "shard_06541" not in train
+    with pytest.raises(prepare.PrepareError, match="use 1 to 6541"):
+        prepare.resolve_source(prepare.parse_args(["--num-shards", "6542"]))
 
 
 def test_rerun_does_nothing_and_says_so(climbmix, hub):
@@ -153,6 +166,7 @@ def test_unreachable_hub_names_the_url_and_the_offline_alternatives(tmp_path):
 
 def test_ctrl_c_during_download_leaves_nothing_half_written(tmp_path, hub):
     hub.add_parquet("shard_00000.parquet", make_documents(400, seed=1))
+    hub.add_parquet(HOLDOUT_SHARD, make_documents(100, seed=3))
     hub.add_parquet(VAL_SHARD, make_documents(100, seed=2))
     hub.slow.update(hub.files)
     cache = tmp_path / "cache"
@@ -180,7 +194,9 @@ def test_tinystories_holds_out_a_fixed_val_slice(tmp_path, hub):
     assert manifests[0]["splits"] == manifests[1]["splits"]
     val_docs = manifests[0]["splits"]["val"]["documents"]
     assert 0 < val_docs < 0.15 * len(stories), first.stdout
-    assert val_docs + manifests[0]["splits"]["train"]["documents"] == len(stories)
+    holdout_docs = manifests[0]["splits"]["holdout"]["documents"]
+    assert 0 < holdout_docs < 0.15 * len(stories)
+    assert val_docs + holdout_docs + manifests[0]["splits"]["train"]["documents"] == len(stories)
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -275,8 +291,23 @@ def test_long_documents_of_own_corpora_are_split_into_row_sized_pieces_losing_no
         lengths = np.diff(index["doc_offsets"])
     tokens = np.fromfile(tiny_cache / "tokens" / "text-train.bin", dtype=np.uint16)
     assert lengths.max() == 65  # BOS + MAX_SEQ_LEN: a piece fills a row exactly
-    documents = [d for d in make_documents(600) if not prepare_module._in_val(d)]
+    documents = [d for d in make_documents(600) if prepare_module._split_of(d) == "train"]
     assert int((tokens != bos).sum()) == sum(len(ids) for ids in tokenizer.encode(documents))
+
+
+def test_the_holdout_documents_are_disjoint_from_val_and_train_in_the_token_files(prepare_module, tiny_cache):
+    manifest = json.loads((tiny_cache / "manifest.json").read_text())
+
+    def documents(split):
+        found = set()
+        for name in manifest["splits"][split]["parts"]:
+            tokens, offsets, _ = prepare_module._load_part(name, manifest["vocab_size"], manifest["tokenizer_sha256"],
+                                                           manifest["split_tokens"])
+            found |= {tuple(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:])}
+        return found
+    train, val, holdout = (documents(split) for split in prepare_module.SPLITS)
+    assert holdout and val and train and not holdout & val and not holdout & train and not val & train
+    assert manifest["splits"]["holdout"]["tokens"] > 0 and manifest["source"]["holdout_percent"] == 5
 
 
 def test_changing_max_seq_len_re_splits_own_corpora(tmp_path, tiny_corpus):
@@ -513,8 +544,8 @@ def test_split_lines_makes_each_non_empty_line_a_document(tmp_path):
     book.write_text("\n\n".join(lines) + "\n", encoding="utf-8")
     run_prepare("--text", str(book), "--split-lines", *TINY, cache=tmp_path / "cache")
     splits = json.loads((tmp_path / "cache" / "manifest.json").read_text())["splits"]
-    assert splits["train"]["documents"] + splits["val"]["documents"] == len(lines)
-    assert splits["val"]["documents"] == sum(prepare._in_val(line) for line in lines) > 0
+    assert sum(splits[split]["documents"] for split in prepare.SPLITS) == len(lines)
+    assert splits["val"]["documents"] == sum(prepare._split_of(line) == "val" for line in lines) > 0
 
 
 def test_split_lines_without_a_text_corpus_is_refused(tmp_path):
