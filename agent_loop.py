@@ -41,7 +41,7 @@ from pathlib import Path
 import filelock
 import git
 
-from autoresearch import demo, integrity, keep_rule, report, runner, state
+from autoresearch import demo, holdout, integrity, keep_rule, report, runner, state
 from autoresearch import runs as experiment_runs
 from autoresearch.agents import (DEFAULT_MODELS, MAX_RETRY_DELAY, PRICES_PER_MTOK, AgentSettings, AnthropicAgent,
                                  ClaudeCodeAgent, OpenAIAgent, RuleViolation, ask_for_change, price_of)
@@ -62,7 +62,7 @@ TIMEOUT_MARGIN = 120  # seconds on top of twice the budget: startup, compilation
 TAG_OPTIONS = {"agent": "anthropic", "model": None, "base_url": None, "keep_rule": "noise", "noise_runs": 4,
                "max_runs": 4, "min_delta": 0.0, "optuna_params": None, "max_fix_attempts": None, "max_edit_retries": 2,
                "max_tokens": 16000, "timeout": None, "price": None, "max_experiments": None, "max_cost": None,
-               "plateau": 10, "paired": "on"}
+               "plateau": 10, "paired": "on", "holdout_at_end": "on"}
 TAG_IDENTITY = ("agent", "model", "base_url", "keep_rule", "noise_runs", "max_runs", "min_delta", "optuna_params",
                 "paired")
 
@@ -263,6 +263,10 @@ def parse_args(argv, started_with=None):
                         help="fixes the agent may try after a crash (default: 2; 0 for optuna, which cannot fix one)")
     parser.add_argument("--max-edit-retries", type=int, help="times an unapplicable reply is sent back (default: 2)")
     parser.add_argument("--max-tokens", type=int, help="output token limit of one reply (default: 16000)")
+    parser.add_argument("--holdout-at-end", choices=["on", "off"],
+                        help="when a limit stops the tag, run the baseline and the best once each with evaluate_bpb "
+                        "scoring the holdout split (text no decision saw) and print both deltas: is the gain real? "
+                        "(default: on; any time: agent_loop.py report --holdout)")
     parser.add_argument("--plateau", type=int, metavar="K", help="after K experiments in a row not kept, ask the "
                         "agent for a different kind of change than those (0: never; default: 10)")
     parser.add_argument("--retry-delay", type=float, default=5.0, help="seconds before the first retry of a failed "
@@ -312,10 +316,21 @@ def parse_args(argv, started_with=None):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"] and "--holdout" in argv and not {"-h", "--help"} & set(argv):
+        # the holdout's runs first, in the tag's repository as a night would make them; then the report
+        rest = [a for a in argv[1:] if a != "--holdout"]
+        tag = report.tag_to_report(rest)
+        loop(["--tag", tag], holdout_only=True)
+        return report.report_main(rest)
     if argv[:1] == ["report"]:
         return report.report_main(argv[1:])
     if argv[:1] == ["demo"]:
         return demo.demo_main(argv[1:])
+    return loop(argv)
+
+
+def loop(argv, holdout_only=False):
+    """The night of the tag the options name (holdout_only: only the holdout's runs, then stop)."""
     args = parse_args(argv)
     repo = state.open_repo()
     root = repo.working_tree_dir
@@ -331,13 +346,14 @@ def main(argv=None):
         state.STEER_FILE.write_text(state.STEER_TEMPLATE)
     try:
         with filelock.FileLock(state.STATE_ROOT / "lock", timeout=0):  # released however the night ends
-            return run_night(repo, args, argv, constants, state_dir)
+            return run_night(repo, args, argv, constants, state_dir, holdout_only)
     except filelock.Timeout:
         fail(f"another agent_loop.py is running in {root}.")
 
 
-def run_night(repo, args, argv, constants, state_dir):
-    """Start or resume the tag, then experiment until a limit, an interrupt or an error; the exit code."""
+def run_night(repo, args, argv, constants, state_dir, holdout_only=False):
+    """Start or resume the tag, then experiment until a limit, an interrupt or an error (and then score the
+    holdout); the exit code. holdout_only: score the holdout, and stop."""
     check_committer(repo)
     state.end_unfinished_line(state_dir / "ledger.jsonl")
     ledger = Ledger(state_dir / "ledger.jsonl")
@@ -349,7 +365,7 @@ def run_night(repo, args, argv, constants, state_dir):
 
     def make_agent(repo):  # with workers, each conversation has an agent of its own
         return AGENTS[args.agent](agent_settings(args), instructions, repo)
-    agent = make_agent(repo)  # before the branch: none if it fails
+    agent = None if holdout_only else make_agent(repo)  # before the branch: none if it fails
     if resuming:
         repo.heads[branch].checkout(force=True)  # force: the train.py check_branch found to be ours
     else:
@@ -376,7 +392,9 @@ def run_night(repo, args, argv, constants, state_dir):
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     reason, exit_code = None, 0
     try:
-        if args.workers > 1 or args.ray:
+        if holdout_only:
+            reason = "holdout scored" if holdout.score_holdout(night) else "no holdout score"
+        elif args.workers > 1 or args.ray:
             from autoresearch import scheduler  # imports no Ray until it connects
             scheduler.connect_workers(night)
             reason = scheduler.run_night_on_workers(night, make_agent)
@@ -388,6 +406,12 @@ def run_night(repo, args, argv, constants, state_dir):
                     run_experiment(night)
                 else:
                     run_baseline(night)
+        if reason.startswith(("reached --max", "spent $")) and args.holdout_at_end == "on" and not holdout_only:
+            if night.cluster:  # its runs would need a worker's GPU; the driver's machine may have none
+                log(f"holdout: not scored on workers yet; on a machine with a GPU: uv run agent_loop.py report "
+                    f"--holdout --tag {args.tag}")
+            else:
+                holdout.score_holdout(night)
     except KeyboardInterrupt:
         reason, exit_code = "interrupted", 130
     except SystemExit as error:

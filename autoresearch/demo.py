@@ -13,6 +13,7 @@ worktree, because a worktree shares branches, refs and .git/info/exclude with th
 
 import argparse
 import datetime
+import json
 import os
 import shutil
 import signal
@@ -80,7 +81,8 @@ def demo_main(argv):
             with copy.config_writer() as config:
                 config.set_value("user", "name", "autoresearch demo")
                 config.set_value("user", "email", "demo@localhost")
-        if not (args.cache / "manifest.json").exists():
+        manifest = args.cache / "manifest.json"
+        if not manifest.exists() or "holdout" not in json.loads(manifest.read_text())["splits"]:
             print(f"demo: preparing the corpus once, in {args.cache}", flush=True)
             subprocess.run([sys.executable, "prepare.py", *PREPARE], cwd=clone, env=env, check=True)
         left = args.minutes - (time.time() - started) / 60

@@ -14,7 +14,7 @@ import html
 import os
 from pathlib import Path
 
-from autoresearch import state
+from autoresearch import holdout, state
 
 REFRESH_SECONDS = 60  # how often the live page reloads itself while the night goes on
 STATUS_COLOURS = {"keep": "#2ca02c", "discard": "#888888", "crash": "#d62728", "invalid": "#9467bd"}
@@ -85,6 +85,8 @@ def summary_html(s):
     if s["seconds"] is not None:
         wall, training = (f"{t // 3600:.0f}h {t % 3600 // 60:02.0f}m" for t in (s["seconds"], s["training_seconds"]))
         items += [("time", f"{wall} wall clock, {training} running train.py"), ("API cost", f"${s['cost_usd']:.2f}")]
+    if s.get("holdout"):
+        items.append(("holdout", e(holdout.holdout_text(s["holdout"]))))
     return '<dl class="summary">' + "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in items) + "</dl>"
 
 

@@ -36,7 +36,7 @@ class Night:
     source_digests: dict = field(default_factory=dict)  # commit: its train.py's source_digest (already_run's)
 
     def record(self, **record):
-        self.ledger.append(**record)
+        return self.ledger.append(**record)
 
 
 def is_paired(args):

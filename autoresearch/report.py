@@ -10,8 +10,16 @@ import datetime
 import json
 from pathlib import Path
 
-from autoresearch import html_report, state
+from autoresearch import holdout, html_report, state
 from autoresearch.console import fail, plural
+
+
+def tag_to_report(argv):
+    """The tag `report` would read with these options: --tag's, else the tag whose ledger changed last."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--tag")
+    tag = parser.parse_known_args(argv)[0].tag
+    return tag or report_source()[3]
 
 
 def report_source(tag=None, tsv=None):
@@ -79,7 +87,8 @@ def summarize(rows, ledger=None):
                         reason=r["reason"], hypothesis=r.get("hypothesis", "")) for r in rows if "reason" in r],
         steering=[dict(time=r["time"], text=r["text"]) for r in ledger.events("steer")] if ledger else [],
         plateaus=[dict(time=r["time"], streak=r["streak"]) for r in ledger.events("plateau")] if ledger else [],
-        notes=(notes := ledger and ledger.notes()) and dict(experiment=notes["experiment"], text=notes["notes"]))
+        notes=(notes := ledger and ledger.notes()) and dict(experiment=notes["experiment"], text=notes["notes"]),
+        holdout=(ledger.events("holdout") or [None])[-1] if ledger else None)
 
 
 def write_html(ledger, path, title, live=False):
@@ -152,6 +161,8 @@ def print_report(s, source):
     if s["noise_sigma"] is not None:
         print(f"noise        sigma {s['noise_sigma']:.6f} of val_bpb between runs of one commit ({s['noise_dof']} "
               f"degrees of freedom); keep rule {s['keep_rule']}")
+    if s["holdout"]:
+        print(f"holdout      {holdout.holdout_text(s['holdout'])}")
     if s["seconds"] is None:
         print("time, cost   unknown: results.tsv does not record them (the tag's ledger does)")
     else:
@@ -198,6 +209,9 @@ def report_main(argv):
     source.add_argument("--tag", help="report this tag's ledger (default: the tag whose ledger changed last)")
     source.add_argument("--tsv", metavar="PATH", help="report any results.tsv instead; time and cost are then unknown")
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    parser.add_argument("--holdout", action="store_true", help="first run the tag's baseline and best commits once "
+                        "each with evaluate_bpb scoring the holdout split (two training runs, here), then report both "
+                        "deltas: val against holdout, whether the night's gain holds on text no decision saw")
     parser.add_argument("--png", metavar="PATH", help="where to write the plot (default: "
                         "progress.png next to results.tsv)")
     parser.add_argument("--html", metavar="PATH", nargs="?", const="", help="also write the report as one "

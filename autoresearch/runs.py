@@ -53,12 +53,15 @@ def not_run(night, experiment, attempt, commit, number, repeat, problems, refere
     return run
 
 
-def assess(night, run, returncode, seconds, log_text, record, missing, problems):
-    """Fill the run in from what it did, and ledger it. Its val_bpb is the one the harness attests
-    (prepare.attested_run), never train.py's printout."""
+def assess(night, run, returncode, seconds, log_text, record, missing, problems, split="val"):
+    """Fill the run in from what it did, and ledger it ("holdout_run" for a holdout run: no keep decision may see
+    it). Its val_bpb is the one the harness attests (prepare.attested_run), never train.py's printout."""
     metrics = runner.parse_summary(log_text)
     problems = problems + integrity.record_problems(record, missing, returncode, metrics.get("val_bpb"),
                                                     night.constants)
+    scored = (integrity.evaluation(record) or {}).get("split", "val")
+    if integrity.evaluation(record) and scored != split:
+        problems.append(f"the harness scored the {scored} split, not the {split} split the driver asked for")
     if returncode is not None and run["experiment"] > 0:  # the baseline's own runs set the limits
         baseline = [r for r in night.ledger.valid_runs() if r["experiment"] == 0]
         problems += integrity.wall_clock_problems(seconds, record, integrity.baseline_timings(baseline),
@@ -69,7 +72,7 @@ def assess(night, run, returncode, seconds, log_text, record, missing, problems)
     run.update(seconds=round(seconds, 1), returncode=returncode, timed_out=returncode is None, ok=ok,
                val_bpb=val_bpb, metrics=metrics, problems=problems, log_tail="" if ok else runner.log_tail(log_text),
                attestation=record)
-    night.record(event="run", **run)
+    night.record(event="run" if split == "val" else "holdout_run", **run)
     return run
 
 
@@ -81,8 +84,12 @@ def beside(reference):
     return {"reference": True} if reference else {}
 
 
-def run_here(night, experiment, attempt, commit, number, repeat, reference=False):
+def run_here(night, experiment, attempt, commit, number, repeat, reference=False, split="val"):
+    """One run of the commit (checked out in the work tree) here. split "holdout": evaluate_bpb scores the
+    holdout instead, logged as logs/holdout-<commit>.log and ledgered apart from the runs decisions read."""
     log_path = log_path_of(night, number, repeat, reference)
+    if split != "val":
+        log_path = night.state_dir / "logs" / f"{split}-{commit[:7]}.log"
     if problems := problems_before(night, commit):
         return not_run(night, experiment, attempt, commit, number, repeat, problems, reference)
     what = f"the best {commit[:7]} beside it (pair {repeat})" if reference else \
@@ -91,7 +98,7 @@ def run_here(night, experiment, attempt, commit, number, repeat, reference=False
     night.record(event="run_started", experiment=experiment, attempt=attempt, commit=commit, **beside(reference),
                  log=str(log_path))
     untracked_before = set(state.untracked_files(night.repo))
-    attestation, stop_progress = integrity.Attestation(), threading.Event()
+    attestation, stop_progress = integrity.Attestation(split=split), threading.Event()
     progress = threading.Thread(target=runner.show_progress, args=(log_path, f"#{experiment}", stop_progress),
                                 daemon=True)
     progress.start()
@@ -114,7 +121,7 @@ def run_here(night, experiment, attempt, commit, number, repeat, reference=False
     run = dict(experiment=experiment, attempt=attempt, repeat=repeat, commit=commit, **beside(reference),
                log=str(log_path))
     log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
-    return assess(night, run, returncode, seconds, log_text, record, missing, problems)
+    return assess(night, run, returncode, seconds, log_text, record, missing, problems, split)
 
 
 # -----------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 prepare.attested_run and docs/integrity.md), with no data and no model.
 
 `evaluate_bpb(val_bpb)` attests `val_bpb` as if the harness had measured it, on the token count the
-prepared cache's constants give. Its clock starts when the harness takes over, which counts as the
+prepared cache's constants give; asked for the holdout split, half of its distance from 1.0 (half of a
+gain on val holds there). Its clock starts when the harness takes over, which counts as the
 first training batch, so a fake train.py that sleeps before evaluating "trains" that long.
 """
 import hmac
@@ -29,10 +30,14 @@ def _write():
 
 def evaluate_bpb(val_bpb):
     if _request:
+        split = _request.get("split", "val")
+        if split == "holdout":
+            val_bpb = 1.0 + 0.5 * (val_bpb - 1.0)
         manifest = json.load(open(os.path.join(os.environ["AUTORESEARCH_CACHE"], "manifest.json")))
         rows = BATCH_SIZE * manifest["max_seq_len"]
         _record["evaluations"].append({
-            "started": time.monotonic() - _started, "seconds": 0.0, "val_bpb": val_bpb, "batch_size": BATCH_SIZE,
+            "split": split, "started": time.monotonic() - _started, "seconds": 0.0, "val_bpb": val_bpb,
+            "batch_size": BATCH_SIZE,
             "seq_len": manifest["max_seq_len"], "tokens": manifest["eval_tokens"] // rows * rows, "bytes": 1,
             "future_influence": 0.0, "causal": True})
         _write()

@@ -66,7 +66,9 @@ class Night:
         self.base = self.head()
 
     def arguments(self, *args):
-        return ["--tag", "t", "--retry-delay", "0.01", "--timeout", "30", *args]
+        """The loop's options for a test: quick retries, a short time limit, and no holdout runs at the end (which
+        tests/test_holdout.py turns on) unless the test's own options say otherwise."""
+        return ["--tag", "t", "--retry-delay", "0.01", "--timeout", "30", "--holdout-at-end", "off", *args]
 
     def run(self, *args):
         """agent_loop.main() in this process: (exit code, what it printed, the error it stopped with)."""

@@ -1,0 +1,52 @@
+"""The holdout check (autoresearch/holdout.py), end to end on the fake harness, whose holdout score keeps half
+of a gain on val: the baseline and the best run once more with evaluate_bpb scoring the holdout, at the end of a
+tag stopped by a limit or with `report --holdout`; no prompt ever holds a holdout number."""
+
+import json
+
+import agent_loop
+from fake_llm import change
+from night_repo import BETTER, WORSE
+
+
+def events(night, kind):
+    return [r for r in night.ledger() if r["event"] == kind]
+
+
+def test_a_tag_stopped_by_a_limit_scores_the_baseline_and_the_best_on_the_holdout(night):
+    night.llm.script(change("lower val_bpb", BETTER))
+    result = night.run("--max-experiments", "2", "--keep-rule", "greedy", "--holdout-at-end", "on")
+    assert result.returncode == 0, result.stderr
+    [scored] = events(night, "holdout")
+    assert scored["val"] == [1.0, 0.99] and scored["holdout"] == [1.0, 0.995]
+    assert "holdout: val: -0.0100, holdout: -0.0050 (best #1 against the baseline; 50 % of the val gain" in result.stdout
+    assert [r["attestation"]["evaluations"][0]["split"] for r in events(night, "holdout_run")] == ["holdout"] * 2
+    assert len(events(night, "run")) == 2  # the holdout's runs are not runs any decision reads
+    assert night.head() == scored["best_commit"] and night.is_clean()
+
+
+def test_no_prompt_ever_holds_a_holdout_number(night):
+    night.llm.script(change("lower val_bpb", BETTER), change("raise val_bpb", ("VAL_BPB = 0.990000", "VAL_BPB = 1.01")))
+    assert night.run("--max-experiments", "2", "--keep-rule", "greedy", "--holdout-at-end", "on").returncode == 0
+    assert night.run("--max-experiments", "3", "--holdout-at-end", "on").returncode == 0  # resumed after the holdout
+    assert len(events(night, "holdout")) == 2 and len(night.requests()) == 2
+    sent = json.dumps(night.requests())
+    assert "0.995" not in sent and "holdout_delta" not in sent and "holdout: " not in sent
+
+
+def test_report_holdout_scores_them_on_demand_and_prints_both_deltas(night, capsys):
+    night.llm.script(change("lower val_bpb", BETTER))
+    assert night.run("--max-experiments", "2", "--keep-rule", "greedy").returncode == 0  # no holdout at the end
+    assert events(night, "holdout") == []
+    capsys.readouterr()
+    assert agent_loop.main(["report", "--holdout"]) == 0
+    out = capsys.readouterr().out
+    assert "holdout      val: -0.0100, holdout: -0.0050" in out and len(events(night, "holdout")) == 1
+    assert night.is_clean()
+
+
+def test_a_night_whose_best_is_the_baseline_has_nothing_to_score(night):
+    night.llm.script(change("raise val_bpb", WORSE))
+    result = night.run("--max-experiments", "2", "--keep-rule", "greedy", "--holdout-at-end", "on")
+    assert "holdout: the best is still the baseline, nothing to compare" in result.stdout
+    assert events(night, "holdout_run") == []
