@@ -43,12 +43,13 @@ import git
 
 from autoresearch import demo, holdout, integrity, keep_rule, report, runner, state
 from autoresearch import runs as experiment_runs
-from autoresearch.agents import (DEFAULT_MODELS, MAX_RETRY_DELAY, PRICES_PER_MTOK, AgentSettings, AnthropicAgent,
-                                 ClaudeCodeAgent, OpenAIAgent, RuleViolation, ask_for_change, price_of)
+from autoresearch.agents import (DEFAULT_MAX_TOKENS, DEFAULT_MODELS, MAX_RETRY_DELAY, PRICES_PER_MTOK, AgentSettings,
+                                 AnthropicAgent, ClaudeCodeAgent, RuleViolation, ask_for_change, price_of)
 from autoresearch.prompts import fix_prompt, idea_prompt, instructions_text
 from autoresearch.console import fail, log, plural
 from autoresearch.night import (Night, already_run, before_proposal, check_baseline_run, finish_baseline, is_paired,
                                 record_proposal, record_result, why_stop)
+from autoresearch.openai_agent import OUTPUT_MODES, OpenAIAgent, OutputMode
 from autoresearch.optuna_agent import OPTUNA_RANGES, OptunaAgent
 from autoresearch.state import Ledger
 
@@ -61,8 +62,8 @@ TIMEOUT_MARGIN = 120  # seconds on top of twice the budget: startup, compilation
 # the command names them; those its results depend on (TAG_IDENTITY) cannot change.
 TAG_OPTIONS = {"agent": "anthropic", "model": None, "base_url": None, "keep_rule": "noise", "noise_runs": 4,
                "max_runs": 4, "min_delta": 0.0, "optuna_params": None, "max_fix_attempts": None, "max_edit_retries": 2,
-               "max_tokens": 16000, "timeout": None, "price": None, "max_experiments": None, "max_cost": None,
-               "plateau": 10, "paired": "on", "holdout_at_end": "on"}
+               "max_tokens": None, "timeout": None, "price": None, "max_experiments": None, "max_cost": None,
+               "plateau": 10, "paired": "on", "holdout_at_end": "on", "openai_output": "auto"}
 TAG_IDENTITY = ("agent", "model", "base_url", "keep_rule", "noise_runs", "max_runs", "min_delta", "optuna_params",
                 "paired")
 
@@ -262,7 +263,14 @@ def parse_args(argv, started_with=None):
     parser.add_argument("--max-fix-attempts", type=int,
                         help="fixes the agent may try after a crash (default: 2; 0 for optuna, which cannot fix one)")
     parser.add_argument("--max-edit-retries", type=int, help="times an unapplicable reply is sent back (default: 2)")
-    parser.add_argument("--max-tokens", type=int, help="output token limit of one reply (default: 16000)")
+    parser.add_argument("--max-tokens", type=int, help=f"output token limit of one reply (default: "
+                        f"{DEFAULT_MAX_TOKENS}; --agent openai: what the server's context leaves after the prompt, "
+                        "when it says)")
+    parser.add_argument("--openai-output", choices=OUTPUT_MODES,
+                        help="--agent openai: how a proposal is asked for. tools: a forced tool call; json: JSON "
+                        "output constrained to the proposal's schema (response_format: llama.cpp, vLLM, Ollama), for "
+                        "models without tool calling; auto: tools until a reply holds no tool call, then json for the "
+                        "rest of the night (default: auto)")
     parser.add_argument("--holdout-at-end", choices=["on", "off"],
                         help="when a limit stops the tag, run the baseline and the best once each with evaluate_bpb "
                         "scoring the holdout split (text no decision saw) and print both deltas: is the gain real? "
@@ -363,7 +371,11 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False):
     branch, resuming = state.check_branch(repo, args.tag, ledger)
     instructions = instructions_text()
 
+    output = OutputMode("json" if ledger.events("openai_output") else args.openai_output)  # shared by all
+
     def make_agent(repo):  # with workers, each conversation has an agent of its own
+        if args.agent == "openai":
+            return OpenAIAgent(agent_settings(args), instructions, repo, output)
         return AGENTS[args.agent](agent_settings(args), instructions, repo)
     agent = None if holdout_only else make_agent(repo)  # before the branch: none if it fails
     if resuming:

@@ -3,10 +3,10 @@ The agents that propose experiments.
 
 A proposal is a one-line description and exact search/replace edits of train.py. Every agent has
 start(prompt) -> Proposal for a new conversation and reply(error) -> Proposal to send an error back
-in the same one; ask_for_change holds one such conversation until it gives a usable train.py. Three
-talk to a language model: the Anthropic API, any OpenAI-compatible endpoint (vLLM, Ollama,
-llama.cpp, ...) through a forced tool call, and the claude CLI, which edits train.py itself; the
-fourth, Optuna, is in optuna_agent.py. Calls are retried through outages and rate limits (honouring
+in the same one; ask_for_change holds one such conversation until it gives a usable train.py. Here
+are two that talk to a language model, the Anthropic API and the claude CLI (which edits train.py
+itself); any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, ...) is in openai_agent.py, and
+Optuna in optuna_agent.py. Calls are retried through outages and rate limits (honouring
 retry-after) and priced per token. What they are shown is in prompts.py.
 """
 
@@ -27,6 +27,7 @@ from autoresearch.prompts import CHANGE_SCHEMA, CHANGE_TOOL_DESCRIPTION, CHANGE_
 MAX_DESCRIPTION = 300  # characters of an experiment's description kept (results.tsv, commit message)
 MAX_HYPOTHESIS = 500  # characters of a proposal's hypothesis kept (the history shows it beside the result)
 MAX_RETRY_DELAY = 600  # seconds: an API outage is waited out at this pace, never given up on
+DEFAULT_MAX_TOKENS = 16000  # output tokens of one reply, without --max-tokens (openai_agent.py may fit its server)
 UNREACHABLE_LIMIT = 30 * 60  # seconds an agent's endpoint may refuse connections before the night stops
 DEFAULT_MODELS = {"anthropic": "claude-sonnet-4-6", "claude-code": None, "openai": None, "optuna": None}
 
@@ -48,7 +49,7 @@ class AgentSettings:
     """What an agent is told by the command line."""
     model: str | None = None
     base_url: str | None = None
-    max_tokens: int = 16000
+    max_tokens: int | None = None  # --max-tokens; None: DEFAULT_MAX_TOKENS, or what the server's context allows
     api_timeout: float = 600.0
     retry_delay: float = 5.0
     price: tuple | None = None  # (input, output) dollars per million tokens; None: unknown
@@ -100,8 +101,12 @@ class Change:
 def apply_proposal(proposal, source, max_tokens):
     """train.py with the proposal applied, or EditError saying why nothing was applied."""
     if proposal.truncated:
-        raise EditError(f"Your reply was cut off at the token limit ({max_tokens} tokens) and was not applied. "
-                        "Propose the change again with smaller edits.")
+        limit = proposal.usage.get("max_tokens") or max_tokens or DEFAULT_MAX_TOKENS
+        if proposal.edits:
+            raise EditError(f"Your reply was cut off at the token limit ({limit} tokens) and was not applied. "
+                            "Propose the change again with smaller edits.")
+        raise EditError(f"Your reply was cut off at the token limit ({limit} tokens) before it held any edit, so "
+                        "nothing was applied. Answer with the proposal at once, without reasoning at length first.")
     if proposal.problem:
         raise EditError(proposal.problem)
     if not proposal.description.strip():
@@ -274,7 +279,8 @@ class AnthropicAgent:
 
     def ask(self):
         response = with_retries(lambda: self.client.messages.create(
-            model=self.settings.model, max_tokens=self.settings.max_tokens, system=self.system, tools=[self.tool],
+            model=self.settings.model, max_tokens=self.settings.max_tokens or DEFAULT_MAX_TOKENS, system=self.system,
+            tools=[self.tool],
             tool_choice={"type": "tool", "name": CHANGE_TOOL_NAME}, messages=self.messages), self.settings.retry_delay)
         content, tool_input, self.tool_use_id = [], None, None
         for block in response.content:
@@ -292,54 +298,6 @@ class AnthropicAgent:
         }
         usage["cost_usd"] = cost_usd(self.settings.price, usage)
         return proposal_from_tool_input(tool_input, response.stop_reason == "max_tokens", usage)
-
-
-class OpenAIAgent:
-    """Any OpenAI-compatible chat completions endpoint with tool calls (vLLM, Ollama, llama.cpp, ...)."""
-
-    def __init__(self, settings, instructions, repo):
-        if not settings.model:
-            fail("--agent openai needs --model: the model name your server serves.")
-        api_key = os.environ.get("OPENAI_API_KEY") or ("not-needed" if settings.base_url else None)
-        if not api_key:
-            fail("--agent openai needs --base-url URL (e.g. http://localhost:8000/v1 for a local server) "
-                 "or OPENAI_API_KEY for api.openai.com.")
-        import openai
-        self.client = openai.OpenAI(base_url=settings.base_url, api_key=api_key, max_retries=0, timeout=settings.api_timeout)
-        self.settings, self.instructions = settings, instructions
-        self.tool = {"type": "function", "function": {
-            "name": CHANGE_TOOL_NAME, "description": CHANGE_TOOL_DESCRIPTION, "parameters": CHANGE_SCHEMA}}
-        self.messages, self.tool_call_id = [], None
-
-    def start(self, prompt):
-        self.messages = [{"role": "system", "content": self.instructions}, {"role": "user", "content": prompt}]
-        return self.ask()
-
-    def reply(self, error):
-        if self.tool_call_id:
-            self.messages.append({"role": "tool", "tool_call_id": self.tool_call_id, "content": error})
-        else:
-            self.messages.append({"role": "user", "content": error})
-        return self.ask()
-
-    def ask(self):
-        response = with_retries(lambda: self.client.chat.completions.create(
-            model=self.settings.model, max_tokens=self.settings.max_tokens, messages=self.messages, tools=[self.tool],
-            tool_choice={"type": "function", "function": {"name": CHANGE_TOOL_NAME}}), self.settings.retry_delay)
-        choice = response.choices[0]
-        calls = choice.message.tool_calls or []
-        self.messages.append({"role": "assistant", "content": choice.message.content or "", "tool_calls": [
-            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
-            for c in calls]})
-        self.tool_call_id = calls[0].id if calls else None
-        try:
-            tool_input = json.loads(calls[0].function.arguments) if calls else None
-        except json.JSONDecodeError:
-            tool_input = "not JSON"
-        usage = {"input_tokens": response.usage.prompt_tokens if response.usage else 0,
-                 "output_tokens": response.usage.completion_tokens if response.usage else 0}
-        usage["cost_usd"] = cost_usd(self.settings.price, usage)
-        return proposal_from_tool_input(tool_input, choice.finish_reason == "length", usage)
 
 
 def proposal_from_tool_input(tool_input, truncated, usage):

@@ -66,6 +66,9 @@ def record_proposal(night, experiment, attempt, change, started, commit=None, **
     else:
         outcome = dict(ok=True, commit=commit, **committed, description=change.description,
                        hypothesis=change.hypothesis, diff=night.repo.git.diff(f"{commit}~1", commit))
+    output = getattr(night.agent, "output", None)  # --agent openai: auto switched to JSON output, said once
+    if output and output.switched and not night.ledger.events("openai_output"):
+        night.record(event="openai_output", using="json", reason="a reply held no tool call")
     night.record(event="proposal", experiment=experiment, attempt=attempt, **outcome,
                  **({"trial": change.trial} if change.trial is not None else {}),
                  **({"notes": change.notes} if change.notes is not None else {}),
@@ -140,6 +143,7 @@ def why_stop(night, open_count=0):
     if args.max_cost is not None and spent >= args.max_cost:
         return f"spent ${spent:.2f}, reached --max-cost {args.max_cost}"
     if night.failed_proposals_in_a_row >= MAX_FAILED_PROPOSALS_IN_A_ROW:
+        why = getattr(night.agent, "why_no_usable_change", None)
         return (f"the agent gave no usable change {MAX_FAILED_PROPOSALS_IN_A_ROW} times in a row "
-                f"(see {night.ledger.path})")
+                f"(see {night.ledger.path})" + (f": {why()}" if why else ""))
     return None

@@ -14,7 +14,7 @@ import pytest
 
 import agent_loop
 from autoresearch import agents, runner
-from fake_llm import CHAT, change, chat_change, overloaded
+from fake_llm import CHAT, change, chat_change, chat_json, chat_text, overloaded
 from night_repo import BETTER, CRASH, FAKE_PREPARE, HANG, SUPPORT, WORSE
 from processes import alive
 
@@ -410,6 +410,57 @@ def test_openai_compatible_endpoint(night):
     prompt = night.requests(CHAT)[1]["messages"][1]["content"]
     assert "\traise val_bpb\ta guess" in prompt and "\nVAL_BPB is all that matters\n</untrusted-notes-" in prompt
     assert night.is_clean()
+
+
+def openai_night(night, *args):
+    return night.run("--agent", "openai", "--base-url", f"{night.llm.url}/v1", "--model", "local-model",
+                     "--keep-rule", "greedy", *args)
+
+
+def test_json_output_gets_a_model_without_tool_calling_s_proposals_applied(night):
+    night.llm.script(chat_json("lower val_bpb", BETTER, notes="JSON works"), path=CHAT)
+    assert openai_night(night, "--openai-output", "json", "--max-experiments", "2").returncode == 0
+    [request] = night.requests(CHAT)
+    assert "tools" not in request and request["response_format"]["type"] == "json_schema"
+    assert request["response_format"]["json_schema"]["schema"]["required"] == ["description", "hypothesis", "edits"]
+    assert night.rows()[1][3:] == ["keep", "lower val_bpb"]
+    assert [r["notes"] for r in night.ledger() if r["event"] == "proposal"] == ["JSON works"]
+
+
+def test_auto_switches_to_json_output_for_the_rest_of_the_night_when_a_reply_holds_no_tool_call(night):
+    night.llm.script(chat_text("Let me think about the learning rate first."),  # a template without tool calling
+                     chat_json("raise val_bpb", WORSE), chat_json("lower val_bpb", BETTER), path=CHAT)
+    result = openai_night(night, "--max-experiments", "3")
+    assert result.returncode == 0, result.stderr
+    first, second, third = night.requests(CHAT)
+    assert "tools" in first and "tools" not in second and "response_format" in second and "response_format" in third
+    assert "held no call of the propose_change tool" in second["messages"][-1]["content"]  # the same conversation
+    assert [r["using"] for r in night.ledger() if r["event"] == "openai_output"] == ["json"]
+    assert result.stdout.count("asks for JSON output (response_format) from now on") == 1
+    assert [row[3:] for row in night.rows()[1:]] == [["discard", "raise val_bpb"], ["keep", "lower val_bpb"]]
+
+
+def test_a_server_with_neither_tool_calls_nor_json_output_stops_the_night_naming_both_modes(night):
+    night.llm.script(*[chat_text("Sure! Here is my idea: make it better.")] * 15, path=CHAT)
+    result = openai_night(night, "--max-experiments", "9")
+    stop = [r for r in night.ledger() if r["event"] == "stop"][-1]["reason"]
+    assert "no usable change 5 times in a row" in stop and "tool calls, then JSON output (response_format)" in stop
+    assert "--openai-output tools" in stop and "--openai-output json" in stop and result.returncode == 0
+    told = [r["messages"][-1]["content"] for r in night.requests(CHAT)[2:3]]
+    assert "not one JSON object of the requested schema: it is not JSON" in told[0]
+
+
+def test_without_max_tokens_a_reply_may_use_what_the_server_s_context_leaves(night):
+    night.llm.props = {"default_generation_settings": {"n_ctx": 40000}}
+    raise_it = ("VAL_BPB = 0.990000", "VAL_BPB = 1.1")
+    night.llm.script(chat_change("lower val_bpb", BETTER), chat_change("raise", raise_it), path=CHAT)
+    assert openai_night(night, "--max-experiments", "2").returncode == 0
+    [request] = night.requests(CHAT)
+    prompt = sum(len(m["content"] or "") for m in request["messages"]) // 3
+    assert request["max_tokens"] == 40000 - prompt - 256
+    night.llm.props = None
+    assert openai_night(night, "--max-experiments", "3", "--max-tokens", "1234").returncode == 0
+    assert night.requests(CHAT)[-1]["max_tokens"] == 1234
 
 
 def test_claude_code_edits_only_train_py_and_other_files_are_undone(night):

@@ -41,7 +41,10 @@ def test_an_edit_naming_train_py_in_any_spelling_or_no_file_applies_to_train_py(
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(truncated=True), "Your reply was cut off at the token limit (16000 tokens) and was not applied"),
+    (dict(truncated=True, edits=[]), "Your reply was cut off at the token limit (16000 tokens) before it held any "
+     "edit"),
+    (dict(truncated=True, edits=[{"search": "LR", "replace": "X"}]), "not applied. Propose the change again with "
+     "smaller edits"),
     (dict(problem="Answer by calling the tool."), "Answer by calling the tool."),
     (dict(description=" \n "), "The description is empty"),
     (dict(edits=[]), "There are no edits: propose at least one edit of train.py."),

@@ -19,7 +19,8 @@ def test_a_tag_stopped_by_a_limit_scores_the_baseline_and_the_best_on_the_holdou
     assert result.returncode == 0, result.stderr
     [scored] = events(night, "holdout")
     assert scored["val"] == [1.0, 0.99] and scored["holdout"] == [1.0, 0.995]
-    assert "holdout: val: -0.0100, holdout: -0.0050 (best #1 against the baseline; 50 % of the val gain" in result.stdout
+    assert "holdout: val: -0.0100, holdout: -0.0050 (best #1 against the baseline; 50 % of the val gain" \
+        in result.stdout
     assert [r["attestation"]["evaluations"][0]["split"] for r in events(night, "holdout_run")] == ["holdout"] * 2
     assert len(events(night, "run")) == 2  # the holdout's runs are not runs any decision reads
     assert night.head() == scored["best_commit"] and night.is_clean()

@@ -2,7 +2,9 @@
 
 It answers POST /v1/messages and POST /v1/chat/completions from a script of replies (one
 queue per endpoint; a callable in it is called when its turn comes, and returns the reply) and
-records every request body, so that tests can assert what the model saw. The real SDKs talk to it through ANTHROPIC_BASE_URL or --base-url.
+records every request body, so that tests can assert what the model saw; GET /props answers as
+llama.cpp's server does when `props` is set. The real SDKs talk to it through ANTHROPIC_BASE_URL
+or --base-url.
 """
 import json
 import threading
@@ -42,13 +44,42 @@ def chat_change(description, *edits, finish_reason="tool_calls", **fields):
     }
 
 
+def chat_text(content, finish_reason="stop"):
+    """An OpenAI chat completion with content and no tool call (a model without tool calling, or JSON output)."""
+    return 200, {
+        "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": "local-model",
+        "choices": [{"index": 0, "finish_reason": finish_reason, "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": 3000, "completion_tokens": 200, "total_tokens": 3200},
+    }
+
+
+def chat_json(description, *edits, **fields):
+    """A JSON-output reply: the proposal as the message's content."""
+    return chat_text(json.dumps({"description": description, "hypothesis": "h",
+                                 "edits": [{"search": s, "replace": r} for s, r in edits], **fields}))
+
+
 class FakeLLM:
+    """props: what GET /props answers (llama.cpp's server properties), or None for a 404."""
+
     def __init__(self):
         self.replies = {MESSAGES: [], CHAT: []}
         self.requests = {MESSAGES: [], CHAT: []}
+        self.props = None
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.split("?")[0] == "/props" and fake.props is not None:
+                    data, status = json.dumps(fake.props).encode(), 200
+                else:
+                    data, status = b'{"error": "not found"}', 404
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 path = self.path.split("?")[0]
