@@ -2,11 +2,11 @@
 Is the night's gain real? A night makes its keep decisions on the validation tokens, so the best commit is
 chosen on them and its val_bpb is optimistic. The holdout split (prepare.py) is text no decision has seen: the
 baseline commit and the best commit each run once more with evaluate_bpb scoring it, and the two deltas are
-compared: "val: -0.0282, holdout: -0.0241".
+compared, in a line like "val: -0.0282, holdout: -0.0241".
 
 It runs at the end of a tag stopped by a limit (--holdout-at-end on, the default), or on demand with
-`agent_loop.py report --holdout`. Its runs and scores are ledgered apart (holdout_run, holdout events), which
-no prompt reads: the agent never sees a holdout number.
+`agent_loop.py report --holdout`; with workers, on two of them at the same time. Its runs and scores are
+ledgered apart (holdout_run, holdout events), which no prompt reads: the agent never sees a holdout number.
 """
 
 from autoresearch import runs, state
@@ -20,20 +20,32 @@ def score_holdout(night):
     if not rows or best is None or best["experiment"] == 0:
         log("holdout: the best is still the baseline, nothing to compare")
         return None
-    baseline = rows[0]
-    scores = {}
-    try:
-        for which, row in (("baseline", baseline), ("best", best)):
-            state.reset_hard(night.repo, row["commit"])  # runs happen in the work tree
-            log(f"holdout: running the {which} ({row['commit'][:7]}) once, scored on the holdout split")
-            run = runs.run_here(night, row["experiment"], 0, row["commit"], 0, 1, split="holdout")
-            if not run["ok"]:
-                log(f"holdout: the {which}'s run gave no holdout score (see {run['log']}): "
-                    f"{'; '.join(run['problems']) or 'it crashed'}")
-                return None
-            scores[which] = run["val_bpb"]
-    finally:
-        state.reset_hard(night.repo, best["commit"])
+    baseline, ended = rows[0], {}
+    which = {baseline["commit"]: "baseline", best["commit"]: "best"}
+    log(f"holdout: running the baseline ({baseline['commit'][:7]}) and the best ({best['commit'][:7]}) once each, "
+        "scored on the holdout split")
+    if night.cluster:  # on two workers, at the same time
+        workers = runs.WorkerRuns(night)
+        try:
+            for row in (baseline, best):
+                workers.send(row["experiment"], 0, row["commit"], 0, 1, split="holdout")
+            while len(ended) < 2:
+                ended |= {run["commit"]: run for run in workers.collect(timeout=1.0)}
+        finally:
+            workers.cancel()
+    else:
+        try:
+            for row in (baseline, best):
+                state.reset_hard(night.repo, row["commit"])  # runs happen in the work tree
+                ended[row["commit"]] = runs.run_here(night, row["experiment"], 0, row["commit"], 0, 1, split="holdout")
+        finally:
+            state.reset_hard(night.repo, best["commit"])
+    for commit, run in ended.items():
+        if not run["ok"]:
+            log(f"holdout: the {which[commit]}'s run gave no holdout score (see {run['log']}): "
+                f"{'; '.join(run['problems']) or 'it crashed'}")
+            return None
+    scores = {which[commit]: run["val_bpb"] for commit, run in ended.items()}
     val_delta, holdout_delta = best["val_bpb"] - baseline["val_bpb"], scores["best"] - scores["baseline"]
     event = night.record(event="holdout", baseline_commit=baseline["commit"], best_commit=best["commit"],
                          best_experiment=best["experiment"], val=[baseline["val_bpb"], best["val_bpb"]],

@@ -193,9 +193,10 @@ class NodeMismatch(Exception):
     """A node's prepare.py or prepared cache is not the driver's: its val_bpb would not be comparable."""
 
 
-def run_experiment(train_source, prepare_source, fingerprint, key_hex, timeout, cache=None):
+def run_experiment(train_source, prepare_source, fingerprint, key_hex, timeout, cache=None, split="val"):
     """The task: one run of train.py on this node, as runner.run_training runs it on the driver's machine, in a
-    fresh folder, against this node's cache (cache None: AUTORESEARCH_CACHE of the node, or its default).
+    fresh folder, against this node's cache (cache None: AUTORESEARCH_CACHE of the node, or its default), with
+    evaluate_bpb scoring `split` (the holdout for holdout.py's runs).
     Raises NodeMismatch unless the node's cache has the driver's portable `fingerprint`. Returns a dict:
     returncode (None on timeout), seconds, log, record (the harness's signed record as text, or None), changed
     (what of prepare.py and the cache the run changed), hostname, ip, gpu, worker_pid."""
@@ -206,7 +207,7 @@ def run_experiment(train_source, prepare_source, fingerprint, key_hex, timeout, 
     hostname, ip = socket.gethostname(), ray.util.get_node_ip_address()
     cache = Path(cache).expanduser() if cache else integrity.cache_dir()
     work = Path(tempfile.mkdtemp(prefix="autoresearch-task-"))
-    attestation = integrity.Attestation(bytes.fromhex(key_hex))  # its record goes to a private folder
+    attestation = integrity.Attestation(bytes.fromhex(key_hex), split)  # its record goes to a private folder
     try:
         (work / "train.py").write_text(train_source)
         (work / "prepare.py").write_text(prepare_source)
@@ -295,11 +296,12 @@ def _task():
     return ray.remote(max_retries=0)(run_experiment)
 
 
-def submit(cluster, train_source, prepare_source, fingerprint, key_hex, timeout, cache=None):
+def submit(cluster, train_source, prepare_source, fingerprint, key_hex, timeout, cache=None, split="val"):
     """Start one run (run_experiment) on the cluster; returns its ObjectRef. A run takes one GPU (and no CPU
     slot: train.py's CPU use is not Ray's to ration) on a cluster with GPUs, else one CPU slot."""
     resources = dict(num_gpus=1, num_cpus=0) if cluster.gpus else dict(num_cpus=1)
-    return _task().options(**resources).remote(train_source, prepare_source, fingerprint, key_hex, timeout, cache)
+    return _task().options(**resources).remote(train_source, prepare_source, fingerprint, key_hex, timeout, cache,
+                                               split)
 
 
 def wait(refs, timeout=None):

@@ -10,6 +10,7 @@ the wall clock against the baseline's, what the run changed or left behind. Each
 
 import math
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from autoresearch import integrity, runner, state
@@ -23,8 +24,11 @@ def run_commit(night, experiment, attempt, commit, number, repeats, reference=Fa
     return [run_here(night, experiment, attempt, commit, number, repeat, reference) for repeat in repeats]
 
 
-def log_path_of(night, number, repeat, reference=False):
-    """logs/<n>.log, <n>-<k>.log for its k-th run, and <n>-best-<k>.log for the best's run beside it in pair k."""
+def log_path_of(night, number, repeat, reference=False, split="val", commit=""):
+    """logs/<n>.log, <n>-<k>.log for its k-th run, <n>-best-<k>.log for the best's run beside it in pair k, and
+    holdout-<commit>.log for a commit's run scored on the holdout."""
+    if split != "val":
+        return night.state_dir / "logs" / f"{split}-{commit[:7]}.log"
     if reference:
         return night.state_dir / "logs" / f"{number}-best-{repeat}.log"
     return night.state_dir / "logs" / (f"{number}.log" if repeat == 1 else f"{number}-{repeat}.log")
@@ -87,9 +91,7 @@ def beside(reference):
 def run_here(night, experiment, attempt, commit, number, repeat, reference=False, split="val"):
     """One run of the commit (checked out in the work tree) here. split "holdout": evaluate_bpb scores the
     holdout instead, logged as logs/holdout-<commit>.log and ledgered apart from the runs decisions read."""
-    log_path = log_path_of(night, number, repeat, reference)
-    if split != "val":
-        log_path = night.state_dir / "logs" / f"{split}-{commit[:7]}.log"
+    log_path = log_path_of(night, number, repeat, reference, split, commit)
     if problems := problems_before(night, commit):
         return not_run(night, experiment, attempt, commit, number, repeat, problems, reference)
     what = f"the best {commit[:7]} beside it (pair {repeat})" if reference else \
@@ -127,6 +129,20 @@ def run_here(night, experiment, attempt, commit, number, repeat, reference=False
 # -----------------------------------------------------------------------------
 # On Ray workers
 
+@dataclass
+class Sent:
+    """A run out on a worker: what it is, the channel its record comes back through, and how often it went out."""
+    experiment: int
+    attempt: int
+    commit: str
+    number: int
+    repeat: int
+    reference: bool = False  # a run of the best beside a candidate's (the paired rule)
+    split: str = "val"  # what evaluate_bpb scores: the holdout for holdout.py's runs
+    attestation: integrity.Attestation = None
+    tries: int = 1
+
+
 class WorkerRuns:
     """The runs out on Ray workers. send() puts one out (or refuses it, when it must not run), collect() returns
     those that ended, in the order they did; a run whose worker or node died goes out again, once, and the
@@ -135,27 +151,28 @@ class WorkerRuns:
     def __init__(self, night):
         from autoresearch import ray_executor
         self.night, self.ray_executor = night, ray_executor
-        self.pending = {}  # Ray ref: (experiment, attempt, commit, number, repeat, reference, attestation, tries)
+        self.pending = {}  # Ray ref: Sent
         self.refused = []  # runs that never went out (static checks, the allowlist): they end at once
         self.checked = {}  # commit: problems_before's answer (the repeats of a commit need no second look)
 
     def busy(self):
         return len(self.pending)
 
-    def send(self, experiment, attempt, commit, number, repeat, reference=False, tries=1):
+    def send(self, experiment, attempt, commit, number, repeat, reference=False, split="val", tries=1):
         night = self.night
         if commit not in self.checked:
             self.checked[commit] = problems_before(night, commit)
         if problems := self.checked[commit]:
             self.refused.append(not_run(night, experiment, attempt, commit, number, repeat, problems, reference))
             return
-        attestation = integrity.Attestation()
+        sent = Sent(experiment, attempt, commit, number, repeat, reference, split, integrity.Attestation(split=split),
+                    tries)
         ref = self.ray_executor.submit(night.cluster, state.file_at(night.repo, commit, "train.py"),
                                        Path("prepare.py").read_text(), night.portable_fingerprint,
-                                       attestation.key.hex(), night.timeout)
-        self.pending[ref] = (experiment, attempt, commit, number, repeat, reference, attestation, tries)
+                                       sent.attestation.key.hex(), night.timeout, split=split)
+        self.pending[ref] = sent
         night.record(event="run_started", experiment=experiment, attempt=attempt, commit=commit, **beside(reference),
-                     log=str(log_path_of(night, number, repeat, reference)), repeat=repeat, tries=tries)
+                     log=str(log_path_of(night, number, repeat, reference, split, commit)), repeat=repeat, tries=tries)
 
     def collect(self, timeout):
         """The runs that ended within timeout seconds (and those refused since the last call)."""
@@ -164,23 +181,23 @@ class WorkerRuns:
             return ended
         done, _ = self.ray_executor.wait(list(self.pending), timeout=timeout)
         for ref in done:
-            experiment, attempt, commit, number, repeat, reference, attestation, tries = self.pending.pop(ref)
+            sent = self.pending.pop(ref)
             try:
                 result = self.ray_executor.result(ref)
             except self.ray_executor.NodeMismatch as error:
                 fail(str(error))
             except Exception as error:
-                if not self.ray_executor.is_infrastructure_failure(error) or tries > 1:
+                if not self.ray_executor.is_infrastructure_failure(error) or sent.tries > 1:
                     raise
-                log(f"#{experiment} run {repeat}: its worker died ({type(error).__name__}); running it again")
-                self.night.record(event="requeued", experiment=experiment, commit=commit, repeat=repeat,
+                log(f"#{sent.experiment} run {sent.repeat}: its worker died ({type(error).__name__}); running it again")
+                self.night.record(event="requeued", experiment=sent.experiment, commit=sent.commit, repeat=sent.repeat,
                                   error=f"{type(error).__name__}: {str(error)[:300]}")
-                self.send(experiment, attempt, commit, number, repeat, reference, tries + 1)
+                self.send(sent.experiment, sent.attempt, sent.commit, sent.number, sent.repeat, sent.reference,
+                          sent.split, sent.tries + 1)
                 continue
             finally:
-                attestation.close()
-            ended.append(finished_on_worker(self.night, experiment, attempt, commit, number, repeat, reference,
-                                            result, attestation))
+                sent.attestation.close()
+            ended.append(finished_on_worker(self.night, sent, result))
         return ended
 
     def cancel(self):
@@ -188,15 +205,17 @@ class WorkerRuns:
         self.pending.clear()
 
 
-def finished_on_worker(night, experiment, attempt, commit, number, repeat, reference, result, attestation):
-    log_path = log_path_of(night, number, repeat, reference)
+def finished_on_worker(night, sent, result):
+    log_path = log_path_of(night, sent.number, sent.repeat, sent.reference, sent.split, sent.commit)
     log_path.write_text(result["log"])
-    record, missing = attestation.verify(result["record"])
+    record, missing = sent.attestation.verify(result["record"])
     problems = [f"the run changed {', '.join(result['changed'])}"] if result["changed"] else []
     worker = {key: result[key] for key in ("hostname", "ip", "gpu", "worker_pid")}
-    run = dict(experiment=experiment, attempt=attempt, repeat=repeat, commit=commit, **beside(reference),
-               log=str(log_path), worker=worker)
-    run = assess(night, run, result["returncode"], result["seconds"], result["log"], record, missing, problems)
+    run = dict(experiment=sent.experiment, attempt=sent.attempt, repeat=sent.repeat, commit=sent.commit,
+               **beside(sent.reference), log=str(log_path), worker=worker)
+    run = assess(night, run, result["returncode"], result["seconds"], result["log"], record, missing, problems,
+                 sent.split)
     outcome = f"val_bpb {run['val_bpb']:.6f}" if run["ok"] else "no valid val_bpb"
-    log(f"#{experiment} run {repeat} on {worker['hostname']} ({worker['gpu']}): {outcome} ({run['seconds']:.0f}s)")
+    log(f"#{sent.experiment} run {sent.repeat} on {worker['hostname']} ({worker['gpu']}): {outcome} "
+        f"({run['seconds']:.0f}s)")
     return run

@@ -51,3 +51,16 @@ def test_a_night_whose_best_is_the_baseline_has_nothing_to_score(night):
     result = night.run("--max-experiments", "2", "--keep-rule", "greedy", "--holdout-at-end", "on")
     assert "holdout: the best is still the baseline, nothing to compare" in result.stdout
     assert events(night, "holdout_run") == []
+
+
+def test_with_workers_the_holdout_s_two_runs_go_to_two_workers_at_once(night):
+    night.llm.script(change("lower val_bpb", BETTER))
+    driver = night.start("--workers", "2", "--max-experiments", "2", "--keep-rule", "greedy", "--holdout-at-end", "on")
+    printed = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 0, printed
+    [scored] = events(night, "holdout")
+    assert scored["holdout"] == [1.0, 0.995] and "holdout: val: -0.0100, holdout: -0.0050" in printed
+    runs = events(night, "holdout_run")
+    assert len(runs) == 2 and all(r["worker"]["ip"] == "127.0.0.1" for r in runs)
+    started = [e["event"] for e in night.ledger() if e["event"] in ("run_started", "holdout_run")][-4:]
+    assert started == ["run_started", "run_started", "holdout_run", "holdout_run"]  # both out before either ended
