@@ -10,8 +10,8 @@ How it asks for a proposal (--openai-output):
          log and the ledger say once.
 Without --max-tokens, a reply may use what the server's context leaves after the prompt, when the server says
 how big its context is (llama.cpp's /props, vLLM's /v1/models max_model_len); else 16,000 tokens. The prompt's
-tokens are estimated at 4 characters each until the server has counted one of the night's prompts, then at the
-ratio it counted.
+tokens are estimated at 2.5 characters each until the server has counted one of the night's prompts, then at
+the ratio it counted.
 """
 
 import json
@@ -22,7 +22,10 @@ from autoresearch.console import fail, log
 from autoresearch.prompts import CHANGE_SCHEMA, CHANGE_TOOL_DESCRIPTION, CHANGE_TOOL_NAME
 
 OUTPUT_MODES = ("auto", "tools", "json")
-CHARS_PER_TOKEN = 4.0  # a prompt's characters per token until the server has counted one (then its own ratio)
+# A prompt's characters per token until the server has counted one (then its own ratio). Low on purpose: a request
+# whose prompt and reply overflow the context is refused whole (llama.cpp: "exceeds the available context size";
+# Gemma 3's tokenizer counted 3.3 on our prompt, dev/LOG.md 2026-12-02).
+CHARS_PER_TOKEN = 2.5
 CONTEXT_MARGIN = 256  # tokens kept free beside the estimate (chat template, special tokens)
 JSON_INSTRUCTIONS = (
     "\n\n## How to answer\n\nAnswer with one JSON object and nothing else: {\"description\": one line, "

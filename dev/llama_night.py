@@ -104,7 +104,8 @@ def main():
     parser.add_argument("--experiments", type=int, default=3, help="--max-experiments of the night (default 3)")
     parser.add_argument("--openai-output", default="auto", choices=["auto", "tools", "json"])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="compile jobs")
-    parser.add_argument("--context", type=int, default=32768, help="llama-server's context (-c), tokens")
+    parser.add_argument("--context", type=int, default=65536, help="llama-server's context (-c), tokens: the "
+                        "loop's prompt is about 29k of Gemma's tokens (default 65536)")
     parser.add_argument("--port", type=int, default=18080)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -458,7 +458,7 @@ def test_without_max_tokens_a_reply_may_use_what_the_server_s_context_leaves(nig
     assert openai_night(night, "--max-experiments", "3").returncode == 0
     first, second = night.requests(CHAT)
     characters = [sum(len(m["content"] or "") for m in r["messages"]) for r in (first, second)]
-    assert first["max_tokens"] == int(40000 - characters[0] / 4 - 256)  # 4 characters a token, before any count
+    assert first["max_tokens"] == int(40000 - characters[0] / 2.5 - 256)  # 2.5 characters a token, before a count
     ratio = characters[0] / 3000  # the stand-in counted 3000 prompt tokens
     assert second["max_tokens"] == int(40000 - characters[1] / ratio - 256)
     night.llm.props = None
