@@ -17,7 +17,7 @@ the ratio it counted.
 import json
 import os
 
-from autoresearch.agents import DEFAULT_MAX_TOKENS, Proposal, cost_usd, with_retries
+from autoresearch.agents import DEFAULT_MAX_TOKENS, Proposal, cost_usd, proposal_from_tool_input, with_retries
 from autoresearch.console import fail, log
 from autoresearch.prompts import CHANGE_SCHEMA, CHANGE_TOOL_DESCRIPTION, CHANGE_TOOL_NAME
 
@@ -138,7 +138,7 @@ class OpenAIAgent:
             return Proposal(truncated=truncated, usage=usage, problem=(
                 f"The arguments of your {CHANGE_TOOL_NAME} call are not JSON ({error}). Call it again with JSON "
                 "arguments description, hypothesis and edits."))
-        return proposal_from_fields(arguments, truncated, usage)
+        return proposal_from_tool_input(arguments, truncated, usage)
 
 
 def prompt_characters(messages):
@@ -157,14 +157,7 @@ def proposal_from_json(content, truncated, usage):
         return Proposal(truncated=truncated, usage=usage, problem=(
             f"Your reply was not one JSON object of the requested schema: {why}. Answer with exactly one JSON "
             "object: description, hypothesis, edits (a list of search/replace pairs), and notes if you like."))
-    return proposal_from_fields(fields, truncated, usage)
-
-
-def proposal_from_fields(fields, truncated, usage):
-    edits, notes = fields.get("edits"), fields.get("notes")
-    return Proposal(description=str(fields.get("description") or ""), truncated=truncated, usage=usage,
-                    edits=[e for e in edits if isinstance(e, dict)] if isinstance(edits, list) else [],
-                    hypothesis=str(fields.get("hypothesis") or ""), notes=notes if isinstance(notes, str) else None)
+    return proposal_from_tool_input(fields, truncated, usage)
 
 
 def server_context(client, settings):
