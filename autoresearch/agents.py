@@ -312,8 +312,8 @@ def proposal_from_tool_input(tool_input, truncated, usage):
 
 
 class ClaudeCodeAgent:
-    """The claude CLI, headless in the repo's work tree (with workers, a scratch worktree of its own per
-    proposal). It edits with its own tools; we turn what it changed into an edit, undo it, and let the driver
+    """The claude CLI, headless in a scratch worktree of its own per proposal (the engine makes it). It edits
+    with its own tools; we turn what it changed into an edit, undo it, and let the driver
     apply, check and commit it like any other proposal."""
 
     def __init__(self, settings, instructions, repo):

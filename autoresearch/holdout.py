@@ -5,11 +5,12 @@ baseline commit and the best commit each run once more with evaluate_bpb scoring
 compared, in a line like "val: -0.0282, holdout: -0.0241".
 
 It runs at the end of a tag stopped by a limit (--holdout-at-end on, the default), or on demand with
-`agent_loop.py report --holdout`; with workers, on two of them at the same time. Its runs and scores are
-ledgered apart (holdout_run, holdout events), which no prompt reads: the agent never sees a holdout number.
+`agent_loop.py holdout`, on the night's executor (with two slots, both at once); it never moves the branch. Its
+runs and scores are ledgered apart (holdout_run, holdout events), which no prompt reads: the agent never sees a
+holdout number.
 """
 
-from autoresearch import runs, state
+from autoresearch import runs
 from autoresearch.console import log
 
 
@@ -20,26 +21,19 @@ def score_holdout(night):
     if not rows or best is None or best["experiment"] == 0:
         log("holdout: the best is still the baseline, nothing to compare")
         return None
-    baseline, ended = rows[0], {}
+    baseline = rows[0]
     which = {baseline["commit"]: "baseline", best["commit"]: "best"}
     log(f"holdout: running the baseline ({baseline['commit'][:7]}) and the best ({best['commit'][:7]}) once each, "
         "scored on the holdout split")
-    if night.cluster:  # on two workers, at the same time
-        workers = runs.WorkerRuns(night)
-        try:
-            for row in (baseline, best):
-                workers.send(row["experiment"], 0, row["commit"], 0, 1, split="holdout")
-            while len(ended) < 2:
-                ended |= {run["commit"]: run for run in workers.collect(timeout=1.0)}
-        finally:
-            workers.cancel()
-    else:
-        try:
-            for row in (baseline, best):
-                state.reset_hard(night.repo, row["commit"])  # runs happen in the work tree
-                ended[row["commit"]] = runs.run_here(night, row["experiment"], 0, row["commit"], 0, 1, split="holdout")
-        finally:
-            state.reset_hard(night.repo, best["commit"])
+    holdout_runs, ended = runs.Runs(night, night.executor), {}
+    todo = [runs.RunKey(row["experiment"], row["commit"], 0, split="holdout") for row in (baseline, best)]
+    try:
+        while len(ended) < 2:
+            while todo and len(holdout_runs.out) < night.executor.slots:
+                holdout_runs.send(todo.pop(0))
+            ended |= {run["commit"]: run for run in holdout_runs.collect(timeout=1.0)}
+    finally:
+        holdout_runs.cancel_all()
     for commit, run in ended.items():
         if not run["ok"]:
             log(f"holdout: the {which[commit]}'s run gave no holdout score (see {run['log']}): "

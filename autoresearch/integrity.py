@@ -74,14 +74,34 @@ def static_problems(source):
 # -----------------------------------------------------------------------------
 # The harness's record of a run
 
+def new_key():
+    """A fresh key for one run's record: no record of another run, or one written without the key, verifies."""
+    return secrets.token_bytes(32)
+
+
+def verify_record(key, text):
+    """(record, None) when `text` is a record signed with the run's key; else (None, why there is none).
+    text None: the harness wrote none."""
+    if text is None:
+        return None, ("the harness wrote no record of the run (train.py did not let evaluate_bpb finish, "
+                      "or removed the record)")
+    try:
+        signed = json.loads(text)
+        record, mac = signed["record"], signed["hmac"]
+    except (ValueError, KeyError, TypeError):
+        return None, "the harness's record of the run is unreadable: it was altered"
+    expected = hmac.new(key, json.dumps(record, sort_keys=True).encode(), "sha256").hexdigest()
+    if not hmac.compare_digest(expected, str(mac)):
+        return None, "the harness's record of the run does not verify: it was altered"
+    return record, None
+
+
 class Attestation:
-    """One run's channel to the harness: a fresh key (so no record of another run, or one written by train.py
-    without the key, verifies) and a private folder for the record. Send `request()` on the run's stdin.
-    A run on another node (autoresearch/ray_executor.py) gets the driver's key: `Attestation(key)` there, and
-    the driver `verify`s the record text that comes back."""
+    """The run's end of the channel to the harness: the run's key and a private folder for the record. Send
+    `request()` on the run's stdin; the driver verifies the record's text with the same key (verify_record)."""
 
     def __init__(self, key=None, split="val"):
-        self.key, self.split = key or secrets.token_bytes(32), split  # split: what evaluate_bpb is to score
+        self.key, self.split = key or new_key(), split  # split: what evaluate_bpb is to score
         self.folder = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
         self.path = self.folder / "record.json"
 
@@ -97,23 +117,7 @@ class Attestation:
             text = None
         except (OSError, ValueError):
             return None, "the harness's record of the run is unreadable: it was altered"
-        return self.verify(text)
-
-    def verify(self, text):
-        """(record, None) when `text` is a record signed with this run's key; else (None, why there is none).
-        text None: the harness wrote none."""
-        if text is None:
-            return None, ("the harness wrote no record of the run (train.py did not let evaluate_bpb finish, "
-                          "or removed the record)")
-        try:
-            signed = json.loads(text)
-            record, mac = signed["record"], signed["hmac"]
-        except (ValueError, KeyError, TypeError):
-            return None, "the harness's record of the run is unreadable: it was altered"
-        expected = hmac.new(self.key, json.dumps(record, sort_keys=True).encode(), "sha256").hexdigest()
-        if not hmac.compare_digest(expected, str(mac)):
-            return None, "the harness's record of the run does not verify: it was altered"
-        return record, None
+        return verify_record(self.key, text)
 
     def close(self):
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -12,12 +12,11 @@ own runs is tested. "greedy" is the reference's: one run, keep if lower, with a 
 again. docs/keep-rule.md gives the reasoning and the measured rates.
 """
 
+import functools
 import math
 from statistics import fmean
 
 KEEP_RULES = ("noise", "greedy")
-T_CRITICAL = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
-              12: 2.18, 15: 2.13, 20: 2.09, 30: 2.04, 60: 2.00}  # t(0.975) by degrees of freedom; 1.96 beyond
 PLAUSIBILITY_FACTOR = 3  # an improvement over 3x the largest kept so far is re-run before it can be kept...
 PLAUSIBLE_FIRST_GAIN = 0.02  # ...and the first one when over 2 % of the baseline's val_bpb
 
@@ -31,11 +30,29 @@ def noise_estimate(groups):
     return (math.sqrt(squares / dof) if dof else math.inf), dof
 
 
+@functools.lru_cache
 def t_critical(dof):
-    """The one-sided 2.5 % critical value of Student's t (from the table, rounded down to a listed dof)."""
+    """The one-sided 2.5 % critical value of Student's t with dof degrees of freedom: where P(|T| < t) = 0.95."""
     if dof < 1:
         return math.inf
-    return 1.96 if dof > max(T_CRITICAL) else T_CRITICAL[max(k for k in T_CRITICAL if k <= dof)]
+    low, high = 0.0, 13.0  # t(0.975) is 12.71 at one degree of freedom and falls towards 1.96
+    for _ in range(60):  # bisection, to far below the precision a threshold needs
+        middle = (low + high) / 2
+        low, high = (low, middle) if t_within(middle, dof) >= 0.95 else (middle, high)
+    return high
+
+
+def t_within(t, dof):
+    """P(|T| < t) for Student's t with an integer number of degrees of freedom, in closed form: with theta =
+    atan(t / sqrt(dof)), a finite series in cos(theta)^2 (Abramowitz and Stegun 26.7.3 and 26.7.4)."""
+    theta = math.atan(t / math.sqrt(dof))
+    cos2, term, series = math.cos(theta) ** 2, 1.0, 1.0
+    for k in range(2 if dof % 2 == 0 else 3, dof, 2):
+        term *= cos2 * (k - 1) / k
+        series += term
+    if dof % 2 == 0:
+        return math.sin(theta) * series
+    return 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * series if dof > 1 else 0.0))
 
 
 def plausibility_bound(kept):
@@ -82,6 +99,8 @@ def decide_paired(candidate, reference, screen, noise, max_runs=4, min_delta=0.0
         return None, (f"{fmean(screen) - first:.6f} better in its first run: running the best beside it "
                       f"(pair 1 of {max_runs})")
     pairs = [(candidate[k], reference[k]) for k in sorted(candidate.keys() & reference.keys())]
+    if not pairs:  # runs end out of order: no pair is complete yet
+        return None, f"no pair complete yet: running the best beside it (pairs of {max_runs})"
     n, delta = len(pairs), fmean(best - mine for mine, best in pairs)  # delta > 0: the candidate is better
     runs = f"{n} pair{'s' * (n > 1)}"
     if delta <= 0:
@@ -94,12 +113,3 @@ def decide_paired(candidate, reference, screen, noise, max_runs=4, min_delta=0.0
     where = "above" if verdict == "keep" else "within the noise:"
     return verdict, (f"{delta:.6f} better than the best beside it over {runs}, {where} threshold {threshold:.6f} "
                      f"(noise sigma {sigma:.6f}, {dof} dof)")
-
-
-def next_pair_runs(candidate_runs, reference_runs):
-    """Which runs make the next pair, in the order to run them one after another: pair k runs the candidate first
-    when k is odd and the best first when it is even (A B, B A, ...), so that a linear drift within pairs cancels
-    over two of them; a candidate run already made for pair k (its first run) is not made again."""
-    pair = reference_runs + 1
-    order = ("candidate", "best") if pair % 2 else ("best", "candidate")
-    return [role for role in order if role == "best" or candidate_runs < pair]

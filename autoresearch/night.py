@@ -1,6 +1,6 @@
 """
-The night's shared state and its records: what agent_loop.py (one run at a time) and scheduler.py (several
-workers) both write the same way. A proposal, a result row, the baseline's end, and when to stop.
+The night's shared state and its records, as the engine (engine.py) writes them: a proposal, a result row,
+steering and plateaus before each proposal, and when to stop.
 """
 
 import argparse
@@ -11,9 +11,9 @@ from statistics import fmean
 
 import git
 
-from autoresearch import integrity, keep_rule, report, state
+from autoresearch import decisions, keep_rule, state
 from autoresearch.agents import source_digest
-from autoresearch.console import fail, log
+from autoresearch.console import log
 from autoresearch.state import Ledger
 
 MAX_FAILED_PROPOSALS_IN_A_ROW = 5  # an agent that cannot produce a usable edit stops the night
@@ -29,8 +29,9 @@ class Night:
     timeout: float
     constants: dict  # the prepared cache's time_budget, max_seq_len and eval_tokens
     fingerprint: dict  # of prepare.py and the cache, when the tag started
-    cluster: object = None  # ray_executor.Cluster with --workers N > 1, else runs happen here, one at a time
-    portable_fingerprint: dict = None  # what each worker's prepare.py and cache must equal
+    branch: str = ""  # autoresearch/<tag>: it points at the best
+    executor: object = None  # runs.LocalExecutor or ray_executor.RayExecutor, closed when the night ends
+    stopping: bool = False  # a signal arrived, or the night is cleaning up: another signal does not cut that short
     started: float = field(default_factory=time.time)
     failed_proposals_in_a_row: int = 0
     source_digests: dict = field(default_factory=dict)  # commit: its train.py's source_digest (already_run's)
@@ -38,10 +39,11 @@ class Night:
     def record(self, **record):
         return self.ledger.append(**record)
 
-
-def is_paired(args):
-    """The paired rule: a promising candidate's runs alternate with runs of the best (--paired, the noise rule)."""
-    return args.keep_rule == "noise" and args.paired == "on"
+    @property
+    def rule(self):
+        args = self.args
+        return decisions.Rule(args.keep_rule, args.keep_rule == "noise" and args.paired == "on", args.noise_runs,
+                              args.max_runs, args.min_delta, args.max_fix_attempts)
 
 
 def already_run(night):
@@ -91,46 +93,18 @@ def before_proposal(night):
     return steering
 
 
-def record_result(night, experiment, run, description, status, reason):
-    """The experiment's row (results.tsv is rewritten from the ledger), then train.py back at the best commit."""
-    values = night.ledger.measured(run["commit"]) if status in ("keep", "discard") else []
-    beside = night.ledger.paired_runs(experiment, run["commit"])[1]  # the best's runs paired with these
+def record_result(night, experiment, run, description, status, reason, **extra):
+    """The experiment's row in the ledger, from the valid runs of its last commit (and the best's beside them)."""
+    candidate, reference = night.ledger.experiment_runs(experiment, run["commit"])
+    values = [r["val_bpb"] for _, r in sorted(candidate.items()) if r["ok"]] if status in ("keep", "discard") else []
+    beside = [r["val_bpb"] for _, r in sorted(reference.items()) if r["ok"]]
     sigma, dof = keep_rule.noise_estimate(night.ledger.run_groups().values())
-    night.record(event="result", experiment=experiment, commit=run["commit"], status=status,
-                 val_bpb=fmean(values) if values else 0.0, runs=values,
-                 memory_gb=run["metrics"].get("peak_vram_mb", 0.0) / 1024 if values else 0.0,
-                 **({"best_runs_beside": list(beside.values())} if beside and values else {}),
-                 description=description, hypothesis=night.ledger.hypothesis(experiment), reason=reason,
-                 noise_sigma=sigma if dof else None, noise_dof=dof)
-    state.write_results_tsv(night.ledger.results(), night.state_dir)
-    report.write_html(night.ledger, night.state_dir / "report.html", f"autoresearch {night.args.tag}", live=True)
-    best = night.ledger.best()
-    state.reset_hard(night.repo, best["commit"])  # also undoes what a run did to tracked files, prepare.py included
-    if status == "invalid" and (changed := integrity.fingerprint_changes(night.fingerprint,
-                                                                          integrity.harness_fingerprint())):
-        fail(f"experiment {experiment} changed the prepared cache ({', '.join(changed)}): later results would not "
-             f"be comparable. Restore it (run prepare.py again with the same flags), or start a new --tag.")
-    log(f"#{experiment} {status}: {reason}. \"{description}\" (best {best['val_bpb']:.6f}); "
-        f"spent ${night.ledger.spent_usd():.2f}")
-
-
-def check_baseline_run(night, run):
-    """A baseline run that fails or breaks a rule stops the night: nothing could be compared with it."""
-    if run["problems"]:
-        fail(f"the unmodified train.py breaks the rules of the metric: {'; '.join(run['problems'])}.")
-    if not run["ok"]:
-        fail(f"the unmodified train.py did not produce val_bpb (see {run['log']}). Fix the setup, then run "
-             f"agent_loop.py again with --tag {night.args.tag}.")
-
-
-def finish_baseline(night, commit, runs):
-    """The baseline's row: the mean of its runs is the first best, their spread the first noise estimate."""
-    done = night.ledger.measured(commit)
-    last = [r for r in night.ledger.valid_runs() if r["commit"] == commit][-1]
-    sigma, dof = keep_rule.noise_estimate(night.ledger.run_groups().values())
-    reason = f"mean of {runs} runs, noise sigma {sigma:.6f}" if dof else "one run"
-    night.record(event="noise", sigma=sigma if dof else None, dof=dof, runs=done)
-    record_result(night, 0, last, "baseline", "keep", reason)
+    return night.record(event="result", experiment=experiment, commit=run["commit"], status=status,
+                        val_bpb=fmean(values) if values else 0.0, runs=values,
+                        memory_gb=run["metrics"].get("peak_vram_mb", 0.0) / 1024 if values else 0.0,
+                        **({"best_runs_beside": beside} if beside and values else {}),
+                        description=description, hypothesis=night.ledger.hypothesis(experiment), reason=reason,
+                        noise_sigma=sigma if dof else None, noise_dof=dof, **extra)
 
 
 def why_stop(night, open_count=0):

@@ -111,18 +111,18 @@ def parse_args(argv, started_with=None):
                         f"API call; it doubles up to {MAX_RETRY_DELAY}s and never gives up (default: %(default)s)")
     parser.add_argument("--api-timeout", type=float, default=600.0,
                         help="seconds one agent call may take (default: %(default)s)")
-    parser.add_argument("--workers", default="1", help="runs at once, each on its own GPU (a CPU slot without GPUs), "
-                        "through Ray: different experiments at the same time, ideas asked ahead while runs go on, "
-                        "decisions in the order they end; auto: every visible GPU (default: 1, no Ray)")
-    parser.add_argument("--ray", metavar="ADDRESS", help="run on this Ray cluster (auto: RAY_ADDRESS) instead of a "
-                        "private local Ray instance, on all its GPUs or at most --workers N of them; its token from "
-                        "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+    parser.add_argument("--workers", default="1", help="runs at once, each on a GPU of its own (a CPU slot without "
+                        "GPUs): different experiments at the same time, ideas asked ahead while runs go on, decisions "
+                        "in the order runs end; auto: every visible GPU (default: 1, one experiment at a time)")
+    parser.add_argument("--ray", metavar="ADDRESS", help="run on this Ray cluster (host:port of its head node; auto: "
+                        "RAY_ADDRESS; local: a private instance on this machine), on all its GPUs or at most "
+                        "--workers N of them; its token from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
     parser.add_argument("--allow-mixed-gpus", action="store_true",
                         help="with --workers, run on a cluster whose GPUs are not all one model")
     args = parser.parse_args(argv)
     if args.workers == "auto":
-        from autoresearch.ray_executor import visible_gpus  # imports no Ray
-        args.workers = visible_gpus() or 1
+        from autoresearch.runs import local_gpus
+        args.workers = len(local_gpus()) or 1
     elif not args.workers.isdigit() or int(args.workers) < 1:
         parser.error(f"--workers {args.workers!r}: a positive number, or auto")
     args.workers = int(args.workers)

@@ -115,7 +115,9 @@ def constant_edits(source, constants, values):
 
 class OptunaAgent:
     """Each experiment is an Optuna trial (ask/tell, TPE) over the numeric constants of train.py. The study
-    lives in .autoresearch/<tag>/optuna.journal and learns each trial's val_bpb from the ledger."""
+    lives in .autoresearch/<tag>/optuna.journal and learns each trial's val_bpb from the ledger. It answers in
+    milliseconds and keeps state: the engine asks it on its own thread, one trial at a time."""
+    in_background = False
 
     def __init__(self, settings, instructions, repo):
         import optuna  # here, so that the other agents do not need it

@@ -3,7 +3,7 @@ What the agent is shown, and the shape of its answer. The fixed instructions com
 APIs that cache. Everything that changes during the night is in each idea's or fix's prompt, after them: the
 researcher's steering (steer.md), the agent's own lab notes (fenced), the history with each hypothesis, the near
 misses, a plateau, what is being tested now, the current train.py, a crash's fenced log tail.
-Plain functions of the ledger and the source text: the serial loop and the scheduler build them alike.
+Plain functions of the ledger and the source text, which the engine builds them from.
 """
 
 from pathlib import Path

@@ -1,30 +1,30 @@
 """
-Many runs of train.py at once, on Ray: one run per task, on whatever node of a local Ray instance or of a
-cluster the task lands on (one GPU per run; one CPU slot on a machine without GPUs).
+Many runs of train.py at once, on Ray: one run per task, on whatever node of a cluster (or of a private local
+instance, `--ray local`) the task lands on (one GPU per run; one CPU slot on a cluster without GPUs).
 
-The serial loop never imports this module, and this module imports ray only inside its functions. The
-driver's side, with plain values in and out:
+Only a night with --ray imports this module, and this module imports ray only inside its functions. The
+engine drives it through RayExecutor, an executor like runs.LocalExecutor; underneath, with plain values:
 
-    cluster = ray_executor.connect(None, state_dir, num_workers=4)      # or "auto" / "host:port": join a cluster
+    cluster = ray_executor.connect("local", state_dir, num_workers=4)   # or "auto" / "host:port": join a cluster
     fingerprint = integrity.portable_fingerprint()                      # once: every node must match it
-    attestation = integrity.Attestation()                               # per run: its key signs the record
-    ref = ray_executor.submit(cluster, train_source, prepare_source, fingerprint, attestation.key.hex(), timeout)
+    ref = ray_executor.submit(cluster, train_source, prepare_source, fingerprint, key.hex(), timeout)
     done, pending = ray_executor.wait(refs, timeout=1.0)
     try:
-        result = ray_executor.result(done[0])    # returncode, seconds, log, record, hostname, ip, gpu, ...
+        result = ray_executor.result(done[0])    # returncode, seconds, log, record, changed, worker
     except Exception as error:                   # NodeMismatch: stop; is_infrastructure_failure: run it again
         ...
-    record, missing = attestation.verify(result["record"])
+    record, missing = integrity.verify_record(key, result["record"])
     ray_executor.cancel_all(refs)                # Ctrl-C
     ray_executor.shutdown(cluster)
 
 A local instance is private: it listens on 127.0.0.1 only, with Ray's token authentication on and no dashboard,
-and its temp dir (with the sockets and logs) and token file live in state_dir, never under ~. A cluster is
-joined with the token Ray's documentation says (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token).
-Nodes share no filesystem: the task carries train.py and prepare.py, Ray ships this package to the nodes
-(py_modules), and each node uses its own prepared cache, which must equal the driver's
-(integrity.portable_fingerprint). Workers run in the Python their node's Ray runs in: on a cluster, start Ray
-from the project's environment (`uv run ray start ...`).
+and its temp dir (with the sockets and logs) and token file live in state_dir, never under ~ (a temp dir too long
+for Ray's sockets goes under /tmp, and is removed at shutdown, or at the next start after a SIGKILL). A cluster
+is joined with the token Ray's documentation says (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token);
+when it cannot be, one line says why and what to do. Nodes share no filesystem: the task carries train.py and
+prepare.py, Ray ships this package to the nodes (py_modules), and each node uses its own prepared cache, which
+must equal the driver's (integrity.portable_fingerprint). Workers run in the Python their node's Ray runs in: on a
+cluster, start Ray from the project's environment (`uv run ray start ...`).
 """
 
 import functools
@@ -62,21 +62,11 @@ class Cluster:
     gpu_models: tuple = ()  # of the live nodes with GPUs (gpu_models)
 
 
-def visible_gpus():
-    """How many CUDA GPUs this machine shows (CUDA_VISIBLE_DEVICES respected), without importing torch."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
-        return len([d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(line.startswith("GPU ") for line in listed.splitlines())
-
-
 def connect(address, state_dir, num_workers):
-    """Start a private local Ray instance (address None) with room for num_workers runs, or join the cluster at
+    """Start a private local Ray instance (address "local") with room for num_workers runs, or join the cluster at
     address ("auto": RAY_ADDRESS, or the one `ray start` left on this machine), using at most num_workers of its
-    GPUs at once (all of them when num_workers is 1). Returns a Cluster."""
+    GPUs at once (all of them when num_workers is 1). Returns a Cluster; RuntimeError, in one line that names the
+    cause and the fix, when the cluster cannot be joined."""
     state_dir = Path(state_dir).resolve()
     # Under `uv run`, Ray would copy the working directory to every worker and build a virtual environment there
     # (a minute on a 2-core machine, and the repository's state with it). Workers use the Python their node's
@@ -84,22 +74,53 @@ def connect(address, state_dir, num_workers):
     os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"  # read when ray is imported; set below for an earlier import
     common = dict(log_to_driver=False, logging_level=logging.WARNING,  # Ray's INFO lines stay out of the loop's output
                   runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]})
-    if address is None:
+    if address == "local":
         return _start_local(state_dir, num_workers, common)
+    if ":" in address:
+        check_reachable(address)
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray turns it on by itself only for clusters it finds locally
     ray = _import_ray()
     try:
         context = _init(ray, address=address, **common)
-    except ray.exceptions.AuthenticationError as error:
-        raise RuntimeError(f"the Ray cluster at {address} refused this driver ({error}). Give it the cluster's "
-                           "token: RAY_AUTH_TOKEN, or a file named by RAY_AUTH_TOKEN_PATH (on the head node, "
-                           "`ray get-auth-token` prints it)") from error
+    except Exception as error:  # Ray wraps what went wrong in RuntimeError or ConnectionError, a traceback inside
+        raise RuntimeError(join_failure(address, error)) from None
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     capacity = gpus or int(resources.get("CPU", 0))
     return Cluster(address=context.address_info["gcs_address"], local=False, gpus=gpus > 0,
                    slots=min(num_workers, capacity) if num_workers > 1 else capacity,
                    gpu_models=gpu_models(ray.nodes()))
+
+
+TOKEN_HINT = ("give it the cluster's token: RAY_AUTH_TOKEN, or a file named by RAY_AUTH_TOKEN_PATH (on the head "
+              "node, `ray get-auth-token` prints it)")
+
+
+def check_reachable(address, timeout=10):
+    """Refuse at once an address where nothing listens: Ray itself would retry silently for minutes."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as error:
+        raise RuntimeError(f"nothing answers at the Ray address {address} ({type(error).__name__}: {error}): start "
+                           "the cluster's head node (`uv run ray start --head`), or check --ray (host:port of its "
+                           "GCS, 6379 unless `ray start --port` said otherwise)") from None
+
+
+def join_failure(address, error):
+    """What went wrong when joining the cluster at address, in one line with the fix."""
+    chain, seen = [], error
+    while seen is not None:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    said = " ".join(f"{type(e).__name__}: {e}" for e in chain)
+    if "InvalidAuthToken" in said or "Unauthenticated" in said or "AuthenticationError" in said:
+        return f"the Ray cluster at {address} refused this driver's token: {TOKEN_HINT}"
+    first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    if isinstance(error, ConnectionError) or "Could not find any running Ray instance" in said:
+        return (f"no Ray cluster could be joined at {address} ({first}): check that it is running (`ray status` on "
+                "its head node) and the address, or use --ray local for a private instance on this machine")
+    return f"Ray could not join the cluster at {address} ({type(error).__name__}: {first})"
 
 
 def _import_ray():
@@ -114,8 +135,12 @@ def _import_ray():
 
 
 def _start_local(state_dir, num_workers, common):
+    from autoresearch.runs import local_gpus
+
     state_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(state_dir)
     temp_dir = ray_temp_dir(state_dir)
+    (state_dir / "ray_temp_dir").write_text(str(temp_dir))  # for the next start, should this driver be SIGKILLed
     token_path = state_dir / "ray_auth_token"
     # A fresh token each start, readable by this user only. Ray reads RAY_AUTH_TOKEN before RAY_AUTH_TOKEN_PATH,
     # and would write its own token to ~/.ray/auth_token if it found none: it finds ours.
@@ -129,7 +154,7 @@ def _start_local(state_dir, num_workers, common):
                       # the loopback address, and the GCS, raylet and workers listen there only.
                       RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     ray = _import_ray()
-    gpus = min(visible_gpus(), num_workers)
+    gpus = min(len(local_gpus()), num_workers)
     context = _init(ray, address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                     _temp_dir=str(temp_dir), num_cpus=None if gpus else num_workers, num_gpus=gpus, **common)
     info = context.address_info
@@ -138,6 +163,26 @@ def _start_local(state_dir, num_workers, common):
         raise RuntimeError(f"the local Ray instance did not stay on 127.0.0.1 (GCS at {info['gcs_address']})")
     return Cluster(address=info["gcs_address"], local=True, gpus=gpus > 0, slots=gpus or num_workers,
                    temp_dir=str(temp_dir), token_path=str(token_path), gpu_models=gpu_models(ray.nodes()))
+
+
+def remove_leftovers(state_dir):
+    """What a SIGKILLed driver's private instance left: its processes (found by their temp dir) and that temp dir,
+    when it was a folder under /tmp."""
+    import psutil
+
+    record = state_dir / "ray_temp_dir"
+    if not record.exists():
+        return
+    temp_dir = record.read_text().strip()
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in process.info["cmdline"] or []):
+                process.kill()
+        except psutil.Error:
+            pass
+    if Path(temp_dir).name.startswith("autoresearch-ray-"):
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    record.unlink()
 
 
 def gpu_models(nodes):
@@ -178,12 +223,16 @@ def ray_temp_dir(state_dir):
 
 
 def shutdown(cluster):
-    """Leave the cluster; a local instance stops, and its token goes (Ray's logs stay in its temp dir)."""
+    """Leave the cluster; a local instance stops, and its token goes, and its temp dir when it is one under /tmp
+    (Ray's logs stay in a temp dir in the state dir)."""
     import ray
 
     ray.shutdown()
-    if cluster.token_path:
+    if cluster.local:
         Path(cluster.token_path).unlink(missing_ok=True)
+        if Path(cluster.temp_dir).name.startswith("autoresearch-ray-"):
+            shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+        (Path(cluster.token_path).parent / "ray_temp_dir").unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------
@@ -194,38 +243,42 @@ class NodeMismatch(Exception):
 
 
 def run_experiment(train_source, prepare_source, fingerprint, key_hex, timeout, cache=None, split="val"):
-    """The task: one run of train.py on this node, as runner.run_training runs it on the driver's machine, in a
-    fresh folder, against this node's cache (cache None: AUTORESEARCH_CACHE of the node, or its default), with
-    evaluate_bpb scoring `split` (the holdout for holdout.py's runs).
-    Raises NodeMismatch unless the node's cache has the driver's portable `fingerprint`. Returns a dict:
-    returncode (None on timeout), seconds, log, record (the harness's signed record as text, or None), changed
-    (what of prepare.py and the cache the run changed), hostname, ip, gpu, worker_pid."""
+    """The task: one run of train.py on this node, in a fresh folder (runner.run_in_folder, as on the driver's
+    machine), against this node's cache (cache None: AUTORESEARCH_CACHE of the node, or its default), with
+    evaluate_bpb scoring `split`. Raises NodeMismatch unless the node's cache has the driver's portable
+    `fingerprint`. Returns run_in_folder's dict, with the worker: hostname, ip, gpu, worker_pid."""
     import ray
 
-    from autoresearch import integrity
+    from autoresearch import integrity, runner
 
     hostname, ip = socket.gethostname(), ray.util.get_node_ip_address()
     cache = Path(cache).expanduser() if cache else integrity.cache_dir()
-    work = Path(tempfile.mkdtemp(prefix="autoresearch-task-"))
-    attestation = integrity.Attestation(bytes.fromhex(key_hex), split)  # its record goes to a private folder
+    started, done, outcome = [], threading.Event(), {}
+
+    def target():  # in a thread: the KeyboardInterrupt of ray.cancel arrives in this (main) thread at once
+        try:
+            outcome["value"] = runner.run_in_folder(
+                train_source, prepare_source, key_hex, timeout, None, split, cache=cache,
+                check=lambda prepare_py, cache: _check_node(fingerprint, prepare_py, cache, f"{hostname} ({ip})"),
+                on_start=lambda process: started.append(process.pid))
+        except BaseException as error:  # handed to the main thread
+            outcome["error"] = error
+        done.set()
+
+    threading.Thread(target=target, daemon=True).start()
+    # An Event, not Thread.join: a join that an exception interrupts marks the thread as ended (Python 3.11)
     try:
-        (work / "train.py").write_text(train_source)
-        (work / "prepare.py").write_text(prepare_source)
-        _check_node(fingerprint, work / "prepare.py", cache, f"{hostname} ({ip})")
-        before = integrity.harness_fingerprint(work / "prepare.py", cache)
-        # train.py is code a model wrote: it gets no token of the cluster
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")},
-               "AUTORESEARCH_CACHE": str(cache)}
-        returncode, seconds = _run_training(work / "run.log", timeout, work / "train.pid", attestation.request(),
-                                            cwd=work, env=env)
-        changed = integrity.fingerprint_changes(before, integrity.harness_fingerprint(work / "prepare.py", cache))
-        record = attestation.path.read_text() if attestation.path.exists() else None
-        log = (work / "run.log").read_bytes().decode(errors="replace")  # keeps the \r of progress lines
-    finally:
-        attestation.close()
-        shutil.rmtree(work, ignore_errors=True)  # a checkpoint a run leaves is not the next run's to find
-    return dict(returncode=returncode, seconds=seconds, log=log, record=record, changed=changed,
-                hostname=hostname, ip=ip, gpu=_gpu_name(tuple(ray.get_gpu_ids())), worker_pid=os.getpid())
+        while not done.wait(0.2):
+            pass
+    except BaseException:
+        while not done.wait(0.1):  # until the run has started and is dead
+            for pid in started:
+                runner.kill_tree(pid)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    worker = dict(hostname=hostname, ip=ip, gpu=_gpu_name(tuple(ray.get_gpu_ids())), worker_pid=os.getpid())
+    return dict(outcome["value"], worker=worker)
 
 
 def _check_node(fingerprint, prepare_py, cache, node):
@@ -241,37 +294,6 @@ def _check_node(fingerprint, prepare_py, cache, node):
         raise NodeMismatch(f"node {node}: its prepared cache at {cache} is not the driver's ({', '.join(differ)} "
                            f"differ{'s' if len(differ) == 1 else ''}), so its val_bpb would not be comparable. "
                            f"{what_to_do}")
-
-
-def _run_training(log_path, timeout, pid_path, request, cwd, env):
-    """runner.run_training in a thread, so that the KeyboardInterrupt of ray.cancel, raised in this (main) thread,
-    arrives at once rather than when the run's process.wait() returns; on it, the run's process tree is killed."""
-    from autoresearch import runner
-
-    outcome, done = {}, threading.Event()
-
-    def target():
-        try:
-            outcome["value"] = runner.run_training(log_path, timeout, pid_path, request, cwd=cwd, env=env)
-        except BaseException as error:  # handed to the main thread
-            outcome["error"] = error
-        done.set()
-
-    threading.Thread(target=target, daemon=True).start()
-    # An Event, not Thread.join: a join that an exception interrupts marks the thread as ended (Python 3.11)
-    try:
-        while not done.wait(0.2):
-            pass
-    except BaseException:
-        while not done.wait(0.1):  # until the run has started (its pid file) and is dead
-            try:
-                runner.kill_tree(int(pid_path.read_text()))
-            except (OSError, ValueError):
-                pass
-        raise
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 @functools.lru_cache
@@ -292,7 +314,7 @@ def _gpu_name(gpu_ids):
 def _task():
     import ray
 
-    # No retry by Ray: re-running a run whose worker or node died is the scheduler's decision, once, on the record.
+    # No retry by Ray: re-running a run whose worker or node died is the engine's decision, once, on the record.
     return ray.remote(max_retries=0)(run_experiment)
 
 
@@ -347,3 +369,67 @@ def cancel_all(refs):
     _, running = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE) if refs else ([], [])
     for ref in running:
         ray.cancel(ref, force=True)
+
+
+# -----------------------------------------------------------------------------
+# The engine's executor
+
+class RayExecutor:
+    """Runs on the cluster's workers, for the engine (runs.Runs): as many at once as the cluster has slots."""
+    remote = True
+
+    def __init__(self, cluster, fingerprint):
+        self.cluster, self.fingerprint, self.slots = cluster, fingerprint, cluster.slots
+        self.pending = {}  # Ray ref: (key, request)
+
+    def describe(self):
+        where = "a private Ray instance on this machine" if self.cluster.local else f"Ray at {self.cluster.address}"
+        return f"{self.slots} at once on {where}, one {'GPU' if self.cluster.gpus else 'CPU slot'} each"
+
+    def submit(self, key, request):
+        ref = submit(self.cluster, request.train_source, request.prepare_source, self.fingerprint, request.key_hex,
+                     request.timeout, split=request.split)
+        self.pending[ref] = (key, request)
+
+    def wait(self, timeout):
+        done, _ = wait(list(self.pending), timeout=timeout)
+        ended = []
+        for ref in done:
+            key, request = self.pending.pop(ref)
+            try:
+                outcome = result(ref)
+                request.log_path.write_text(outcome["log"])
+            except NodeMismatch as error:
+                raise RuntimeError(str(error)) from None
+            except Exception as error:  # the engine sends it again when its worker or node died
+                outcome = error
+            ended.append((key, outcome))
+        return ended
+
+    def is_infrastructure_failure(self, error):
+        return is_infrastructure_failure(error)
+
+    def cancel(self, key):
+        refs = [ref for ref, (sent, _) in self.pending.items() if sent == key]
+        for ref in refs:
+            del self.pending[ref]
+        cancel_all(refs)
+
+    def cancel_all(self):
+        cancel_all(list(self.pending))
+        self.pending.clear()
+
+    def waiting_for(self):
+        """Why runs may wait for a worker: the cluster's live capacity now, when it is below its slots."""
+        import ray
+
+        resources = ray.available_resources() if ray.is_initialized() else {}
+        total = ray.cluster_resources() if ray.is_initialized() else {}
+        kind = "GPU" if self.cluster.gpus else "CPU"
+        if int(total.get(kind, 0)) < self.slots:
+            return (f"the cluster has {int(total.get(kind, 0))} {kind}s now, of the {self.slots} it started with: "
+                    "are its worker nodes gone? (`ray status` on its head node)")
+        return f"{int(resources.get(kind, 0))} {kind}s of the cluster free"
+
+    def close(self):
+        shutdown(self.cluster)

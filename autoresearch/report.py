@@ -209,9 +209,6 @@ def report_main(argv):
     source.add_argument("--tag", help="report this tag's ledger (default: the tag whose ledger changed last)")
     source.add_argument("--tsv", metavar="PATH", help="report any results.tsv instead; time and cost are then unknown")
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
-    parser.add_argument("--holdout", action="store_true", help="first run the tag's baseline and best commits once "
-                        "each with evaluate_bpb scoring the holdout split (two training runs, here), then report both "
-                        "deltas: val against holdout, whether the night's gain holds on text no decision saw")
     parser.add_argument("--png", metavar="PATH", help="where to write the plot (default: "
                         "progress.png next to results.tsv)")
     parser.add_argument("--html", metavar="PATH", nargs="?", const="", help="also write the report as one "

@@ -1,26 +1,30 @@
 """
 One run of train.py under the harness, and what its log says.
 
-The run is `python -c "import prepare; prepare.attested_run('train.py')"` in the repository: the
-harness first, train.py as __main__. It gets its own process group and a hard time limit; on
+The run is `python -c "import prepare; prepare.attested_run('train.py')"` in a fresh folder that holds
+train.py and prepare.py and nothing else (run_in_folder: here and on a Ray node alike): the harness
+first, train.py as __main__. It gets its own process group and a hard time limit; on
 timeout or interrupt its whole process tree is killed (psutil: portable, no /proc). The driver
 reads the summary block after the last `---` line for the memory figure and the printed val_bpb
-(which must agree with the harness's attested one), shows one status line while it trains, and
+(which must agree with the harness's attested one), its latest progress line while it trains, and
 sends a crashed run's log tail to the agent fenced as untrusted data.
 """
 
-import datetime
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
+from autoresearch import integrity
 from autoresearch.console import log
 
 LOG_TAIL_LINES, LOG_TAIL_CHARS = 50, 4000  # how much of a crashed run's log the agent sees
@@ -31,17 +35,51 @@ TRAIN_COMMAND = "import prepare; prepare.attested_run('train.py')"  # the harnes
 # Running
 
 
-def run_training(log_path, timeout, pid_path, request, cwd=None, env=None):
-    """Run train.py under the harness, output to log_path, `request` (the attestation's key and path) on its stdin;
-    kill its process tree on timeout or interrupt. Returns (exit code, or None when killed at the limit; seconds).
-    cwd and env: where it runs and with what environment (default: this process's; a Ray task gives its own)."""
+def run_in_folder(train_source, prepare_source, key_hex, timeout, pid_path, split="val", log_path=None, cache=None,
+                  env=None, check=None, on_start=None):
+    """One run of train_source in a fresh folder of its own, against the prepared cache (None: this machine's),
+    with evaluate_bpb scoring `split` and signing its record with key_hex; a checkpoint the run leaves goes with
+    the folder. check(prepare_py, cache), if given, raises when the folder's harness is not the driver's (on a
+    Ray node); on_start(process) is called once the run's process has started. Returns a dict: returncode (None:
+    killed at the time limit), seconds, log, record (the signed record's text, or None), changed (what of
+    prepare.py and the cache the run changed)."""
+    cache = Path(cache) if cache else integrity.cache_dir()
+    work = Path(tempfile.mkdtemp(prefix="autoresearch-task-"))
+    log_path = Path(log_path or work / "run.log")
+    attestation = integrity.Attestation(bytes.fromhex(key_hex), split)  # its record goes to a private folder
+    try:
+        (work / "train.py").write_text(train_source)
+        (work / "prepare.py").write_text(prepare_source)
+        if check:
+            check(work / "prepare.py", cache)
+        before = integrity.harness_fingerprint(work / "prepare.py", cache)
+        # train.py is code a model wrote: no token of a Ray cluster reaches it
+        env = {**{k: v for k, v in (env or os.environ).items() if not k.startswith("RAY_AUTH_TOKEN")},
+               "AUTORESEARCH_CACHE": str(cache)}
+        returncode, seconds = run_training(log_path, timeout, pid_path, attestation.request(), work, env, on_start)
+        changed = integrity.fingerprint_changes(before, integrity.harness_fingerprint(work / "prepare.py", cache))
+        record = attestation.path.read_text() if attestation.path.exists() else None
+        log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
+    finally:
+        attestation.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return dict(returncode=returncode, seconds=seconds, log=log_text, record=record, changed=changed)
+
+
+def run_training(log_path, timeout, pid_path, request, cwd, env=None, on_start=None):
+    """Run train.py under the harness in cwd, output to log_path, `request` (the attestation's key and path) on its
+    stdin; kill its process tree on timeout or interrupt. Returns (exit code, or None when killed at the limit;
+    seconds). pid_path (if any) names the run and its folder while it goes, for kill_leftover_training."""
     started = time.time()
     own_group = {"start_new_session": True} if os.name == "posix" else {
         "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen([sys.executable, "-c", TRAIN_COMMAND], stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.PIPE, cwd=cwd, env=env, **own_group)
-    pid_path.write_text(str(process.pid))
+    if pid_path:
+        pid_path.write_text(f"{process.pid}\n{cwd}")
+    if on_start:
+        on_start(process)
     timed_out = threading.Event()
     # A timer, not wait(timeout): that polls, and returns up to 50 ms after the run ends
     timer = threading.Timer(timeout, lambda: (timed_out.set(), kill_tree(process.pid)))
@@ -58,7 +96,8 @@ def run_training(log_path, timeout, pid_path, request, cwd=None, env=None):
         if process.poll() is None:  # interrupted: Ctrl-C, SIGTERM
             kill_tree(process.pid)
             process.wait()
-        pid_path.unlink(missing_ok=True)
+        if pid_path:
+            pid_path.unlink(missing_ok=True)
     return (None if timed_out.is_set() else returncode), time.time() - started
 
 
@@ -83,16 +122,21 @@ def kill_tree(pid):
 
 
 def kill_leftover_training(pid_path):
-    """A driver killed with SIGKILL leaves its train.py running: stop it before starting another."""
+    """A driver killed with SIGKILL leaves its train.py running, and its folder: stop it and remove that."""
     try:
-        pid = int(pid_path.read_text())
-        process = psutil.Process(pid)
+        pid, folder = (pid_path.read_text().splitlines() + ["", ""])[:2]
+    except FileNotFoundError:
+        return
+    try:
+        process = psutil.Process(int(pid))
         # the run this file names: started before the file was written (a recycled pid is younger), and ours
         if process.create_time() <= pid_path.stat().st_mtime + 1 and TRAIN_COMMAND in " ".join(process.cmdline()):
             log(f"killing train.py (pid {pid}) left running by the previous driver")
-            kill_tree(pid)
-    except (FileNotFoundError, ValueError, psutil.Error):
+            kill_tree(int(pid))
+    except (ValueError, psutil.Error):
         pass
+    if Path(folder).name.startswith("autoresearch-task-"):
+        shutil.rmtree(folder, ignore_errors=True)
     pid_path.unlink(missing_ok=True)
 
 
@@ -144,23 +188,6 @@ def run_status(log_path):
         return " ".join(steps[-1].split())[:100]
     step, percent, loss, left = found.groups()
     return f"step {int(step)} ({percent}%), loss {float(loss):.4f}" + (f", {left}s left" if left else "")
-
-
-def show_progress(log_path, label, stop):
-    """Until `stop` is set: the run's progress as one status line, rewritten in place on a terminal, printed every
-    PROGRESS_EVERY seconds otherwise (a redirected log gets a line now and then, not a flood)."""
-    tty, shown, printed = sys.stdout.isatty(), "", time.time()
-    while not stop.wait(min(1.0, PROGRESS_EVERY)):
-        status = run_status(log_path)
-        if status and tty:
-            line = f"{datetime.datetime.now():%H:%M:%S} {label} {status}"
-            print("\r" + line.ljust(len(shown)), end="", flush=True)
-            shown = line
-        elif status and time.time() - printed >= PROGRESS_EVERY:
-            log(f"{label} {status}")
-            printed = time.time()
-    if shown:
-        print("\r" + " " * len(shown) + "\r", end="", flush=True)
 
 
 def fence_untrusted(text, kind="program-output"):

@@ -1,11 +1,10 @@
 """
 The repository and the tag's records: git through GitPython, the ledger, results.tsv.
 
-Every experiment is a commit of train.py on the branch autoresearch/<tag>, kept reachable by its
-own ref refs/autoresearch/<tag>/<n> whatever the resets do. The ledger
-(.autoresearch/<tag>/ledger.jsonl) is append-only JSON lines, one per event: start, proposal,
-run_started, run, requeued, noise, result, abandoned, steer, plateau, stop. results.tsv is rewritten whole from it
-after each result. steer.md, untracked, is the researcher's guidance to the agent, read before each proposal.
+Every experiment is a commit of train.py beside the branch autoresearch/<tag>, which points at the best, kept
+reachable by its own ref refs/autoresearch/<tag>/<n>. The ledger (.autoresearch/<tag>/ledger.jsonl) is
+append-only JSON lines, one per event: start, proposal, run_started, run, requeued, noise, result, steer,
+plateau, openai_output, holdout_run, holdout, stop. results.tsv is rewritten whole from it after each result. steer.md, untracked, is the researcher's guidance to the agent, read before each proposal.
 """
 
 import datetime
@@ -88,30 +87,29 @@ def keep_out_of_git(repo, *paths):
 
 
 def keep_reachable(repo, tag, commit):
-    """Give the commit its own ref so that a reset never loses it; return the ref's number."""
+    """Give the commit its own ref so that a reset never loses it; return the ref's number (the number it has
+    already, when the tag gave it one: a resumed baseline keeps its logs' names)."""
     prefix = f"refs/autoresearch/{tag}/"
-    taken = [int(ref.path[len(prefix):]) for ref in git.Reference.iter_items(repo, common_path=prefix)]
-    number = max(taken, default=0) + 1
+    refs = {int(ref.path[len(prefix):]): ref.commit.hexsha for ref in git.Reference.iter_items(repo, common_path=prefix)}
+    if mine := [number for number, at in refs.items() if at == commit]:
+        return min(mine)
+    number = max(refs, default=0) + 1
     git.Reference.create(repo, f"{prefix}{number}", commit)
     return number
 
 
-def commit_train_py(repo, description):
-    # No hooks and no signing: nothing may stop or rewrite an unattended commit.
-    repo.git(c="commit.gpgsign=false").commit("--no-verify", "-q", "-m", description, "--", "train.py")
-    return head_commit(repo)
-
-
 def commit_source(repo, parent, source, message):
     """A commit whose train.py is source, on top of parent, made without touching the working tree, the index or
-    a branch (with several workers, candidates are committed while the branch stays at the best)."""
-    with tempfile.TemporaryDirectory() as folder:
+    a branch: candidates are committed beside the branch, which stays at the best."""
+    with tempfile.TemporaryDirectory() as folder:  # a temporary index, gone with the folder
         (Path(folder) / "train.py").write_text(source)
+        index = {"GIT_INDEX_FILE": str(Path(folder) / "index")}
         blob = repo.git.hash_object("-w", str(Path(folder) / "train.py"))
-    parent = repo.commit(parent)
-    index = git.IndexFile.from_tree(repo, parent)  # a temporary index: the repository's own is left alone
-    index.add([git.BaseIndexEntry((parent.tree["train.py"].mode, bytes.fromhex(blob), 0, "train.py"))])
-    return git.Commit.create_from_tree(repo, index.write_tree(), message, parent_commits=[parent], head=False).hexsha
+        repo.git.read_tree(parent, env=index)
+        mode = repo.commit(parent).tree["train.py"].mode
+        repo.git.update_index("--cacheinfo", f"{mode:o},{blob},train.py", env=index)
+        tree = repo.git.write_tree(env=index)
+    return repo.git(c="commit.gpgsign=false").commit_tree(tree, "-p", parent, "-m", message)
 
 
 def merge_train_py(repo, base, ours, theirs):
@@ -140,9 +138,23 @@ def remove_scratch_worktree(repo, path):
     repo.git.worktree("remove", "--force", str(path))
 
 
-def reset_hard(repo, commit):
-    """train.py (and every tracked file) back to commit, the branch with it."""
-    repo.head.reset(commit, index=True, working_tree=True)
+def move_branch(repo, branch, commit):
+    """Point the night's branch at commit. The work tree follows when the branch is checked out (git reset --keep:
+    a change of the user's that the move would overwrite stops the night, saying so); a checkout of another
+    branch is left alone, so that `git checkout main` during a night never rewrites main."""
+    if repo.heads[branch].commit.hexsha == commit:
+        return
+    if current_branch(repo) != branch:
+        repo.heads[branch].commit = commit
+        log(f"{branch} moved to {commit[:7]} (your checkout, {current_branch(repo) or 'a detached HEAD'}, is left "
+            "as it is)")
+        return
+    repo.git.update_index("-q", "--refresh", with_exceptions=False)  # stat data only: no false "not uptodate"
+    try:
+        repo.git.reset("--keep", commit)
+    except git.GitCommandError:
+        fail(f"cannot move {branch} to {commit[:7]}: your uncommitted changes ({', '.join(dirty_tracked_files(repo))})"
+             " are in the way. Commit or stash them, then run the same command again to resume.")
 
 
 def check_branch(repo, tag, ledger):
@@ -152,12 +164,7 @@ def check_branch(repo, tag, ledger):
     if exists != bool(ledger.records):
         fail(f"branch {branch} exists but it has no ledger: choose another --tag." if exists else
              f"there is a ledger for tag {tag} but no branch {branch}: choose another --tag.")
-    dirty = dirty_tracked_files(repo)
-    on_branch = current_branch(repo) == branch
-    if dirty == ["train.py"] and exists and on_branch:
-        log("discarding the uncommitted train.py left by an interrupted run")  # ours: the commit never happened
-        dirty = []
-    if dirty:
+    if dirty := dirty_tracked_files(repo):  # the loop never edits the work tree: these are the user's
         fail(f"uncommitted changes to tracked files: {', '.join(dirty)}. Commit or stash them first: "
              "every experiment starts from a commit.")
     return branch, exists
@@ -227,12 +234,16 @@ class Ledger:
             groups.setdefault((r["commit"], r["experiment"]), []).append(r["val_bpb"])
         return groups
 
-    def paired_runs(self, experiment, commit):
-        """({pair: val_bpb} of the valid runs of the experiment's commit, {pair: val_bpb} of the best's valid runs
-        made beside them): the pair number of a run is its repeat."""
-        runs = [r for r in self.valid_runs() if r["experiment"] == experiment]
-        return ({r["repeat"]: r["val_bpb"] for r in runs if r["commit"] == commit and not r.get("reference")},
-                {r["repeat"]: r["val_bpb"] for r in runs if r.get("reference")})
+    def experiment_runs(self, experiment, commit):
+        """({pair: run} of the commit's runs in the experiment, {pair: run} of the best's runs made beside them),
+        valid or not: what its next decision reads. The pair of a run is its repeat."""
+        candidate, reference = {}, {}
+        for r in self.events("run"):
+            if r["experiment"] == experiment and r.get("reference") and r.get("beside", commit) == commit:
+                reference[r["repeat"]] = r
+            elif r["experiment"] == experiment and not r.get("reference") and r["commit"] == commit:
+                candidate[r["repeat"]] = r
+        return candidate, reference
 
     def next_experiment(self):
         """The next experiment's number: numbers are given as ideas are asked for (with workers, several are open)."""
@@ -241,8 +252,7 @@ class Ledger:
 
     def open_experiments(self):
         """{experiment: its last committed proposal} of the experiments proposed but not decided: those in flight
-        when the driver stopped. With workers they are resumed; a night without workers abandons them (the
-        ledger says so) and proposes anew."""
+        when the driver stopped, which the next start resumes (ledgers before the one engine may say `abandoned`)."""
         closed = {r["experiment"] for r in self.results() + self.events("abandoned")}
         return {r["experiment"]: r for r in self.events("proposal") if r["ok"] and r["experiment"] not in closed}
 

@@ -3,8 +3,8 @@ The keep rule on a machine whose speed drifts during the night: how often a chan
 and a true 3-sigma gain, with the paired rule (the default) and with today's unpaired one (--paired off).
 
 Simulated nights, as in dev/bench_keep_rule.py: val_bpb = true value + drift x (runs so far) + Gaussian noise,
-judged by autoresearch/keep_rule.py's own decide / decide_paired / next_pair_runs / noise_estimate, run in the
-order agent_loop.py runs them (one at a time; the best's runs beside a candidate are their own noise group, as
+judged by the engine's own decision (autoresearch/decisions.py's next_action, over keep_rule.py's rules), run in
+the order a one-slot night runs them (one at a time; the best's runs beside a candidate are their own noise group, as
 in the ledger). Each night: the baseline's 4 runs, then 30 proposals in random order: 20 nulls, 6 gains of
 3 sigma, 4 losses of 5 sigma. The drift is given in noise sigmas over 30 experiments of today's rule without
 drift (whose runs per experiment the bench measures first): "5 sigmas over 30 experiments" by default, both
@@ -21,9 +21,14 @@ from pathlib import Path
 from statistics import fmean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from autoresearch import keep_rule  # noqa: E402
+from autoresearch import decisions, keep_rule  # noqa: E402
 
 EFFECTS = {"null": 0.0, "gain": -3.0, "loss": 5.0}  # in noise sigmas
+
+
+def measured(value, pair):
+    """A valid run of pair `pair` that measured `value`, as the engine's decisions read it."""
+    return dict(ok=True, problems=[], val_bpb=value, repeat=pair, timed_out=False, returncode=0, log="")
 
 
 def simulate_night(args, paired, drift_per_run, rng):
@@ -43,26 +48,19 @@ def simulate_night(args, paired, drift_per_run, rng):
     kinds = ["null"] * args.nulls + ["gain"] * args.gains + ["loss"] * args.losses
     rng.shuffle(kinds)
     outcome = {kind: [] for kind in EFFECTS}
+    rule = decisions.Rule(paired=paired, noise_runs=args.noise_runs, max_runs=args.max_runs)
     for number, kind in enumerate(kinds, 1):
         commit, true_value = f"c{number}", true_best + EFFECTS[kind] * args.sigma
-        candidate, reference = {1: run(commit, number, true_value)}, {}
-        while True:
-            noise = keep_rule.noise_estimate(groups.values())
-            if paired:
-                status, _ = keep_rule.decide_paired(candidate, reference, history[best][-args.max_runs:], noise,
-                                                    args.max_runs)
+        candidate, reference = {1: measured(run(commit, number, true_value), 1)}, {}
+        while (action := decisions.next_action(candidate, reference, history[best],
+                                               keep_rule.noise_estimate(groups.values()), None, rule)).kind == "run":
+            role, pair = action.runs[0]  # the runs it needs, one at a time, in the order the engine sends them
+            if role == "candidate":
+                candidate[pair] = measured(run(commit, number, true_value), pair)
             else:
-                status, _ = keep_rule.decide(list(candidate.values()), history[best], noise, bound=None,
-                                             rule="noise", max_runs=args.max_runs)
-            if status:
-                break
-            for role in keep_rule.next_pair_runs(len(candidate), len(reference)) if paired else ["candidate"]:
-                if role == "candidate":
-                    candidate[len(candidate) + 1] = run(commit, number, true_value)
-                else:
-                    reference[len(reference) + 1] = run(best, number, true_best)
-        outcome[kind].append(status == "keep")
-        if status == "keep":
+                reference[pair] = measured(run(best, number, true_best), pair)
+        outcome[kind].append(action.kind == "keep")
+        if action.kind == "keep":
             true_best, best = true_value, commit
     return outcome, clock[0]
 

@@ -1,6 +1,6 @@
 """The holdout check (autoresearch/holdout.py), end to end on the fake harness, whose holdout score keeps half
 of a gain on val: the baseline and the best run once more with evaluate_bpb scoring the holdout, at the end of a
-tag stopped by a limit or with `report --holdout`; no prompt ever holds a holdout number."""
+tag stopped by a limit or with `agent_loop.py holdout`; no prompt ever holds a holdout number."""
 
 import json
 
@@ -35,15 +35,15 @@ def test_no_prompt_ever_holds_a_holdout_number(night):
     assert "0.995" not in sent and "holdout_delta" not in sent and "holdout: " not in sent
 
 
-def test_report_holdout_scores_them_on_demand_and_prints_both_deltas(night, capsys):
+def test_the_holdout_verb_scores_them_on_demand_and_the_report_prints_both_deltas(night, capsys):
     night.llm.script(change("lower val_bpb", BETTER))
     assert night.run("--max-experiments", "2", "--keep-rule", "greedy").returncode == 0  # no holdout at the end
     assert events(night, "holdout") == []
+    assert agent_loop.main(["holdout"]) == 0  # the tag whose ledger changed last
+    assert len(events(night, "holdout")) == 1 and night.is_clean()
     capsys.readouterr()
-    assert agent_loop.main(["report", "--holdout"]) == 0
-    out = capsys.readouterr().out
-    assert "holdout      val: -0.0100, holdout: -0.0050" in out and len(events(night, "holdout")) == 1
-    assert night.is_clean()
+    assert agent_loop.main(["report"]) == 0
+    assert "holdout      val: -0.0100, holdout: -0.0050" in capsys.readouterr().out
 
 
 def test_a_night_whose_best_is_the_baseline_has_nothing_to_score(night):

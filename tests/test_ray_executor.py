@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -64,7 +65,7 @@ def ray_env(tmp_path_factory):
     cache = fake_cache(base / "cache")
     sigterm, cluster = signal.signal(signal.SIGTERM, on_sigterm), None
     try:
-        cluster = ray_executor.connect(None, base / "s", num_workers=3)
+        cluster = ray_executor.connect("local", base / "s", num_workers=3)
         import ray
 
         # One worker per slot before the tests time anything (a worker's first start takes seconds here).
@@ -113,17 +114,17 @@ def running(pid):
 # Runs
 
 def test_a_remote_run_returns_the_log_and_a_record_that_verifies_with_the_key(ray_env):
-    attestation = integrity.Attestation()
-    result = ray_executor.result(run(ray_env, FAKE_TRAIN, attestation.key))
+    key = integrity.new_key()
+    result = ray_executor.result(run(ray_env, FAKE_TRAIN, key))
     assert result["returncode"] == 0 and 0 < result["seconds"] < 10
     assert "val_bpb:          1.000000" in result["log"] and "step 00001" in result["log"]
-    record, missing = attestation.verify(result["record"])
+    record, missing = integrity.verify_record(key, result["record"])
     assert missing is None and integrity.evaluation(record)["val_bpb"] == 1.0
-    assert integrity.Attestation().verify(result["record"]) == (
+    assert integrity.verify_record(integrity.new_key(), result["record"]) == (
         None, "the harness's record of the run does not verify: it was altered")
-    assert (result["hostname"], result["ip"], result["gpu"]) == (socket.gethostname(), "127.0.0.1", "cpu")
-    assert result["worker_pid"] != os.getpid() and result["changed"] == []
-    attestation.close()
+    worker = result["worker"]
+    assert (worker["hostname"], worker["ip"], worker["gpu"]) == (socket.gethostname(), "127.0.0.1", "cpu")
+    assert worker["worker_pid"] != os.getpid() and result["changed"] == []
 
 
 def test_the_run_gets_no_token_of_the_cluster(ray_env):
@@ -141,7 +142,7 @@ def test_three_runs_go_out_at_once_and_take_about_the_time_of_one(ray_env):
     wall = time.time() - started
     print(f"one run {single:.2f}s ({measured:.2f}s on its node); three at once {wall:.2f}s")
     assert [r["returncode"] for r in results] == [0, 0, 0]
-    assert len({r["worker_pid"] for r in results}) == 3
+    assert len({r["worker"]["worker_pid"] for r in results}) == 3
     assert wall < 2 * single
 
 
@@ -246,6 +247,32 @@ def test_joining_a_cluster_uses_at_most_workers_of_its_slots_and_all_of_them_by_
     assert said.stdout.split("\n")[:2] == ["2 False False", "3 False False"], said.stdout + said.stderr
 
 
+def test_a_wrong_token_is_refused_in_one_line_that_says_where_the_right_one_is(ray_env, tmp_path):
+    join = ("from autoresearch import ray_executor\ntry:\n"
+            f"    ray_executor.connect({ray_env.cluster.address!r}, {str(tmp_path)!r}, 2)\n"
+            "except RuntimeError as error:\n    print('refused:', error)")
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    environment = {**plain, "RAY_AUTH_TOKEN": "0" * 64, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                   "RAY_NUM_REDIS_GET_RETRIES": "2"}  # Ray retries 20 times, a second apart, before it gives up
+    said = subprocess.run([sys.executable, "-c", join], env=environment, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    [line] = [line for line in said.stdout.splitlines() if line.startswith("refused:")]
+    assert f"the Ray cluster at {ray_env.cluster.address} refused this driver's token" in line, said.stdout
+    assert "RAY_AUTH_TOKEN_PATH" in line and "ray get-auth-token" in line and "Traceback" not in said.stdout
+
+
+def test_an_address_where_nothing_listens_is_refused_at_once_in_one_line(tmp_path):
+    with socket.socket() as closed:  # a port that was free a moment ago: nothing listens there
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    started = time.time()
+    with pytest.raises(RuntimeError) as refused:
+        ray_executor.connect(f"127.0.0.1:{port}", tmp_path, 2)
+    message = str(refused.value)
+    assert time.time() - started < 15 and "\n" not in message
+    assert f"nothing answers at the Ray address 127.0.0.1:{port}" in message and "ray start --head" in message
+
+
 def test_rays_temp_dir_and_token_are_inside_the_tests_tmp_dir(ray_env):
     cluster, base = ray_env.cluster, ray_env.base
     inside = base / "s" / "ray"
@@ -267,6 +294,27 @@ def test_a_state_dir_too_long_for_rays_sockets_falls_back_to_a_short_private_fol
     folder = ray_executor.ray_temp_dir(tmp_path / ("x" * 80))
     assert len(str(folder)) <= ray_executor.MAX_TEMP_DIR_CHARS and folder.stat().st_mode & 0o077 == 0
     folder.rmdir()
+
+
+def test_a_sigkilled_driver_s_private_instance_and_its_temp_dir_are_removed_at_the_next_start(tmp_path):
+    state_dir = tmp_path / ("x" * 80)  # too long for Ray's sockets: its temp dir goes under /tmp
+    driver = ("import time\nfrom autoresearch import ray_executor\n"
+              f"cluster = ray_executor.connect('local', {str(state_dir)!r}, 1)\n"
+              "print(cluster.temp_dir, flush=True)\ntime.sleep(600)")
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    process = subprocess.Popen([sys.executable, "-c", driver], env={**plain, "HOME": str(tmp_path)}, cwd=REPO,
+                               stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        temp_dir = process.stdout.readline().strip()
+        assert temp_dir.startswith(("/tmp/", tempfile.gettempdir())) and Path(temp_dir).is_dir()
+        process.kill()
+        process.wait()
+        assert Path(temp_dir).is_dir()  # Ray's processes may outlive the driver a while; its temp dir does
+        ray_executor.remove_leftovers(state_dir)
+        assert not Path(temp_dir).exists() and not [
+            p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in p.info["cmdline"] or [])]
+    finally:
+        os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
 
 
 # -----------------------------------------------------------------------------

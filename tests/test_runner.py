@@ -6,13 +6,13 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
 import pytest
 
-from autoresearch import runner
+from autoresearch import integrity, runner
+from night_repo import SUPPORT
 from processes import alive
 
 SLEEP = "import time; time.sleep(60)"
@@ -50,9 +50,10 @@ def start_tree(leftovers, code=TREE, **options):
 
 @pytest.fixture
 def harness(tmp_path, monkeypatch):
-    """A temp folder as the repository, with `prepare.py` to be written by the test; run_training's arguments."""
+    """A temp folder for the run, with `prepare.py` to be written by the test; run_training's arguments."""
     monkeypatch.chdir(tmp_path)
-    return dict(log_path=tmp_path / "run.log", pid_path=tmp_path / "train.pid", request='{"key": "00"}\n')
+    return dict(log_path=tmp_path / "run.log", pid_path=tmp_path / "train.pid", request='{"key": "00"}\n',
+                cwd=tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -77,6 +78,51 @@ def test_run_training_returns_none_at_the_time_limit_and_kills_the_run_s_process
     assert returncode is None and 2 <= seconds < 10
     assert len(pids) == 2 and not any(alive(pid) for pid in pids)
     assert not harness["pid_path"].exists()
+
+
+# A train.py that says where it runs, leaves a checkpoint there, writes to its folder's prepare.py if told to,
+# and is scored by the stand-in harness (fake_prepare.py).
+WHERE = ("import os\nfrom prepare import evaluate_bpb\nprint('in', os.getcwd(), os.listdir('.'))\n"
+         "open('ckpt.pt', 'w').write('weights')\nTAMPER = False\n"
+         "if TAMPER:\n    open('prepare.py', 'a').write('#')\nprint('---')\nprint('val_bpb:', evaluate_bpb(0.9))\n")
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    """The stand-in harness's source and a cache it accepts (AUTORESEARCH_CACHE)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text('{"time_budget": 1, "max_seq_len": 64, "eval_tokens": 4096}')
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    return (SUPPORT / "fake_prepare.py").read_text()
+
+
+def test_run_in_folder_runs_train_py_in_a_fresh_folder_that_is_gone_with_its_checkpoint(tmp_path, stand_in):
+    key = integrity.new_key()
+    result = runner.run_in_folder(WHERE, stand_in, key.hex(), 30, tmp_path / "train.pid",
+                                  log_path=tmp_path / "run.log")
+    folder, listed = re.search(r"^in (\S+) (.*)$", result["log"], re.MULTILINE).groups()
+    assert result["returncode"] == 0 and sorted(eval(listed)) == ["prepare.py", "train.py"]
+    assert os.path.basename(folder).startswith("autoresearch-task-") and not os.path.exists(folder)
+    assert (tmp_path / "run.log").read_text() == result["log"] and result["changed"] == []
+    record, missing = integrity.verify_record(key, result["record"])
+    assert missing is None and integrity.evaluation(record)["val_bpb"] == 0.9
+
+
+def test_run_in_folder_says_what_the_run_changed_of_the_harness(tmp_path, stand_in):
+    result = runner.run_in_folder(WHERE.replace("TAMPER = False", "TAMPER = True"), stand_in, "00" * 32, 30,
+                                  tmp_path / "train.pid")
+    assert result["changed"] == ["prepare.py"]
+
+
+def test_a_run_s_pid_file_names_its_folder_and_kill_leftover_training_removes_it(tmp_path, harness, leftovers):
+    folder = tmp_path / "autoresearch-task-x"
+    folder.mkdir()
+    (folder / "prepare.py").write_text(SLEEPING_PREPARE)
+    process, pids = start_tree(leftovers, runner.TRAIN_COMMAND, start_new_session=True, cwd=folder)
+    harness["pid_path"].write_text(f"{process.pid}\n{folder}")
+    runner.kill_leftover_training(harness["pid_path"])
+    assert not alive(process.pid) and not folder.exists() and not harness["pid_path"].exists()
 
 
 def test_kill_tree_kills_a_process_its_child_and_its_grandchild(leftovers):
@@ -213,20 +259,6 @@ def test_run_status_is_none_before_any_step_line(tmp_path, log):
     if log is not None:
         (tmp_path / "run.log").write_text(log)
     assert runner.run_status(tmp_path / "run.log") is None
-
-
-def test_show_progress_prints_the_status_now_and_then_when_not_on_a_terminal(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(runner, "PROGRESS_EVERY", 0.05)
-    (tmp_path / "run.log").write_text(STEP_LINE + "\n")
-    stop = threading.Event()
-    shower = threading.Thread(target=runner.show_progress, args=(tmp_path / "run.log", "#3", stop))
-    shower.start()
-    time.sleep(0.4)
-    stop.set()
-    shower.join(timeout=5)
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) >= 2 and all(line.endswith(f" #3 {STATUS}") for line in lines)
-    assert "\r" not in "".join(lines)
 
 
 # -----------------------------------------------------------------------------

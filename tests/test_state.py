@@ -170,12 +170,15 @@ def test_run_groups_gather_the_valid_runs_by_commit_and_experiment():
                                                     ("c2", 1): [1.05], ("base", 2): [1.03]}
 
 
-def test_paired_runs_are_the_candidate_s_and_the_best_s_beside_it_by_pair_number():
+def test_experiment_runs_are_the_candidate_s_and_the_best_s_beside_it_by_pair_number_valid_or_not():
     records = [dict(run("c1", 0.98), experiment=3, repeat=1), dict(run("base", 1.0), experiment=3, repeat=1,
-                                                                    reference=True),
-               dict(run("base", 1.01), experiment=3, repeat=2, reference=True),
-               dict(run("c1", 0.0, ok=False), experiment=3, repeat=2), dict(run("base", 1.1), experiment=4, repeat=1)]
-    assert Ledger(records=records).paired_runs(3, "c1") == ({1: 0.98}, {1: 1.0, 2: 1.01})
+                                                                    reference=True, beside="c1"),
+               dict(run("base", 1.01), experiment=3, repeat=2, reference=True, beside="c1"),
+               dict(run("c1", 0.0, ok=False), experiment=3, repeat=2), dict(run("base", 1.1), experiment=4, repeat=1),
+               dict(run("base", 1.2), experiment=3, repeat=1, reference=True, beside="c0")]  # beside an earlier commit
+    candidate, reference = Ledger(records=records).experiment_runs(3, "c1")
+    assert {pair: r["val_bpb"] for pair, r in candidate.items()} == {1: 0.98, 2: 0.0} and not candidate[2]["ok"]
+    assert {pair: r["val_bpb"] for pair, r in reference.items()} == {1: 1.0, 2: 1.01}
 
 
 def test_spent_usd_sums_the_priced_proposals():
@@ -274,19 +277,7 @@ def repo(tmp_path, monkeypatch):
 
 
 def commit_train(repo, text, message="an experiment"):
-    Path("train.py").write_text(text)
-    return state.commit_train_py(repo, message)
-
-
-def test_commit_train_py_commits_train_py_alone_and_returns_the_new_head(repo):
-    base = state.head_commit(repo)
-    Path("prepare.py").write_text("TIME_BUDGET = 9\n")
-    repo.index.add(["prepare.py"])  # staged, and still not part of the experiment
-    commit = commit_train(repo, "LR = 0.05\n", "raise LR")
-    assert commit == state.head_commit(repo) != base
-    assert repo.head.commit.message.strip() == "raise LR" and repo.head.commit.parents[0].hexsha == base
-    assert state.changed_files(repo, base, commit) == ["train.py"]
-    assert state.dirty_tracked_files(repo) == ["prepare.py"]
+    return state.commit_source(repo, state.head_commit(repo), text, message)
 
 
 def failing_pre_commit_hook(repo):
@@ -303,28 +294,34 @@ def signing_that_fails(repo):
 
 
 @pytest.mark.parametrize("obstacle", [failing_pre_commit_hook, signing_that_fails], ids=["hook", "signing"])
-def test_commit_train_py_runs_no_hook_and_signs_nothing(repo, obstacle):
+def test_commit_source_runs_no_hook_and_signs_nothing(repo, obstacle):
     obstacle(repo)
     Path("train.py").write_text("LR = 0.05\n")
     with pytest.raises(git.GitCommandError):  # what a plain commit does here
         repo.git.commit("-m", "plain", "--", "train.py")
-    assert state.commit_train_py(repo, "raise LR") == state.head_commit(repo)
-    assert repo.head.commit.message.strip() == "raise LR"
+    commit = state.commit_source(repo, state.head_commit(repo), "LR = 0.05\n", "raise LR")
+    assert repo.commit(commit).message.strip() == "raise LR"
 
 
-def test_keep_reachable_numbers_the_refs_of_a_tag_from_one(repo):
+def test_commit_source_leaves_nothing_behind_in_the_git_folder(repo):
+    before = sorted(path.name for path in Path(repo.git_dir).iterdir())
+    for value in ("0.05", "0.06", "0.07"):
+        commit_train(repo, f"LR = {value}\n")
+    assert sorted(path.name for path in Path(repo.git_dir).iterdir()) == before
+
+
+def test_keep_reachable_numbers_the_refs_of_a_tag_from_one_and_gives_a_commit_its_number_again(repo):
     first = state.head_commit(repo)
     second = commit_train(repo, "LR = 0.05\n")
-    assert [state.keep_reachable(repo, "t", commit) for commit in (first, second, first)] == [1, 2, 3]
+    assert [state.keep_reachable(repo, "t", commit) for commit in (first, second, first)] == [1, 2, 1]
     assert state.keep_reachable(repo, "other", second) == 1
-    assert [repo.commit(f"refs/autoresearch/t/{n}").hexsha for n in (1, 2, 3)] == [first, second, first]
+    assert [repo.commit(f"refs/autoresearch/t/{n}").hexsha for n in (1, 2)] == [first, second]
 
 
-def test_a_commit_with_a_ref_stays_reachable_after_a_reset(repo):
-    base = state.head_commit(repo)
+def test_a_commit_with_a_ref_stays_reachable_after_the_branch_moves_on(repo):
     discarded = commit_train(repo, "LR = 0.05\n")
     number = state.keep_reachable(repo, "t", discarded)
-    state.reset_hard(repo, base)
+    state.move_branch(repo, "main", commit_train(repo, "LR = 0.06\n"))
     assert repo.commit(f"refs/autoresearch/t/{number}").hexsha == discarded
     assert state.file_at(repo, discarded, "train.py") == "LR = 0.05\n"
 
@@ -339,7 +336,7 @@ def test_commit_source_commits_beside_the_branch_leaving_the_work_tree_the_index
     assert state.dirty_tracked_files(repo) == [] and repo.index.diff(None) == []
     assert state.file_at(repo, commit, "train.py") == "LR = 0.05\n" and state.changed_files(repo, base, commit) == [
         "train.py"]
-    assert repo.commit(commit).parents[0].hexsha == base and repo.commit(commit).message == "raise LR"
+    assert repo.commit(commit).parents[0].hexsha == base and repo.commit(commit).message.strip() == "raise LR"
 
 
 def test_merge_train_py_applies_one_change_onto_another_that_touched_other_lines(repo):
@@ -366,13 +363,30 @@ def test_a_scratch_worktree_holds_the_commit_and_is_gone_after_removal(repo, tmp
     assert not (tmp_path / "scratch/1-0").exists() and len(repo.git.worktree("list").splitlines()) == 1
 
 
-def test_reset_hard_moves_the_branch_back_and_restores_train_py(repo):
+def test_move_branch_moves_the_checked_out_branch_and_its_work_tree(repo):
+    commit = commit_train(repo, "LR = 0.05\n")
+    state.move_branch(repo, "main", commit)
+    assert state.head_commit(repo) == commit and Path("train.py").read_text() == "LR = 0.05\n"
+    assert state.dirty_tracked_files(repo) == []
+
+
+def test_move_branch_leaves_a_checkout_of_another_branch_alone(repo, capsys):
     base = state.head_commit(repo)
-    commit_train(repo, "LR = 0.05\n")
-    Path("train.py").write_text("half-written edit")
-    state.reset_hard(repo, base)
-    assert state.head_commit(repo) == base and repo.heads.main.commit.hexsha == base
-    assert Path("train.py").read_text() == TRAIN_PY and state.dirty_tracked_files(repo) == []
+    repo.git.branch("autoresearch/t")
+    Path("train.py").write_text("the user's work\n")
+    commit = commit_train(repo, "LR = 0.05\n")
+    state.move_branch(repo, "autoresearch/t", commit)
+    assert repo.heads["autoresearch/t"].commit.hexsha == commit and repo.heads.main.commit.hexsha == base
+    assert state.current_branch(repo) == "main" and Path("train.py").read_text() == "the user's work\n"
+    assert "your checkout, main, is left as it is" in capsys.readouterr().out
+
+
+def test_move_branch_refuses_to_overwrite_an_uncommitted_change_of_the_user_s(repo):
+    commit = commit_train(repo, "LR = 0.05\n")
+    Path("train.py").write_text("the user's work\n")
+    with fails("cannot move main to"):
+        state.move_branch(repo, "main", commit)
+    assert Path("train.py").read_text() == "the user's work\n"
 
 
 def test_dirty_tracked_files_are_staged_or_unstaged_changes_and_untracked_files_are_apart(repo):
@@ -431,11 +445,17 @@ def test_check_branch_refuses_uncommitted_changes_to_tracked_files(repo, path):
         state.check_branch(repo, "t", Ledger(records=[]))
 
 
-def test_check_branch_resumes_a_tag_and_lets_the_loop_discard_the_train_py_an_interrupted_run_left(repo, capsys):
+def test_check_branch_resumes_a_tag_on_a_clean_tree(repo):
     repo.git.checkout("-q", "-b", "autoresearch/t")
-    Path("train.py").write_text("half-written edit")
     assert state.check_branch(repo, "t", Ledger(records=[{"event": "start"}])) == ("autoresearch/t", True)
-    assert "discarding the uncommitted train.py" in capsys.readouterr().out
+
+
+def test_check_branch_refuses_an_uncommitted_train_py_on_the_tag_s_branch_too(repo):
+    # the loop never writes the work tree: an uncommitted train.py there is the user's, after a clean stop too
+    repo.git.checkout("-q", "-b", "autoresearch/t")
+    Path("train.py").write_text("the user's work")
+    with fails("uncommitted changes to tracked files: train.py"):
+        state.check_branch(repo, "t", Ledger(records=[{"event": "start"}]))
 
 
 def test_check_branch_refuses_uncommitted_train_py_when_not_on_the_tag_s_branch(repo):

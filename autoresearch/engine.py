@@ -1,0 +1,435 @@
+"""
+The one engine of every night: runs go out to an executor with N slots (runs.LocalExecutor: one slot per local
+GPU, or one on a CPU or a Mac; ray_executor.RayExecutor on a cluster), the agent proposes, and every experiment is
+decided by decisions.next_action each time one of its runs ends. agent_loop.run_night calls:
+
+    reason = Engine(night, executor, make_agent).run()      # make_agent(repo) -> an agent for one conversation
+
+- A serial night is the one-slot case: one experiment at a time, no idea asked ahead. With more slots, ideas are
+  asked ahead in threads while runs go on, as many as free up during one agent call, and each prompt lists the
+  experiments being tested now; claude-code edits in a scratch worktree of its own per proposal.
+- When a slot is free, the runs an experiment needs before it can be decided go out first (the baseline's, then a
+  candidate's confirmation runs with the best's beside them, pair by pair, side by side), then a new idea's first.
+- Candidates are committed beside the branch autoresearch/<tag>, which always points at the best. A candidate that
+  beat its base after the best moved on is rebased onto the new best (its change merged, or, when the change
+  conflicts, its whole train.py) and judged again, in the same experiment; so every kept row beat the best before.
+- Resuming is the same code: each experiment the ledger leaves undecided (the baseline too) is decided from the
+  runs the ledger holds, and goes on from there.
+"""
+
+import concurrent.futures
+import heapq
+import itertools
+import math
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from statistics import median
+
+import psutil
+
+from autoresearch import decisions, integrity, keep_rule, report, runner, state
+from autoresearch.agents import Change, ask_for_change, source_digest
+from autoresearch.console import clear_status, fail, log, plural, show_status
+from autoresearch.night import already_run, before_proposal, record_proposal, record_result, why_stop
+from autoresearch.prompts import fix_prompt, idea_prompt
+from autoresearch.runs import RunKey, Runs
+
+POLL_SECONDS = 0.2  # how long the driver waits for a run or an agent call to end before it looks again
+HEARTBEAT_SECONDS = 60  # a wait with nothing to show says what it waits for this often
+CONFIRM, FIRST = 0, 1  # priorities: the runs an experiment needs to be decided go out before a new idea's first
+NO_COMMIT = "0" * 40  # the row of a change refused whole: nothing was committed
+
+
+@dataclass
+class Experiment:
+    """One experiment not decided yet: being proposed, running, or waiting for a fix."""
+    number: int
+    base: str | None  # the best commit it is judged against (None: the baseline)
+    description: str = ""
+    commit: str | None = None
+    ref_number: int | None = None
+    attempt: int = 0  # 0: the idea; k: its k-th fix after a crash
+    rebase: str = ""  # "merge" or "program" once rebased onto a best that moved on
+    notes: list = field(default_factory=list)  # what each rebase said, for the row's reason
+    crashed: dict = None  # the run a fix is asked for
+
+
+@dataclass
+class Asking:
+    """An agent call in flight: for which experiment and attempt, since when, in which scratch worktree."""
+    experiment: Experiment
+    attempt: int
+    started: float
+    scratch: Path | None
+
+
+def in_background(function, *args):
+    """function(*args) in a daemon thread (an agent call never holds up the exit); a Future of its result."""
+    future = concurrent.futures.Future()
+
+    def target():
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:  # fail() raises SystemExit: the driver re-raises it
+            future.set_exception(error)
+    threading.Thread(target=target, daemon=True).start()
+    return future
+
+
+def right_now(function, *args):
+    """function(*args) here (an agent that is stateful and fast: Optuna); a Future of its result."""
+    future = concurrent.futures.Future()
+    try:
+        future.set_result(function(*args))
+    except Exception as error:
+        future.set_exception(error)
+    return future
+
+
+class Engine:
+    def __init__(self, night, executor, make_agent):
+        self.night, self.args, self.ledger, self.make_agent = night, night.args, night.ledger, make_agent
+        self.executor, self.runs, self.rule = executor, Runs(night, executor), night.rule
+        self.queue, self.queued, self.order = [], set(), itertools.count()  # heap of (priority, order, RunKey)
+        self.experiments = {}  # number: Experiment, every one not decided yet
+        self.asking = {}  # Future of an agents.Change: Asking
+        self.scratch_root = night.state_dir / "scratch"
+        self.next_number = self.ledger.next_experiment()
+        self.heard = self.progress_shown = time.time()
+
+    def run(self):
+        """Experiment until a limit (then finish what is in flight) or an interrupt; the reason it stopped."""
+        try:
+            self.resume()
+            while True:
+                reason = self.why_stop()
+                self.send_runs()
+                if not reason:
+                    self.ask_for_ideas()
+                if not (self.queued or self.runs.out or self.runs.refused or self.asking):
+                    assert reason, "nothing in flight, and no reason to stop"  # ask_for_ideas always asks
+                    return reason
+                self.wait()
+        finally:  # Ctrl-C, SIGTERM, an error: nothing may outlive the night, and a second signal waits
+            self.night.stopping = True
+            clear_status()
+            self.runs.cancel_all()
+            self.stop_agent_processes()
+            shutil.rmtree(self.scratch_root, ignore_errors=True)
+            self.night.repo.git.worktree("prune")
+
+    def why_stop(self, open_count=None):
+        return why_stop(self.night, len(self.experiments) if open_count is None else open_count)
+
+    def stop_agent_processes(self):
+        """Kill the claude CLI calls still running in their scratch worktrees: an agent call runs in a thread,
+        which nothing can interrupt, and its process would go on (and spend) after the night."""
+        scratch = self.scratch_root.resolve()
+        for process in psutil.Process().children(recursive=True):
+            try:
+                inside = Path(process.cwd()).is_relative_to(scratch)
+            except psutil.Error:  # ended meanwhile, or not ours to look at
+                continue
+            if inside:
+                runner.kill_tree(process.pid)
+
+    # -------------------------------------------------------------------------
+    # Starting and resuming: every experiment the ledger leaves undecided goes on from its runs
+
+    def resume(self):
+        shutil.rmtree(self.scratch_root, ignore_errors=True)  # a killed driver's
+        self.night.repo.git.worktree("prune")
+        if self.why_stop(open_count=0):  # a limit reached before this start: nothing starts, nothing goes on
+            return
+        if self.ledger.best() is None:
+            commit = self.ledger.base_commit()
+            baseline = Experiment(0, None, "baseline", commit, state.keep_reachable(self.night.repo, self.args.tag,
+                                                                                      commit))
+            self.experiments[0] = baseline
+            self.advance(baseline)
+        for number, proposal in sorted(self.ledger.open_experiments().items()):
+            proposals = [r for r in self.ledger.events("proposal") if r["experiment"] == number and r["ok"]]
+            experiment = Experiment(number, proposal.get("base") or self.ledger.best()["commit"],
+                                    proposals[0]["description"], proposal["commit"], proposal["ref_number"],
+                                    proposal["attempt"], proposal.get("rebase", ""),
+                                    [r["note"] for r in proposals if r.get("note")])
+            self.experiments[number] = experiment
+            log(f"#{number} resumed: \"{experiment.description}\" ({experiment.commit[:7]})")
+            self.advance(experiment)
+
+    # -------------------------------------------------------------------------
+    # Deciding: after every run of an experiment that ends, decisions.next_action says what it needs next
+
+    def advance(self, experiment):
+        ledger, rule = self.ledger, self.rule
+        candidate, reference = ledger.experiment_runs(experiment.number, experiment.commit)
+        noise = keep_rule.noise_estimate(ledger.run_groups().values())
+        if experiment.number == 0:
+            action = decisions.baseline_action(candidate, noise, rule)
+        else:
+            action = decisions.next_action(candidate, reference, ledger.measured(experiment.base), noise,
+                                           keep_rule.plausibility_bound(ledger.kept_val_bpbs()), rule,
+                                           experiment.attempt, experiment.base, ledger.best()["commit"])
+        if action.kind == "run":
+            keys = [self.key(experiment, role, pair) for role, pair in action.runs]
+            if fresh := [key for key in keys if key not in self.queued and key not in self.runs.out]:
+                if experiment.number == 0 or len(candidate) or reference:
+                    log(f"#{experiment.number} {action.reason}")
+                for key in fresh:
+                    first = (key.role, key.pair, experiment.attempt, experiment.rebase) == ("candidate", 1, 0, "")
+                    self.enqueue(key, FIRST if first and experiment.number else CONFIRM)
+        elif action.kind == "refused":
+            fail(f"{action.reason} Fix the setup, then run agent_loop.py again with --tag {self.args.tag}.")
+        elif action.kind == "fix":
+            self.ask_for_fix(experiment, action.run)
+        elif action.kind == "rebase":
+            self.rebase(experiment, action)
+        else:
+            self.conclude(experiment, action.kind, action.reason, action.run)
+
+    def key(self, experiment, role, pair):
+        if role == "best":
+            return RunKey(experiment.number, experiment.base, experiment.ref_number, pair, "best", experiment.commit,
+                          experiment.attempt)
+        return RunKey(experiment.number, experiment.commit, experiment.ref_number, pair, attempt=experiment.attempt)
+
+    def rebase(self, experiment, action):
+        """The candidate beat its base, but the best moved on: its change merged onto the best (a three-way merge
+        of train.py), or, when the two conflict, its whole train.py, judged again against the best."""
+        repo, best = self.night.repo, self.ledger.best()["commit"]
+        merged = state.merge_train_py(repo, experiment.base, best, experiment.commit)
+        source = merged if merged is not None else state.file_at(repo, experiment.commit, "train.py")
+        note = f"{action.reason}; the best is now {best[:7]}"
+        if source == state.file_at(repo, best, "train.py"):
+            return self.conclude(experiment, "discard", f"{note}, which already has this change", action.run)
+        how = "merge" if merged is not None else "program"
+        note += (": its change, merged onto the best, runs against it" if how == "merge" else
+                 ": its change conflicts with the best's, so its whole train.py runs against the best")
+        commit = state.commit_source(repo, best, source, experiment.description)
+        number = state.keep_reachable(repo, self.args.tag, commit)
+        change = Change(description=experiment.description, source=source,
+                        hypothesis=self.ledger.hypothesis(experiment.number))
+        record_proposal(self.night, experiment.number, experiment.attempt, change, time.time(), commit,
+                        ref_number=number, base=best, rebase=how, merged_from=experiment.commit, note=note)
+        log(f"#{experiment.number} {note}")
+        experiment.notes.append(note)
+        experiment.commit, experiment.ref_number, experiment.base, experiment.rebase = commit, number, best, how
+        self.advance(experiment)
+
+    def conclude(self, experiment, status, reason, run):
+        """The experiment's row; then, in one place, what follows a row."""
+        number = experiment.number
+        del self.experiments[number]
+        self.queued = {key for key in self.queued if key.experiment != number}
+        for key in [key for key in self.runs.out if key.experiment == number]:
+            self.runs.cancel(key)  # decided without them (a discard after one pair, say)
+        if number == 0:
+            sigma, dof = keep_rule.noise_estimate(self.ledger.run_groups().values())
+            self.night.record(event="noise", sigma=sigma if dof else None, dof=dof,
+                              runs=self.ledger.measured(experiment.commit))
+        reason = "; ".join(experiment.notes + [reason])
+        record_result(self.night, number, run, experiment.description, status, reason,
+                      **({"rebase": experiment.rebase} if experiment.rebase else {}))
+        self.after_result(number, status, reason, experiment.description)
+
+    def after_result(self, number, status, reason, description):
+        """results.tsv and report.html from the ledger, the branch at the best, the harness checked after a run
+        that broke a rule."""
+        night, best = self.night, self.ledger.best()
+        state.write_results_tsv(self.ledger.results(), night.state_dir)
+        report.write_html(self.ledger, night.state_dir / "report.html", f"autoresearch {self.args.tag}", live=True)
+        state.move_branch(night.repo, night.branch, best["commit"])
+        if status == "invalid" and (changed := integrity.fingerprint_changes(night.fingerprint,
+                                                                              integrity.harness_fingerprint())):
+            fail(f"experiment {number} changed the prepared cache ({', '.join(changed)}): later results would not "
+                 f"be comparable. Restore it (run prepare.py again with the same flags), or start a new --tag.")
+        log(f"#{number} {status}: {reason}. \"{description}\" (best {best['val_bpb']:.6f}); "
+            f"spent ${self.ledger.spent_usd():.2f}")
+
+    # -------------------------------------------------------------------------
+    # Runs: a queue in priority order, out to the executor's slots
+
+    def enqueue(self, key, priority):
+        heapq.heappush(self.queue, (priority, next(self.order), key))
+        self.queued.add(key)
+
+    def send_runs(self):
+        while self.queue and len(self.runs.out) < self.executor.slots:
+            key = heapq.heappop(self.queue)[2]
+            if key not in self.queued:  # its experiment was decided meanwhile
+                continue
+            self.queued.discard(key)
+            what = (f"the best {key.commit[:7]} beside it (pair {key.pair})" if key.role == "best" else
+                    f"{key.commit[:7]}{f' again ({key.pair})' if key.pair > 1 else ''}")
+            log(f"#{key.experiment} running {what} (time limit {self.night.timeout:.0f}s)")
+            self.runs.send(key)
+
+    def wait(self):
+        """Until a run or an agent call ends (or POLL_SECONDS), then act on what ended."""
+        ended = []
+        if self.runs.out or self.runs.refused:
+            ended = self.runs.collect(timeout=POLL_SECONDS)
+        elif self.asking:
+            concurrent.futures.wait(list(self.asking), timeout=POLL_SECONDS,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        else:  # runs queued for slots the executor does not have now (a cluster whose nodes are gone)
+            time.sleep(POLL_SECONDS)
+        for run in ended:
+            self.heard = time.time()
+            outcome = f"val_bpb {run['val_bpb']:.6f}" if run["ok"] else "no valid val_bpb"
+            where = f" on {run['worker']['hostname']} ({run['worker']['gpu']})" if self.executor.remote else ""
+            what = (f"baseline run {run['repeat']} of {self.rule.baseline_runs()}" if run["experiment"] == 0 else
+                    f"the best's run {run['repeat']}" if run.get("reference") else f"run {run['repeat']}")
+            log(f"#{run['experiment']} {what}{where}: {outcome} ({run['seconds']:.0f}s)")
+            experiment = self.experiments.get(run["experiment"])
+            if experiment and (run.get("beside") or run["commit"]) == experiment.commit:
+                self.advance(experiment)
+        for future in [future for future in self.asking if future.done()]:
+            self.heard = time.time()
+            self.proposed(future)
+        self.show_progress()
+
+    def show_progress(self):
+        """The runs' progress from their logs (here; a Ray run's log comes back when it ends): one line rewritten
+        in place on a terminal, a line per run every runner.PROGRESS_EVERY seconds otherwise; and, after
+        HEARTBEAT_SECONDS with nothing to show, what the night is waiting for."""
+        now = time.time()
+        statuses = [] if self.executor.remote else [
+            (key, status) for key, (request, _) in self.runs.out.items()
+            if (status := runner.run_status(request.log_path))]
+        if statuses and sys.stdout.isatty():
+            show_status(" | ".join(f"#{key.experiment} {status}" for key, status in statuses))
+            self.heard = now
+        elif statuses and now - self.progress_shown >= runner.PROGRESS_EVERY:
+            for key, status in statuses:
+                log(f"#{key.experiment} {status}")
+            self.progress_shown = self.heard = now
+        if now - self.heard >= HEARTBEAT_SECONDS:
+            log(f"waiting for {self.waiting_for()}")
+            self.heard = now
+
+    def waiting_for(self):
+        parts = []
+        if self.runs.out:
+            runs = ", ".join(f"#{key.experiment} {'the best beside it' if key.role == 'best' else 'run'} {key.pair}"
+                             for key in self.runs.out)
+            parts.append(f"{plural(len(self.runs.out), 'run')} ({runs}), {self.executor.describe()}")
+        if self.queued:
+            parts.append(f"{plural(len(self.queued), 'run')} queued for a free slot"
+                         + (f": {why}" if (why := self.executor.waiting_for()) else ""))
+        if self.asking:
+            parts.append(f"{self.args.agent} for {plural(len(self.asking), 'proposal')} ("
+                         + ", ".join(f"#{asked.experiment.number}, {time.time() - asked.started:.0f}s"
+                                     for asked in self.asking.values()) + ")")
+        return "; ".join(parts) or "nothing"
+
+    # -------------------------------------------------------------------------
+    # The agent: ideas (asked ahead with several slots), fixes after a crash
+
+    def ideas_ahead(self):
+        """How many ideas to have in hand beyond the free slots: as many as free up during one agent call (runs end
+        every run_seconds / slots seconds). None with one slot (a serial night); one until both are measured."""
+        if self.executor.slots == 1:
+            return 0
+        calls = [r["seconds"] for r in self.ledger.events("proposal") if r["ok"] and r["calls"]][-20:]
+        runs = [r["seconds"] for r in self.ledger.valid_runs()][-20:]
+        if not calls or not runs or median(runs) <= 0:
+            return 1
+        return min(self.executor.slots, max(1, math.ceil(self.executor.slots * median(calls) / median(runs))))
+
+    def wants_idea(self):
+        if self.executor.slots == 1:
+            return not self.experiments
+        if not getattr(self.night.agent, "in_background", True) and self.asking:
+            return False  # asked one at a time
+        return self.executor.slots + self.ideas_ahead() - len(self.runs.out) - len(self.queued) - len(self.asking) > 0
+
+    def ask_for_ideas(self):
+        best = self.ledger.best()
+        if best is None:
+            return  # the baseline first: the agent is shown its number
+        while self.wants_idea() and not self.why_stop():
+            experiment = Experiment(self.next_number, best["commit"])
+            self.next_number += 1
+            self.experiments[experiment.number] = experiment
+            testing = [e.description for e in self.experiments.values() if e.number and e.description]
+            source = state.file_at(self.night.repo, best["commit"], "train.py")
+            log(f"#{experiment.number} asking {self.args.agent} for an idea"
+                + (f" ({len(testing)} being tested now)" if testing else ""))
+            prompt = idea_prompt(self.ledger, source, testing, before_proposal(self.night), self.args.plateau)
+            self.ask(experiment, 0, prompt, best["commit"])
+
+    def ask_for_fix(self, experiment, run):
+        if (reason := self.why_stop()) and reason.startswith("spent $"):  # a fix would spend more
+            return self.conclude(experiment, "crash", f"{decisions.crash_reason(run)}; no fix asked: {reason}", run)
+        fix, experiment.crashed = experiment.attempt + 1, run
+        log(f"#{experiment.number} crashed; asking for fix {fix} of {self.args.max_fix_attempts}")
+        source = state.file_at(self.night.repo, experiment.commit, "train.py")
+        self.ask(experiment, fix, fix_prompt(self.ledger, experiment.description, run, fix,
+                                             self.args.max_fix_attempts, source, before_proposal(self.night)),
+                 experiment.commit)
+
+    def ask(self, experiment, attempt, prompt, on):
+        """Start a conversation about the experiment on commit `on`: an idea, or a fix of it."""
+        source, scratch, night = state.file_at(self.night.repo, on, "train.py"), None, self.night
+        if self.args.agent == "claude-code":  # it edits files: a tree of its own, never one a run or proposal uses
+            scratch = self.scratch_root / f"{experiment.number}-{attempt}"
+            agent = self.make_agent(state.add_scratch_worktree(night.repo, scratch, on))
+        else:  # a conversation of its own, unless the agent asks one thing at a time (Optuna)
+            agent = self.make_agent(night.repo) if getattr(night.agent, "in_background", True) else night.agent
+        arguments = (agent, prompt, source, self.args.max_edit_retries, self.args.max_tokens, f"#{experiment.number}",
+                     already_run(night))
+        future = (in_background if getattr(agent, "in_background", True) else right_now)(ask_for_change, *arguments)
+        self.asking[future] = Asking(experiment, attempt, time.time(), scratch)
+
+    def proposed(self, future):
+        asked = self.asking.pop(future)
+        if asked.scratch:
+            state.remove_scratch_worktree(self.night.repo, asked.scratch)
+        change = future.result()  # an agent that failed for good (fail()) stops the night here
+        night, experiment, attempt = self.night, asked.experiment, asked.attempt
+        if change.source is None:
+            return self.no_change(experiment, attempt, change, asked.started)
+        if not attempt:  # what was true when the idea was asked may not be now
+            if reason := self.why_stop(open_count=len(self.experiments) - 1):
+                return self.not_run(experiment, change, asked.started, f"{reason} while it was being asked")
+            if earlier := already_run(night).get(source_digest(change.source)):
+                return self.not_run(experiment, change, asked.started, f"its train.py is byte-identical to that of "
+                                    f"{earlier}, proposed at the same time")
+        parent = experiment.commit if attempt else experiment.base  # a fix goes on top of what crashed
+        commit = state.commit_source(night.repo, parent, change.source, change.description)
+        number = state.keep_reachable(night.repo, self.args.tag, commit)
+        record_proposal(night, experiment.number, attempt, change, asked.started, commit, ref_number=number,
+                        base=experiment.base)
+        if attempt == 0:
+            night.failed_proposals_in_a_row = 0
+            experiment.description = change.description
+            log(f"#{experiment.number} the idea: {change.description}")
+        experiment.commit, experiment.ref_number, experiment.attempt = commit, number, attempt
+        self.advance(experiment)
+
+    def no_change(self, experiment, attempt, change, started):
+        """No usable change came of the conversation: a fix that breaks a rule makes the experiment invalid, a
+        missing fix leaves the crash, an idea that breaks a rule is an invalid row, and a missing idea is a gap."""
+        record_proposal(self.night, experiment.number, attempt, change, started)
+        crashed = experiment.crashed
+        if change.violation and attempt:  # a fix that edits another file
+            self.conclude(experiment, "invalid", change.error, dict(crashed, problems=[change.error]))
+        elif attempt:
+            self.conclude(experiment, "crash", decisions.crash_reason(crashed), crashed)
+        elif change.violation:  # nothing was committed: the change was refused whole
+            experiment.description = change.description
+            self.conclude(experiment, "invalid", change.error, dict(commit=NO_COMMIT, metrics={}))
+        else:
+            self.night.failed_proposals_in_a_row += 1
+            del self.experiments[experiment.number]
+
+    def not_run(self, experiment, change, started, why):
+        log(f"#{experiment.number} not run: {why}")
+        record_proposal(self.night, experiment.number, 0, replace(change, source=None, error=f"not run: {why}"),
+                        started)
+        del self.experiments[experiment.number]
