@@ -149,8 +149,8 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
     state.write_results_tsv(ledger.results(), state_dir)
 
     def on_signal(signum, frame):  # the first stops the night; later ones never cut its cleanup short
-        if night.stopping:
-            log("stopping: the runs are being stopped and the ledger closed; one moment")
+        if night.stopping:  # os.write: a print here could break into a print of the code it interrupted
+            os.write(2, b"agent_loop.py: already stopping: the runs are being stopped and the ledger closed\n")
             return
         night.stopping = True
         raise KeyboardInterrupt

@@ -114,6 +114,9 @@ class Engine:
                     assert reason, "nothing in flight, and no reason to stop"  # ask_for_ideas always asks
                     return reason
                 self.wait()
+        except KeyboardInterrupt:
+            log("interrupted: stopping the runs and the agent's calls (the ledger keeps every run that ended)")
+            raise
         finally:  # Ctrl-C, SIGTERM, an error: nothing may outlive the night, and a second signal waits
             self.night.stopping = True
             clear_status()
