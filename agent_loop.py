@@ -194,8 +194,8 @@ def open_executor(night):
     if args.ray:
         from autoresearch import ray_executor  # here: only a night on Ray imports it
         try:
-            cluster = ray_executor.connect(args.ray, night.state_dir, args.workers)
-        except RuntimeError as error:  # a cluster that cannot be joined, or a local instance not on 127.0.0.1
+            cluster = ray_executor.connect(args.ray, args.workers)
+        except RuntimeError as error:  # a cluster that cannot be joined
             fail(str(error))
         night.executor = executor = ray_executor.RayExecutor(cluster, integrity.portable_fingerprint())
         kind, slots, models = "GPU" if cluster.gpus else "CPU", cluster.slots, cluster.gpu_models

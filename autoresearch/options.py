@@ -114,9 +114,9 @@ def parse_args(argv, started_with=None):
     parser.add_argument("--workers", default="1", help="runs at once, each on a GPU of its own (a CPU slot without "
                         "GPUs): different experiments at the same time, ideas asked ahead while runs go on, decisions "
                         "in the order runs end; auto: every visible GPU (default: 1, one experiment at a time)")
-    parser.add_argument("--ray", metavar="ADDRESS", help="run on this Ray cluster (host:port of its head node; auto: "
-                        "RAY_ADDRESS; local: a private instance on this machine), on all its GPUs or at most "
-                        "--workers N of them; its token from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+    parser.add_argument("--ray", metavar="ADDRESS", help="run on this Ray cluster (host:port of its head node's GCS; "
+                        "auto: RAY_ADDRESS), on all its GPUs or at most --workers N of them; its token from "
+                        "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
     parser.add_argument("--allow-mixed-gpus", action="store_true",
                         help="with --workers, run on a cluster whose GPUs are not all one model")
     args = parser.parse_args(argv)

@@ -1,50 +1,32 @@
 """
-Many runs of train.py at once, on Ray: one run per task, on whatever node of a cluster (or of a private local
-instance, `--ray local`) the task lands on (one GPU per run; one CPU slot on a cluster without GPUs).
+Many runs of train.py at once on a Ray cluster (--ray): one run per task, on whatever node the task lands on (one
+GPU per run; one CPU slot on a cluster without GPUs). Only a night with --ray imports this module, and this module
+imports ray only inside its functions. The engine drives it through RayExecutor (an executor as runs.LocalExecutor
+is); underneath, with plain values:
 
-Only a night with --ray imports this module, and this module imports ray only inside its functions. The
-engine drives it through RayExecutor, an executor like runs.LocalExecutor; underneath, with plain values:
+    cluster = ray_executor.connect("host:port", num_workers=4)   # or "auto": RAY_ADDRESS, or `ray start`'s
+    ref = ray_executor.submit(cluster, train_source, prepare_source, integrity.portable_fingerprint(), key_hex, 600)
+    result = ray_executor.result(ref)    # returncode, seconds, log, record, changed, worker; NodeMismatch, or Ray's
+    ray_executor.cancel_all(refs)        # error (is_infrastructure_failure: its worker or node died, run it again)
 
-    cluster = ray_executor.connect("local", state_dir, num_workers=4)   # or "auto" / "host:port": join a cluster
-    fingerprint = integrity.portable_fingerprint()                      # once: every node must match it
-    ref = ray_executor.submit(cluster, train_source, prepare_source, fingerprint, key.hex(), timeout)
-    done, pending = ray_executor.wait(refs, timeout=1.0)
-    try:
-        result = ray_executor.result(done[0])    # returncode, seconds, log, record, changed, worker
-    except Exception as error:                   # NodeMismatch: stop; is_infrastructure_failure: run it again
-        ...
-    record, missing = integrity.verify_record(key, result["record"])
-    ray_executor.cancel_all(refs)                # Ctrl-C
-    ray_executor.shutdown(cluster)
-
-A local instance is private: it listens on 127.0.0.1 only, with Ray's token authentication on and no dashboard,
-and its temp dir (with the sockets and logs) and token file live in state_dir, never under ~ (a temp dir too long
-for Ray's sockets goes under /tmp, and is removed at shutdown, or at the next start after a SIGKILL). A cluster
-is joined with the token Ray's documentation says (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token);
-when it cannot be, one line says why and what to do. Nodes share no filesystem: the task carries train.py and
-prepare.py, Ray ships this package to the nodes (py_modules), and each node uses its own prepared cache, which
-must equal the driver's (integrity.portable_fingerprint). Workers run in the Python their node's Ray runs in: on a
-cluster, start Ray from the project's environment (`uv run ray start ...`).
+The cluster is joined with the token Ray's documentation says (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or
+~/.ray/auth_token); when it cannot be, one line says why and what to do. Nodes share no filesystem: the task
+carries train.py and prepare.py, Ray ships this package to the nodes (py_modules), and each node uses its own
+prepared cache, which must equal the driver's (integrity.portable_fingerprint). Workers run in the Python their
+node's Ray runs in: start Ray from the project's environment (`uv run ray start ...`).
 """
 
 import functools
 import logging
 import os
-import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-# Ray puts unix sockets in <temp dir>/session_<date>_<time>_<pid>/sockets/plasma_store, and a socket's path has
-# at most 107 bytes on Linux (103 on macOS): 64 of them are Ray's (with a 7-digit pid), so its temp dir can have 43
-# on Linux; 40 leaves room for macOS's shorter limit and Ray's next socket name.
-MAX_TEMP_DIR_CHARS = 40
 CANCEL_GRACE = 10  # seconds a cancelled run has to kill its process tree before its worker is killed
 
 
@@ -54,40 +36,32 @@ CANCEL_GRACE = 10  # seconds a cancelled run has to kill its process tree before
 @dataclass(frozen=True)
 class Cluster:
     address: str  # the GCS's host:port
-    local: bool  # a private instance this driver started (and stops)
     gpus: bool  # one GPU per run; else one CPU slot per run
     slots: int  # how many runs fit at once
-    temp_dir: str = None  # of a local instance
-    token_path: str = None  # of a local instance
     gpu_models: tuple = ()  # of the live nodes with GPUs (gpu_models)
 
 
-def connect(address, state_dir, num_workers):
-    """Start a private local Ray instance (address "local") with room for num_workers runs, or join the cluster at
-    address ("auto": RAY_ADDRESS, or the one `ray start` left on this machine), using at most num_workers of its
-    GPUs at once (all of them when num_workers is 1). Returns a Cluster; RuntimeError, in one line that names the
-    cause and the fix, when the cluster cannot be joined."""
-    state_dir = Path(state_dir).resolve()
+def connect(address, num_workers):
+    """Join the Ray cluster at address ("auto": RAY_ADDRESS, or the one `ray start` left on this machine), to use
+    at most num_workers of its GPUs at once (all of them when num_workers is 1). Returns a Cluster; RuntimeError,
+    in one line that names the cause and the fix, when it cannot be joined."""
     # Under `uv run`, Ray would copy the working directory to every worker and build a virtual environment there
     # (a minute on a 2-core machine, and the repository's state with it). Workers use the Python their node's
     # Ray runs in instead, and get this package from the driver (py_modules): a node needs no checkout of it.
     os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"  # read when ray is imported; set below for an earlier import
-    common = dict(log_to_driver=False, logging_level=logging.WARNING,  # Ray's INFO lines stay out of the loop's output
-                  runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]})
-    if address == "local":
-        return _start_local(state_dir, num_workers, common)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray turns it on by itself only for clusters it finds locally
     if ":" in address:
         check_reachable(address)
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray turns it on by itself only for clusters it finds locally
     ray = _import_ray()
     try:
-        context = _init(ray, address=address, **common)
+        context = _init(ray, address=address, log_to_driver=False, logging_level=logging.WARNING,
+                        runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]})
     except Exception as error:  # Ray wraps what went wrong in RuntimeError or ConnectionError, a traceback inside
         raise RuntimeError(join_failure(address, error)) from None
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     capacity = gpus or int(resources.get("CPU", 0))
-    return Cluster(address=context.address_info["gcs_address"], local=False, gpus=gpus > 0,
+    return Cluster(address=context.address_info["gcs_address"], gpus=gpus > 0,
                    slots=min(num_workers, capacity) if num_workers > 1 else capacity,
                    gpu_models=gpu_models(ray.nodes()))
 
@@ -119,7 +93,7 @@ def join_failure(address, error):
     first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
     if isinstance(error, ConnectionError) or "Could not find any running Ray instance" in said:
         return (f"no Ray cluster could be joined at {address} ({first}): check that it is running (`ray status` on "
-                "its head node) and the address, or use --ray local for a private instance on this machine")
+                "its head node) and the address")
     return f"Ray could not join the cluster at {address} ({type(error).__name__}: {first})"
 
 
@@ -132,57 +106,6 @@ def _import_ray():
     if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
         constants.ENABLE_RAY_CLUSTER = False
     return ray
-
-
-def _start_local(state_dir, num_workers, common):
-    from autoresearch.runs import local_gpus
-
-    state_dir.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(state_dir)
-    temp_dir = ray_temp_dir(state_dir)
-    (state_dir / "ray_temp_dir").write_text(str(temp_dir))  # for the next start, should this driver be SIGKILLed
-    token_path = state_dir / "ray_auth_token"
-    # A fresh token each start, readable by this user only. Ray reads RAY_AUTH_TOKEN before RAY_AUTH_TOKEN_PATH,
-    # and would write its own token to ~/.ray/auth_token if it found none: it finds ours.
-    token_path.unlink(missing_ok=True)
-    with os.fdopen(os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-        f.write(secrets.token_hex(32))
-    os.environ.pop("RAY_AUTH_TOKEN", None)
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
-                      # On Linux Ray swaps _node_ip_address="127.0.0.1" for the machine's network address (its
-                      # servers then listen on every interface); with this, read when ray is imported, it keeps
-                      # the loopback address, and the GCS, raylet and workers listen there only.
-                      RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    ray = _import_ray()
-    gpus = min(len(local_gpus()), num_workers)
-    context = _init(ray, address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                    _temp_dir=str(temp_dir), num_cpus=None if gpus else num_workers, num_gpus=gpus, **common)
-    info = context.address_info
-    if info["node_ip_address"] != "127.0.0.1" or not info["gcs_address"].startswith("127.0.0.1:"):
-        ray.shutdown()  # never run a reachable instance: this Ray binds where it did not say
-        raise RuntimeError(f"the local Ray instance did not stay on 127.0.0.1 (GCS at {info['gcs_address']})")
-    return Cluster(address=info["gcs_address"], local=True, gpus=gpus > 0, slots=gpus or num_workers,
-                   temp_dir=str(temp_dir), token_path=str(token_path), gpu_models=gpu_models(ray.nodes()))
-
-
-def remove_leftovers(state_dir):
-    """What a SIGKILLed driver's private instance left: its processes (found by their temp dir) and that temp dir,
-    when it was a folder under /tmp."""
-    import psutil
-
-    record = state_dir / "ray_temp_dir"
-    if not record.exists():
-        return
-    temp_dir = record.read_text().strip()
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in process.info["cmdline"] or []):
-                process.kill()
-        except psutil.Error:
-            pass
-    if Path(temp_dir).name.startswith("autoresearch-ray-"):
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    record.unlink()
 
 
 def gpu_models(nodes):
@@ -209,30 +132,11 @@ def _init(ray, **options):
             signal.signal(signal.SIGTERM, handler)
 
 
-def ray_temp_dir(state_dir):
-    """Ray's temp dir: state_dir/ray, or, when that path is too long for Ray's sockets, a fresh private folder
-    under the system's temp dir (or /tmp, where that is long too, as macOS's is)."""
-    inside = Path(state_dir) / "ray"
-    if len(str(inside)) <= MAX_TEMP_DIR_CHARS:
-        inside.mkdir(mode=0o700, exist_ok=True)
-        return inside
-    base = tempfile.gettempdir()
-    if len(base) > MAX_TEMP_DIR_CHARS - 20 and os.path.isdir("/tmp"):
-        base = "/tmp"
-    return Path(tempfile.mkdtemp(prefix="autoresearch-ray-", dir=base))  # mode 0700
-
-
 def shutdown(cluster):
-    """Leave the cluster; a local instance stops, and its token goes, and its temp dir when it is one under /tmp
-    (Ray's logs stay in a temp dir in the state dir)."""
+    """Leave the cluster."""
     import ray
 
     ray.shutdown()
-    if cluster.local:
-        Path(cluster.token_path).unlink(missing_ok=True)
-        if Path(cluster.temp_dir).name.startswith("autoresearch-ray-"):
-            shutil.rmtree(cluster.temp_dir, ignore_errors=True)
-        (Path(cluster.token_path).parent / "ray_temp_dir").unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------
@@ -326,16 +230,6 @@ def submit(cluster, train_source, prepare_source, fingerprint, key_hex, timeout,
                                                split)
 
 
-def wait(refs, timeout=None):
-    """(finished, unfinished) refs: every one finished by the time at least one has, or after timeout seconds."""
-    import ray
-
-    refs = list(refs)
-    if not refs or not ray.wait(refs, num_returns=1, timeout=timeout)[0]:
-        return [], refs
-    return ray.wait(refs, num_returns=len(refs), timeout=0)
-
-
 def result(ref):
     """The run's dict. Raises NodeMismatch, or Ray's error when the run did not finish (is_infrastructure_failure
     tells a dead worker or node from a cancelled run)."""
@@ -383,8 +277,7 @@ class RayExecutor:
         self.pending = {}  # Ray ref: (key, request)
 
     def describe(self):
-        where = "a private Ray instance on this machine" if self.cluster.local else f"Ray at {self.cluster.address}"
-        return f"{self.slots} at once on {where}, one {'GPU' if self.cluster.gpus else 'CPU slot'} each"
+        return f"{self.slots} at once on Ray at {self.cluster.address}, one {'GPU' if self.cluster.gpus else 'CPU'} each"
 
     def submit(self, key, request):
         ref = submit(self.cluster, request.train_source, request.prepare_source, self.fingerprint, request.key_hex,
@@ -392,7 +285,11 @@ class RayExecutor:
         self.pending[ref] = (key, request)
 
     def wait(self, timeout):
-        done, _ = wait(list(self.pending), timeout=timeout)
+        """The runs that ended within timeout seconds: every one that has, once at least one has."""
+        import ray
+
+        refs = list(self.pending)
+        done = ray.wait(refs, num_returns=len(refs), timeout=0)[0] if ray.wait(refs, timeout=timeout)[0] else []
         ended = []
         for ref in done:
             key, request = self.pending.pop(ref)

@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from fake_llm import change
 from night_repo import BETTER, HANG, WORSE
 from processes import alive
+from ray_cluster import ray_head
 
 GAIN_A, MORE_GAIN_A = ("GAIN_A = 0.0", "GAIN_A = 0.01"), ("GAIN_A = 0.0", "GAIN_A = 0.02")
 GAIN_B = ("GAIN_B = 0.0", "GAIN_B = 0.005")
@@ -97,11 +99,20 @@ def test_claude_code_edits_in_a_scratch_worktree_per_proposal_and_ctrl_c_kills_t
     assert night.git("worktree", "list", "--porcelain").count("worktree ") == 1
 
 
-def test_a_run_whose_ray_worker_dies_goes_out_again_once_and_ctrl_c_then_cancels_it(night):
+@pytest.fixture
+def ray_cluster(night, monkeypatch):
+    """A Ray cluster of one head node with two CPU slots, and this test's environment set to join it."""
+    with ray_head(night.tmp / "ray", cpus=2) as head:
+        for name, value in head.joining.items():
+            monkeypatch.setenv(name, value)
+        yield head
+
+
+def test_a_run_whose_ray_worker_dies_goes_out_again_once_and_ctrl_c_then_cancels_it(night, ray_cluster):
     # SIGTERM takes the same way out as Ctrl-C (run_night turns it into KeyboardInterrupt: test_agent_loop.py,
     # with the handler Ray's init replaced put back by connect(): test_ray_executor.py)
     night.llm.script(change("hang", HANG))
-    driver = night.start("--ray", "local", "--workers", "2", "--max-experiments", "2")
+    driver = night.start("--ray", ray_cluster.address, "--workers", "2", "--max-experiments", "2")
     first = night.wait_for_runs(5, timeout=120)[4]  # the idea's first run, after the baseline's four
     psutil.Process(first).parent().kill()  # the Ray worker that runs it
     again = night.wait_for_runs(6, timeout=60)[5]
@@ -113,6 +124,7 @@ def test_a_run_whose_ray_worker_dies_goes_out_again_once_and_ctrl_c_then_cancels
     assert requeued["experiment"] == 1 and requeued["repeat"] == 1 and "WorkerCrashedError" in requeued["error"]
     assert not alive(again, wait=15)  # cancelled: the task killed its train.py's process tree
     assert [row[4] for row in night.rows()] == ["baseline"]
+    assert all(r["worker"]["ip"] == "127.0.0.1" for r in night.ledger() if r["event"] == "run")
     assert night.head() == night.base and night.is_clean()
     assert night.git("log", "-1", "--format=%s", night.refs()[-1]) == "hang"  # committed beside it, reachable
     assert night.ledger()[-1]["event"] == "stop" and night.ledger()[-1]["reason"] == "interrupted"
@@ -121,10 +133,9 @@ def test_a_run_whose_ray_worker_dies_goes_out_again_once_and_ctrl_c_then_cancels
 def test_a_cluster_of_mixed_gpu_models_is_refused_and_left(night, monkeypatch):
     from autoresearch import ray_executor
 
-    mixed = ray_executor.Cluster(address="127.0.0.1:6379", local=False, gpus=True, slots=12,
-                                 gpu_models=("A100", "H100"))
+    mixed = ray_executor.Cluster(address="127.0.0.1:6379", gpus=True, slots=12, gpu_models=("A100", "H100"))
     stopped = []
-    monkeypatch.setattr(ray_executor, "connect", lambda address, state_dir, workers: mixed)  # no cluster here
+    monkeypatch.setattr(ray_executor, "connect", lambda address, workers: mixed)  # no cluster here
     monkeypatch.setattr(ray_executor, "shutdown", stopped.append)
     result = night.run("--workers", "12", "--ray", "10.0.0.1:6379")
     assert result.returncode == 1 and "mixes GPU models (A100, H100)" in result.stderr

@@ -1,6 +1,7 @@
-"""autoresearch/ray_executor.py on a local Ray instance with 3 CPU slots, started once for the module (Ray takes
-~10 s to start here), its temp dir, token and HOME inside the test's tmp dir. The runs are the stand-ins of
-tests/agent_loop_support under the fake harness (fake_prepare.py), against a small fake cache."""
+"""autoresearch/ray_executor.py on a Ray cluster of one head node with 3 CPU slots on 127.0.0.1, started with
+`ray start` once for the module (Ray takes ~10 s to start here; tests/agent_loop_support/ray_cluster.py), its temp
+dir, token and HOME in the test's folders. The runs are the stand-ins of tests/agent_loop_support under the fake
+harness (fake_prepare.py), against a small fake cache."""
 
 import json
 import os
@@ -9,7 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
+import dataclasses
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ import pytest
 
 from autoresearch import integrity, ray_executor
 from conftest import REPO, TINY, run_prepare
+from ray_cluster import ray_head
 
 SUPPORT = REPO / "tests" / "agent_loop_support"
 FAKE_PREPARE = (SUPPORT / "fake_prepare.py").read_text()
@@ -55,29 +57,30 @@ def fake_cache(folder, val=b"\x01\x02\x03\x04"):
 
 @pytest.fixture(scope="module")
 def ray_env(tmp_path_factory):
-    """The cluster, its tmp dir (base), the cache and the driver's portable fingerprint of it and of prepare.py,
-    and the SIGTERM handler that connect() left."""
-    base = tmp_path_factory.mktemp("r")  # short: Ray's temp dir goes in base/s/ray when the path is short enough
+    """The cluster joined by this process, its address and token, the cache and the driver's portable fingerprint
+    of it and of prepare.py, and the SIGTERM handler that connect() left."""
+    base = tmp_path_factory.mktemp("r")
     saved = dict(os.environ)  # connect() and ray.init() set RAY_* variables for this process: undone at the end
-    os.environ.update(HOME=str(base / "home"), RAY_USAGE_STATS_ENABLED="0")
-    (base / "home").mkdir()
     (base / "prepare.py").write_text(FAKE_PREPARE)
     cache = fake_cache(base / "cache")
     sigterm, cluster = signal.signal(signal.SIGTERM, on_sigterm), None
-    try:
-        cluster = ray_executor.connect("local", base / "s", num_workers=3)
-        import ray
+    with ray_head(base / "head") as head:
+        os.environ.update(HOME=str(base / "head"), RAY_USAGE_STATS_ENABLED="0", **head.joining)
+        try:
+            cluster = ray_executor.connect(head.address, num_workers=3)
+            import ray
 
-        # One worker per slot before the tests time anything (a worker's first start takes seconds here).
-        ray.get([ray.remote(num_cpus=1)(lambda: time.sleep(1.0)).remote() for _ in range(3)])
-        yield SimpleNamespace(cluster=cluster, base=base, cache=cache, sigterm=signal.getsignal(signal.SIGTERM),
-                              fingerprint=integrity.portable_fingerprint(base / "prepare.py", cache))
-    finally:
-        if cluster:
-            ray_executor.shutdown(cluster)
-        signal.signal(signal.SIGTERM, sigterm)
-        os.environ.clear()
-        os.environ.update(saved)
+            # One worker per slot before the tests time anything (a worker's first start takes seconds here).
+            ray.get([ray.remote(num_cpus=1)(lambda: time.sleep(1.0)).remote() for _ in range(3)])
+            yield SimpleNamespace(cluster=cluster, head=head, base=base, cache=cache,
+                                  sigterm=signal.getsignal(signal.SIGTERM),
+                                  fingerprint=integrity.portable_fingerprint(base / "prepare.py", cache))
+        finally:
+            if cluster:
+                ray_executor.shutdown(cluster)
+            signal.signal(signal.SIGTERM, sigterm)
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 def on_sigterm(signum, frame):
@@ -200,30 +203,13 @@ def test_cancel_all_stops_every_run_and_kills_its_process_tree(ray_env, tmp_path
 # -----------------------------------------------------------------------------
 # Nobody else gets in
 
-def test_the_local_instance_listens_on_127_0_0_1_only_and_serves_no_dashboard(ray_env):
-    cluster = ray_env.cluster
-    assert cluster.address.startswith("127.0.0.1:") and cluster.local and cluster.slots == 3 and not cluster.gpus
-    processes = ray_processes()
-    names = {p.name() for p in processes}
-    assert {"gcs_server", "raylet"} <= names
-    listening = [(p.name(), c.laddr) for p in [psutil.Process(), *processes]
-                 for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
-    assert listening and all(addr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for _, addr in listening), listening
-    assert not any(addr.port == 8265 for _, addr in listening)
-    # Ray 2.60 still starts its API server with include_dashboard=False: headless (no web frontend, no port)
-    for p in processes:
-        if any(arg.endswith("dashboard/dashboard.py") for arg in p.cmdline()):
-            assert {"--minimal", "--disable-frontend"} <= set(p.cmdline())
-            assert not [c for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
-
-
 def test_a_client_without_the_token_is_refused(ray_env):
     cluster = ray_env.cluster
     probe = (f"import ray._raylet\nclient = ray._raylet.GcsClient(address={cluster.address!r})\n"
              "print(len(client.internal_kv_keys(b'', namespace=None, timeout=5)) > 0)")
     plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     tokens = {"none": {"RAY_AUTH_MODE": "disabled"}, "wrong": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
-              "right": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": cluster.token_path}}
+              "right": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_env.head.token_path)}}
     clients = {name: subprocess.Popen([sys.executable, "-c", probe], env={**plain, **extra}, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                for name, extra in tokens.items()}
@@ -237,19 +223,17 @@ def test_joining_a_cluster_uses_at_most_workers_of_its_slots_and_all_of_them_by_
     cluster = ray_env.cluster  # three CPU slots, joined by another driver with the cluster's token
     join = ("from autoresearch import ray_executor\n"
             "for workers in (2, 1):\n"
-            f"    joined = ray_executor.connect({cluster.address!r}, {str(tmp_path)!r}, workers)\n"
-            "    print(joined.slots, joined.local, joined.gpus)\n    __import__('ray').shutdown()")
+            f"    joined = ray_executor.connect({cluster.address!r}, workers)\n"
+            "    print(joined.slots, joined.gpus)\n    __import__('ray').shutdown()")
     plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray keeps 127.0.0.1, where this cluster listens, as the address
-    environment = {**plain, "RAY_AUTH_TOKEN_PATH": cluster.token_path, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    said = subprocess.run([sys.executable, "-c", join], env=environment, cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-    assert said.stdout.split("\n")[:2] == ["2 False False", "3 False False"], said.stdout + said.stderr
+    said = subprocess.run([sys.executable, "-c", join], env={**plain, **ray_env.head.joining}, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert said.stdout.split("\n")[:2] == ["2 False", "3 False"], said.stdout + said.stderr
 
 
 def test_a_wrong_token_is_refused_in_one_line_that_says_where_the_right_one_is(ray_env, tmp_path):
     join = ("from autoresearch import ray_executor\ntry:\n"
-            f"    ray_executor.connect({ray_env.cluster.address!r}, {str(tmp_path)!r}, 2)\n"
+            f"    ray_executor.connect({ray_env.cluster.address!r}, 2)\n"
             "except RuntimeError as error:\n    print('refused:', error)")
     plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     environment = {**plain, "RAY_AUTH_TOKEN": "0" * 64, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -267,54 +251,23 @@ def test_an_address_where_nothing_listens_is_refused_at_once_in_one_line(tmp_pat
         port = closed.getsockname()[1]
     started = time.time()
     with pytest.raises(RuntimeError) as refused:
-        ray_executor.connect(f"127.0.0.1:{port}", tmp_path, 2)
+        ray_executor.connect(f"127.0.0.1:{port}", 2)
     message = str(refused.value)
     assert time.time() - started < 15 and "\n" not in message
     assert f"nothing answers at the Ray address 127.0.0.1:{port}" in message and "ray start --head" in message
 
 
-def test_rays_temp_dir_and_token_are_inside_the_tests_tmp_dir(ray_env):
-    cluster, base = ray_env.cluster, ray_env.base
-    inside = base / "s" / "ray"
-    if len(str(inside)) <= ray_executor.MAX_TEMP_DIR_CHARS:
-        assert Path(cluster.temp_dir) == inside and (inside / "session_latest").exists()
-    else:  # a long user name in pytest's tmp path: the fallback, tested below
-        assert Path(cluster.temp_dir).name.startswith("autoresearch-ray-")
-    assert Path(cluster.token_path).parent == base / "s" and Path(cluster.token_path).stat().st_mode & 0o077 == 0
-    raylet = next(p for p in ray_processes() if p.name() == "raylet")
-    assert f"--temp_dir={cluster.temp_dir}" in raylet.cmdline()
-    assert not (base / "home" / ".ray").exists()  # Ray's default token file stayed unwritten
+def test_a_wait_for_a_slot_says_when_the_cluster_has_fewer_than_it_started_with(ray_env):
+    assert ray_executor.RayExecutor(ray_env.cluster, ray_env.fingerprint).waiting_for().endswith(
+        "CPUs of the cluster free")
+    started_bigger = dataclasses.replace(ray_env.cluster, slots=12)  # 12 slots when the night started, 3 now
+    assert ray_executor.RayExecutor(started_bigger, ray_env.fingerprint).waiting_for() == (
+        "the cluster has 3 CPUs now, of the 12 it started with: are its worker nodes gone? (`ray status` on its head "
+        "node)")
 
 
 def test_connecting_leaves_the_drivers_sigterm_handler_in_place(ray_env):
     assert ray_env.sigterm is on_sigterm  # ray.init puts its own there, which exits at once
-
-
-def test_a_state_dir_too_long_for_rays_sockets_falls_back_to_a_short_private_folder(tmp_path):
-    folder = ray_executor.ray_temp_dir(tmp_path / ("x" * 80))
-    assert len(str(folder)) <= ray_executor.MAX_TEMP_DIR_CHARS and folder.stat().st_mode & 0o077 == 0
-    folder.rmdir()
-
-
-def test_a_sigkilled_driver_s_private_instance_and_its_temp_dir_are_removed_at_the_next_start(tmp_path):
-    state_dir = tmp_path / ("x" * 80)  # too long for Ray's sockets: its temp dir goes under /tmp
-    driver = ("import time\nfrom autoresearch import ray_executor\n"
-              f"cluster = ray_executor.connect('local', {str(state_dir)!r}, 1)\n"
-              "print(cluster.temp_dir, flush=True)\ntime.sleep(600)")
-    plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    process = subprocess.Popen([sys.executable, "-c", driver], env={**plain, "HOME": str(tmp_path)}, cwd=REPO,
-                               stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        temp_dir = process.stdout.readline().strip()
-        assert temp_dir.startswith(("/tmp/", tempfile.gettempdir())) and Path(temp_dir).is_dir()
-        process.kill()
-        process.wait()
-        assert Path(temp_dir).is_dir()  # Ray's processes may outlive the driver a while; its temp dir does
-        ray_executor.remove_leftovers(state_dir)
-        assert not Path(temp_dir).exists() and not [
-            p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in p.info["cmdline"] or [])]
-    finally:
-        os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
 
 
 # -----------------------------------------------------------------------------
