@@ -1,17 +1,12 @@
 """
 The unattended overnight research loop: an AI agent proposes, this program experiments.
 
-Each experiment: ask the agent for ONE idea (a one-line description and exact search/replace
-edits of train.py), apply it, check that it compiles and still lets prepare.py score it, commit
-it, run train.py for its time budget under the harness in a fresh folder, take val_bpb from the
-harness's signed record of the run (never from train.py's printout), log a row in results.tsv,
-then keep the commit (the branch advances) or not. The keep rule compares means against the
-measured run-to-run noise (--keep-rule greedy: the reference's one run, keep if lower). A crash
-gets up to two fix attempts (none with optuna); a run that breaks a rule of the metric is
-`invalid`, never kept. The first experiment is always the unmodified baseline, run four times.
-It runs until a limit, Ctrl-C or SIGTERM; the same --tag again resumes, also after a kill.
-With --workers N, N experiments run at once (local GPUs), or on a Ray cluster with --ray.
-One engine runs every night (autoresearch/engine.py; dev/INTERFACE.md draws it).
+Each experiment is ONE idea of the agent's (exact search/replace edits of train.py), committed beside the branch
+autoresearch/<tag>, run for its time budget under the harness in a fresh folder, scored by the harness's signed
+record, and kept (the branch moves to it) or not by the keep rule; the first is the unmodified baseline. Until a
+limit, Ctrl-C or SIGTERM; the same --tag resumes, also after a kill. One engine runs every night, one experiment at
+a time or --workers N at once (autoresearch/engine.py; dev/INTERFACE.md draws the parts). Its records are
+results.tsv and .autoresearch/<tag>/ (the ledger, every run's log, report.html), kept out of git.
 
     uv run agent_loop.py                                   # Anthropic API, ANTHROPIC_API_KEY
     uv run agent_loop.py --agent claude-code               # the claude CLI, headless
@@ -20,17 +15,8 @@ One engine runs every night (autoresearch/engine.py; dev/INTERFACE.md draws it).
     uv run agent_loop.py report                            # the morning summary and progress.png
     uv run agent_loop.py holdout                           # is the gain real: the holdout check
     uv run agent_loop.py demo                              # all of it offline, in one command (~15 min)
-
-Everything it writes is kept out of git (it adds itself to .git/info/exclude if needed):
-    results.tsv                          one row per experiment (SPEC section 10 format)
-    .autoresearch/<tag>/ledger.jsonl     append-only: every attempt's diff, timings, metrics,
-                                         log path, token usage and cost
-    .autoresearch/<tag>/logs/<n>.log     the output of the commit with ref n (<n>-<k>.log: its run k)
-    progress.png                         drawn by `agent_loop.py report`
-and every commit it ran stays reachable as refs/autoresearch/<tag>/<n>.
 """
 
-import argparse
 import os
 import signal
 import sys
@@ -66,25 +52,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
         return report.report_main(argv[1:])
-    if argv[:1] == ["holdout"]:
-        return holdout_main(argv[1:])
+    if argv[:1] == ["holdout"]:  # the tag whose ledger changed last, unless --tag names one
+        tag = [] if any(a.startswith("--tag") for a in argv) else ["--tag", report.report_source()[3]]
+        return loop(tag + argv[1:], holdout_only=True)
     if argv[:1] == ["demo"]:
         return demo.demo_main(argv[1:])
     return loop(argv)
-
-
-def holdout_main(argv):
-    parser = argparse.ArgumentParser(
-        prog="agent_loop.py holdout",
-        description="Is the night's gain real? Run the tag's baseline and best commits once each with evaluate_bpb "
-        "scoring the holdout split (text no decision saw; two training runs), and print both deltas: val against "
-        "holdout. The ledger keeps the result; `report` shows it.")
-    parser.add_argument("--tag", help="the tag to check (default: the tag whose ledger changed last)")
-    parser.add_argument("--workers", default="1", help="runs at once: with 2, both at the same time (default: 1)")
-    parser.add_argument("--ray", metavar="ADDRESS", help="run on this Ray cluster, as the night did")
-    args = parser.parse_args(argv)
-    options = ["--workers", args.workers] + (["--ray", args.ray] if args.ray else [])
-    return loop(["--tag", args.tag or report.tag_to_report([]), *options], holdout_only=True)
 
 
 def loop(argv, holdout_only=False, executor=None):
@@ -121,7 +94,6 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
         args = parse_args(argv, started["options"])
     branch, resuming = state.check_branch(repo, args.tag, ledger)
     instructions = instructions_text()
-
     output = OutputMode("json" if ledger.events("openai_output") else args.openai_output)  # shared by all
 
     def make_agent(repo):  # one per conversation (with claude-code, in its scratch worktree)

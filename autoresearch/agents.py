@@ -340,11 +340,11 @@ class ClaudeCodeAgent:
         command += ["--resume", self.session] if self.session else []
         tree = Path(self.repo.working_tree_dir)
         source = (tree / "train.py").read_text()
-        untracked_before = set(state.untracked_files(self.repo))
+        untracked_before = set(self.repo.untracked_files)
         result = with_retries(lambda: run_claude(command, prompt, self.settings.api_timeout, tree),
                               self.settings.retry_delay)
         # Every file it changed becomes an edit (the driver rejects any but train.py), then it is all undone.
-        new_files = set(state.untracked_files(self.repo)) - untracked_before
+        new_files = set(self.repo.untracked_files) - untracked_before
         edits = [{"file": path, "search": source if path == "train.py" else "",
                   "replace": (tree / path).read_text(errors="replace") if (tree / path).is_file() else ""}
                  for path in sorted(set(state.dirty_tracked_files(self.repo)) | new_files)]

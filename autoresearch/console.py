@@ -11,8 +11,7 @@ def log(message):
     print(f"{datetime.datetime.now():%H:%M:%S} {message}", flush=True)
 
 
-def show_status(text):
-    """One line that the next one replaces (a terminal only): the runs' progress while they train."""
+def show_status(text):  # a terminal only: one line the next one replaces
     global _status_width
     line = f"{datetime.datetime.now():%H:%M:%S} {text}"
     print("\r" + line.ljust(_status_width), end="", flush=True)

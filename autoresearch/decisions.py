@@ -1,11 +1,9 @@
 """
 What happens next to an experiment: a pure function of the runs it has, by pair number, and the best's.
 
-The engine (engine.py) calls next_action after every run that ends and on resume, with plain values: the runs of
-the experiment's commit and those of its base made beside them (dicts by pair number: the repeat a run was for),
-the base's measured val_bpb, the noise and the rule. The answer is one Action: the runs still needed (in the
-order to run them), a fix to ask for, a rebase onto a best that moved on, or the row (keep, discard, crash,
-invalid). A run that never ended is simply absent, so a resume is the same call on what the ledger holds.
+The engine calls next_action after every run that ends, and on resume, with plain values; the answer is one
+Action: the runs still needed (in the order to run them), a fix to ask for, a rebase onto a best that moved on,
+or the row. A run that never ended is simply absent, so a resume is the same call on what the ledger holds.
 """
 
 from dataclasses import dataclass

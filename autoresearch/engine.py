@@ -1,23 +1,17 @@
 """
-The one engine of every night: runs go out to an executor with N slots (runs.LocalExecutor: one slot per local
-GPU, or one on a CPU or a Mac; ray_executor.RayExecutor on a cluster), the agent proposes, and every experiment is
-decided by decisions.next_action each time one of its runs ends. agent_loop.run_night calls:
+The one engine of every night: runs go out to an executor with N slots (runs.LocalExecutor here, one slot per GPU;
+ray_executor.RayExecutor on a cluster), the agent proposes, and each experiment is decided by decisions.next_action
+every time one of its runs ends. agent_loop.run_night: `reason = Engine(night, executor, make_agent).run()`.
 
-    reason = Engine(night, executor, make_agent).run()      # make_agent(repo) -> an agent for one conversation
-
-- A serial night is the one-slot case: one experiment at a time, no idea asked ahead. With more slots, ideas are
-  asked ahead in threads while runs go on, as many as free up during one agent call, and each prompt lists the
-  experiments being tested now; claude-code edits in a scratch worktree of its own per proposal.
-- When a slot is free, the runs an experiment needs before it can be decided go out first (the baseline's, then a
-  candidate's confirmation runs with the best's beside them, pair by pair, side by side), then a new idea's first.
-- Candidates are committed beside the branch autoresearch/<tag>, which always points at the best. A candidate that
-  beat its base after the best moved on is rebased onto the new best (its change merged, or, when the change
-  conflicts, its whole train.py) and judged again, in the same experiment; so every kept row beat the best before.
-- Resuming is the same code: each experiment the ledger leaves undecided (the baseline too) is decided from the
-  runs the ledger holds, and goes on from there.
+One slot is a serial night; with more, ideas are asked ahead while runs go on. A free slot takes the runs an
+experiment needs to be decided first (pairs side by side), then a new idea's first. Candidates are committed beside
+the branch, which always points at the best; one that beat its base after the best moved on is rebased onto the
+best (its change merged, or its whole train.py) and judged again. A resume is the same code: each experiment the
+ledger leaves undecided goes on from the runs it holds.
 """
 
 import concurrent.futures
+import contextlib
 import heapq
 import itertools
 import math
@@ -41,7 +35,6 @@ from autoresearch.runs import RunKey, Runs
 POLL_SECONDS = 0.2  # how long the driver waits for a run or an agent call to end before it looks again
 HEARTBEAT_SECONDS = 60  # a wait with nothing to show says what it waits for this often
 CONFIRM, FIRST = 0, 1  # priorities: the runs an experiment needs to be decided go out before a new idea's first
-NO_COMMIT = "0" * 40  # the row of a change refused whole: nothing was committed
 
 
 @dataclass
@@ -58,17 +51,9 @@ class Experiment:
     crashed: dict = None  # the run a fix is asked for
 
 
-@dataclass
-class Asking:
-    """An agent call in flight: for which experiment and attempt, since when, in which scratch worktree."""
-    experiment: Experiment
-    attempt: int
-    started: float
-    scratch: Path | None
-
-
-def in_background(function, *args):
-    """function(*args) in a daemon thread (an agent call never holds up the exit); a Future of its result."""
+def call(function, *args, background=True):
+    """function(*args) in a daemon thread (an agent call never holds up the exit), or here when not background (an
+    agent that is stateful and fast: Optuna); a Future of its result."""
     future = concurrent.futures.Future()
 
     def target():
@@ -76,27 +61,22 @@ def in_background(function, *args):
             future.set_result(function(*args))
         except BaseException as error:  # fail() raises SystemExit: the driver re-raises it
             future.set_exception(error)
-    threading.Thread(target=target, daemon=True).start()
-    return future
-
-
-def right_now(function, *args):
-    """function(*args) here (an agent that is stateful and fast: Optuna); a Future of its result."""
-    future = concurrent.futures.Future()
-    try:
-        future.set_result(function(*args))
-    except Exception as error:
-        future.set_exception(error)
+    if background:
+        threading.Thread(target=target, daemon=True).start()
+    else:
+        target()
     return future
 
 
 class Engine:
     def __init__(self, night, executor, make_agent):
         self.night, self.args, self.ledger, self.make_agent = night, night.args, night.ledger, make_agent
-        self.executor, self.runs, self.rule = executor, Runs(night, executor), night.rule
+        self.executor, self.runs, self.rule = executor, Runs(night, executor), decisions.Rule(
+            self.args.keep_rule, self.args.keep_rule == "noise" and self.args.paired == "on", self.args.noise_runs,
+            self.args.max_runs, self.args.min_delta, self.args.max_fix_attempts)
         self.queue, self.queued, self.order = [], set(), itertools.count()  # heap of (priority, order, RunKey)
         self.experiments = {}  # number: Experiment, every one not decided yet
-        self.asking = {}  # Future of an agents.Change: Asking
+        self.asking = {}  # Future of an agents.Change: (Experiment, attempt, started, scratch worktree or None)
         self.scratch_root = night.state_dir / "scratch"
         self.next_number = self.ledger.next_experiment()
         self.heard = self.progress_shown = time.time()
@@ -133,12 +113,9 @@ class Engine:
         which nothing can interrupt, and its process would go on (and spend) after the night."""
         scratch = self.scratch_root.resolve()
         for process in psutil.Process().children(recursive=True):
-            try:
-                inside = Path(process.cwd()).is_relative_to(scratch)
-            except psutil.Error:  # ended meanwhile, or not ours to look at
-                continue
-            if inside:
-                runner.kill_tree(process.pid)
+            with contextlib.suppress(psutil.Error):  # ended meanwhile, or not ours to look at
+                if Path(process.cwd()).is_relative_to(scratch):
+                    runner.kill_tree(process.pid)
 
     # -------------------------------------------------------------------------
     # Starting and resuming: every experiment the ledger leaves undecided goes on from its runs
@@ -228,8 +205,9 @@ class Engine:
         number = experiment.number
         del self.experiments[number]
         self.queued = {key for key in self.queued if key.experiment != number}
-        for key in [key for key in self.runs.out if key.experiment == number]:
-            self.runs.cancel(key)  # decided without them (a discard after one pair, say)
+        for key in [key for key in self.runs.out if key.experiment == number]:  # decided without them (a discard
+            self.runs.out.pop(key)  # after one pair, say): stopped, to free their slots
+            self.executor.cancel(key)
         if number == 0:
             sigma, dof = keep_rule.noise_estimate(self.ledger.run_groups().values())
             self.night.record(event="noise", sigma=sigma if dof else None, dof=dof,
@@ -325,17 +303,16 @@ class Engine:
             parts.append(f"{plural(len(self.queued), 'run')} queued for a free slot"
                          + (f": {why}" if (why := self.executor.waiting_for()) else ""))
         if self.asking:
-            parts.append(f"{self.args.agent} for {plural(len(self.asking), 'proposal')} ("
-                         + ", ".join(f"#{asked.experiment.number}, {time.time() - asked.started:.0f}s"
-                                     for asked in self.asking.values()) + ")")
+            parts.append(f"{self.args.agent} for " + ", ".join(f"#{experiment.number} ({time.time() - started:.0f}s)"
+                                                                for experiment, _, started, _ in self.asking.values()))
         return "; ".join(parts) or "nothing"
 
     # -------------------------------------------------------------------------
     # The agent: ideas (asked ahead with several slots), fixes after a crash
 
     def ideas_ahead(self):
-        """How many ideas to have in hand beyond the free slots: as many as free up during one agent call (runs end
-        every run_seconds / slots seconds). None with one slot (a serial night); one until both are measured."""
+        """Ideas to have in hand beyond the free slots: as many slots as free up during one agent call; none with
+        one slot (a serial night), one until both are measured."""
         if self.executor.slots == 1:
             return 0
         calls = [r["seconds"] for r in self.ledger.events("proposal") if r["ok"] and r["calls"]][-20:]
@@ -386,27 +363,26 @@ class Engine:
             agent = self.make_agent(night.repo) if getattr(night.agent, "in_background", True) else night.agent
         arguments = (agent, prompt, source, self.args.max_edit_retries, self.args.max_tokens, f"#{experiment.number}",
                      already_run(night))
-        future = (in_background if getattr(agent, "in_background", True) else right_now)(ask_for_change, *arguments)
-        self.asking[future] = Asking(experiment, attempt, time.time(), scratch)
+        future = call(ask_for_change, *arguments, background=getattr(agent, "in_background", True))
+        self.asking[future] = (experiment, attempt, time.time(), scratch)
 
     def proposed(self, future):
-        asked = self.asking.pop(future)
-        if asked.scratch:
-            state.remove_scratch_worktree(self.night.repo, asked.scratch)
-        change = future.result()  # an agent that failed for good (fail()) stops the night here
-        night, experiment, attempt = self.night, asked.experiment, asked.attempt
+        experiment, attempt, started, scratch = self.asking.pop(future)
+        if scratch:
+            state.remove_scratch_worktree(self.night.repo, scratch)
+        change, night = future.result(), self.night  # an agent that failed for good (fail()) stops the night here
         if change.source is None:
-            return self.no_change(experiment, attempt, change, asked.started)
+            return self.no_change(experiment, attempt, change, started)
         if not attempt:  # what was true when the idea was asked may not be now
             if reason := self.why_stop(open_count=len(self.experiments) - 1):
-                return self.not_run(experiment, change, asked.started, f"{reason} while it was being asked")
+                return self.not_run(experiment, change, started, f"{reason} while it was being asked")
             if earlier := already_run(night).get(source_digest(change.source)):
-                return self.not_run(experiment, change, asked.started, f"its train.py is byte-identical to that of "
+                return self.not_run(experiment, change, started, f"its train.py is byte-identical to that of "
                                     f"{earlier}, proposed at the same time")
         parent = experiment.commit if attempt else experiment.base  # a fix goes on top of what crashed
         commit = state.commit_source(night.repo, parent, change.source, change.description)
         number = state.keep_reachable(night.repo, self.args.tag, commit)
-        record_proposal(night, experiment.number, attempt, change, asked.started, commit, ref_number=number,
+        record_proposal(night, experiment.number, attempt, change, started, commit, ref_number=number,
                         base=experiment.base)
         if attempt == 0:
             night.failed_proposals_in_a_row = 0
@@ -426,7 +402,7 @@ class Engine:
             self.conclude(experiment, "crash", decisions.crash_reason(crashed), crashed)
         elif change.violation:  # nothing was committed: the change was refused whole
             experiment.description = change.description
-            self.conclude(experiment, "invalid", change.error, dict(commit=NO_COMMIT, metrics={}))
+            self.conclude(experiment, "invalid", change.error, dict(commit=state.NO_COMMIT, metrics={}))
         else:
             self.night.failed_proposals_in_a_row += 1
             del self.experiments[experiment.number]

@@ -4,10 +4,9 @@ chosen on them and its val_bpb is optimistic. The holdout split (prepare.py) is 
 baseline commit and the best commit each run once more with evaluate_bpb scoring it, and the two deltas are
 compared, in a line like "val: -0.0282, holdout: -0.0241".
 
-It runs at the end of a tag stopped by a limit (--holdout-at-end on, the default), or on demand with
-`agent_loop.py holdout`, on the night's executor (with two slots, both at once); it never moves the branch. Its
-runs and scores are ledgered apart (holdout_run, holdout events), which no prompt reads: the agent never sees a
-holdout number.
+It runs at the end of a tag stopped by a limit (--holdout-at-end on), or with `agent_loop.py holdout`, on the
+night's executor; it never moves the branch. Its runs and scores are ledgered apart (holdout_run, holdout
+events), which no prompt reads: the agent never sees a holdout number.
 """
 
 from autoresearch import runs

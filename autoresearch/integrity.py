@@ -109,16 +109,6 @@ class Attestation:
         split = {"split": self.split} if self.split != "val" else {}
         return json.dumps({"record": str(self.path), "key": self.key.hex(), **split}) + "\n"
 
-    def read(self):
-        """(record, None), or (None, why there is none) when the file is missing or does not verify."""
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            text = None
-        except (OSError, ValueError):
-            return None, "the harness's record of the run is unreadable: it was altered"
-        return verify_record(self.key, text)
-
     def close(self):
         shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -1,15 +1,13 @@
 """
 The keep rule: is a candidate's val_bpb better than the best's by more than the noise between runs?
 
-Plain numbers in, a verdict out (no ledger, no git), so that dev/bench_keep_rule.py, dev/bench_drift.py and the
-tests call it directly. "noise" (the default) measures the run-to-run noise on repeated runs of one commit (the
-baseline's first) and discards a candidate as soon as its first run is not below the best's runs. A promising
-one is then paired (decide_paired, the default): each of its runs gets a run of the best beside it, A B, B A,
-..., and it is kept only when the mean of the max_runs paired differences clears a one-sided t-test at 2.5 %
-(and min_delta), so that a machine whose speed drifts during the night cannot make a change look better than
-it is. Unpaired (--paired off, decide): it runs max_runs times and the difference of means against the best's
-own runs is tested. "greedy" is the reference's: one run, keep if lower, with a gain too good to be true run
-again. docs/keep-rule.md gives the reasoning and the measured rates.
+Plain numbers in, a verdict out (no ledger, no git): decisions.py, the benches and the tests call it directly.
+"noise" (the default) measures the run-to-run noise on repeated runs of one commit and discards a candidate whose
+first run is not below the best's runs; a promising one is paired (decide_paired): each of its runs gets a run of
+the best beside it, and it is kept only when the mean paired difference clears a one-sided t-test at 2.5 % (and
+min_delta), so that a machine whose speed drifts cannot make a change look better than it is. Unpaired (decide):
+the difference of means against the best's own runs. "greedy" is the reference's: one run, keep if lower, a gain
+too good to be true run again. docs/keep-rule.md gives the reasoning and the measured rates.
 """
 
 import functools

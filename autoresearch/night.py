@@ -11,7 +11,7 @@ from statistics import fmean
 
 import git
 
-from autoresearch import decisions, keep_rule, state
+from autoresearch import keep_rule, state
 from autoresearch.agents import source_digest
 from autoresearch.console import log
 from autoresearch.state import Ledger
@@ -39,19 +39,12 @@ class Night:
     def record(self, **record):
         return self.ledger.append(**record)
 
-    @property
-    def rule(self):
-        args = self.args
-        return decisions.Rule(args.keep_rule, args.keep_rule == "noise" and args.paired == "on", args.noise_runs,
-                              args.max_runs, args.min_delta, args.max_fix_attempts)
-
 
 def already_run(night):
-    """{agents.source_digest(train.py): what became of it} for every commit of the tag decided or in flight: the
-    train.py sources the agent must not propose again."""
+    """{source_digest(train.py): what became of it} of every commit decided or in flight: not to be run again."""
     known = {}
     for r in night.ledger.results():
-        if r["commit"] != "0" * 40:  # a change refused whole has no commit
+        if r["commit"] != state.NO_COMMIT:
             outcome = f", val_bpb {r['val_bpb']:.6f}" if r["status"] in ("keep", "discard") else ""
             known[r["commit"]] = f"experiment #{r['experiment']} ({r['status']}{outcome})"
     for number, proposal in night.ledger.open_experiments().items():

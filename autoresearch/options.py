@@ -49,6 +49,8 @@ def parse_args(argv, started_with=None):
         "  uv run agent_loop.py --agent openai --base-url http://localhost:11434/v1 --model qwen3-coder\n"
         "  uv run agent_loop.py --agent optuna --optuna-params MATRIX_LR,WARMDOWN_RATIO\n"
         "  uv run agent_loop.py report          # the morning summary and progress.png (see report --help)\n"
+        "  uv run agent_loop.py holdout         # is the gain real? the tag's baseline and best on the holdout split\n"
+        "                                       #   (the last tag, or --tag; on --workers N or --ray, as the night)\n"
         "  uv run agent_loop.py demo            # the offline demo, in one command (see demo --help)\n\n"
         + OPTUNA_RANGES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,7 +106,7 @@ def parse_args(argv, started_with=None):
     parser.add_argument("--holdout-at-end", choices=["on", "off"],
                         help="when a limit stops the tag, run the baseline and the best once each with evaluate_bpb "
                         "scoring the holdout split (text no decision saw) and print both deltas: is the gain real? "
-                        "(default: on; any time: agent_loop.py report --holdout)")
+                        "(default: on; any time: agent_loop.py holdout)")
     parser.add_argument("--plateau", type=int, metavar="K", help="after K experiments in a row not kept, ask the "
                         "agent for a different kind of change than those (0: never; default: 10)")
     parser.add_argument("--retry-delay", type=float, default=5.0, help="seconds before the first retry of a failed "
@@ -118,7 +120,7 @@ def parse_args(argv, started_with=None):
                         "auto: RAY_ADDRESS), on all its GPUs or at most --workers N of them; its token from "
                         "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
     parser.add_argument("--allow-mixed-gpus", action="store_true",
-                        help="with --workers, run on a cluster whose GPUs are not all one model")
+                        help="run on GPUs that are not all one model (this machine's, or a cluster's)")
     args = parser.parse_args(argv)
     if args.workers == "auto":
         from autoresearch.runs import local_gpus

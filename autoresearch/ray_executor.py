@@ -1,19 +1,13 @@
 """
-Many runs of train.py at once on a Ray cluster (--ray): one run per task, on whatever node the task lands on (one
-GPU per run; one CPU slot on a cluster without GPUs). Only a night with --ray imports this module, and this module
-imports ray only inside its functions. The engine drives it through RayExecutor (an executor as runs.LocalExecutor
-is); underneath, with plain values:
-
-    cluster = ray_executor.connect("host:port", num_workers=4)   # or "auto": RAY_ADDRESS, or `ray start`'s
-    ref = ray_executor.submit(cluster, train_source, prepare_source, integrity.portable_fingerprint(), key_hex, 600)
-    result = ray_executor.result(ref)    # returncode, seconds, log, record, changed, worker; NodeMismatch, or Ray's
-    ray_executor.cancel_all(refs)        # error (is_infrastructure_failure: its worker or node died, run it again)
+Many runs of train.py at once on a Ray cluster (--ray): one run per task, one GPU each (a CPU slot on a cluster
+without GPUs). Only a night with --ray imports this module, and it imports ray only inside its functions. The engine
+drives it through RayExecutor; underneath, submit(cluster, train.py, prepare.py, fingerprint, key, timeout) -> ref,
+result(ref) -> the run's dict (or NodeMismatch, or Ray's error: is_infrastructure_failure), cancel_all(refs).
 
 The cluster is joined with the token Ray's documentation says (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or
 ~/.ray/auth_token); when it cannot be, one line says why and what to do. Nodes share no filesystem: the task
-carries train.py and prepare.py, Ray ships this package to the nodes (py_modules), and each node uses its own
-prepared cache, which must equal the driver's (integrity.portable_fingerprint). Workers run in the Python their
-node's Ray runs in: start Ray from the project's environment (`uv run ray start ...`).
+carries train.py and prepare.py, Ray ships this package (py_modules), and each node's prepared cache must equal
+the driver's (integrity.portable_fingerprint). Start Ray from the project's environment (`uv run ray start`).
 """
 
 import functools
@@ -21,8 +15,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +58,6 @@ def connect(address, num_workers):
                    gpu_models=gpu_models(ray.nodes()))
 
 
-TOKEN_HINT = ("give it the cluster's token: RAY_AUTH_TOKEN, or a file named by RAY_AUTH_TOKEN_PATH (on the head "
-              "node, `ray get-auth-token` prints it)")
-
-
 def check_reachable(address, timeout=10):
     """Refuse at once an address where nothing listens: Ray itself would retry silently for minutes."""
     host, _, port = address.rpartition(":")
@@ -89,7 +77,8 @@ def join_failure(address, error):
         seen = seen.__cause__ or seen.__context__
     said = " ".join(f"{type(e).__name__}: {e}" for e in chain)
     if "InvalidAuthToken" in said or "Unauthenticated" in said or "AuthenticationError" in said:
-        return f"the Ray cluster at {address} refused this driver's token: {TOKEN_HINT}"
+        return (f"the Ray cluster at {address} refused this driver's token: give it the cluster's token, in "
+                "RAY_AUTH_TOKEN or a file named by RAY_AUTH_TOKEN_PATH (`ray get-auth-token` on the head prints it)")
     first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
     if isinstance(error, ConnectionError) or "Could not find any running Ray instance" in said:
         return (f"no Ray cluster could be joined at {address} ({first}): check that it is running (`ray status` on "
@@ -121,8 +110,8 @@ def gpu_models(nodes):
 
 
 def _init(ray, **options):
-    # ray.init makes SIGTERM exit the driver at once: the driver's own handler (cancel the runs, leave the
-    # repository at the best commit) stays.
+    # ray.init makes SIGTERM exit the driver at once: the driver's own handler (cancel the runs, close the
+    # ledger) stays.
     main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if main else None
     try:
@@ -153,7 +142,7 @@ def run_experiment(train_source, prepare_source, fingerprint, key_hex, timeout, 
     `fingerprint`. Returns run_in_folder's dict, with the worker: hostname, ip, gpu, worker_pid."""
     import ray
 
-    from autoresearch import integrity, runner
+    from autoresearch import integrity, runner, runs
 
     hostname, ip = socket.gethostname(), ray.util.get_node_ip_address()
     cache = Path(cache).expanduser() if cache else integrity.cache_dir()
@@ -181,7 +170,8 @@ def run_experiment(train_source, prepare_source, fingerprint, key_hex, timeout, 
         raise
     if "error" in outcome:
         raise outcome["error"]
-    worker = dict(hostname=hostname, ip=ip, gpu=_gpu_name(tuple(ray.get_gpu_ids())), worker_pid=os.getpid())
+    gpu = runs.local_gpus()[0][1] if ray.get_gpu_ids() else "cpu"  # CUDA_VISIBLE_DEVICES is the task's GPU
+    worker = dict(hostname=hostname, ip=ip, gpu=gpu, worker_pid=os.getpid())
     return dict(outcome["value"], worker=worker)
 
 
@@ -198,17 +188,6 @@ def _check_node(fingerprint, prepare_py, cache, node):
         raise NodeMismatch(f"node {node}: its prepared cache at {cache} is not the driver's ({', '.join(differ)} "
                            f"differ{'s' if len(differ) == 1 else ''}), so its val_bpb would not be comparable. "
                            f"{what_to_do}")
-
-
-@functools.lru_cache
-def _gpu_name(gpu_ids):
-    if not gpu_ids:
-        return "cpu"
-    # torch in a child process: in this worker it would keep a CUDA context (hundreds of MB) on the run's GPU.
-    # CUDA_VISIBLE_DEVICES, which Ray set for this task, makes device 0 the run's GPU.
-    named = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"],
-                           capture_output=True, text=True, timeout=300)
-    return named.stdout.strip() or f"GPU {gpu_ids[0]} (unnamed: {named.stderr.strip()[-200:]})"
 
 
 # -----------------------------------------------------------------------------
@@ -277,7 +256,8 @@ class RayExecutor:
         self.pending = {}  # Ray ref: (key, request)
 
     def describe(self):
-        return f"{self.slots} at once on Ray at {self.cluster.address}, one {'GPU' if self.cluster.gpus else 'CPU'} each"
+        kind = "GPU" if self.cluster.gpus else "CPU"
+        return f"{self.slots} at once on Ray at {self.cluster.address}, one {kind} each"
 
     def submit(self, key, request):
         ref = submit(self.cluster, request.train_source, request.prepare_source, self.fingerprint, request.key_hex,

@@ -14,14 +14,6 @@ from autoresearch import holdout, html_report, state
 from autoresearch.console import fail, plural
 
 
-def tag_to_report(argv):
-    """The tag `report` would read with these options: --tag's, else the tag whose ledger changed last."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--tag")
-    tag = parser.parse_known_args(argv)[0].tag
-    return tag or report_source()[3]
-
-
 def report_source(tag=None, tsv=None):
     """(result rows, the Ledger or None, where they came from, a name for the title, default png path)"""
     if tsv:

@@ -1,13 +1,10 @@
 """
 One run of train.py under the harness, and what its log says.
 
-The run is `python -c "import prepare; prepare.attested_run('train.py')"` in a fresh folder that holds
-train.py and prepare.py and nothing else (run_in_folder: here and on a Ray node alike): the harness
-first, train.py as __main__. It gets its own process group and a hard time limit; on
-timeout or interrupt its whole process tree is killed (psutil: portable, no /proc). The driver
-reads the summary block after the last `---` line for the memory figure and the printed val_bpb
-(which must agree with the harness's attested one), its latest progress line while it trains, and
-sends a crashed run's log tail to the agent fenced as untrusted data.
+The run is `python -c "import prepare; prepare.attested_run('train.py')"` in a fresh folder holding only train.py
+and prepare.py (run_in_folder, here and on a Ray node alike), in its own process group with a hard time limit; on
+timeout or interrupt its whole process tree is killed (psutil). The driver reads the summary block after the last
+`---` line, the latest progress line while it trains, and a crashed run's log tail, fenced for the agent.
 """
 
 import os
@@ -37,12 +34,11 @@ TRAIN_COMMAND = "import prepare; prepare.attested_run('train.py')"  # the harnes
 
 def run_in_folder(train_source, prepare_source, key_hex, timeout, pid_path, split="val", log_path=None, cache=None,
                   env=None, check=None, on_start=None):
-    """One run of train_source in a fresh folder of its own, against the prepared cache (None: this machine's),
-    with evaluate_bpb scoring `split` and signing its record with key_hex; a checkpoint the run leaves goes with
-    the folder. check(prepare_py, cache), if given, raises when the folder's harness is not the driver's (on a
-    Ray node); on_start(process) is called once the run's process has started. Returns a dict: returncode (None:
-    killed at the time limit), seconds, log, record (the signed record's text, or None), changed (what of
-    prepare.py and the cache the run changed)."""
+    """One run of train_source in a fresh folder, against the prepared cache (None: this machine's), evaluate_bpb
+    scoring `split` and signing with key_hex; what the run leaves goes with the folder. check(prepare_py, cache)
+    raises when the folder's harness is not the driver's (on a Ray node); on_start(process): the run has started.
+    Returns returncode (None: killed at the limit), seconds, log, record (its text, or None), changed (of the
+    harness)."""
     cache = Path(cache) if cache else integrity.cache_dir()
     work = Path(tempfile.mkdtemp(prefix="autoresearch-task-"))
     log_path = Path(log_path or work / "run.log")

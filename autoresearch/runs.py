@@ -1,14 +1,12 @@
 """
-The runs of train.py and what each proves, on an executor: this machine (LocalExecutor: one slot per GPU, or CPU
-slots) or a Ray cluster (ray_executor.RayExecutor). Either runs train.py in a fresh folder (runner.run_in_folder).
+The runs of train.py and what each proves, on an executor: LocalExecutor (this machine) or
+ray_executor.RayExecutor (a cluster), each running train.py in a fresh folder (runner.run_in_folder). An executor
+has `slots`, `remote`, submit(key, request), wait(timeout) -> [(key, the run's dict or the error it raised)],
+cancel(key), cancel_all(), describe(), waiting_for() and close().
 
-Before a run: prepare.py and the cache are as the tag started, train.py passes the static checks, the commit
-changes only train.py. After it: the harness's signed record (integrity.record_problems), the wall clock against
-the baseline's, what the run changed of prepare.py and the cache. Each run becomes one "run" event of the ledger
-("holdout_run" for the holdout's), with the worker it ran on.
-
-An executor has `slots` and `remote`, and submit(key, request), wait(timeout) -> [(key, the run's dict or the
-error it raised)], cancel(key), cancel_all(), describe(), waiting_for(), close().
+Before a run: the harness is as the tag started, train.py passes the static checks, only train.py changed. After:
+the harness's signed record, the wall clock against the baseline's, what it changed of the harness. Each run is
+one "run" event of the ledger ("holdout_run" for the holdout's), with its worker.
 """
 
 import math
@@ -71,11 +69,8 @@ def local_gpus():
         listed = ""
     names = [line.split(":", 1)[1].split("(UUID")[0].strip() for line in listed.splitlines() if line.startswith("GPU ")]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return [(str(index), name) for index, name in enumerate(names)]
-    ids = [device.strip() for device in visible.split(",") if device.strip()]
-    return [(device, names[int(device)] if device.isdigit() and int(device) < len(names) else f"GPU {device}")
-            for device in ids]
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible is not None else map(str, range(len(names)))
+    return [(d, names[int(d)] if d.isdigit() and int(d) < len(names) else f"GPU {d}") for d in ids]
 
 
 class LocalExecutor:
@@ -91,12 +86,8 @@ class LocalExecutor:
         self.ended = queue.Queue()
 
     def describe(self):
-        if self.gpus:
-            return f"{self.slots} at once on this machine, one GPU each ({', '.join(name for _, name in self.gpus)})"
-        return f"{self.slots} at once on this machine's CPU" if self.slots > 1 else "one at a time on this machine"
-
-    def pid_paths(self):
-        return [self.state_dir / f"train-{slot}.pid" for slot in range(self.slots)]
+        gpus = f", one GPU each ({', '.join(name for _, name in self.gpus)})" if self.gpus else ""
+        return f"{self.slots} at once on this machine{gpus}" if self.slots > 1 else "one at a time on this machine"
 
     def submit(self, key, request):
         slot = self.free.pop(0)
@@ -107,7 +98,7 @@ class LocalExecutor:
         def watch():
             try:
                 result = runner.run_in_folder(request.train_source, request.prepare_source, request.key_hex,
-                                              request.timeout, self.pid_paths()[slot], request.split,
+                                              request.timeout, self.state_dir / f"train-{slot}.pid", request.split,
                                               request.log_path, env=env,
                                               on_start=lambda process: self.started(key, process))
                 outcome = dict(result, worker=worker)
@@ -163,8 +154,7 @@ class LocalExecutor:
 
 def problems_before(night, commit):
     """Why the commit must not run (the static checks, the allowlist); stops the night if the harness changed."""
-    changed = integrity.fingerprint_changes(night.fingerprint, integrity.harness_fingerprint())
-    if changed:
+    if changed := integrity.fingerprint_changes(night.fingerprint, integrity.harness_fingerprint()):
         fail(f"prepare.py or the prepared cache changed since tag {night.args.tag} started ({', '.join(changed)}): "
              "its results are no longer comparable. Restore them, or start a new --tag.")
     problems = integrity.static_problems(state.file_at(night.repo, commit, "train.py"))
@@ -212,7 +202,7 @@ def assess(night, key, result, problems=()):
 class Runs:
     """send() puts a run out (or refuses it at once, when it must not run); collect() returns the runs that ended,
     assessed and ledgered, in the order they did. A run whose worker or node died goes out again, once, and the
-    ledger says so. cancel() and cancel_all() stop runs (no run may outlive the night)."""
+    ledger says so. cancel_all() stops them all: no run may outlive the night."""
 
     def __init__(self, night, executor):
         self.night, self.executor = night, executor
@@ -252,10 +242,6 @@ class Runs:
                 continue
             ended.append(assess(self.night, key, dict(outcome, key_hex=request.key_hex)))
         return ended
-
-    def cancel(self, key):
-        if self.out.pop(key, None):
-            self.executor.cancel(key)
 
     def cancel_all(self):
         self.executor.cancel_all()

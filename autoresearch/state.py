@@ -4,7 +4,8 @@ The repository and the tag's records: git through GitPython, the ledger, results
 Every experiment is a commit of train.py beside the branch autoresearch/<tag>, which points at the best, kept
 reachable by its own ref refs/autoresearch/<tag>/<n>. The ledger (.autoresearch/<tag>/ledger.jsonl) is
 append-only JSON lines, one per event: start, proposal, run_started, run, requeued, noise, result, steer,
-plateau, openai_output, holdout_run, holdout, stop. results.tsv is rewritten whole from it after each result. steer.md, untracked, is the researcher's guidance to the agent, read before each proposal.
+plateau, openai_output, holdout_run, holdout, stop. results.tsv is rewritten whole from it after each result.
+steer.md, untracked, is the researcher's guidance to the agent, read before each proposal.
 """
 
 import datetime
@@ -19,6 +20,7 @@ import git
 from autoresearch.console import fail, log
 
 STATE_ROOT = Path(".autoresearch")  # ignored by git; one folder per tag
+NO_COMMIT = "0" * 40  # the commit of a row whose change was refused whole
 STATUSES = ("keep", "discard", "crash", "invalid")  # invalid: broke a rule of the metric (see integrity.py)
 RESULTS_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 STEER_FILE = Path("steer.md")
@@ -63,10 +65,6 @@ def dirty_tracked_files(repo):
     return sorted({diff.a_path for diff in repo.head.commit.diff(None)})
 
 
-def untracked_files(repo):
-    return repo.untracked_files
-
-
 def changed_files(repo, old, new):
     return sorted({diff.b_path or diff.a_path for diff in repo.commit(old).diff(new)})
 
@@ -90,7 +88,8 @@ def keep_reachable(repo, tag, commit):
     """Give the commit its own ref so that a reset never loses it; return the ref's number (the number it has
     already, when the tag gave it one: a resumed baseline keeps its logs' names)."""
     prefix = f"refs/autoresearch/{tag}/"
-    refs = {int(ref.path[len(prefix):]): ref.commit.hexsha for ref in git.Reference.iter_items(repo, common_path=prefix)}
+    refs = {int(ref.path[len(prefix):]): ref.commit.hexsha
+            for ref in git.Reference.iter_items(repo, common_path=prefix)}
     if mine := [number for number, at in refs.items() if at == commit]:
         return min(mine)
     number = max(refs, default=0) + 1

@@ -1,12 +1,12 @@
 """
 How busy agent_loop.py --workers N keeps its workers: experiments per hour, worker utilisation, the idle
-worker-seconds per run (the driver's overhead, Ray's, a run's start-up, any wait for the agent, and the drain at
-the end, together), and the dispatch time: the median from a run's end to the next run's start (the driver's and
-Ray's own overhead; a wait for the agent shows in the tail, not the median).
+worker-seconds per run (the driver's overhead, a run's start-up, any wait for the agent, and the drain at the end,
+together), and the dispatch time: the median from a run's end to the next run's start (the driver's own overhead;
+a wait for the agent shows in the tail, not the median).
 
 Everything is real but the two slow parts: train.py is a stand-in that sleeps --run-seconds and prints a
-val_bpb (it runs under the tests' stand-in harness, tests/agent_loop_support/fake_prepare.py, on a local
-private Ray instance, one CPU slot per worker), and the agent is a local stand-in of the Anthropic API that
+val_bpb (it runs under the tests' stand-in harness, tests/agent_loop_support/fake_prepare.py, on this machine's
+local executor, one CPU slot per worker, no Ray), and the agent is a local stand-in of the Anthropic API that
 answers after --agent-latency seconds with a random change of one constant (so about half of the ideas beat the
 best and take the noise rule's four runs). Each N runs one night in a fresh temporary repository.
 
@@ -119,8 +119,7 @@ def run_night(workers, args, folder):
 def measure(workers, stamps, ledger, wall):
     """Numbers of the night after its baseline (its first 4 runs: with more workers, some idle while it runs).
     Utilisation is busy worker-seconds over workers x seconds: over the whole night after the baseline, and
-    while it was going: from when all workers first ran at once (Ray starts a worker process on first use, a
-    few seconds each on this box) to the start of its last run (after that the workers drain: no new idea
+    while it was going: from when all workers first ran at once to the start of its last run (after that the workers drain: no new idea
     starts once the limit is near)."""
     after = stamps[4:]
     first, last_start, last_end = after[0][0], max(start for start, _ in after), max(end for _, end in after)
@@ -128,7 +127,7 @@ def measure(workers, stamps, ledger, wall):
     busy = sum(end - start for start, end in after)
     busy_going = sum(max(0.0, min(end, last_start) - max(start, full)) for start, end in after)
     starts = sorted(start for start, _ in after)
-    # the driver's (and Ray's) own overhead: from a run's end to the next run's start, when one was ready
+    # the driver's own overhead: from a run's end to the next run's start, when one was ready
     dispatch = [next(s for s in starts if s >= end) - end for _, end in after if end <= last_start]
     results = [r for r in ledger if r["event"] == "result"][1:]
     calls = [r["seconds"] for r in ledger if r["event"] == "proposal" and r["calls"]]

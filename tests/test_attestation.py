@@ -1,6 +1,6 @@
 """prepare.attested_run: the harness's signed record of a run, which the driver trusts instead of train.py's
 printout. A small training script runs under the real harness in a subprocess, as agent_loop.py starts
-it, on the tiny cache; the driver's own Attestation reads the record. Three runs (each imports torch):
+it, on the tiny cache; the driver verifies the record with the run's key. Three runs (each imports torch):
 an honest one, one that tries every way of using the validation data, and one that crashes."""
 
 import os
@@ -72,7 +72,8 @@ def run_attested(tmp_path, cache, script, split="val"):
         result = subprocess.run([sys.executable, "-c", "import prepare; prepare.attested_run('train.py')"],
                                 input=attestation.request(), cwd=tmp_path, capture_output=True, text=True,
                                 timeout=120, env={**os.environ, "AUTORESEARCH_CACHE": str(cache)})
-        record, missing = attestation.read()
+        record, missing = integrity.verify_record(attestation.key, attestation.path.read_text()
+                                                  if attestation.path.exists() else None)
     finally:
         attestation.close()
     return result.returncode, result.stdout + result.stderr, record, missing

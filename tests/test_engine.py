@@ -4,6 +4,8 @@ completion orders, failures and kills are in tests/test_engine_properties.py."""
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fake_llm import change
-from night_repo import BETTER, WORSE
+from night_repo import AGENT_LOOP, BETTER, WORSE
 
 GAIN = ("GAIN_A = 0.0", "GAIN_A = 0.01")
 SLOW = ("SLEEP = 0.0", "SLEEP = 1.0")
@@ -166,3 +168,15 @@ def test_a_second_signal_does_not_cut_the_cleanup_short(night):
     assert night.ledger()[-1]["event"] == "stop" and night.ledger()[-1]["reason"] == "interrupted"
     assert night.git("worktree", "list", "--porcelain").count("worktree ") == 1
     assert not (night.repo / ".autoresearch/t/scratch").exists() and night.is_clean()
+
+
+def test_a_night_on_this_machine_never_imports_ray(night):
+    night.llm.script(change("lower val_bpb", BETTER))
+    code = ("import runpy, sys\nsys.argv = ['agent_loop.py', *sys.argv[1:]]\n"
+            f"sys.path.insert(0, {str(AGENT_LOOP.parent)!r})\ntry:\n"
+            f"    runpy.run_path({str(AGENT_LOOP)!r}, run_name='__main__')\n"
+            "finally:\n    print('ray imported:', 'ray' in sys.modules)")
+    ran = subprocess.run([sys.executable, "-c", code, *night.arguments("--max-experiments", "2", "--workers", "2")],
+                         cwd=night.repo, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "ray imported: False" in ran.stdout and len(night.rows()) == 2

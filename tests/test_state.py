@@ -395,7 +395,7 @@ def test_dirty_tracked_files_are_staged_or_unstaged_changes_and_untracked_files_
     repo.index.add(["prepare.py"])
     Path("notes.txt").write_text("new")
     assert state.dirty_tracked_files(repo) == ["prepare.py", "train.py"]
-    assert state.untracked_files(repo) == ["notes.txt"]
+    assert repo.untracked_files == ["notes.txt"]
 
 
 def test_changed_files_between_two_commits_and_file_at_a_commit(repo):
@@ -413,7 +413,7 @@ def test_keep_out_of_git_excludes_each_path_once_however_often_asked(repo):
     Path("results.tsv").write_text("rows")
     Path(".autoresearch").mkdir()
     (Path(".autoresearch") / "ledger.jsonl").write_text("{}")
-    assert state.untracked_files(repo) == []
+    assert repo.untracked_files == []
 
 
 def test_keep_out_of_git_leaves_a_path_gitignore_already_ignores(repo):

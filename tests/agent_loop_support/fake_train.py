@@ -22,9 +22,7 @@ if os.environ.get("FAKE_TRAIN_STARTS"):
         f.write(f"{os.getpid()}\n")
 print("step 00001 (1.0%) | loss: 9.0\rstep 00002 (2.0%) | loss: 8.0", flush=True)
 crash_at = os.environ.get("FAKE_TRAIN_CRASH_AT", "")
-if os.path.exists(crash_at) and open(crash_at).read() == str(VAL_BPB):
-    MODE = "crash"
-if MODE == "crash":
+if MODE == "crash" or os.path.exists(crash_at) and open(crash_at).read() == str(VAL_BPB):
     raise RuntimeError("fake failure: CUDA out of memory")
 if MODE == "hang":
     time.sleep(600)

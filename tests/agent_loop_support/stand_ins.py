@@ -53,9 +53,10 @@ class Killed(BaseException):
 
 class StandInExecutor:
     """Runs nothing: when the engine waits, one run in flight ends, picked by draw(n) (an index below n), with
-    the outcome draw picks (ok mostly; a crash, a timeout, or a broken rule; the baseline's are ok), val_bpb from its train.py's
-    constants plus noise(), and a record signed as the harness signs one. kill(waits) says when the driver dies:
-    "kill" (the folder is copied to snapshot() first, then Killed is raised), "interrupt" (Ctrl-C), or None."""
+    the outcome draw picks (ok mostly; a crash, a timeout, or a broken rule; the baseline's are ok), val_bpb from
+    its train.py's constants plus noise(), and a record signed as the harness signs one. kill(waits) says when the
+    driver dies: "kill" (the folder is copied by snapshot() first, then Killed is raised), "interrupt" (Ctrl-C),
+    or None."""
     remote = False
     OUTCOMES = ("crash", "timeout", "invalid") + ("ok",) * 17
 
