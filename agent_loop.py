@@ -120,7 +120,8 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
     state.move_branch(repo, branch, best["commit"] if best else ledger.base_commit())
     state.write_results_tsv(ledger.results(), state_dir)
 
-    def on_signal(signum, frame):  # the first stops the night; later ones never cut its cleanup short
+    def on_signal(signum, frame):  # a signal stops the night, but never cuts its cleanup short
+        night.interrupted = True
         if night.stopping:  # os.write: a print here could break into a print of the code it interrupted
             os.write(2, b"agent_loop.py: already stopping: the runs are being stopped and the ledger closed\n")
             return
@@ -137,6 +138,8 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
             reason = "holdout scored" if holdout.score_holdout(night) else "no holdout score"
         else:
             reason = Engine(night, night.executor, make_agent).run()
+        if night.interrupted:  # during the engine's cleanup
+            raise KeyboardInterrupt
         if reason.startswith(("reached --max", "spent $")) and args.holdout_at_end == "on" and not holdout_only:
             holdout.score_holdout(night)
     except KeyboardInterrupt:
@@ -144,15 +147,16 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
     except SystemExit as error:
         reason = str(error.code)
         raise
-    finally:  # the ledger gets its last word, the branch is at the best, the executor is closed
-        night.stopping = True
-        best = ledger.best()
+    finally:  # the ledger gets its last word, the page is final, the executor is closed
+        night.stopping, best = True, ledger.best()
         night.record(event="stop", reason=reason or "error")
-        report.write_html(ledger, state_dir / "report.html", f"autoresearch {args.tag}")  # the night is over
-        if night.executor:
-            night.executor.close()
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
+        try:
+            report.write_html(ledger, state_dir / "report.html", f"autoresearch {args.tag}")  # the night is over
+        finally:
+            if night.executor:
+                night.executor.close()
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
     rows = ledger.results()
     summary = f"best val_bpb {best['val_bpb']:.6f} at {best['commit'][:7]}" if best else "no baseline yet"
     log(f"stopped: {reason}. {count_text(rows)}, {summary}. {go_on_hint(args, reason)}")

@@ -27,8 +27,8 @@ class Rule:
 
 @dataclass(frozen=True)
 class Action:
-    """kind: "run" (the runs still needed: (role, pair), role "candidate" or "best"), "fix", "rebase", "keep",
-    "discard", "crash", "invalid", or "refused" (the baseline cannot be measured: the night stops)."""
+    """kind: "run" (runs: the (role, pair) still needed), "fix", "rebase", "keep", "discard", "crash", "invalid",
+    or "refused" (the baseline cannot be measured: the night stops)."""
     kind: str
     reason: str = ""
     run: dict = None  # the run a row or a fix is about

@@ -52,8 +52,7 @@ class Experiment:
 
 
 def call(function, *args, background=True):
-    """function(*args) in a daemon thread (an agent call never holds up the exit), or here when not background (an
-    agent that is stateful and fast: Optuna); a Future of its result."""
+    """function(*args) in a daemon thread (an agent call never holds up the exit), or here (Optuna); a Future."""
     future = concurrent.futures.Future()
 
     def target():
@@ -79,6 +78,7 @@ class Engine:
         self.asking = {}  # Future of an agents.Change: (Experiment, attempt, started, scratch worktree or None)
         self.scratch_root = night.state_dir / "scratch"
         self.next_number = self.ledger.next_experiment()
+        self.first_record = len(self.ledger.records)  # the ledger's records from here on are this start's
         self.heard = self.progress_shown = time.time()
 
     def run(self):
@@ -86,7 +86,7 @@ class Engine:
         try:
             self.resume()
             while True:
-                reason = self.why_stop()
+                reason = why_stop(self.night, len(self.experiments))
                 self.send_runs()
                 if not reason:
                     self.ask_for_ideas()
@@ -97,20 +97,19 @@ class Engine:
         except KeyboardInterrupt:
             log("interrupted: stopping the runs and the agent's calls (the ledger keeps every run that ended)")
             raise
-        finally:  # Ctrl-C, SIGTERM, an error: nothing may outlive the night, and a second signal waits
-            self.night.stopping = True
-            clear_status()
-            self.runs.cancel_all()
-            self.stop_agent_processes()
-            shutil.rmtree(self.scratch_root, ignore_errors=True)
-            self.night.repo.git.worktree("prune")
-
-    def why_stop(self, open_count=None):
-        return why_stop(self.night, len(self.experiments) if open_count is None else open_count)
+        finally:  # Ctrl-C, SIGTERM, an error: nothing may outlive the night, and a signal does not cut this short
+            stopping, self.night.stopping = self.night.stopping, True
+            for step in (clear_status, self.runs.cancel_all, self.stop_agent_processes,
+                         lambda: shutil.rmtree(self.scratch_root, ignore_errors=True),
+                         lambda: self.night.repo.git.worktree("prune")):
+                try:
+                    step()
+                except Exception as error:  # the next steps still run
+                    log(f"cleaning up: {type(error).__name__}: {error}")
+            self.night.stopping = stopping
 
     def stop_agent_processes(self):
-        """Kill the claude CLI calls still running in their scratch worktrees: an agent call runs in a thread,
-        which nothing can interrupt, and its process would go on (and spend) after the night."""
+        """Kill the claude CLI calls still running in scratch worktrees: their threads cannot be stopped."""
         scratch = self.scratch_root.resolve()
         for process in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):  # ended meanwhile, or not ours to look at
@@ -123,9 +122,7 @@ class Engine:
     def resume(self):
         shutil.rmtree(self.scratch_root, ignore_errors=True)  # a killed driver's
         self.night.repo.git.worktree("prune")
-        if self.why_stop(open_count=0):  # a limit reached before this start: nothing starts, nothing goes on
-            return
-        if self.ledger.best() is None:
+        if self.ledger.best() is None and not why_stop(self.night, 0):  # a limit reached: no baseline starts
             commit = self.ledger.base_commit()
             baseline = Experiment(0, None, "baseline", commit, state.keep_reachable(self.night.repo, self.args.tag,
                                                                                       commit))
@@ -148,20 +145,26 @@ class Engine:
         ledger, rule = self.ledger, self.rule
         candidate, reference = ledger.experiment_runs(experiment.number, experiment.commit)
         noise = keep_rule.noise_estimate(ledger.run_groups().values())
-        if experiment.number == 0:
+        if experiment.number == 0:  # a failure of an earlier start was its setup's (fixed since): run it again
+            earlier = {id(r) for r in ledger.records[:self.first_record]}
+            candidate = {pair: run for pair, run in candidate.items() if run["ok"] or id(run) not in earlier}
             action = decisions.baseline_action(candidate, noise, rule)
         else:
             action = decisions.next_action(candidate, reference, ledger.measured(experiment.base), noise,
                                            keep_rule.plausibility_bound(ledger.kept_val_bpbs()), rule,
                                            experiment.attempt, experiment.base, ledger.best()["commit"])
-        if action.kind == "run":
-            keys = [self.key(experiment, role, pair) for role, pair in action.runs]
+        if action.kind == "run":  # a run of the best beside the candidate is one of the base's
+            keys = [RunKey(experiment.number, experiment.base if role == "best" else experiment.commit,
+                           experiment.ref_number, pair, role, experiment.commit if role == "best" else "",
+                           experiment.attempt) for role, pair in action.runs]
             if fresh := [key for key in keys if key not in self.queued and key not in self.runs.out]:
                 if experiment.number == 0 or len(candidate) or reference:
                     log(f"#{experiment.number} {action.reason}")
-                for key in fresh:
+                for key in fresh:  # a new idea's first run waits for the runs that others need to be decided
                     first = (key.role, key.pair, experiment.attempt, experiment.rebase) == ("candidate", 1, 0, "")
-                    self.enqueue(key, FIRST if first and experiment.number else CONFIRM)
+                    heapq.heappush(self.queue, (FIRST if first and experiment.number else CONFIRM, next(self.order),
+                                                key))
+                    self.queued.add(key)
         elif action.kind == "refused":
             fail(f"{action.reason} Fix the setup, then run agent_loop.py again with --tag {self.args.tag}.")
         elif action.kind == "fix":
@@ -171,17 +174,14 @@ class Engine:
         else:
             self.conclude(experiment, action.kind, action.reason, action.run)
 
-    def key(self, experiment, role, pair):
-        if role == "best":
-            return RunKey(experiment.number, experiment.base, experiment.ref_number, pair, "best", experiment.commit,
-                          experiment.attempt)
-        return RunKey(experiment.number, experiment.commit, experiment.ref_number, pair, attempt=experiment.attempt)
-
     def rebase(self, experiment, action):
-        """The candidate beat its base, but the best moved on: its change merged onto the best (a three-way merge
-        of train.py), or, when the two conflict, its whole train.py, judged again against the best."""
+        """A winner whose base is no longer the best, judged again on it: merged onto it, or as a whole program."""
         repo, best = self.night.repo, self.ledger.best()["commit"]
         merged = state.merge_train_py(repo, experiment.base, best, experiment.commit)
+        try:  # two edits that each compile can merge into one that does not: then the whole program runs
+            compile(merged or "", "train.py", "exec")
+        except SyntaxError:
+            merged = None
         source = merged if merged is not None else state.file_at(repo, experiment.commit, "train.py")
         note = f"{action.reason}; the best is now {best[:7]}"
         if source == state.file_at(repo, best, "train.py"):
@@ -218,8 +218,7 @@ class Engine:
         self.after_result(number, status, reason, experiment.description)
 
     def after_result(self, number, status, reason, description):
-        """results.tsv and report.html from the ledger, the branch at the best, the harness checked after a run
-        that broke a rule."""
+        """results.tsv and report.html anew, the branch at the best, the harness checked after a broken rule."""
         night, best = self.night, self.ledger.best()
         state.write_results_tsv(self.ledger.results(), night.state_dir)
         report.write_html(self.ledger, night.state_dir / "report.html", f"autoresearch {self.args.tag}", live=True)
@@ -234,12 +233,8 @@ class Engine:
     # -------------------------------------------------------------------------
     # Runs: a queue in priority order, out to the executor's slots
 
-    def enqueue(self, key, priority):
-        heapq.heappush(self.queue, (priority, next(self.order), key))
-        self.queued.add(key)
-
     def send_runs(self):
-        while self.queue and len(self.runs.out) < self.executor.slots:
+        while self.queue and self.executor.free_slots() > 0:
             key = heapq.heappop(self.queue)[2]
             if key not in self.queued:  # its experiment was decided meanwhile
                 continue
@@ -259,10 +254,15 @@ class Engine:
                                     return_when=concurrent.futures.FIRST_COMPLETED)
         else:  # runs queued for slots the executor does not have now (a cluster whose nodes are gone)
             time.sleep(POLL_SECONDS)
+        if ended and not self.executor.remote and (changed := state.dirty_tracked_files(self.night.repo)):
+            fail(f"tracked files of the repository changed during the night ({', '.join(changed)}): a run may have "
+                 "written them (train.py can reach it by its absolute path). Look at them (git diff), commit or "
+                 "revert them, then run the same command again to resume.")
         for run in ended:
             self.heard = time.time()
             outcome = f"val_bpb {run['val_bpb']:.6f}" if run["ok"] else "no valid val_bpb"
-            where = f" on {run['worker']['hostname']} ({run['worker']['gpu']})" if self.executor.remote else ""
+            where = f" on {run['worker']['hostname']} ({run['worker']['gpu']})" if "worker" in run and \
+                self.executor.remote else ""
             what = (f"baseline run {run['repeat']} of {self.rule.baseline_runs()}" if run["experiment"] == 0 else
                     f"the best's run {run['repeat']}" if run.get("reference") else f"run {run['repeat']}")
             log(f"#{run['experiment']} {what}{where}: {outcome} ({run['seconds']:.0f}s)")
@@ -275,9 +275,8 @@ class Engine:
         self.show_progress()
 
     def show_progress(self):
-        """The runs' progress from their logs (here; a Ray run's log comes back when it ends): one line rewritten
-        in place on a terminal, a line per run every runner.PROGRESS_EVERY seconds otherwise; and, after
-        HEARTBEAT_SECONDS with nothing to show, what the night is waiting for."""
+        """The runs' progress from their logs (not a Ray run's): a line rewritten in place on a terminal, else a line
+        per run every runner.PROGRESS_EVERY seconds; after HEARTBEAT_SECONDS with nothing shown, what it waits for."""
         now = time.time()
         statuses = [] if self.executor.remote else [
             (key, status) for key, (request, _) in self.runs.out.items()
@@ -332,7 +331,7 @@ class Engine:
         best = self.ledger.best()
         if best is None:
             return  # the baseline first: the agent is shown its number
-        while self.wants_idea() and not self.why_stop():
+        while self.wants_idea() and not why_stop(self.night, len(self.experiments)):
             experiment = Experiment(self.next_number, best["commit"])
             self.next_number += 1
             self.experiments[experiment.number] = experiment
@@ -344,7 +343,8 @@ class Engine:
             self.ask(experiment, 0, prompt, best["commit"])
 
     def ask_for_fix(self, experiment, run):
-        if (reason := self.why_stop()) and reason.startswith("spent $"):  # a fix would spend more
+        reason = why_stop(self.night, len(self.experiments))
+        if reason and reason.startswith("spent $"):  # a fix would spend more
             return self.conclude(experiment, "crash", f"{decisions.crash_reason(run)}; no fix asked: {reason}", run)
         fix, experiment.crashed = experiment.attempt + 1, run
         log(f"#{experiment.number} crashed; asking for fix {fix} of {self.args.max_fix_attempts}")
@@ -374,7 +374,7 @@ class Engine:
         if change.source is None:
             return self.no_change(experiment, attempt, change, started)
         if not attempt:  # what was true when the idea was asked may not be now
-            if reason := self.why_stop(open_count=len(self.experiments) - 1):
+            if reason := why_stop(self.night, len(self.experiments) - 1):  # the others open
                 return self.not_run(experiment, change, started, f"{reason} while it was being asked")
             if earlier := already_run(night).get(source_digest(change.source)):
                 return self.not_run(experiment, change, started, f"its train.py is byte-identical to that of "

@@ -28,7 +28,7 @@ def score_holdout(night):
     todo = [runs.RunKey(row["experiment"], row["commit"], 0, split="holdout") for row in (baseline, best)]
     try:
         while len(ended) < 2:
-            while todo and len(holdout_runs.out) < night.executor.slots:
+            while todo and night.executor.free_slots() > 0:
                 holdout_runs.send(todo.pop(0))
             ended |= {run["commit"]: run for run in holdout_runs.collect(timeout=1.0)}
     finally:

@@ -8,7 +8,7 @@ Three layers, each on plain values (docs/integrity.md explains them and their li
   harness alone;
 - during it, the harness (prepare.attested_run) keeps a signed record of what it saw: evaluate_bpb's own
   val_bpb and token count, the splits opened and by whom, when training started and evaluation began, the
-  causality check; `Attestation` is the driver's end of that channel, `record_problems` and
+  causality check; `verify_record` checks its signature with the run's key, `record_problems` and
   `wall_clock_problems` read the record;
 - around it, `harness_fingerprint`: prepare.py and the prepared cache must not change (and
   `portable_fingerprint`: a node that runs experiments for the driver must have the same cache).
@@ -22,9 +22,6 @@ import hmac
 import json
 import os
 import re
-import secrets
-import shutil
-import tempfile
 from pathlib import Path
 
 from autoresearch.console import fail
@@ -39,7 +36,10 @@ PRIVATE_HARNESS_NAME = re.compile(
 
 def static_problems(source):
     """Why train.py, as written, would not report the harness's val_bpb (empty when no reason is seen)."""
-    tree = ast.parse(source)
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as error:
+        return [f"train.py does not compile: {error.msg} at line {error.lineno}"]
     nodes = list(ast.walk(tree))
     problems = []
     imported = any(isinstance(node, ast.ImportFrom) and node.module == "prepare"
@@ -74,11 +74,6 @@ def static_problems(source):
 # -----------------------------------------------------------------------------
 # The harness's record of a run
 
-def new_key():
-    """A fresh key for one run's record: no record of another run, or one written without the key, verifies."""
-    return secrets.token_bytes(32)
-
-
 def verify_record(key, text):
     """(record, None) when `text` is a record signed with the run's key; else (None, why there is none).
     text None: the harness wrote none."""
@@ -94,23 +89,6 @@ def verify_record(key, text):
     if not hmac.compare_digest(expected, str(mac)):
         return None, "the harness's record of the run does not verify: it was altered"
     return record, None
-
-
-class Attestation:
-    """The run's end of the channel to the harness: the run's key and a private folder for the record. Send
-    `request()` on the run's stdin; the driver verifies the record's text with the same key (verify_record)."""
-
-    def __init__(self, key=None, split="val"):
-        self.key, self.split = key or new_key(), split  # split: what evaluate_bpb is to score
-        self.folder = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
-        self.path = self.folder / "record.json"
-
-    def request(self):
-        split = {"split": self.split} if self.split != "val" else {}
-        return json.dumps({"record": str(self.path), "key": self.key.hex(), **split}) + "\n"
-
-    def close(self):
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def evaluation(record):

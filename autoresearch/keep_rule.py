@@ -41,8 +41,7 @@ def t_critical(dof):
 
 
 def t_within(t, dof):
-    """P(|T| < t) for Student's t with an integer number of degrees of freedom, in closed form: with theta =
-    atan(t / sqrt(dof)), a finite series in cos(theta)^2 (Abramowitz and Stegun 26.7.3 and 26.7.4)."""
+    """P(|T| < t) for integer dof, in closed form: a series in cos(atan(t / sqrt(dof)))^2 (Abramowitz-Stegun 26.7)."""
     theta = math.atan(t / math.sqrt(dof))
     cos2, term, series = math.cos(theta) ** 2, 1.0, 1.0
     for k in range(2 if dof % 2 == 0 else 3, dof, 2):

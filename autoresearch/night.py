@@ -31,7 +31,8 @@ class Night:
     fingerprint: dict  # of prepare.py and the cache, when the tag started
     branch: str = ""  # autoresearch/<tag>: it points at the best
     executor: object = None  # runs.LocalExecutor or ray_executor.RayExecutor, closed when the night ends
-    stopping: bool = False  # a signal arrived, or the night is cleaning up: another signal does not cut that short
+    stopping: bool = False  # cleaning up: a signal now does not cut that short
+    interrupted: bool = False  # Ctrl-C or SIGTERM arrived
     started: float = field(default_factory=time.time)
     failed_proposals_in_a_row: int = 0
     source_digests: dict = field(default_factory=dict)  # commit: its train.py's source_digest (already_run's)

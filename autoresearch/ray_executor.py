@@ -259,6 +259,9 @@ class RayExecutor:
         kind = "GPU" if self.cluster.gpus else "CPU"
         return f"{self.slots} at once on Ray at {self.cluster.address}, one {kind} each"
 
+    def free_slots(self):
+        return self.slots - len(self.pending)
+
     def submit(self, key, request):
         ref = submit(self.cluster, request.train_source, request.prepare_source, self.fingerprint, request.key_hex,
                      request.timeout, split=request.split)
@@ -286,27 +289,27 @@ class RayExecutor:
     def is_infrastructure_failure(self, error):
         return is_infrastructure_failure(error)
 
-    def cancel(self, key):
-        refs = [ref for ref, (sent, _) in self.pending.items() if sent == key]
-        for ref in refs:
+    def cancel(self, key):  # the task kills its run's process tree; the engine does not wait for it
+        import ray
+
+        for ref in [ref for ref, (sent, _) in self.pending.items() if sent == key]:
             del self.pending[ref]
-        cancel_all(refs)
+            ray.cancel(ref)
 
     def cancel_all(self):
         cancel_all(list(self.pending))
         self.pending.clear()
 
     def waiting_for(self):
-        """Why runs may wait for a worker: the cluster's live capacity now, when it is below its slots."""
+        """Why runs may wait for a worker: the cluster's capacity now, when it is below what the night started with."""
         import ray
 
-        resources = ray.available_resources() if ray.is_initialized() else {}
-        total = ray.cluster_resources() if ray.is_initialized() else {}
         kind = "GPU" if self.cluster.gpus else "CPU"
-        if int(total.get(kind, 0)) < self.slots:
-            return (f"the cluster has {int(total.get(kind, 0))} {kind}s now, of the {self.slots} it started with: "
-                    "are its worker nodes gone? (`ray status` on its head node)")
-        return f"{int(resources.get(kind, 0))} {kind}s of the cluster free"
+        now, free = (int(resources().get(kind, 0)) for resources in (ray.cluster_resources, ray.available_resources))
+        if now < self.slots:
+            return (f"the cluster has {now} {kind}s now, of the {self.slots} it started with: are its worker nodes "
+                    "gone? (`ray status` on its head node)")
+        return f"{free} {kind}s of the cluster free"
 
     def close(self):
         shutdown(self.cluster)

@@ -7,6 +7,7 @@ timeout or interrupt its whole process tree is killed (psutil). The driver reads
 `---` line, the latest progress line while it trains, and a crashed run's log tail, fenced for the agent.
 """
 
+import json
 import os
 import re
 import secrets
@@ -27,6 +28,7 @@ from autoresearch.console import log
 LOG_TAIL_LINES, LOG_TAIL_CHARS = 50, 4000  # how much of a crashed run's log the agent sees
 PROGRESS_EVERY = 30  # seconds between two status lines of a run when the output is not a terminal
 TRAIN_COMMAND = "import prepare; prepare.attested_run('train.py')"  # the harness first, then train.py as __main__
+SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)  # kept from a run's env
 
 # -----------------------------------------------------------------------------
 # Running
@@ -40,25 +42,24 @@ def run_in_folder(train_source, prepare_source, key_hex, timeout, pid_path, spli
     Returns returncode (None: killed at the limit), seconds, log, record (its text, or None), changed (of the
     harness)."""
     cache = Path(cache) if cache else integrity.cache_dir()
-    work = Path(tempfile.mkdtemp(prefix="autoresearch-task-"))
-    log_path = Path(log_path or work / "run.log")
-    attestation = integrity.Attestation(bytes.fromhex(key_hex), split)  # its record goes to a private folder
+    work, records = (Path(tempfile.mkdtemp(prefix=prefix)) for prefix in ("autoresearch-task-", "autoresearch-run-"))
+    log_path, record_path = Path(log_path or work / "run.log"), records / "record.json"  # the record: apart
+    request = json.dumps({"record": str(record_path), "key": key_hex, **({"split": split} if split != "val" else {})})
     try:
         (work / "train.py").write_text(train_source)
         (work / "prepare.py").write_text(prepare_source)
         if check:
             check(work / "prepare.py", cache)
         before = integrity.harness_fingerprint(work / "prepare.py", cache)
-        # train.py is code a model wrote: no token of a Ray cluster reaches it
-        env = {**{k: v for k, v in (env or os.environ).items() if not k.startswith("RAY_AUTH_TOKEN")},
-               "AUTORESEARCH_CACHE": str(cache)}
-        returncode, seconds = run_training(log_path, timeout, pid_path, attestation.request(), work, env, on_start)
+        kept = {k: v for k, v in (env or os.environ).items() if not SECRET.search(k) and k not in ("PWD", "OLDPWD")}
+        env = {**kept, "AUTORESEARCH_CACHE": str(cache)}  # train.py is code a model wrote: no key, token, password
+        returncode, seconds = run_training(log_path, timeout, pid_path, request + "\n", work, env, on_start)
         changed = integrity.fingerprint_changes(before, integrity.harness_fingerprint(work / "prepare.py", cache))
-        record = attestation.path.read_text() if attestation.path.exists() else None
+        record = record_path.read_text() if record_path.exists() else None
         log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
     finally:
-        attestation.close()
-        shutil.rmtree(work, ignore_errors=True)
+        for folder in (work, records):
+            shutil.rmtree(folder, ignore_errors=True)
     return dict(returncode=returncode, seconds=seconds, log=log_text, record=record, changed=changed)
 
 

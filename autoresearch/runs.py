@@ -1,8 +1,8 @@
 """
 The runs of train.py and what each proves, on an executor: LocalExecutor (this machine) or
 ray_executor.RayExecutor (a cluster), each running train.py in a fresh folder (runner.run_in_folder). An executor
-has `slots`, `remote`, submit(key, request), wait(timeout) -> [(key, the run's dict or the error it raised)],
-cancel(key), cancel_all(), describe(), waiting_for() and close().
+has `slots`, `remote`, free_slots(), submit(key, request), wait(timeout) -> [(key, the run's dict or the error it
+raised)], cancel(key), cancel_all(), describe(), waiting_for() and close().
 
 Before a run: the harness is as the tag started, train.py passes the static checks, only train.py changed. After:
 the harness's signed record, the wall clock against the baseline's, what it changed of the harness. Each run is
@@ -12,6 +12,7 @@ one "run" event of the ledger ("holdout_run" for the holdout's), with its worker
 import math
 import os
 import queue
+import secrets
 import socket
 import subprocess
 import threading
@@ -24,9 +25,8 @@ from autoresearch.console import fail, log
 
 @dataclass(frozen=True)
 class RunKey:
-    """One run: of the experiment's commit (role "candidate"), or of the best beside it (role "best": commit is
-    the best's, beside the candidate's), for pair `pair`; number: the candidate commit's ref, which names the logs;
-    split "holdout": scored on the holdout."""
+    """One run: of the experiment's commit (role "candidate") or of the best beside it (role "best", beside the
+    candidate's commit), for pair `pair`; number: the candidate's ref, which names the logs."""
     experiment: int
     commit: str
     number: int
@@ -48,6 +48,11 @@ class Request:
     log_path: Path
 
 
+def role_fields(key):
+    """What marks a run of the best made beside a candidate's in its ledger records."""
+    return {"reference": True, "beside": key.beside} if key.role == "best" else {}
+
+
 def log_path_of(night, key):
     """logs/<n>.log, <n>-<k>.log for pair k, <n>-best-<k>.log for the best's run beside it in pair k, and
     holdout-<commit>.log for a commit's run scored on the holdout."""
@@ -62,35 +67,42 @@ def log_path_of(night, key):
 # This machine
 
 def local_gpus():
-    """[(CUDA device id, name)] of the GPUs this machine shows (CUDA_VISIBLE_DEVICES respected), without torch."""
+    """[(CUDA device id, model)] of the GPUs this machine shows, as CUDA_VISIBLE_DEVICES names them, without torch."""
     try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,name", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         listed = ""
-    names = [line.split(":", 1)[1].split("(UUID")[0].strip() for line in listed.splitlines() if line.startswith("GPU ")]
+    gpus = [[field.strip() for field in line.split(",", 2)] for line in listed.splitlines() if line.count(",") >= 2]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible is not None else map(str, range(len(names)))
-    return [(d, names[int(d)] if d.isdigit() and int(d) < len(names) else f"GPU {d}") for d in ids]
+    if visible is None:
+        return [(index, name) for index, _, name in gpus]
+    names = {key: name for index, uuid, name in gpus for key in (index, uuid)}
+    return [(device, next((name for key, name in names.items() if device and key.startswith(device)), "unknown"))
+            for device in (d.strip() for d in visible.split(",")) if device]
 
 
 class LocalExecutor:
     """Runs on this machine, each watched by a thread: one slot per GPU given (its CUDA_VISIBLE_DEVICES set to that
-    GPU), or `slots` runs at once on the CPU. A run's log is written where the night keeps it, as it goes."""
+    GPU), or `slots` runs at once on the CPU. A run's log is written where the night keeps it, as it goes; its slot
+    is free again the moment it ends, and a cancelled run is killed and never reported."""
     remote = False
 
     def __init__(self, slots, state_dir, gpus=()):
         self.slots, self.state_dir, self.gpus = slots, Path(state_dir), list(gpus)[:slots]
-        self.free = list(range(self.slots))
-        self.running = {}  # key: (slot, thread)
-        self.processes, self.cancelled, self.lock = {}, set(), threading.Lock()
-        self.ended = queue.Queue()
+        self.free, self.threads, self.processes, self.cancelled = list(range(self.slots)), {}, {}, set()
+        self.lock, self.ended = threading.Lock(), queue.Queue()
 
     def describe(self):
         gpus = f", one GPU each ({', '.join(name for _, name in self.gpus)})" if self.gpus else ""
         return f"{self.slots} at once on this machine{gpus}" if self.slots > 1 else "one at a time on this machine"
 
+    def free_slots(self):
+        return len(self.free)
+
     def submit(self, key, request):
-        slot = self.free.pop(0)
+        with self.lock:
+            slot = self.free.pop(0)
         device, gpu = self.gpus[slot] if self.gpus else (None, "cpu")
         env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": device} if device is not None else {})}
         worker = dict(hostname=socket.gethostname(), ip="127.0.0.1", gpu=gpu, worker_pid=os.getpid())
@@ -106,15 +118,19 @@ class LocalExecutor:
                 outcome = error
             with self.lock:
                 self.processes.pop(key, None)
+                del self.threads[key]
+                self.free.append(slot)
+                if key in self.cancelled:
+                    self.cancelled.discard(key)
+                    return
             self.ended.put((key, outcome))
-        thread = threading.Thread(target=watch, daemon=True)
-        self.running[key] = (slot, thread)
-        thread.start()
+        self.threads[key] = threading.Thread(target=watch, daemon=True)
+        self.threads[key].start()
 
     def started(self, key, process):
         """A run's process has started: it is killed at once when its run was cancelled meanwhile."""
         with self.lock:
-            self.processes[key] = process.pid
+            self.processes[key] = process
             if key in self.cancelled:
                 runner.kill_tree(process.pid)
 
@@ -125,21 +141,20 @@ class LocalExecutor:
             return []
         while not self.ended.empty():
             ended.append(self.ended.get_nowait())
-        for key, _ in ended:
-            self.free.append(self.running.pop(key)[0])
-        return [(key, outcome) for key, outcome in ended if key not in self.cancelled]
+        return ended
 
     def cancel(self, key):
         with self.lock:
-            if key in self.running:
+            if key in self.threads:
                 self.cancelled.add(key)
-                if key in self.processes:
-                    runner.kill_tree(self.processes[key])
+                if (process := self.processes.get(key)) and process.poll() is None:  # never a pid reused since
+                    runner.kill_tree(process.pid)
 
     def cancel_all(self):
-        for key in list(self.running):
+        threads = list(self.threads.values())
+        for key in list(self.threads):
             self.cancel(key)
-        for _, thread in list(self.running.values()):
+        for thread in threads:
             thread.join(timeout=30)
 
     def waiting_for(self):
@@ -169,8 +184,7 @@ def assess(night, key, result, problems=()):
     """The run's ledger record, from what it did (result: runner.run_in_folder's dict, None when it never ran).
     Its val_bpb is the one the harness attests, never train.py's printout."""
     run = dict(experiment=key.experiment, attempt=key.attempt, repeat=key.pair, commit=key.commit,
-               **({"reference": True, "beside": key.beside} if key.role == "best" else {}),
-               log=str(log_path_of(night, key)))
+               **role_fields(key), log=str(log_path_of(night, key)))
     problems = list(problems)
     if result is None:  # refused before it ran
         run.update(seconds=0.0, returncode=None, timed_out=False, ok=False, val_bpb=None, metrics={},
@@ -200,9 +214,8 @@ def assess(night, key, result, problems=()):
 # The night's runs on its executor
 
 class Runs:
-    """send() puts a run out (or refuses it at once, when it must not run); collect() returns the runs that ended,
-    assessed and ledgered, in the order they did. A run whose worker or node died goes out again, once, and the
-    ledger says so. cancel_all() stops them all: no run may outlive the night."""
+    """send() puts a run out (or refuses it at once); collect() returns the runs that ended, assessed and ledgered;
+    a run whose worker or node died goes out again, once. cancel_all(): no run may outlive the night."""
 
     def __init__(self, night, executor):
         self.night, self.executor = night, executor
@@ -219,25 +232,26 @@ class Runs:
             self.refused.append(assess(night, key, None, problems))
             return
         request = Request(state.file_at(night.repo, key.commit, "train.py"),
-                          state.file_at(night.repo, key.commit, "prepare.py"), integrity.new_key().hex(),
+                          state.file_at(night.repo, key.commit, "prepare.py"), secrets.token_hex(32),
                           night.timeout, key.split, log_path_of(night, key))
         self.executor.submit(key, request)
         self.out[key] = (request, tries)
         night.record(event="run_started", experiment=key.experiment, attempt=key.attempt, commit=key.commit,
-                     repeat=key.pair, **({"reference": True, "beside": key.beside} if key.role == "best" else {}),
-                     log=str(request.log_path), tries=tries)
+                     repeat=key.pair, **role_fields(key), log=str(request.log_path), tries=tries)
 
     def collect(self, timeout):
         """The runs that ended within timeout seconds (and those refused since the last call)."""
         ended, self.refused = self.refused, []
         for key, outcome in self.executor.wait(timeout) if self.out else []:
+            if key not in self.out:  # cancelled while it ended
+                continue
             request, tries = self.out.pop(key)
             if isinstance(outcome, BaseException):
                 if not getattr(self.executor, "is_infrastructure_failure", lambda error: False)(outcome) or tries > 1:
                     raise outcome
                 log(f"#{key.experiment} run {key.pair}: its worker died ({type(outcome).__name__}); running it again")
                 self.night.record(event="requeued", experiment=key.experiment, commit=key.commit, repeat=key.pair,
-                                  error=f"{type(outcome).__name__}: {str(outcome)[:300]}")
+                                  **role_fields(key), error=f"{type(outcome).__name__}: {str(outcome)[:300]}")
                 self.send(key, tries + 1)
                 continue
             ended.append(assess(self.night, key, dict(outcome, key_hex=request.key_hex)))

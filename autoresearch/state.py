@@ -170,7 +170,7 @@ def check_branch(repo, tag, ledger):
 
 
 # -----------------------------------------------------------------------------
-# The ledger
+# steer.md
 
 
 def read_steering(path=STEER_FILE):
@@ -245,8 +245,8 @@ class Ledger:
         return candidate, reference
 
     def next_experiment(self):
-        """The next experiment's number: numbers are given as ideas are asked for (with workers, several are open)."""
-        numbered = self.results() + [r for r in self.events("proposal") if r["ok"]]
+        """The next experiment's number: numbers are given as ideas are asked for, and never given twice."""
+        numbered = self.results() + self.events("proposal")
         return max((r["experiment"] for r in numbered), default=0) + 1
 
     def open_experiments(self):

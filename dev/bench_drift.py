@@ -70,11 +70,11 @@ def rates(args, paired, drift_per_run, seed):
     for _ in range(args.nights):
         outcome, night_runs = simulate_night(args, paired, drift_per_run, rng)
         runs += night_runs
-        for kind, decisions in outcome.items():
-            kept[kind] += decisions
+        for kind, verdicts in outcome.items():
+            kept[kind] += verdicts
     proposals = args.nulls + args.gains + args.losses
     runs_per_idea = (runs / args.nights - args.noise_runs) / proposals
-    return {kind: fmean(decisions) for kind, decisions in kept.items()}, runs_per_idea
+    return {kind: fmean(verdicts) for kind, verdicts in kept.items()}, runs_per_idea
 
 
 def drift_per_run(args, runs_per_idea):

@@ -1,6 +1,6 @@
 """
 What the wall-clock rule allows on this machine: runs the unmodified train.py under the harness, as
-agent_loop.py does, and prints each run's times and the limits its baseline would set.
+agent_loop.py does (runner.run_in_folder), and prints each run's times and the limits its baseline would set.
 
     uv run dev/bench_wall_clock.py --runs 3           # with the prepared cache ($AUTORESEARCH_CACHE)
 
@@ -14,15 +14,13 @@ fraction of the budget.
 
 import argparse
 import json
-import subprocess
+import secrets
 import sys
-import time
 from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from autoresearch import integrity  # noqa: E402
-from autoresearch.runner import TRAIN_COMMAND  # noqa: E402
+from autoresearch import integrity, runner  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--runs", type=int, default=3)
@@ -32,18 +30,14 @@ budget = json.loads((integrity.cache_dir() / "manifest.json").read_text())["time
 
 timings, gaps = [], []
 for run in range(1, args.runs + 1):
-    attestation = integrity.Attestation()
-    started = time.time()
-    try:
-        result = subprocess.run([sys.executable, "-c", TRAIN_COMMAND], input=attestation.request(), cwd=repo,
-                                capture_output=True, text=True)
-        seconds = time.time() - started
-        record, missing = attestation.read()
-    finally:
-        attestation.close()
+    key = secrets.token_bytes(32)
+    result = runner.run_in_folder((repo / "train.py").read_text(), (repo / "prepare.py").read_text(), key.hex(),
+                                  3600, None)
+    seconds = result["seconds"]
+    record, missing = integrity.verify_record(key, result["record"])
     training = integrity.training_seconds(record)
-    if result.returncode != 0 or training is None:
-        sys.exit(f"run {run} failed ({missing or 'no evaluation'}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    if result["returncode"] != 0 or training is None:
+        sys.exit(f"run {run} failed ({missing or 'no evaluation'}):\n{result['log'][-4000:]}")
     timings.append((seconds, training))
     gaps.append(record["median_batch_gap"])
     print(f"run {run}: total {seconds:.1f}s, training {training:.1f}s (start-up {training - budget:.1f}s), "

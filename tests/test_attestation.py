@@ -3,13 +3,11 @@ printout. A small training script runs under the real harness in a subprocess, a
 it, on the tiny cache; the driver verifies the record with the run's key. Three runs (each imports torch):
 an honest one, one that tries every way of using the validation data, and one that crashes."""
 
-import os
-import subprocess
-import sys
+import secrets
 
 import pytest
 
-from autoresearch import integrity
+from autoresearch import integrity, runner
 from conftest import REPO
 
 # A bigram model trained for a few batches: small enough to start, train and evaluate in seconds.
@@ -64,19 +62,12 @@ CHEATS = [  # (what the script does, the search text in HONEST, its replacement)
 
 
 def run_attested(tmp_path, cache, script, split="val"):
-    """(exit code, output, record or None, why there is none): one run as the driver starts it."""
-    (tmp_path / "train.py").write_text(script)
-    (tmp_path / "prepare.py").write_text((REPO / "prepare.py").read_text())
-    attestation = integrity.Attestation(split=split)
-    try:
-        result = subprocess.run([sys.executable, "-c", "import prepare; prepare.attested_run('train.py')"],
-                                input=attestation.request(), cwd=tmp_path, capture_output=True, text=True,
-                                timeout=120, env={**os.environ, "AUTORESEARCH_CACHE": str(cache)})
-        record, missing = integrity.verify_record(attestation.key, attestation.path.read_text()
-                                                  if attestation.path.exists() else None)
-    finally:
-        attestation.close()
-    return result.returncode, result.stdout + result.stderr, record, missing
+    """(exit code, output, record or None, why there is none): one run as the driver makes it."""
+    key = secrets.token_bytes(32)
+    result = runner.run_in_folder(script, (REPO / "prepare.py").read_text(), key.hex(), 120, tmp_path / "train.pid",
+                                  split, cache=cache)
+    record, missing = integrity.verify_record(key, result["record"])
+    return result["returncode"], result["log"], record, missing
 
 
 @pytest.fixture(scope="module")

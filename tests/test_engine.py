@@ -10,10 +10,10 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from fake_llm import change
 from night_repo import AGENT_LOOP, BETTER, WORSE
+from processes import alive
 
 GAIN = ("GAIN_A = 0.0", "GAIN_A = 0.01")
 SLOW = ("SLEEP = 0.0", "SLEEP = 1.0")
@@ -47,11 +47,11 @@ def test_a_resumed_night_runs_exactly_the_pairs_a_kill_left_missing_and_ends(nig
 
 
 def test_when_the_best_s_run_beside_a_candidate_fails_the_row_is_the_candidate_s(night, monkeypatch):
-    crash_at = night.tmp / "crash_at"
-    monkeypatch.setenv("FAKE_TRAIN_CRASH_AT", str(crash_at))
+    mode_at = night.tmp / "mode_at"
+    monkeypatch.setenv("FAKE_TRAIN_MODE_AT", str(mode_at))
 
     def from_now_on_the_baseline_crashes():
-        crash_at.write_text("1.0")
+        mode_at.write_text("1.0 crash")
         return change("lower val_bpb", BETTER)
     night.llm.script(from_now_on_the_baseline_crashes, change("raise val_bpb", WORSE))
     result = night.run("--max-experiments", "2", "--workers", "2")
@@ -180,3 +180,41 @@ def test_a_night_on_this_machine_never_imports_ray(night):
                          cwd=night.repo, capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "ray imported: False" in ran.stdout and len(night.rows()) == 2
+
+
+def test_ctrl_c_during_the_holdout_at_the_end_of_a_night_stops_it(night, monkeypatch):
+    mode_at = night.tmp / "mode_at"
+    monkeypatch.setenv("FAKE_TRAIN_MODE_AT", str(mode_at))
+
+    def from_now_on_the_baseline_hangs():
+        mode_at.write_text("1.0 hang")
+        return change("lower val_bpb", BETTER)
+    night.llm.script(from_now_on_the_baseline_hangs)
+    driver = night.start("--max-experiments", "2", "--keep-rule", "greedy", "--holdout-at-end", "on")
+    deadline = time.time() + 60
+    while len(night.train_pids()) < 3:  # the baseline's run, the idea's, then the baseline's on the holdout
+        assert time.time() < deadline
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=60) == 130
+    assert night.ledger()[-1]["reason"] == "interrupted" and events(night, "holdout") == []
+    assert not alive(night.train_pids()[2])
+
+
+def test_a_baseline_that_failed_runs_again_once_the_setup_is_fixed(night, monkeypatch):
+    broken = night.tmp / "mode_at"
+    broken.write_text("1.0 crash")
+    monkeypatch.setenv("FAKE_TRAIN_MODE_AT", str(broken))
+    result = night.run("--max-experiments", "1")
+    assert result.returncode == 1 and "the unmodified train.py did not produce val_bpb" in result.stderr
+    broken.unlink()  # the setup, fixed
+    assert night.run("--max-experiments", "1").returncode == 0
+    assert [row[3:] for row in night.rows()] == [["keep", "baseline"]]
+
+
+def test_a_run_that_writes_into_the_repository_stops_the_night(night):
+    writes = ('MODE = "ok"', f'MODE = "ok"\nopen({str(night.repo / "program.md")!r}, "a").write("x")')
+    night.llm.script(change("write into the repository", writes))
+    result = night.run("--max-experiments", "2", "--keep-rule", "greedy")
+    assert result.returncode == 1 and "tracked files of the repository changed during the night (program.md)" \
+        in result.stderr and "git diff" in result.stderr

@@ -28,11 +28,12 @@ import agent_loop
 from autoresearch import agents
 from stand_ins import Killed, StandInAgent, StandInExecutor, make_repo
 
+COUNTER = itertools.count()  # a folder of its own for each night
 VALUES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]  # few: ideas repeat, as an agent's do
 IDEA = st.sampled_from([(name, value) for name in ("QUALITY", "OTHER") for value in VALUES]
-                       + [("prepare.py", None)])  # now and then, an edit that breaks a rule
+                       + [("prepare.py", None), ("holdout", None)])  # now and then, an edit that breaks a rule
 NIGHT = st.fixed_dictionaries(dict(
-    slots=st.integers(1, 3), max_experiments=st.integers(2, 6), rule=st.sampled_from(["paired", "unpaired", "greedy"]),
+    slots=st.integers(1, 3), remote=st.booleans(), max_experiments=st.integers(2, 6), rule=st.sampled_from(["paired", "unpaired", "greedy"]),
     max_runs=st.integers(2, 3), fixes=st.integers(0, 1), ideas=st.lists(IDEA, min_size=3, max_size=12),
     seed=st.integers(0, 2**16), deaths=st.lists(st.tuples(st.integers(1, 15), st.sampled_from(["kill", "interrupt"])),
                                                  max_size=2)))
@@ -74,7 +75,7 @@ def run_night(folder, night, data):
         snapshots = []
         executor = StandInExecutor(night["slots"], lambda n: data.draw(st.integers(0, n - 1)) if n > 1 else 0,
                                    lambda: rng.gauss(0, 0.002), kill=lambda waits: deaths.pop(waits, None),
-                                   snapshot=snapshot)
+                                   snapshot=snapshot, remote=night["remote"])
         os.chdir(folder)
         with contextlib.redirect_stdout(io.StringIO()):
             try:
@@ -122,10 +123,12 @@ def test_the_night_s_invariants_hold_whatever_the_runs_and_the_kills(stand_in_en
     assert committed <= set(numbers), f"experiments without a row: {committed - set(numbers)}"
     assert len((folder / "results.tsv").read_text().splitlines()) == len(rows) + 1
     assert len(rows) <= night["max_experiments"]
-    runs = [r for r in records if r["event"] == "run"]
-    for (experiment, commit, reference), count in count_by(runs).items():
+    runs = [(r["experiment"], r["commit"], r.get("reference", False), r["repeat"]) for r in records
+            if r["event"] == "run"]
+    assert len(runs) == len(set(runs)), "a pair ran twice"
+    for experiment, commit, reference, pair in runs:
         most = 2 if experiment == 0 else night["max_runs"]
-        assert count <= most, f"#{experiment} {commit[:7]} ran {count} times{' (the best beside it)' * reference}"
+        assert pair <= most, f"#{experiment} {commit[:7]} ran pair {pair}{' (the best beside it)' * reference}"
     check_branch_and_tree(folder)
     bases = {r["commit"]: r.get("base") for r in records if r["event"] == "proposal" and r["ok"]}
     kept = [r for r in rows if r["status"] == "keep"]
@@ -136,13 +139,3 @@ def test_the_night_s_invariants_hold_whatever_the_runs_and_the_kills(stand_in_en
         else:
             assert row["val_bpb"] < before["val_bpb"]
 
-
-COUNTER = itertools.count()
-
-
-def count_by(runs):
-    counts = {}
-    for r in runs:
-        key = (r["experiment"], r["commit"], r.get("reference", False))
-        counts[key] = counts.get(key, 0) + 1
-    return counts

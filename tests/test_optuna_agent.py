@@ -52,7 +52,8 @@ class Driver:
         self.write(event="result", experiment=self.experiment, status=status, val_bpb=val_bpb)
 
     def restart(self):
-        """The loop stopped and started again without workers: the experiment in flight is abandoned."""
+        """The loop stopped and started again, and (as a ledger of an earlier version can say) the experiment in
+        flight was abandoned."""
         self.write(event="start")
         self.write(event="abandoned", experiment=self.experiment)
 

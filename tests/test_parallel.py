@@ -1,9 +1,8 @@
-"""--workers N: different experiments at once, on this machine's slots (CPU slots here) or on Ray (a private
-local instance the loop starts: 127.0.0.1, token auth, no dashboard), decided in the order they end, with the
-outcome of a serial night; a change that beat its base after the best moved on is judged again on the new best
-(merged, or as a whole program when it conflicts); faults (a dead worker, signals, SIGKILL and resume). The loop
-runs as its own process where Ray or a signal is involved (a Ray instance leaves state in the process that
-started it)."""
+"""--workers N: different experiments at once, on this machine's slots (CPU slots here) or on a Ray cluster (one
+head node on 127.0.0.1, started with `ray start`), decided in the order they end, with the outcome of a serial
+night; a change that beat its base after the best moved on is judged again on the new best (merged, or as a whole
+program when it conflicts); faults (a dead worker, signals, SIGKILL and resume). The loop runs as its own process
+where Ray or a signal is involved (Ray leaves state in the process that joined it)."""
 
 import json
 import signal

@@ -3,16 +3,16 @@
 dir, token and HOME in the test's folders. The runs are the stand-ins of tests/agent_loop_support under the fake
 harness (fake_prepare.py), against a small fake cache."""
 
+import dataclasses
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import dataclasses
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
@@ -117,13 +117,13 @@ def running(pid):
 # Runs
 
 def test_a_remote_run_returns_the_log_and_a_record_that_verifies_with_the_key(ray_env):
-    key = integrity.new_key()
+    key = secrets.token_bytes(32)
     result = ray_executor.result(run(ray_env, FAKE_TRAIN, key))
     assert result["returncode"] == 0 and 0 < result["seconds"] < 10
     assert "val_bpb:          1.000000" in result["log"] and "step 00001" in result["log"]
     record, missing = integrity.verify_record(key, result["record"])
     assert missing is None and integrity.evaluation(record)["val_bpb"] == 1.0
-    assert integrity.verify_record(integrity.new_key(), result["record"]) == (
+    assert integrity.verify_record(secrets.token_bytes(32), result["record"]) == (
         None, "the harness's record of the run does not verify: it was altered")
     worker = result["worker"]
     assert (worker["hostname"], worker["ip"], worker["gpu"]) == (socket.gethostname(), "127.0.0.1", "cpu")

@@ -4,6 +4,7 @@
 import contextlib
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import psutil
 import pytest
 
 from autoresearch import integrity, runner
-from night_repo import SUPPORT
+from night_repo import ROOT, SUPPORT
 from processes import alive
 
 SLEEP = "import time; time.sleep(60)"
@@ -98,7 +99,7 @@ def stand_in(tmp_path, monkeypatch):
 
 
 def test_run_in_folder_runs_train_py_in_a_fresh_folder_that_is_gone_with_its_checkpoint(tmp_path, stand_in):
-    key = integrity.new_key()
+    key = secrets.token_bytes(32)
     result = runner.run_in_folder(WHERE, stand_in, key.hex(), 30, tmp_path / "train.pid",
                                   log_path=tmp_path / "run.log")
     folder, listed = re.search(r"^in (\S+) (.*)$", result["log"], re.MULTILINE).groups()
@@ -276,3 +277,14 @@ def test_fence_untrusted_wraps_the_text_in_a_tag_it_cannot_close():
 def test_fence_untrusted_draws_a_new_tag_each_time():
     tags = {runner.fence_untrusted("x").split(">", 1)[0] for _ in range(5)}
     assert len(tags) == 5
+
+
+def test_a_run_s_environment_holds_no_key_token_or_password_of_the_driver_s(tmp_path, stand_in, monkeypatch):
+    for name in ("ANTHROPIC_API_KEY", "HF_TOKEN", "DB_PASSWORD", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(name, "secret")
+    monkeypatch.setenv("PWD", str(ROOT))  # where the driver runs: the repository
+    says = "import os\nprint(sorted(os.environ))\n"
+    result = runner.run_in_folder(says, stand_in, "00" * 32, 30, tmp_path / "train.pid")
+    names = eval(result["log"].strip().splitlines()[0])
+    assert "AUTORESEARCH_CACHE" in names and "PATH" in names
+    assert not {"ANTHROPIC_API_KEY", "HF_TOKEN", "DB_PASSWORD", "RAY_AUTH_TOKEN_PATH", "PWD"} & set(names)

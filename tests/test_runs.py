@@ -4,16 +4,17 @@ stand-in nvidia-smi on PATH says which GPUs there are."""
 
 import json
 import os
+import secrets
 import sys
 import time
 
 import pytest
 
-from autoresearch import integrity, runs
+from autoresearch import runs
 from night_repo import SUPPORT
 from processes import alive
 
-SMI = "GPU 0: NVIDIA H200 (UUID: GPU-0)\nGPU 1: NVIDIA H200 (UUID: GPU-1)\nGPU 2: NVIDIA A100 (UUID: GPU-2)\n"
+SMI = "0, GPU-5a1b, NVIDIA H200\n1, GPU-77c2, NVIDIA H200\n2, GPU-9e00, NVIDIA A100\n"  # --query-gpu's csv
 SAYS_ITS_GPU = ("import os, time\nfrom prepare import evaluate_bpb\n"
                 "print('gpu', os.environ.get('CUDA_VISIBLE_DEVICES'), os.getpid(), flush=True)\n"
                 "time.sleep(SLEEP)\nprint('---')\nprint('val_bpb:', evaluate_bpb(0.9))\n")
@@ -37,7 +38,7 @@ def machine(tmp_path, monkeypatch):
 
 def request(folder, name, sleep=0.0):
     return runs.Request(SAYS_ITS_GPU.replace("SLEEP", str(sleep)), (SUPPORT / "fake_prepare.py").read_text(),
-                        integrity.new_key().hex(), 60, "val", folder / f"{name}.log")
+                        secrets.token_bytes(32).hex(), 60, "val", folder / f"{name}.log")
 
 
 def ended(executor, count, timeout=60):
@@ -51,6 +52,12 @@ def test_local_gpus_are_those_nvidia_smi_lists_or_those_cuda_visible_devices_nam
     assert runs.local_gpus() == [("0", "NVIDIA H200"), ("1", "NVIDIA H200"), ("2", "NVIDIA A100")]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
     assert runs.local_gpus() == [("2", "NVIDIA A100"), ("0", "NVIDIA H200")]
+
+
+def test_gpus_named_by_uuid_have_their_model_and_an_unknown_one_is_not_another_model(machine, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-77c2,GPU-5a,MIG-1234,MIG-5678")
+    assert runs.local_gpus() == [("GPU-77c2", "NVIDIA H200"), ("GPU-5a", "NVIDIA H200"), ("MIG-1234", "unknown"),
+                                 ("MIG-5678", "unknown")]
 
 
 def test_a_machine_without_nvidia_smi_has_no_gpus(machine, monkeypatch):
@@ -83,6 +90,21 @@ def test_a_cancelled_run_is_killed_and_never_reported(machine):
     executor.cancel("slow")
     assert not alive(pid, wait=10)
     outcomes, deadline = {}, time.time() + 60
-    while executor.running and time.time() < deadline:  # until both runs' threads have ended
+    while executor.threads and time.time() < deadline:  # until both runs' threads have ended
         outcomes |= dict(executor.wait(timeout=0.2))
     assert list(outcomes) == ["quick"] and sorted(executor.free) == [0, 1]
+
+
+def test_a_cancelled_run_s_slot_takes_the_next_run_as_soon_as_it_is_dead(machine):
+    executor = runs.LocalExecutor(1, machine)
+    executor.submit("slow", request(machine, "slow", sleep=600))
+    deadline = time.time() + 60
+    while executor.free_slots() or not executor.processes:  # until its process has started
+        assert time.time() < deadline
+        time.sleep(0.05)
+    executor.cancel("slow")
+    while not executor.free_slots():  # no wait() needed: the slot comes back when the run is dead
+        assert time.time() < deadline
+        time.sleep(0.05)
+    executor.submit("next", request(machine, "next"))
+    assert list(ended(executor, 1)) == ["next"]

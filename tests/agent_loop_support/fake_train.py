@@ -2,8 +2,8 @@
 
 MODE "ok" prints the summary block with VAL_BPB - GAIN_A - GAIN_B (two ideas that edit different
 lines) after SLEEP seconds, "crash" raises, "hang" sleeps. Each start appends its pid to the file
-named by $FAKE_TRAIN_STARTS, so tests can wait for a run. A run whose VAL_BPB is written in the file
-$FAKE_TRAIN_CRASH_AT crashes (a commit that fails from some moment of the night on).
+named by $FAKE_TRAIN_STARTS, so tests can wait for a run. The file $FAKE_TRAIN_MODE_AT, when it exists,
+holds "VAL_BPB MODE": runs of that VAL_BPB take that MODE (a commit that fails from some moment on).
 """
 import os
 import time
@@ -21,8 +21,10 @@ if os.environ.get("FAKE_TRAIN_STARTS"):
     with open(os.environ["FAKE_TRAIN_STARTS"], "a") as f:
         f.write(f"{os.getpid()}\n")
 print("step 00001 (1.0%) | loss: 9.0\rstep 00002 (2.0%) | loss: 8.0", flush=True)
-crash_at = os.environ.get("FAKE_TRAIN_CRASH_AT", "")
-if MODE == "crash" or os.path.exists(crash_at) and open(crash_at).read() == str(VAL_BPB):
+mode_at = os.environ.get("FAKE_TRAIN_MODE_AT", "")
+if os.path.exists(mode_at) and open(mode_at).read().split()[0] == str(VAL_BPB):
+    MODE = open(mode_at).read().split()[1]
+if MODE == "crash":
     raise RuntimeError("fake failure: CUDA out of memory")
 if MODE == "hang":
     time.sleep(600)

@@ -6,6 +6,7 @@ dev/bench_rebase.py drive agent_loop.loop with them; everything else (git, the l
 import hashlib
 import hmac
 import json
+import itertools
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ from autoresearch import agents
 
 SUPPORT = Path(__file__).resolve().parent
 ROOT = SUPPORT.parent.parent
-CONSTANT = re.compile(r"^(QUALITY|OTHER) = (\S+)$", re.MULTILINE)
+CONSTANT = re.compile(r"^(QUALITY|OTHER) = (\S+)", re.MULTILINE)
 TRAIN_PY = '''"""A stand-in train.py: the stand-in executor reads its constants, nothing runs it."""
 from prepare import evaluate_bpb
 
@@ -56,22 +57,27 @@ class StandInExecutor:
     the outcome draw picks (ok mostly; a crash, a timeout, or a broken rule; the baseline's are ok), val_bpb from
     its train.py's constants plus noise(), and a record signed as the harness signs one. kill(waits) says when the
     driver dies: "kill" (the folder is copied by snapshot() first, then Killed is raised), "interrupt" (Ctrl-C),
-    or None."""
-    remote = False
+    or None. A cancelled run keeps its slot until the next wait, as a process being killed does; remote: its runs
+    come back as a Ray worker's would, with the log written by the executor."""
     OUTCOMES = ("crash", "timeout", "invalid") + ("ok",) * 17
 
-    def __init__(self, slots, draw, noise, kill=lambda waits: None, snapshot=None, most_waits=5000):
+    def __init__(self, slots, draw, noise, kill=lambda waits: None, snapshot=None, most_waits=5000, remote=False):
         self.slots, self.draw, self.noise, self.kill, self.snapshot = slots, draw, noise, kill, snapshot
-        self.running, self.waits, self.most_waits, self.runs = {}, 0, most_waits, 0
+        self.running, self.waits, self.most_waits, self.runs, self.remote = {}, 0, most_waits, 0, remote
+        self.dying = 0  # cancelled runs whose slots are not free yet
 
     def describe(self):
         return f"{self.slots} at once on stand-in slots"
 
+    def free_slots(self):
+        return self.slots - len(self.running) - self.dying
+
     def submit(self, key, request):
+        assert self.free_slots() > 0, "a run was sent to a slot that is not free"
         self.running[key] = request
 
     def wait(self, timeout):
-        self.waits += 1
+        self.waits, self.dying = self.waits + 1, 0
         assert self.waits <= self.most_waits, "the night did not end"
         if (death := self.kill(self.waits)) == "kill":
             self.snapshot()
@@ -103,10 +109,11 @@ class StandInExecutor:
                     worker=dict(hostname="stand-in", ip="127.0.0.1", gpu="cpu", worker_pid=os.getpid()))
 
     def cancel(self, key):
-        self.running.pop(key, None)
+        self.dying += self.running.pop(key, None) is not None
 
     def cancel_all(self):
         self.running.clear()
+        self.dying = 0
 
     def waiting_for(self):
         return ""
@@ -117,10 +124,10 @@ class StandInExecutor:
 
 class StandInAgent:
     """Proposes a new value of QUALITY or OTHER, from `StandInAgent.ideas` (an iterator of (name, value)), on the
-    train.py its prompt shows; now and then an edit of prepare.py, which breaks a rule. It answers on the engine's
-    thread, as Optuna does, so that a night is one sequence of events."""
+    train.py its prompt shows; now and then an edit of prepare.py, which breaks a rule, or a train.py the static
+    checks refuse ("holdout"). It answers on the engine's thread, as Optuna does: a night is one sequence of events."""
     in_background = False
-    ideas = iter(())
+    ideas, comments = iter(()), itertools.count(1)
 
     def __init__(self, settings, instructions, repo):
         self.source = ""
@@ -137,6 +144,8 @@ class StandInAgent:
         if name == "prepare.py":
             return agents.Proposal(description="edit the harness", edits=[
                 {"file": "prepare.py", "search": "TIME_BUDGET = 1", "replace": "TIME_BUDGET = 2"}])
-        current = re.search(rf"^{name} = \S+$", self.source, re.MULTILINE)[0]
+        if name == "holdout":  # a train.py that names the holdout split: committed, then refused before it runs
+            name, value = "OTHER", f"0.{next(StandInAgent.comments)}  # tuned on the holdout"
+        current = re.search(rf"^{name} = .+$", self.source, re.MULTILINE)[0]
         return agents.Proposal(description=f"{name} {value}", hypothesis=f"{name} near {value} is better",
                                edits=[{"search": current, "replace": f"{name} = {value}"}])
