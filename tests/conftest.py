@@ -163,6 +163,17 @@ def hub():
     server.server.server_close()
 
 
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    """The stand-in harness's source (tests/agent_loop_support/fake_prepare.py) and a cache it accepts, which
+    AUTORESEARCH_CACHE names."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text('{"time_budget": 1, "max_seq_len": 64, "eval_tokens": 4096}')
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    return (REPO / "tests" / "agent_loop_support" / "fake_prepare.py").read_text()
+
+
 # --- the Night: agent_loop.py in a temp repository ----------------------------------------------
 
 

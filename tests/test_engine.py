@@ -23,6 +23,17 @@ def events(night, kind):
     return [e for e in night.ledger() if e["event"] == kind]
 
 
+def from_now_on_the_baseline(night, monkeypatch, mode, reply):
+    """An agent's reply that first makes every later run of the baseline's train.py take `mode` (fake_train.py)."""
+    mode_at = night.tmp / "mode_at"
+    monkeypatch.setenv("FAKE_TRAIN_MODE_AT", str(mode_at))
+
+    def act():
+        mode_at.write_text(f"1.0 {mode}")
+        return reply
+    return act
+
+
 def without(ledger_path, keep):
     """Rewrite the ledger keeping only the records keep(record) accepts: the state a kill would have left."""
     records = [json.loads(line) for line in ledger_path.read_text().splitlines()]
@@ -47,13 +58,8 @@ def test_a_resumed_night_runs_exactly_the_pairs_a_kill_left_missing_and_ends(nig
 
 
 def test_when_the_best_s_run_beside_a_candidate_fails_the_row_is_the_candidate_s(night, monkeypatch):
-    mode_at = night.tmp / "mode_at"
-    monkeypatch.setenv("FAKE_TRAIN_MODE_AT", str(mode_at))
-
-    def from_now_on_the_baseline_crashes():
-        mode_at.write_text("1.0 crash")
-        return change("lower val_bpb", BETTER)
-    night.llm.script(from_now_on_the_baseline_crashes, change("raise val_bpb", WORSE))
+    night.llm.script(from_now_on_the_baseline(night, monkeypatch, "crash", change("lower val_bpb", BETTER)),
+                     change("raise val_bpb", WORSE))
     result = night.run("--max-experiments", "2", "--workers", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     [row] = [r for r in events(night, "result") if r["experiment"] == 1]
@@ -183,13 +189,7 @@ def test_a_night_on_this_machine_never_imports_ray(night):
 
 
 def test_ctrl_c_during_the_holdout_at_the_end_of_a_night_stops_it(night, monkeypatch):
-    mode_at = night.tmp / "mode_at"
-    monkeypatch.setenv("FAKE_TRAIN_MODE_AT", str(mode_at))
-
-    def from_now_on_the_baseline_hangs():
-        mode_at.write_text("1.0 hang")
-        return change("lower val_bpb", BETTER)
-    night.llm.script(from_now_on_the_baseline_hangs)
+    night.llm.script(from_now_on_the_baseline(night, monkeypatch, "hang", change("lower val_bpb", BETTER)))
     driver = night.start("--max-experiments", "2", "--keep-rule", "greedy", "--holdout-at-end", "on")
     deadline = time.time() + 60
     while len(night.train_pids()) < 3:  # the baseline's run, the idea's, then the baseline's on the holdout
@@ -202,12 +202,10 @@ def test_ctrl_c_during_the_holdout_at_the_end_of_a_night_stops_it(night, monkeyp
 
 
 def test_a_baseline_that_failed_runs_again_once_the_setup_is_fixed(night, monkeypatch):
-    broken = night.tmp / "mode_at"
-    broken.write_text("1.0 crash")
-    monkeypatch.setenv("FAKE_TRAIN_MODE_AT", str(broken))
+    from_now_on_the_baseline(night, monkeypatch, "crash", None)()  # a broken setup
     result = night.run("--max-experiments", "1")
     assert result.returncode == 1 and "the unmodified train.py did not produce val_bpb" in result.stderr
-    broken.unlink()  # the setup, fixed
+    (night.tmp / "mode_at").unlink()  # the setup, fixed
     assert night.run("--max-experiments", "1").returncode == 0
     assert [row[3:] for row in night.rows()] == [["keep", "baseline"]]
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from autoresearch import integrity, runner
-from night_repo import ROOT, SUPPORT
+from night_repo import ROOT
 from processes import alive
 
 SLEEP = "import time; time.sleep(60)"
@@ -86,16 +86,6 @@ def test_run_training_returns_none_at_the_time_limit_and_kills_the_run_s_process
 WHERE = ("import os\nfrom prepare import evaluate_bpb\nprint('in', os.getcwd(), os.listdir('.'))\n"
          "open('ckpt.pt', 'w').write('weights')\nTAMPER = False\n"
          "if TAMPER:\n    open('prepare.py', 'a').write('#')\nprint('---')\nprint('val_bpb:', evaluate_bpb(0.9))\n")
-
-
-@pytest.fixture
-def stand_in(tmp_path, monkeypatch):
-    """The stand-in harness's source and a cache it accepts (AUTORESEARCH_CACHE)."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "manifest.json").write_text('{"time_budget": 1, "max_seq_len": 64, "eval_tokens": 4096}')
-    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
-    return (SUPPORT / "fake_prepare.py").read_text()
 
 
 def test_run_in_folder_runs_train_py_in_a_fresh_folder_that_is_gone_with_its_checkpoint(tmp_path, stand_in):

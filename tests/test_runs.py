@@ -2,7 +2,6 @@
 side by side, a cancelled run killed and never reported. Real processes under the stand-in harness, no GPU: a
 stand-in nvidia-smi on PATH says which GPUs there are."""
 
-import json
 import os
 import secrets
 import sys
@@ -21,18 +20,14 @@ SAYS_ITS_GPU = ("import os, time\nfrom prepare import evaluate_bpb\n"
 
 
 @pytest.fixture
-def machine(tmp_path, monkeypatch):
-    """A stand-in nvidia-smi on PATH, a cache the stand-in harness accepts, a folder for the logs."""
+def machine(tmp_path, monkeypatch, stand_in):
+    """A stand-in nvidia-smi on PATH and the stand-in harness; the folder for the logs."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text(f"#!{sys.executable}\nprint({SMI!r}, end='')\n")
     (bin_dir / "nvidia-smi").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "manifest.json").write_text(json.dumps({"time_budget": 1, "max_seq_len": 64, "eval_tokens": 4096}))
-    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
     return tmp_path
 
 
