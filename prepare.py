@@ -1,51 +1,34 @@
 """
-One-time data preparation and the fixed runtime harness of autoresearch.
+The fixed runtime harness of autoresearch: what train.py imports, and what scores it.
 
-Run once before training (everything lands in $AUTORESEARCH_CACHE, default ~/.cache/autoresearch):
-
-    uv run prepare.py                                  # climbmix: 10 training shards + the val shard
-    uv run prepare.py --num-shards 2                   # fewer shards (-1: all 6541)
-    uv run prepare.py --dataset tinystories --preset small
-    uv run prepare.py --dataset stdlib --preset small  # no network: Python's own sources
-    uv run prepare.py --text ./my_corpus/ --text notes.jsonl
-
-It downloads the data, trains a BPE tokenizer (rustbpe, wrapped as a tiktoken Encoding), and
-pre-tokenizes every document so that training never waits for data. Three splits: train, val (what
-evaluate_bpb scores), and holdout, which nothing trains on and only the driver asks evaluate_bpb to
-score, to check at the end of a night that a gain found on val holds on text no decision has seen.
-The constants actually used (sequence length, time budget, eval tokens, vocabulary size) are written to a manifest in the
-cache; the module constants below are read from it at import, so train.py can read them but not
-change them. train.py imports the runtime helpers (Tokenizer, make_dataloader, evaluate_bpb).
+train.py imports the constants (MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, VOCAB_SIZE, read at import from the manifest
+of the prepared cache in $AUTORESEARCH_CACHE, so train.py can read them but not change them), the Tokenizer,
+make_dataloader and evaluate_bpb. The driver runs train.py under attested_run, which keeps a signed record of the
+run. Three splits: train, val (what evaluate_bpb scores) and holdout, which only the driver asks it to score.
 Neither the human nor the research agent edits this file during research.
+
+    uv run prepare.py --help     # the data preparation, once, before training: prepare_data.py
 """
 
-import argparse
 import base64
 import bisect
 import contextlib
-import hashlib
 import hmac
 import itertools
 import json
 import math
 import os
-import queue
 import random
 import runpy
 import sys
-import sysconfig
 import threading
-import time
 from pathlib import Path
 from time import monotonic as _monotonic  # bound here: train.py patching time.monotonic later changes nothing
 
 import numpy as np
-import pyarrow.parquet as pq
-import requests
-import rustbpe
 import tiktoken
 
-# torch is imported inside the runtime helpers below: the command line never needs it and starts 3 s sooner.
+# torch is imported inside the runtime helpers below: the data preparation never needs it and starts 3 s sooner.
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -64,26 +47,14 @@ TOKENS_DIR = CACHE_DIR / "tokens"        # pre-tokenized parts, one per source f
 MANIFEST_PATH = CACHE_DIR / "manifest.json"
 MANIFEST_FORMAT = 2                      # 2: parts record split_tokens
 
-HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-CLIMBMIX_URL = HF_ENDPOINT + "/datasets/karpathy/climbmix-400b-shuffle/resolve/main/{name}"
 CLIMBMIX_SHARD = "shard_{:05d}.parquet"
 CLIMBMIX_VAL_SHARD = 6542                # the last shard is pinned as validation
 CLIMBMIX_HOLDOUT_SHARD = 6541            # the one before it is never trained on: the holdout
 TINYSTORIES_FILE = "tinystories_gpt4_clean.parquet"
-TINYSTORIES_URL = HF_ENDPOINT + "/datasets/karpathy/tinystories-gpt4-clean/resolve/main/" + TINYSTORIES_FILE
-DOWNLOAD_CHUNK = 1 << 20
-VAL_PERCENT = 5                          # single-file and own corpora: documents hashed into val...
-HOLDOUT_PERCENT = 5                      # ...and the next 5 % into the holdout
 SPLITS = ("train", "val", "holdout")
 
-SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-)
 SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
 BOS_TOKEN = SPECIAL_TOKENS[0]
-TOKENIZER_DOC_CHARS = 10_000             # each document cut to this for tokenizer training
-TOKENIZER_MAX_CHARS = 1_000_000_000      # tokenizer training stops after this many characters
-DOC_BATCH = 128                          # documents tokenized (and fed to the packer) together
 PACK_BUFFER = 1000                       # documents the best-fit packer chooses from
 CAUSALITY_TOLERANCE = 1e-2               # nats a causal model's past loss may move when the future changes
 
@@ -138,319 +109,6 @@ def _atomic_write(path, write):
         tmp.unlink(missing_ok=True)
 
 
-def _progress(label):
-    """Return update(text, final=False): a rewritten line on a terminal, a line every 5 s in a log."""
-    tty = sys.stdout.isatty()
-    start = last = time.time()
-
-    def update(text, final=False):
-        nonlocal last
-        now = time.time()
-        if final or now - last > (0.2 if tty else 5):
-            last = now
-            line = f"{label}: {text} ({now - start:.0f}s)"
-            print("\r" + line.ljust(100) if tty else line, end="\n" if final or not tty else "", flush=True)
-
-    return update
-
-
-# ---------------------------------------------------------------------------
-# Data sources: downloads, own corpora, the offline stdlib demo corpus
-
-
-class PrepareError(Exception):
-    """A problem with the user's input or environment; main() prints it without a traceback."""
-
-
-OFFLINE_HINT = (
-    "No network, or no access to the hub? Prepare offline instead:\n"
-    "    uv run prepare.py --dataset stdlib --preset small   # Python's own sources, nothing to download\n"
-    "    uv run prepare.py --text PATH                       # your .parquet/.txt/.md/.jsonl corpus\n"
-    "or point HF_ENDPOINT at a mirror of the hub."
-)
-
-
-def _check_parquet(path):
-    """Open the footer and schema: catches truncated or corrupt files before anything trusts them."""
-    try:
-        schema = pq.ParquetFile(path).schema_arrow
-    except Exception as e:
-        raise PrepareError(f"{path} is not a readable parquet file ({e})") from None
-    if "text" not in schema.names:
-        raise PrepareError(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
-
-
-def download_file(url, dest, attempts=5, backoff=2.0, stop=None):
-    """Stream url to dest.tmp in 1 MiB chunks, check length and parquet footer, then rename into place.
-
-    Connection errors, 5xx/429, truncated or corrupt files are retried with backoff**attempt seconds
-    between tries; any other 4xx (no such file) fails at once.
-    """
-    tmp = dest.with_name(dest.name + ".tmp")
-    for attempt in range(1, attempts + 1):
-        try:
-            with requests.get(url, stream=True, timeout=(10, 60), headers={"Accept-Encoding": "identity"}) as r:
-                if 400 <= r.status_code < 500 and r.status_code != 429:
-                    raise PrepareError(f"could not download {url}: {r.status_code} {r.reason}")
-                r.raise_for_status()
-                expected = int(r.headers.get("Content-Length", -1))
-                received = 0
-                with open(tmp, "wb") as f:
-                    for chunk in r.iter_content(DOWNLOAD_CHUNK):
-                        if stop is not None and stop.is_set():
-                            raise KeyboardInterrupt
-                        f.write(chunk)
-                        received += len(chunk)
-            if expected >= 0 and received != expected:
-                raise OSError(f"truncated: received {received} of {expected} bytes")
-            try:
-                _check_parquet(tmp)
-            except PrepareError as e:
-                raise OSError(f"corrupt download: {e}") from None
-            os.replace(tmp, dest)
-            return
-        except (requests.RequestException, OSError) as e:
-            if attempt == attempts:
-                raise PrepareError(f"could not download {url} after {attempts} attempts: {e}") from None
-            wait = backoff**attempt
-            print(f"  {dest.name}: attempt {attempt}/{attempts} failed ({e}); retrying in {wait:g}s", flush=True)
-            time.sleep(wait)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def download_all(files, workers, attempts=5, backoff=2.0):
-    """files: [(url, dest)]. Skips files already present and valid; re-fetches corrupt ones."""
-    if not files:
-        return
-    todo = []
-    for url, dest in files:
-        if dest.exists():
-            try:
-                _check_parquet(dest)
-                continue
-            except PrepareError as e:
-                print(f"{dest.name} is corrupt ({e}); fetching it again", flush=True)
-                dest.unlink()
-        todo.append((url, dest))
-    if not todo:
-        print(f"data: all {len(files)} files already in {DATA_DIR}", flush=True)
-        return
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
-    for stale in DATA_DIR.glob("*.tmp"):  # left by a run that was killed: never trusted
-        stale.unlink()
-    print(f"data: downloading {len(todo)} of {len(files)} files to {DATA_DIR} ({workers} workers)", flush=True)
-    # Daemon threads, not an executor: on Ctrl-C we must not wait for a download stuck in a slow read.
-    pending, results, stop = queue.Queue(), queue.Queue(), threading.Event()
-    for item in todo:
-        pending.put(item)
-
-    def worker():
-        while not stop.is_set():
-            try:
-                url, dest = pending.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                download_file(url, dest, attempts, backoff, stop)
-                results.put(None)
-            except BaseException as e:
-                results.put(e)
-
-    for _ in range(min(workers, len(todo))):
-        threading.Thread(target=worker, daemon=True).start()
-    update = _progress("downloaded")
-    failures = []
-    try:
-        for done in range(1, len(todo) + 1):
-            error = results.get()
-            if isinstance(error, PrepareError):
-                failures.append(str(error))
-            elif error is not None:
-                raise error
-            update(f"{done}/{len(todo)} files, {len(failures)} failed", final=done == len(todo))
-    except BaseException:
-        stop.set()
-        for _, dest in todo:
-            dest.with_name(dest.name + ".tmp").unlink(missing_ok=True)
-        raise
-    if failures:
-        raise PrepareError("\n".join(failures) + "\n" + OFFLINE_HINT)
-
-
-def _parquet_texts(path):
-    """Yield the 'text' column of a parquet file, one list per row group."""
-    _check_parquet(path)
-    pf = pq.ParquetFile(path)
-    for i in range(pf.num_row_groups):
-        yield pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
-
-
-def _parquet_batches(path):
-    """The reference's document stream: row group by row group, in batches of DOC_BATCH."""
-    for texts in _parquet_texts(path):
-        for i in range(0, len(texts), DOC_BATCH):
-            yield texts[i : i + DOC_BATCH]
-
-
-def _split_of(text):
-    # a hash of the content, not the position: deterministic, and duplicates never straddle the splits
-    bucket = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "big") % 100
-    return "val" if bucket < VAL_PERCENT else "holdout" if bucket < VAL_PERCENT + HOLDOUT_PERCENT else "train"
-
-
-def _split_batches(documents, split):
-    """Keep one split's documents (by content hash) and cut them into batches of DOC_BATCH."""
-    docs = (d for d in documents if _split_of(d) == split)
-    while batch := list(itertools.islice(docs, DOC_BATCH)):
-        yield batch
-
-
-TEXT_SUFFIXES = (".parquet", ".txt", ".md", ".jsonl")
-
-
-def text_files(paths):
-    """Expand --text arguments into a sorted list of usable files, with clear errors."""
-    files = []
-    for arg in paths:
-        path = Path(arg).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-            if not found:
-                raise PrepareError(f"--text {arg}: the folder has no {'/'.join(TEXT_SUFFIXES)} files")
-            files += found
-        elif path.is_file():
-            if path.suffix.lower() not in TEXT_SUFFIXES:
-                raise PrepareError(f"--text {arg}: unsupported file type (use {', '.join(TEXT_SUFFIXES)})")
-            files.append(path)
-        else:
-            raise PrepareError(f"--text {arg}: no such file or folder")
-    return [p.resolve() for p in files]
-
-
-def _file_documents(path, split_lines=False):
-    """The documents of one corpus file; every problem names the file (and the line, where there is one)."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        for texts in _parquet_texts(path):
-            yield from (t for t in texts if t)
-        return
-    try:
-        with open(path, "rb") as f:
-            if suffix != ".jsonl" and not split_lines:
-                if text := _decode(f.read(), path):
-                    yield text
-                return
-            for lineno, raw in enumerate(f, 1):
-                where = f"{path}:{lineno}"
-                line = _decode(raw, where)
-                if not line.strip():
-                    continue
-                if text := _jsonl_text(line, where) if suffix == ".jsonl" else line.rstrip("\r\n"):
-                    yield text
-    except OSError as e:
-        raise PrepareError(f"{path}: cannot be read ({e.strerror or e})") from None
-
-
-def _decode(raw, where):
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise PrepareError(f"{where}: not UTF-8 text ({e})") from None
-
-
-def _jsonl_text(line, where):
-    try:
-        text = json.loads(line)["text"]
-    except (ValueError, KeyError, TypeError):
-        raise PrepareError(f"{where}: expected a JSON object with a 'text' field") from None
-    if not isinstance(text, str):
-        raise PrepareError(f"{where}: 'text' is not a string")
-    return text
-
-
-SINGLE_FILE_HINT = "one document per .txt file: give a folder of files, a .jsonl, or --split-lines"
-
-
-def survey_corpus(files, split_lines, given):
-    """Read every document of an own corpus once, before anything in the cache changes: a bad file fails
-    here, naming itself, and a corpus that cannot fill both splits says how to fix it."""
-    counts = {split: 0 for split in SPLITS}
-    update = _progress("corpus: documents read")
-    for path in files:
-        for doc in _file_documents(path, split_lines):
-            counts[_split_of(doc)] += 1
-        update(f"{sum(counts.values()):,} in {path.name}")
-    documents = sum(counts.values())
-    update(f"{documents:,} document{'s' * (documents != 1)} ({counts['val']:,} for val, {counts['holdout']:,} for "
-           f"the holdout) in {len(files)} "
-           f"file{'s' * (len(files) != 1)}", final=True)
-    if documents == 0:
-        raise PrepareError(f"the corpus is empty: --text {' '.join(given)} holds no non-empty documents")
-    for split, n in counts.items():
-        if n == 0 and split != "holdout":  # a holdout too small to score is a warning, later
-            one_per_file = not split_lines and any(p.suffix.lower() in (".txt", ".md") for p in files)
-            raise PrepareError(
-                f"--text {' '.join(given)}: {documents} document{'s' * (documents != 1)}, and none of them falls in the "
-                f"{split} split ({VAL_PERCENT}% of documents, chosen by a hash of their text, are val); "
-                + (SINGLE_FILE_HINT if one_per_file else "give more documents"))
-    return counts
-
-
-def stdlib_files():
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "__pycache__"}
-    return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
-
-
-def _stdlib_documents():
-    for path in stdlib_files():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue  # a few test fixtures are deliberately not UTF-8
-        if text:
-            yield text
-
-
-def resolve_source(args):
-    """Describe what to prepare: a JSON-able key (for 'nothing changed'), files to fetch, and parts.
-
-    A part is (name, split, make_batches): one pre-tokenized file made from a stream of document batches.
-    """
-    if args.text:
-        files = text_files(args.text)
-        fingerprint = hashlib.sha256(
-            json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode()
-        ).hexdigest()
-        key = {"dataset": "text", "paths": [str(p) for p in files], "fingerprint": fingerprint,
-               "holdout_percent": HOLDOUT_PERCENT}
-        if args.split_lines:  # only when set: caches prepared before the option existed stay current
-            key["split_lines"] = True
-        documents = lambda: itertools.chain.from_iterable(_file_documents(p, args.split_lines) for p in files)
-        return key, [], [(f"text-{s}", s, lambda s=s: _split_batches(documents(), s)) for s in SPLITS]
-    if args.dataset == "stdlib":
-        key = {"dataset": "stdlib", "python": sys.version.split()[0], "files": len(stdlib_files()),
-               "holdout_percent": HOLDOUT_PERCENT}
-        return key, [], [(f"stdlib-{s}", s, lambda s=s: _split_batches(_stdlib_documents(), s)) for s in SPLITS]
-    if args.dataset == "tinystories":
-        path = DATA_DIR / TINYSTORIES_FILE
-        documents = lambda: itertools.chain.from_iterable(_parquet_texts(path))
-        parts = [(f"tinystories-{s}", s, lambda s=s: _split_batches(documents(), s)) for s in SPLITS]
-        return {"dataset": "tinystories", "holdout_percent": HOLDOUT_PERCENT}, [(TINYSTORIES_URL, path)], parts
-    num = CLIMBMIX_HOLDOUT_SHARD if args.num_shards == -1 else args.num_shards
-    if not 1 <= num <= CLIMBMIX_HOLDOUT_SHARD:
-        raise PrepareError(f"--num-shards {args.num_shards}: use 1 to {CLIMBMIX_HOLDOUT_SHARD}, or -1 for all "
-                           f"(shard {CLIMBMIX_HOLDOUT_SHARD} is the holdout, {CLIMBMIX_VAL_SHARD} the val shard)")
-    splits = {CLIMBMIX_SHARD.format(i): "train" for i in range(num)}
-    splits[CLIMBMIX_SHARD.format(CLIMBMIX_HOLDOUT_SHARD)] = "holdout"
-    splits[CLIMBMIX_SHARD.format(CLIMBMIX_VAL_SHARD)] = "val"
-    downloads = [(CLIMBMIX_URL.format(name=n), DATA_DIR / n) for n in splits]
-    parts = [(n.removesuffix(".parquet"), split, lambda p=DATA_DIR / n: _parquet_batches(p))
-             for n, split in splits.items()]
-    return {"dataset": "climbmix", "num_shards": num, "holdout_shard": CLIMBMIX_HOLDOUT_SHARD}, downloads, parts
-
-
 # ---------------------------------------------------------------------------
 # Tokenizer: rustbpe training, a tiktoken Encoding at runtime, stored as JSON (no pickle)
 
@@ -458,72 +116,10 @@ TOKENIZER_PATH = TOKENIZER_DIR / "tokenizer.json"
 TOKEN_BYTES_PATH = TOKENIZER_DIR / "token_bytes.npy"
 
 
-def train_tokenizer(train_batches, vocab_size, source_key):
-    """Train BPE on the training documents only (never val). Returns the spec (merges, pattern, specials)
-    that save_tokenizer stores as JSON: nothing is written here, so a failure leaves the cache as it was."""
-    update = _progress("tokenizer: characters read")
-    chars = documents = 0
-
-    def texts():
-        nonlocal chars, documents
-        for batch in train_batches:
-            for doc in batch:
-                doc = doc[:TOKENIZER_DOC_CHARS]
-                yield doc
-                chars += len(doc)
-                documents += 1
-                update(f"{chars / 1e6:.1f}M")
-                if chars >= TOKENIZER_MAX_CHARS:
-                    return
-
-    bpe = rustbpe.Tokenizer()
-    bpe.train_from_iterator(texts(), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
-    update(f"{chars / 1e6:.1f}M", final=True)
-    if chars == 0:
-        raise PrepareError("the training corpus is empty: no non-empty documents to train a tokenizer on")
-    ranks = sorted(bpe.get_mergeable_ranks(), key=lambda pair: pair[1])
-    assert [rank for _, rank in ranks] == list(range(len(ranks))), "rustbpe returned non-contiguous ranks"
-    if len(ranks) != vocab_size - len(SPECIAL_TOKENS):
-        raise PrepareError(
-            f"the corpus supports only {len(ranks) + len(SPECIAL_TOKENS)} tokens, not --vocab-size {vocab_size}: the "
-            f"tokenizer learned from {documents:,} training documents, {chars:,} characters (at most "
-            f"{TOKENIZER_DOC_CHARS:,} of each document); give a smaller --vocab-size or more text")
-    spec = {
-        "pattern": SPLIT_PATTERN,
-        "mergeable_ranks": [base64.b64encode(token).decode("ascii") for token, _ in ranks],
-        "special_tokens": SPECIAL_TOKENS,
-        "source": source_key,
-        "vocab_size": vocab_size,
-    }
-    encoding = _encoding_from_spec(spec)
-    sample = "Hello world! 123 4567 naïve café — Привет, мир! 你好，世界。 こんにちは 🤖🚀\n\tdef f(x): return x**2\n"
-    assert encoding.decode(encoding.encode_ordinary(sample)) == sample, "tokenizer round trip failed"
-    return spec
-
-
-def save_tokenizer(spec):
-    encoding = _encoding_from_spec(spec)
-    _atomic_write(TOKEN_BYTES_PATH, lambda f: np.save(f, token_byte_lengths(encoding)))
-    _atomic_write(TOKENIZER_PATH, lambda f: f.write(json.dumps(spec).encode()))
-    print(f"tokenizer: {encoding.n_vocab} tokens saved to {TOKENIZER_PATH}", flush=True)
-
-
 def _encoding_from_spec(spec):
     ranks = {base64.b64decode(token): rank for rank, token in enumerate(spec["mergeable_ranks"])}
     specials = {name: len(ranks) + i for i, name in enumerate(spec["special_tokens"])}
     return tiktoken.Encoding("autoresearch", pat_str=spec["pattern"], mergeable_ranks=ranks, special_tokens=specials)
-
-
-def token_byte_lengths(encoding):
-    """Each token's raw byte length, 0 for specials. (The reference decoded each token to str and re-encoded
-    it: a token that is not valid UTF-8 on its own counted 3 bytes, one U+FFFD, per maximal invalid sequence.)"""
-    special_ids = {encoding.encode_single_token(name) for name in encoding.special_tokens_set}
-    lengths = [0 if i in special_ids else len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)]
-    return np.array(lengths, dtype=np.int32)
-
-
-def _file_sha256(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class Tokenizer:
@@ -586,50 +182,6 @@ def _part_is_current(name, tokenizer_sha, split_tokens):
                     and bin_path.exists())
     except (OSError, ValueError, KeyError):
         return False
-
-
-def _split_long(ids, bos, split_tokens):
-    """[BOS, t1, t2, ...] as pieces [BOS, ...] of at most split_tokens tokens after the BOS."""
-    body = ids[1:]
-    return [[bos] + body[i : i + split_tokens] for i in range(0, max(len(body), 1), split_tokens)]
-
-
-def tokenize_part(name, batches, tokenizer, tokenizer_sha, split_tokens=0):
-    """Tokenize a stream of document batches into one part; the index is written last, as the commit.
-
-    split_tokens > 0 cuts longer documents into BOS-led pieces, so that a whole row of the packer can
-    hold each piece: otherwise everything of a long document past its first row would be cropped
-    away (the reference does that; it matters for source files and books, not for web pages)."""
-    bin_path, index_path = _part_paths(name)
-    dtype = _token_dtype(tokenizer.get_vocab_size())
-    bos = tokenizer.get_bos_token_id()
-    doc_lengths, batch_sizes = [], []
-    update = _progress(f"tokens: {name}")
-    n_tokens = 0
-
-    def write_tokens(f):
-        nonlocal n_tokens
-        for batch in batches:
-            token_lists = tokenizer.encode(batch, prepend=bos)
-            if split_tokens:
-                token_lists = [piece for ids in token_lists for piece in _split_long(ids, bos, split_tokens)]
-            lengths = [len(ids) for ids in token_lists]
-            f.write(np.fromiter(itertools.chain.from_iterable(token_lists), dtype=dtype, count=sum(lengths)).tobytes())
-            doc_lengths.extend(lengths)
-            batch_sizes.append(len(lengths))
-            n_tokens += sum(lengths)
-            update(f"{n_tokens / 1e6:.1f}M tokens in {len(doc_lengths)} documents")
-
-    _atomic_write(bin_path, write_tokens)
-    update(f"{n_tokens / 1e6:.1f}M tokens in {len(doc_lengths)} documents", final=True)
-    index = {
-        "doc_offsets": np.concatenate([[0], np.cumsum(doc_lengths, dtype=np.int64)]),
-        "batch_offsets": np.concatenate([[0], np.cumsum(batch_sizes, dtype=np.int64)]),
-        "tokenizer_sha256": np.array(tokenizer_sha),
-        "split_tokens": np.array(split_tokens),
-    }
-    _atomic_write(index_path, lambda f: np.savez(f, **index))
-    return n_tokens, len(doc_lengths)
 
 
 def _load_part(name, vocab_size, tokenizer_sha, split_tokens):
@@ -957,139 +509,7 @@ def attested_run(script="train.py"):
         attestation.write()  # also after a crash: the driver learns that nothing was evaluated
 
 
-# ---------------------------------------------------------------------------
-# The command line
+if __name__ == "__main__":  # `uv run prepare.py`: the data preparation, which nothing at run time imports
+    import prepare_data
 
-
-def _positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Download data, train the tokenizer and pre-tokenize, once, into $AUTORESEARCH_CACHE "
-        f"(now {CACHE_DIR}). Re-running with the same options does nothing.",
-        epilog="Presets: " + "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in p.items()) for n, p in PRESETS.items())
-        + ". Hub downloads honour HF_ENDPOINT (a mirror).",
-    )
-    source = parser.add_argument_group("what to prepare (default: climbmix)")
-    source.add_argument("--dataset", choices=["climbmix", "tinystories", "stdlib"],
-                        help="climbmix: the reference's web corpus; tinystories: one small file of stories; "
-                        "stdlib: this Python's standard-library sources, no network needed")
-    source.add_argument("--text", action="append", metavar="PATH",
-                        help="your own corpus instead (repeatable): a file or folder of .parquet (a 'text' "
-                        "column), .txt/.md (one document per file), .jsonl (a 'text' field per line)")
-    source.add_argument("--split-lines", action="store_true",
-                        help="with --text: each non-empty line of a .txt/.md file is a document")
-    source.add_argument("--num-shards", type=int, default=10,
-                        help="climbmix training shards to fetch (-1: all); the holdout and val shards come too "
-                        "(default 10)")
-    source.add_argument("--download-workers", type=_positive_int, default=8, help="parallel downloads (default 8)")
-    source.add_argument("--download-attempts", type=_positive_int, default=5,
-                        help="tries per file, with 2^n s backoff (default 5)")
-    consts = parser.add_argument_group("constants train.py reads (default: the preset's)")
-    consts.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                        help="default: the reference's H100 values; small: a laptop or CPU")
-    consts.add_argument("--max-seq-len", type=_positive_int, help="context length")
-    consts.add_argument("--time-budget", type=_positive_int, help="training seconds")
-    consts.add_argument("--eval-tokens", type=_positive_int, help="validation tokens evaluate_bpb scores")
-    consts.add_argument("--vocab-size", type=_positive_int, help="tokenizer size, including 4 special tokens")
-    args = parser.parse_args(argv)
-    if args.text and args.dataset:
-        parser.error("--text and --dataset are alternatives: give one")
-    if args.split_lines and not args.text:
-        parser.error("--split-lines applies to --text corpora only")
-    if args.vocab_size is not None and not 256 + len(SPECIAL_TOKENS) <= args.vocab_size <= 2**32:
-        parser.error(f"--vocab-size {args.vocab_size}: must be at least {256 + len(SPECIAL_TOKENS)} (all bytes + specials)")
-    return args
-
-
-def prepare(args):
-    constants = dict(PRESETS[args.preset])
-    for name in constants:
-        if getattr(args, name) is not None:
-            constants[name] = getattr(args, name)
-    source_key, downloads, parts = resolve_source(args)
-    # climbmix stays exactly the reference's stream; other corpora have documents far longer than a row
-    split_tokens = 0 if source_key["dataset"] == "climbmix" else constants["max_seq_len"]
-    old = _read_manifest()
-    if old and old.get("format") == MANIFEST_FORMAT and old["source"] == source_key and old["vocab_size"] == constants["vocab_size"] \
-            and all(_part_is_current(name, old["tokenizer_sha256"], split_tokens) for name, _, _ in parts):
-        if all(old[k] == v for k, v in constants.items()):
-            print(f"Already prepared in {CACHE_DIR}: nothing to do.")
-            return old
-        manifest = {**old, **constants}  # only the constants changed: no data work
-        _atomic_write(MANIFEST_PATH, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-        print(f"Updated the constants in {MANIFEST_PATH}: " + ", ".join(f"{k}={v}" for k, v in constants.items()))
-        return manifest
-
-    # Everything that can fail on the input (a bad file, too few documents, a vocabulary the text cannot
-    # fill, a download) happens before the old cache is touched: a failed prepare leaves it usable.
-    if source_key["dataset"] == "text":
-        survey_corpus([Path(p) for p in source_key["paths"]], args.split_lines, args.text)
-    download_all(downloads, args.download_workers, args.download_attempts)
-    spec = json.loads(TOKENIZER_PATH.read_text()) if TOKENIZER_PATH.exists() else None
-    if spec and spec.get("source") == source_key and spec.get("vocab_size") == constants["vocab_size"] \
-            and TOKEN_BYTES_PATH.exists():
-        print(f"tokenizer: reusing {TOKENIZER_PATH}")
-        spec = None
-    else:
-        train_batches = itertools.chain.from_iterable(make() for _, split, make in parts if split == "train")
-        spec = train_tokenizer(train_batches, constants["vocab_size"], source_key)
-
-    MANIFEST_PATH.unlink(missing_ok=True)  # from here until the end, the cache is not trusted
-    if spec:
-        save_tokenizer(spec)
-    tokenizer = Tokenizer.from_directory(TOKENIZER_DIR)
-    tokenizer_sha = _file_sha256(TOKENIZER_PATH)
-
-    splits = {split: {"parts": [], "tokens": 0, "documents": 0} for split in SPLITS}
-    for name, split, make in parts:
-        if _part_is_current(name, tokenizer_sha, split_tokens):
-            with np.load(_part_paths(name)[1], allow_pickle=False) as index:
-                n_tokens, n_docs = int(index["doc_offsets"][-1]), len(index["doc_offsets"]) - 1
-        else:
-            n_tokens, n_docs = tokenize_part(name, make(), tokenizer, tokenizer_sha, split_tokens)
-        splits[split]["parts"].append(name)
-        splits[split]["tokens"] += n_tokens
-        splits[split]["documents"] += n_docs
-    for split, info in splits.items():
-        if info["tokens"] == 0 and split != "holdout":
-            raise PrepareError(f"the {split} split is empty: the corpus needs more (non-empty) documents")
-    if splits["holdout"]["tokens"] < constants["eval_tokens"]:
-        print(f"warning: the holdout split has {splits['holdout']['tokens']:,} tokens, fewer than EVAL_TOKENS "
-              f"({constants['eval_tokens']:,}): a holdout score would repeat its documents "
-              "(a bigger corpus gives a better one)", file=sys.stderr)
-    keep = {p.name for name in (n for n, _, _ in parts) for p in _part_paths(name)}
-    for stale in TOKENS_DIR.iterdir():
-        if stale.name not in keep:
-            stale.unlink()
-
-    manifest = {"format": MANIFEST_FORMAT, "source": source_key, **constants, "tokenizer_sha256": tokenizer_sha,
-                "split_tokens": split_tokens,
-                "splits": splits, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _atomic_write(MANIFEST_PATH, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-    print(f"Prepared {CACHE_DIR}: " + ", ".join(f"{split} {info['tokens']:,} tokens in {info['documents']:,} documents"
-                                                 for split, info in splits.items()) + "; "
-          + ", ".join(f"{k}={v}" for k, v in constants.items()))
-    print("Next: uv run train.py")
-    return manifest
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        prepare(args)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("\nInterrupted. Nothing half-written is kept; run the same command again to continue.", file=sys.stderr)
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()
+    prepare_data.main()

@@ -18,6 +18,7 @@ import torch
 from conftest import REPO, TINY, make_documents, run_prepare, write_parquet
 
 import prepare
+import prepare_data
 
 VAL_SHARD, HOLDOUT_SHARD = "shard_06542.parquet", "shard_06541.parquet"
 
@@ -101,12 +102,12 @@ def test_download_fetches_training_shards_the_holdout_shard_and_the_pinned_val_s
 
 
 def test_all_climbmix_shards_stop_before_the_holdout_shard(tmp_path):
-    args = prepare.parse_args(["--num-shards", "-1"])
-    _, downloads, parts = prepare.resolve_source(args)
+    args = prepare_data.parse_args(["--num-shards", "-1"])
+    _, downloads, parts = prepare_data.resolve_source(args)
     train = [name for name, split, _ in parts if split == "train"]
     assert len(train) == 6541 and train[-1] == "shard_06540" and "shard_06541" not in train
-    with pytest.raises(prepare.PrepareError, match="use 1 to 6541"):
-        prepare.resolve_source(prepare.parse_args(["--num-shards", "6542"]))
+    with pytest.raises(prepare_data.PrepareError, match="use 1 to 6541"):
+        prepare_data.resolve_source(prepare_data.parse_args(["--num-shards", "6542"]))
 
 
 def test_rerun_does_nothing_and_says_so(climbmix, hub):
@@ -119,7 +120,7 @@ def test_rerun_does_nothing_and_says_so(climbmix, hub):
 def test_download_retries_after_server_errors(tmp_path, hub):
     hub.add_parquet("a.parquet", ["one", "two"])
     hub.fail["a.parquet"] = 2
-    prepare.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=3, backoff=0.01)
+    prepare_data.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=3, backoff=0.01)
     assert hub.requests["a.parquet"] == 3
     assert (tmp_path / "a.parquet").exists()
 
@@ -127,23 +128,23 @@ def test_download_retries_after_server_errors(tmp_path, hub):
 def test_download_gives_up_after_the_last_attempt_and_names_the_url(tmp_path, hub):
     hub.add_parquet("a.parquet", ["one"])
     hub.fail["a.parquet"] = 5
-    with pytest.raises(prepare.PrepareError, match=f"{hub.url}/a.parquet after 3 attempts"):
-        prepare.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=3, backoff=0.01)
+    with pytest.raises(prepare_data.PrepareError, match=f"{hub.url}/a.parquet after 3 attempts"):
+        prepare_data.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=3, backoff=0.01)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_truncated_download_is_detected_and_never_kept(tmp_path, hub):
     hub.add_parquet("a.parquet", make_documents(50))
     hub.truncate.add("a.parquet")
-    with pytest.raises(prepare.PrepareError):
-        prepare.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=2, backoff=0.01)
+    with pytest.raises(prepare_data.PrepareError):
+        prepare_data.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=2, backoff=0.01)
     assert hub.requests["a.parquet"] == 2
     assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_file_fails_at_once_without_retries(tmp_path, hub):
-    with pytest.raises(prepare.PrepareError, match="404"):
-        prepare.download_file(f"{hub.url}/nope.parquet", tmp_path / "nope.parquet", attempts=5, backoff=0.01)
+    with pytest.raises(prepare_data.PrepareError, match="404"):
+        prepare_data.download_file(f"{hub.url}/nope.parquet", tmp_path / "nope.parquet", attempts=5, backoff=0.01)
     assert hub.requests["nope.parquet"] == 1
 
 
@@ -151,7 +152,7 @@ def test_corrupt_shard_in_the_cache_is_fetched_again(tmp_path, hub):
     hub.add_parquet("a.parquet", ["one", "two"])
     dest = tmp_path / "a.parquet"
     dest.write_bytes(hub.files["a.parquet"][:-20])  # e.g. copied by hand and cut short
-    prepare.download_all([(f"{hub.url}/a.parquet", dest)], workers=2, attempts=1)
+    prepare_data.download_all([(f"{hub.url}/a.parquet", dest)], workers=2, attempts=1)
     assert dest.read_bytes() == hub.files["a.parquet"]
 
 
@@ -271,7 +272,7 @@ def test_rows_are_whole_documents_then_one_cropped_document_with_no_padding(prep
     tokenizer = prepare_module.Tokenizer.from_directory()
     bos = tokenizer.get_bos_token_id()
     documents = {tuple(piece) for ids in tokenizer.encode(make_documents(600), prepend=bos)
-                 for piece in prepare_module._split_long(ids, bos, 64)}
+                 for piece in prepare_data._split_long(ids, bos, 64)}
     for x, y, _ in make_dataloader_batches_for(prepare_module, tokenizer, 8, 64, "train", 10):
         for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
             pieces = split_at(row, bos)
@@ -291,7 +292,7 @@ def test_long_documents_of_own_corpora_are_split_into_row_sized_pieces_losing_no
         lengths = np.diff(index["doc_offsets"])
     tokens = np.fromfile(tiny_cache / "tokens" / "text-train.bin", dtype=np.uint16)
     assert lengths.max() == 65  # BOS + MAX_SEQ_LEN: a piece fills a row exactly
-    documents = [d for d in make_documents(600) if prepare_module._split_of(d) == "train"]
+    documents = [d for d in make_documents(600) if prepare_data._split_of(d) == "train"]
     assert int((tokens != bos).sum()) == sum(len(ids) for ids in tokenizer.encode(documents))
 
 
@@ -545,7 +546,7 @@ def test_split_lines_makes_each_non_empty_line_a_document(tmp_path):
     run_prepare("--text", str(book), "--split-lines", *TINY, cache=tmp_path / "cache")
     splits = json.loads((tmp_path / "cache" / "manifest.json").read_text())["splits"]
     assert sum(splits[split]["documents"] for split in prepare.SPLITS) == len(lines)
-    assert splits["val"]["documents"] == sum(prepare._split_of(line) == "val" for line in lines) > 0
+    assert splits["val"]["documents"] == sum(prepare_data._split_of(line) == "val" for line in lines) > 0
 
 
 def test_split_lines_without_a_text_corpus_is_refused(tmp_path):
@@ -588,7 +589,7 @@ def test_a_failed_prepare_leaves_the_previous_cache_usable(tmp_path, prepared_ca
     result = run_prepare(*TINY, "--text", *bad_input(tmp_path), cache=cache, check=False)
     assert result.returncode == 1 and message in result.stderr, result.stderr
     manifest = json.loads((cache / "manifest.json").read_text())
-    assert prepare._file_sha256(cache / "tokenizer" / "tokenizer.json") == manifest["tokenizer_sha256"]
+    assert prepare_data._file_sha256(cache / "tokenizer" / "tokenizer.json") == manifest["tokenizer_sha256"]
     assert "nothing to do" in run_prepare("--text", str(corpus), *TINY, cache=cache).stdout
 
 
