@@ -7,7 +7,7 @@ make_dataloader and evaluate_bpb. The driver runs train.py under attested_run, w
 run. Three splits: train, val (what evaluate_bpb scores) and holdout, which only the driver asks it to score.
 Neither the human nor the research agent edits this file during research.
 
-    uv run prepare.py --help     # the data preparation, once, before training: prepare_data.py
+    uv run prepare.py --help     # the data preparation, once, before training: prepare_data.py, data_sources.py
 """
 
 import base64

@@ -17,6 +17,7 @@ import torch
 
 from conftest import REPO, TINY, make_documents, run_prepare, write_parquet
 
+import data_sources
 import prepare
 import prepare_data
 
@@ -103,11 +104,11 @@ def test_download_fetches_training_shards_the_holdout_shard_and_the_pinned_val_s
 
 def test_all_climbmix_shards_stop_before_the_holdout_shard(tmp_path):
     args = prepare_data.parse_args(["--num-shards", "-1"])
-    _, downloads, parts = prepare_data.resolve_source(args)
+    _, downloads, parts = data_sources.resolve_source(args)
     train = [name for name, split, _ in parts if split == "train"]
     assert len(train) == 6541 and train[-1] == "shard_06540" and "shard_06541" not in train
-    with pytest.raises(prepare_data.PrepareError, match="use 1 to 6541"):
-        prepare_data.resolve_source(prepare_data.parse_args(["--num-shards", "6542"]))
+    with pytest.raises(data_sources.PrepareError, match="use 1 to 6541"):
+        data_sources.resolve_source(prepare_data.parse_args(["--num-shards", "6542"]))
 
 
 def test_rerun_does_nothing_and_says_so(climbmix, hub):
@@ -120,7 +121,7 @@ def test_rerun_does_nothing_and_says_so(climbmix, hub):
 def test_download_retries_after_server_errors(tmp_path, hub):
     hub.add_parquet("a.parquet", ["one", "two"])
     hub.fail["a.parquet"] = 2
-    prepare_data.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=3, backoff=0.01)
+    data_sources.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=3, backoff=0.01)
     assert hub.requests["a.parquet"] == 3
     assert (tmp_path / "a.parquet").exists()
 
@@ -128,23 +129,23 @@ def test_download_retries_after_server_errors(tmp_path, hub):
 def test_download_gives_up_after_the_last_attempt_and_names_the_url(tmp_path, hub):
     hub.add_parquet("a.parquet", ["one"])
     hub.fail["a.parquet"] = 5
-    with pytest.raises(prepare_data.PrepareError, match=f"{hub.url}/a.parquet after 3 attempts"):
-        prepare_data.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=3, backoff=0.01)
+    with pytest.raises(data_sources.PrepareError, match=f"{hub.url}/a.parquet after 3 attempts"):
+        data_sources.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=3, backoff=0.01)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_truncated_download_is_detected_and_never_kept(tmp_path, hub):
     hub.add_parquet("a.parquet", make_documents(50))
     hub.truncate.add("a.parquet")
-    with pytest.raises(prepare_data.PrepareError):
-        prepare_data.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=2, backoff=0.01)
+    with pytest.raises(data_sources.PrepareError):
+        data_sources.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=2, backoff=0.01)
     assert hub.requests["a.parquet"] == 2
     assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_file_fails_at_once_without_retries(tmp_path, hub):
-    with pytest.raises(prepare_data.PrepareError, match="404"):
-        prepare_data.download_file(f"{hub.url}/nope.parquet", tmp_path / "nope.parquet", attempts=5, backoff=0.01)
+    with pytest.raises(data_sources.PrepareError, match="404"):
+        data_sources.download_file(f"{hub.url}/nope.parquet", tmp_path / "nope.parquet", attempts=5, backoff=0.01)
     assert hub.requests["nope.parquet"] == 1
 
 
@@ -152,7 +153,7 @@ def test_corrupt_shard_in_the_cache_is_fetched_again(tmp_path, hub):
     hub.add_parquet("a.parquet", ["one", "two"])
     dest = tmp_path / "a.parquet"
     dest.write_bytes(hub.files["a.parquet"][:-20])  # e.g. copied by hand and cut short
-    prepare_data.download_all([(f"{hub.url}/a.parquet", dest)], workers=2, attempts=1)
+    data_sources.download_all([(f"{hub.url}/a.parquet", dest)], workers=2, attempts=1)
     assert dest.read_bytes() == hub.files["a.parquet"]
 
 
@@ -292,7 +293,7 @@ def test_long_documents_of_own_corpora_are_split_into_row_sized_pieces_losing_no
         lengths = np.diff(index["doc_offsets"])
     tokens = np.fromfile(tiny_cache / "tokens" / "text-train.bin", dtype=np.uint16)
     assert lengths.max() == 65  # BOS + MAX_SEQ_LEN: a piece fills a row exactly
-    documents = [d for d in make_documents(600) if prepare_data._split_of(d) == "train"]
+    documents = [d for d in make_documents(600) if data_sources._split_of(d) == "train"]
     assert int((tokens != bos).sum()) == sum(len(ids) for ids in tokenizer.encode(documents))
 
 
@@ -546,7 +547,7 @@ def test_split_lines_makes_each_non_empty_line_a_document(tmp_path):
     run_prepare("--text", str(book), "--split-lines", *TINY, cache=tmp_path / "cache")
     splits = json.loads((tmp_path / "cache" / "manifest.json").read_text())["splits"]
     assert sum(splits[split]["documents"] for split in prepare.SPLITS) == len(lines)
-    assert splits["val"]["documents"] == sum(prepare_data._split_of(line) == "val" for line in lines) > 0
+    assert splits["val"]["documents"] == sum(data_sources._split_of(line) == "val" for line in lines) > 0
 
 
 def test_split_lines_without_a_text_corpus_is_refused(tmp_path):
