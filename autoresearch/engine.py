@@ -184,8 +184,9 @@ class Engine:
             merged = None
         source = merged if merged is not None else state.file_at(repo, experiment.commit, "train.py")
         note = f"{action.reason}; the best is now {best[:7]}"
-        if source == state.file_at(repo, best, "train.py"):
-            return self.conclude(experiment, "discard", f"{note}, which already has this change", action.run)
+        if earlier := already_run(self.night, besides=experiment.number).get(source_digest(source)):
+            return self.conclude(experiment, "discard", f"{note}; on it, its train.py would be that of {earlier}: "
+                                 "not run again", action.run)
         how = "merge" if merged is not None else "program"
         note += (": its change, merged onto the best, runs against it" if how == "merge" else
                  ": its change conflicts with the best's, so its whole train.py runs against the best")

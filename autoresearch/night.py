@@ -41,15 +41,17 @@ class Night:
         return self.ledger.append(**record)
 
 
-def already_run(night):
-    """{source_digest(train.py): what became of it} of every commit decided or in flight: not to be run again."""
+def already_run(night, besides=None):
+    """{source_digest(train.py): what became of it} of every commit decided or in flight (besides: but those of
+    this experiment): not to be run again."""
     known = {}
     for r in night.ledger.results():
         if r["commit"] != state.NO_COMMIT:
             outcome = f", val_bpb {r['val_bpb']:.6f}" if r["status"] in ("keep", "discard") else ""
             known[r["commit"]] = f"experiment #{r['experiment']} ({r['status']}{outcome})"
     for number, proposal in night.ledger.open_experiments().items():
-        known.setdefault(proposal["commit"], f"experiment #{number} (being tested now)")
+        if number != besides:
+            known.setdefault(proposal["commit"], f"experiment #{number} (being tested now)")
     for commit in known.keys() - night.source_digests.keys():  # read from git once per commit, not per proposal
         night.source_digests[commit] = source_digest(state.file_at(night.repo, commit, "train.py"))
     return {night.source_digests[commit]: what for commit, what in known.items()}

@@ -4,7 +4,9 @@ engine runs it through agent_loop.loop on the stand-in executor and agent (tests
 in this process, on a real git repository and ledger. After the night, whatever happened on the way:
 
 - every experiment that was committed ends in exactly one row, and no row is there twice;
-- no commit runs more than --max-runs times per side (the baseline: --noise-runs times);
+- no two experiments share a commit (so no train.py runs twice), and no pair of runs is made twice;
+- no commit runs more than --max-runs times per side (the baseline: --noise-runs times; a rebased
+  experiment's new commit counts afresh);
 - the branch points at the best, the work tree is clean;
 - each kept row was judged against the best before it, and beat it;
 - the night ends, and --max-experiments holds.
@@ -123,6 +125,11 @@ def test_the_night_s_invariants_hold_whatever_the_runs_and_the_kills(stand_in_en
     assert committed <= set(numbers), f"experiments without a row: {committed - set(numbers)}"
     assert len((folder / "results.tsv").read_text().splitlines()) == len(rows) + 1
     assert len(rows) <= night["max_experiments"]
+    owners = {}  # commit: the experiments that committed it
+    for r in records:
+        if r["event"] == "proposal" and r["ok"]:
+            owners.setdefault(r["commit"], set()).add(r["experiment"])
+    assert all(len(numbers) == 1 for numbers in owners.values()), "two experiments ran one commit"
     runs = [(r["experiment"], r["commit"], r.get("reference", False), r["repeat"]) for r in records
             if r["event"] == "run"]
     assert len(runs) == len(set(runs)), "a pair ran twice"
