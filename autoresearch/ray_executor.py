@@ -279,8 +279,10 @@ class RayExecutor:
             try:
                 outcome = result(ref)
                 request.log_path.write_text(outcome["log"])
-            except NodeMismatch as error:
-                raise RuntimeError(str(error)) from None
+            except NodeMismatch as error:  # a node prepared otherwise: the night stops, saying what to run there
+                from autoresearch.console import fail
+
+                fail(str(error))
             except Exception as error:  # the engine sends it again when its worker or node died
                 outcome = error
             ended.append((key, outcome))

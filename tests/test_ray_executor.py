@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from autoresearch import integrity, ray_executor
+from autoresearch import integrity, ray_executor, runs
 from conftest import REPO, TINY, run_prepare
 from ray_cluster import ray_head
 
@@ -166,6 +166,17 @@ def test_a_node_whose_cache_differs_fails_with_an_error_naming_the_node_the_file
     assert f"node {socket.gethostname()} (127.0.0.1)" in message and "tokens/x-val.bin differs" in message
     assert "`uv run prepare.py` there with the driver's flags" in message and str(other) in message
     assert not pids.exists()  # nothing ran
+
+
+def test_a_node_without_the_driver_s_cache_stops_the_night_saying_what_to_run_there(ray_env, tmp_path):
+    executor = ray_executor.RayExecutor(ray_env.cluster, ray_env.fingerprint)  # the node's own cache: none
+    request = runs.Request(FAKE_TRAIN, FAKE_PREPARE, "00" * 32, 30, "val", tmp_path / "run.log")
+    executor.submit("run", request)
+    with pytest.raises(SystemExit, match=r"^agent_loop.py: error: node .* has no usable prepared cache .* Run `uv run "
+                       r"prepare.py` there"):
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            executor.wait(timeout=0.5)
 
 
 def test_a_worker_killed_mid_run_is_an_infrastructure_failure_and_not_retried(ray_env, tmp_path):
