@@ -219,7 +219,7 @@ class OptunaAgent:
             result = results.get(experiment)
             if result and result["status"] in ("keep", "discard"):
                 self.study.tell(trial.number, result["val_bpb"])
-            else:  # a crash, an invalid run, a change refused, or an experiment abandoned: its trial failed
+            else:  # a crash, an invalid run, or a change refused: its trial failed
                 self.study.tell(trial.number, state=TrialState.FAIL)
 
 

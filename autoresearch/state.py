@@ -238,7 +238,7 @@ class Ledger:
         valid or not: what its next decision reads. The pair of a run is its repeat."""
         candidate, reference = {}, {}
         for r in self.events("run"):
-            if r["experiment"] == experiment and r.get("reference") and r.get("beside", commit) == commit:
+            if r["experiment"] == experiment and r.get("reference") and r["beside"] == commit:
                 reference[r["repeat"]] = r
             elif r["experiment"] == experiment and not r.get("reference") and r["commit"] == commit:
                 candidate[r["repeat"]] = r
@@ -251,8 +251,8 @@ class Ledger:
 
     def open_experiments(self):
         """{experiment: its last committed proposal} of the experiments proposed but not decided: those in flight
-        when the driver stopped, which the next start resumes (ledgers before the one engine may say `abandoned`)."""
-        closed = {r["experiment"] for r in self.results() + self.events("abandoned")}
+        when the driver stopped, which the next start resumes."""
+        closed = {r["experiment"] for r in self.results()}
         return {r["experiment"]: r for r in self.events("proposal") if r["ok"] and r["experiment"] not in closed}
 
     def hypothesis(self, experiment):

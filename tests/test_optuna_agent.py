@@ -51,12 +51,6 @@ class Driver:
         """The result of the experiment proposed last."""
         self.write(event="result", experiment=self.experiment, status=status, val_bpb=val_bpb)
 
-    def restart(self):
-        """The loop stopped and started again, and (as a ledger of an earlier version can say) the experiment in
-        flight was abandoned."""
-        self.write(event="start")
-        self.write(event="abandoned", experiment=self.experiment)
-
     def propose(self):
         """(proposal, train.py with it applied), recorded as the loop records it: a new experiment."""
         proposal = self.agent.start("ignored")
@@ -209,20 +203,25 @@ def test_the_device_override_is_edited_off_cuda_and_the_top_level_value_on_cuda(
     assert proposal.description.startswith(f"DEPTH {line.split()[2]} -> ")
 
 
-def test_a_crash_or_a_cut_off_run_is_told_as_failed_and_a_result_as_its_val_bpb(tmp_path, monkeypatch):
+def test_a_crash_is_told_as_failed_a_result_as_its_val_bpb_and_an_open_experiment_waits_for_its_row(
+        tmp_path, monkeypatch):
     driver = Driver(tmp_path, monkeypatch, NOISY)
+
+    def states():
+        trials = asked(driver.agent.study)
+        ledger = [json.loads(line) for line in driver.ledger.read_text().splitlines()]
+        return list(zip(experiments_of(trials, ledger), [(t.state.name, t.value) for t in trials]))
     driver.propose()
     driver.result(0.0, "crash")
-    driver.propose()
-    driver.restart()  # experiment 2 was cut off and abandoned: no result will come
+    driver.propose()  # experiment 2: still running (or cut off by a stop, to be resumed): no row yet
     driver.propose()
     driver.result(1.25)
     driver.propose()
-    trials = asked(driver.agent.study)
-    ledger = [json.loads(line) for line in driver.ledger.read_text().splitlines()]
-    states = list(zip(experiments_of(trials, ledger), [(t.state.name, t.value) for t in trials]))
-    assert states == [(0, ("COMPLETE", 1.0)), (1, ("FAIL", None)), (2, ("FAIL", None)), (3, ("COMPLETE", 1.25)),
-                      (4, ("RUNNING", None))]
+    assert states() == [(0, ("COMPLETE", 1.0)), (1, ("FAIL", None)), (2, ("RUNNING", None)), (3, ("COMPLETE", 1.25)),
+                        (4, ("RUNNING", None))]
+    driver.write(event="result", experiment=2, status="discard", val_bpb=1.5)
+    driver.propose()
+    assert states()[2] == (2, ("COMPLETE", 1.5))
 
 
 def test_a_trial_whose_experiment_runs_on_another_worker_waits_for_its_result(tmp_path, monkeypatch):
