@@ -41,9 +41,10 @@ def run_in_folder(train_source, prepare_source, key_hex, timeout, pid_path, spli
     raises when the folder's harness is not the driver's (on a Ray node); on_start(process): the run has started.
     Returns returncode (None: killed at the limit), seconds, log, record (its text, or None), changed (of the
     harness)."""
-    cache = Path(cache) if cache else integrity.cache_dir()
-    work, records = (Path(tempfile.mkdtemp(prefix=prefix)) for prefix in ("autoresearch-task-", "autoresearch-run-"))
-    log_path, record_path = Path(log_path or work / "run.log"), records / "record.json"  # the record: apart
+    cache, root = Path(cache) if cache else integrity.cache_dir(), Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
+    work, record_path = root / "task", root / "record.json"  # the run works in task/; its record lies beside it
+    work.mkdir()
+    log_path = Path(log_path or work / "run.log")
     request = json.dumps({"record": str(record_path), "key": key_hex, **({"split": split} if split != "val" else {})})
     try:
         (work / "train.py").write_text(train_source)
@@ -58,8 +59,7 @@ def run_in_folder(train_source, prepare_source, key_hex, timeout, pid_path, spli
         record = record_path.read_text() if record_path.exists() else None
         log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
     finally:
-        for folder in (work, records):
-            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
     return dict(returncode=returncode, seconds=seconds, log=log_text, record=record, changed=changed)
 
 
@@ -132,8 +132,8 @@ def kill_leftover_training(pid_path):
             kill_tree(int(pid))
     except (ValueError, psutil.Error):
         pass
-    if Path(folder).name.startswith("autoresearch-task-"):
-        shutil.rmtree(folder, ignore_errors=True)
+    if Path(folder).parent.name.startswith("autoresearch-run-"):  # its task folder and record
+        shutil.rmtree(Path(folder).parent, ignore_errors=True)
     pid_path.unlink(missing_ok=True)
 
 

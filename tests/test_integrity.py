@@ -120,11 +120,11 @@ PRINTED = 'print(f"val_bpb:          {evaluate_bpb(VAL_BPB):.6f}")'
      "train.py printed a val_bpb, but evaluate_bpb never finished an evaluation"),
     ((PRINTED, "evaluate_bpb(0.5)\n" + PRINTED), "evaluate_bpb ran 2 times"),
     ((PRINTED, PRINTED + "\nimport atexit, glob, tempfile\natexit.register(lambda: [os.remove(p) for p in glob.glob("
-                "os.path.join(tempfile.gettempdir(), 'autoresearch-run-*', '*'))])"),
+                "os.path.join(tempfile.gettempdir(), 'autoresearch-run-*', 'record.json'))])"),
      "the harness wrote no record of the run"),
     ((PRINTED, PRINTED + "\nimport atexit, glob, tempfile\natexit.register(lambda: [open(p, 'w').write("
                 "'{\"record\": {}, \"hmac\": \"0\"}') for p in glob.glob("
-                "os.path.join(tempfile.gettempdir(), 'autoresearch-run-*', '*'))])"),
+                "os.path.join(tempfile.gettempdir(), 'autoresearch-run-*', 'record.json'))])"),
      "does not verify: it was altered"),
 ])
 def test_a_result_the_harness_does_not_attest_is_invalid(night, edit, reason, monkeypatch):

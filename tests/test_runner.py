@@ -94,7 +94,8 @@ def test_run_in_folder_runs_train_py_in_a_fresh_folder_that_is_gone_with_its_che
                                   log_path=tmp_path / "run.log")
     folder, listed = re.search(r"^in (\S+) (.*)$", result["log"], re.MULTILINE).groups()
     assert result["returncode"] == 0 and sorted(eval(listed)) == ["prepare.py", "train.py"]
-    assert os.path.basename(folder).startswith("autoresearch-task-") and not os.path.exists(folder)
+    run_folder = os.path.dirname(folder)  # the run's task folder and its record, beside it
+    assert os.path.basename(run_folder).startswith("autoresearch-run-") and not os.path.exists(run_folder)
     assert (tmp_path / "run.log").read_text() == result["log"] and result["changed"] == []
     record, missing = integrity.verify_record(key, result["record"])
     assert missing is None and integrity.evaluation(record)["val_bpb"] == 0.9
@@ -107,13 +108,14 @@ def test_run_in_folder_says_what_the_run_changed_of_the_harness(tmp_path, stand_
 
 
 def test_a_run_s_pid_file_names_its_folder_and_kill_leftover_training_removes_it(tmp_path, harness, leftovers):
-    folder = tmp_path / "autoresearch-task-x"
-    folder.mkdir()
+    folder = tmp_path / "autoresearch-run-x" / "task"
+    folder.mkdir(parents=True)
+    (folder.parent / "record.json").write_text("{}")
     (folder / "prepare.py").write_text(SLEEPING_PREPARE)
     process, pids = start_tree(leftovers, runner.TRAIN_COMMAND, start_new_session=True, cwd=folder)
     harness["pid_path"].write_text(f"{process.pid}\n{folder}")
     runner.kill_leftover_training(harness["pid_path"])
-    assert not alive(process.pid) and not folder.exists() and not harness["pid_path"].exists()
+    assert not alive(process.pid) and not folder.parent.exists() and not harness["pid_path"].exists()
 
 
 def test_kill_tree_kills_a_process_its_child_and_its_grandchild(leftovers):
