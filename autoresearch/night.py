@@ -49,9 +49,11 @@ def already_run(night, besides=None):
         if r["commit"] != state.NO_COMMIT:
             outcome = f", val_bpb {r['val_bpb']:.6f}" if r["status"] in ("keep", "discard") else ""
             known[r["commit"]] = f"experiment #{r['experiment']} ({r['status']}{outcome})"
-    for number, proposal in night.ledger.open_experiments().items():
-        if number != besides:
-            known.setdefault(proposal["commit"], f"experiment #{number} (being tested now)")
+    now = night.ledger.open_experiments()
+    for r in night.ledger.events("proposal"):  # a commit that crashed before a fix, or one rebased, ran too
+        if r["ok"] and r["experiment"] != besides:
+            known.setdefault(r["commit"], f"experiment #{r['experiment']} "
+                             f"({'being tested now' if r['experiment'] in now else 'a commit before its last'})")
     for commit in known.keys() - night.source_digests.keys():  # read from git once per commit, not per proposal
         night.source_digests[commit] = source_digest(state.file_at(night.repo, commit, "train.py"))
     return {night.source_digests[commit]: what for commit, what in known.items()}
