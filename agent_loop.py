@@ -137,7 +137,7 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
         if holdout_only:
             reason = "holdout scored" if holdout.score_holdout(night) else "no holdout score"
         else:
-            reason = Engine(night, night.executor, make_agent).run()
+            reason = Engine(night, make_agent).run()
         if night.interrupted:  # during the engine's cleanup
             raise KeyboardInterrupt
         if reason.startswith(("reached --max", "spent $")) and args.holdout_at_end == "on" and not holdout_only:

@@ -1,7 +1,7 @@
 """
 The one engine of every night: runs go out to an executor with N slots (runs.LocalExecutor here, one slot per GPU;
 ray_executor.RayExecutor on a cluster), the agent proposes, and each experiment is decided by decisions.next_action
-every time one of its runs ends. agent_loop.run_night: `reason = Engine(night, executor, make_agent).run()`.
+every time one of its runs ends. agent_loop.run_night: `reason = Engine(night, make_agent).run()`.
 
 One slot is a serial night; with more, ideas are asked ahead while runs go on. A free slot takes the runs an
 experiment needs to be decided first (pairs side by side), then a new idea's first. Candidates are committed beside
@@ -12,7 +12,6 @@ ledger leaves undecided goes on from the runs it holds.
 
 import concurrent.futures
 import contextlib
-import heapq
 import itertools
 import math
 import shutil
@@ -68,12 +67,12 @@ def call(function, *args, background=True):
 
 
 class Engine:
-    def __init__(self, night, executor, make_agent):
+    def __init__(self, night, make_agent):
         self.night, self.args, self.ledger, self.make_agent = night, night.args, night.ledger, make_agent
-        self.executor, self.runs, self.rule = executor, Runs(night, executor), decisions.Rule(
+        self.executor, self.runs, self.rule = night.executor, Runs(night, night.executor), decisions.Rule(
             self.args.keep_rule, self.args.keep_rule == "noise" and self.args.paired == "on", self.args.noise_runs,
             self.args.max_runs, self.args.min_delta, self.args.max_fix_attempts)
-        self.queue, self.queued, self.order = [], set(), itertools.count()  # heap of (priority, order, RunKey)
+        self.queued, self.order = {}, itertools.count()  # RunKey: (priority, order): the runs waiting for a slot
         self.experiments = {}  # number: Experiment, every one not decided yet
         self.asking = {}  # Future of an agents.Change: (Experiment, attempt, started, scratch worktree or None)
         self.scratch_root = night.state_dir / "scratch"
@@ -162,9 +161,7 @@ class Engine:
                     log(f"#{experiment.number} {action.reason}")
                 for key in fresh:  # a new idea's first run waits for the runs that others need to be decided
                     first = (key.role, key.pair, experiment.attempt, experiment.rebase) == ("candidate", 1, 0, "")
-                    heapq.heappush(self.queue, (FIRST if first and experiment.number else CONFIRM, next(self.order),
-                                                key))
-                    self.queued.add(key)
+                    self.queued[key] = (FIRST if first and experiment.number else CONFIRM, next(self.order))
         elif action.kind == "refused":
             fail(f"{action.reason} Fix the setup, then run agent_loop.py again with --tag {self.args.tag}.")
         elif action.kind == "fix":
@@ -205,14 +202,10 @@ class Engine:
         """The experiment's row; then, in one place, what follows a row."""
         number = experiment.number
         del self.experiments[number]
-        self.queued = {key for key in self.queued if key.experiment != number}
+        self.queued = {key: place for key, place in self.queued.items() if key.experiment != number}
         for key in [key for key in self.runs.out if key.experiment == number]:  # decided without them (a discard
             self.runs.out.pop(key)  # after one pair, say): stopped, to free their slots
             self.executor.cancel(key)
-        if number == 0:
-            sigma, dof = keep_rule.noise_estimate(self.ledger.run_groups().values())
-            self.night.record(event="noise", sigma=sigma if dof else None, dof=dof,
-                              runs=self.ledger.measured(experiment.commit))
         reason = "; ".join(experiment.notes + [reason])
         record_result(self.night, number, run, experiment.description, status, reason,
                       **({"rebase": experiment.rebase} if experiment.rebase else {}))
@@ -235,11 +228,9 @@ class Engine:
     # Runs: a queue in priority order, out to the executor's slots
 
     def send_runs(self):
-        while self.queue and self.executor.free_slots() > 0:
-            key = heapq.heappop(self.queue)[2]
-            if key not in self.queued:  # its experiment was decided meanwhile
-                continue
-            self.queued.discard(key)
+        while self.queued and self.executor.free_slots() > 0:
+            key = min(self.queued, key=self.queued.get)
+            del self.queued[key]
             what = (f"the best {key.commit[:7]} beside it (pair {key.pair})" if key.role == "best" else
                     f"{key.commit[:7]}{f' again ({key.pair})' if key.pair > 1 else ''}")
             log(f"#{key.experiment} running {what} (time limit {self.night.timeout:.0f}s)")
@@ -278,14 +269,14 @@ class Engine:
     def show_progress(self):
         """The runs' progress from their logs (not a Ray run's): a line rewritten in place on a terminal, else a line
         per run every runner.PROGRESS_EVERY seconds; after HEARTBEAT_SECONDS with nothing shown, what it waits for."""
-        now = time.time()
-        statuses = [] if self.executor.remote else [
-            (key, status) for key, (request, _) in self.runs.out.items()
-            if (status := runner.run_status(request.log_path))]
-        if statuses and sys.stdout.isatty():
+        now, tty = time.time(), sys.stdout.isatty()
+        due = not self.executor.remote and (tty or now - self.progress_shown >= runner.PROGRESS_EVERY)
+        statuses = [(key, status) for key, (request, _) in self.runs.out.items()
+                    if due and (status := runner.run_status(request.log_path))]
+        if statuses and tty:
             show_status(" | ".join(f"#{key.experiment} {status}" for key, status in statuses))
             self.heard = now
-        elif statuses and now - self.progress_shown >= runner.PROGRESS_EVERY:
+        elif statuses:
             for key, status in statuses:
                 log(f"#{key.experiment} {status}")
             self.progress_shown = self.heard = now
@@ -341,7 +332,7 @@ class Engine:
             log(f"#{experiment.number} asking {self.args.agent} for an idea"
                 + (f" ({len(testing)} being tested now)" if testing else ""))
             prompt = idea_prompt(self.ledger, source, testing, before_proposal(self.night), self.args.plateau)
-            self.ask(experiment, 0, prompt, best["commit"])
+            self.ask(experiment, 0, prompt, best["commit"], source)
 
     def ask_for_fix(self, experiment, run):
         reason = why_stop(self.night, len(self.experiments))
@@ -352,11 +343,11 @@ class Engine:
         source = state.file_at(self.night.repo, experiment.commit, "train.py")
         self.ask(experiment, fix, fix_prompt(self.ledger, experiment.description, run, fix,
                                              self.args.max_fix_attempts, source, before_proposal(self.night)),
-                 experiment.commit)
+                 experiment.commit, source)
 
-    def ask(self, experiment, attempt, prompt, on):
-        """Start a conversation about the experiment on commit `on`: an idea, or a fix of it."""
-        source, scratch, night = state.file_at(self.night.repo, on, "train.py"), None, self.night
+    def ask(self, experiment, attempt, prompt, on, source):
+        """Start a conversation about the experiment on commit `on` (whose train.py is source): an idea or a fix."""
+        scratch, night = None, self.night
         if self.args.agent == "claude-code":  # it edits files: a tree of its own, never one a run or proposal uses
             scratch = self.scratch_root / f"{experiment.number}-{attempt}"
             agent = self.make_agent(state.add_scratch_worktree(night.repo, scratch, on))

@@ -121,13 +121,6 @@ def _init(ray, **options):
             signal.signal(signal.SIGTERM, handler)
 
 
-def shutdown(cluster):
-    """Leave the cluster."""
-    import ray
-
-    ray.shutdown()
-
-
 # -----------------------------------------------------------------------------
 # One run, on a node
 
@@ -314,4 +307,6 @@ class RayExecutor:
         return f"{free} {kind}s of the cluster free"
 
     def close(self):
-        shutdown(self.cluster)
+        import ray
+
+        ray.shutdown()  # leave the cluster

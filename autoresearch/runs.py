@@ -221,19 +221,21 @@ class Runs:
         self.night, self.executor = night, executor
         self.out = {}  # key: (request, tries)
         self.refused = []  # runs that never went out: they end at once
-        self.checked = {}  # commit: problems_before's answer (the repeats of a commit need no second look)
+        self.checked = {}  # commit: (problems_before's answer, its train.py, prepare.py): looked at once a commit
 
     def send(self, key, tries=1):
         night = self.night
         if key.commit not in self.checked:
-            self.checked[key.commit] = problems_before(night, key.commit)
-        if problems := self.checked[key.commit]:
+            self.checked[key.commit] = (problems_before(night, key.commit),
+                                        *(state.file_at(night.repo, key.commit, name) for name in ("train.py",
+                                                                                                 "prepare.py")))
+        problems, train_source, prepare_source = self.checked[key.commit]
+        if problems:
             log(f"#{key.experiment} not run, invalid: {'; '.join(problems)}")
             self.refused.append(assess(night, key, None, problems))
             return
-        request = Request(state.file_at(night.repo, key.commit, "train.py"),
-                          state.file_at(night.repo, key.commit, "prepare.py"), secrets.token_hex(32),
-                          night.timeout, key.split, log_path_of(night, key))
+        request = Request(train_source, prepare_source, secrets.token_hex(32), night.timeout, key.split,
+                          log_path_of(night, key))
         self.executor.submit(key, request)
         self.out[key] = (request, tries)
         night.record(event="run_started", experiment=key.experiment, attempt=key.attempt, commit=key.commit,

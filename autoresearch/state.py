@@ -3,7 +3,7 @@ The repository and the tag's records: git through GitPython, the ledger, results
 
 Every experiment is a commit of train.py beside the branch autoresearch/<tag>, which points at the best, kept
 reachable by its own ref refs/autoresearch/<tag>/<n>. The ledger (.autoresearch/<tag>/ledger.jsonl) is
-append-only JSON lines, one per event: start, proposal, run_started, run, requeued, noise, result, steer,
+append-only JSON lines, one per event: start, proposal, run_started, run, requeued, result, steer,
 plateau, openai_output, holdout_run, holdout, stop. results.tsv is rewritten whole from it after each result.
 steer.md, untracked, is the researcher's guidance to the agent, read before each proposal.
 """
@@ -191,6 +191,9 @@ class Ledger:
     def __init__(self, path=None, records=None):
         self.path = path
         self.records = records if records is not None else read_records(path) if path else []
+        self.by_event = {}  # event: its records, in order (the loop asks many times a second)
+        for record in self.records:
+            self.by_event.setdefault(record["event"], []).append(record)
 
     def append(self, **record):
         record = {"time": datetime.datetime.now().isoformat(timespec="seconds"), **record}
@@ -200,10 +203,11 @@ class Ledger:
                 f.flush()
                 os.fsync(f.fileno())
         self.records.append(record)
+        self.by_event.setdefault(record["event"], []).append(record)
         return record
 
     def events(self, event):
-        return [r for r in self.records if r["event"] == event]
+        return list(self.by_event.get(event, ()))
 
     def results(self):
         return self.events("result")

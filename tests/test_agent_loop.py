@@ -294,18 +294,22 @@ def test_a_signal_kills_the_run_and_leaves_train_py_at_the_best_commit(night, si
     assert night.ledger()[-1]["event"] == "stop" and night.ledger()[-1]["reason"] == "interrupted"
 
 
-def test_resume_after_sigkill_goes_on_with_the_unfinished_experiment_and_runs_nothing_twice(night):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_resume_after_sigkill_goes_on_with_the_unfinished_experiment_and_runs_nothing_twice(night, workers):
     night.llm.script(change("slow gain", BETTER, ("SLEEP = 0.0", "SLEEP = 1.0")))
-    driver = night.start("--max-experiments", "2")
-    orphan = night.wait_for_runs(5)[4]  # the idea's first run, after the four runs of the baseline
+    driver = night.start("--max-experiments", "2", "--workers", workers)
+    orphan = night.wait_for_runs(5, timeout=120)[4]  # the idea's first run, after the four runs of the baseline
     driver.kill()
     driver.wait()
-    result = night.run("--max-experiments", "2")
+    result = night.run("--max-experiments", "2", "--workers", workers)  # the same command
     assert result.returncode == 0, result.stdout + result.stderr
     assert not alive(orphan)  # the orphaned run was stopped
     assert '#1 resumed: "slow gain"' in result.stdout and len(night.requests()) == 1  # not proposed again
     assert [row[3:] for row in night.rows()] == [["keep", "baseline"], ["keep", "slow gain"]]
     assert len(night.train_pids()) == 4 + 1 + 4 + 4  # the killed run, then the idea's four and the best's four
+    runs = [e for e in night.ledger() if e["event"] == "run"]
+    assert [sum(r["experiment"] == n for r in runs) for n in (0, 1)] == [4, 8]  # the baseline was not run again
+    assert sum(r.get("reference", False) for r in runs) == 4  # the best's runs, paired with the idea's four
     assert night.git("log", "--format=%s", "-2") == "slow gain\ninitial" and night.is_clean()
     assert [r["event"] for r in night.ledger()].count("start") == 2
 
@@ -356,10 +360,10 @@ def test_an_agent_endpoint_that_nothing_answers_stops_the_night_after_a_while(ni
 def test_a_driver_killed_after_the_baseline_runs_records_the_baseline_without_running_it_again(night):
     assert night.run("--max-experiments", "1").returncode == 0
     ledger = night.repo / ".autoresearch/t/ledger.jsonl"
-    # As if killed right after the baseline's last run: its noise, result and stop were never written.
+    # As if killed right after the baseline's last run: its result and stop were never written.
     lines = ledger.read_text().splitlines()
     ledger.write_text("".join(line + "\n" for line in lines
-                              if json.loads(line)["event"] not in ("noise", "result", "stop")))
+                              if json.loads(line)["event"] not in ("result", "stop")))
     assert night.run("--max-experiments", "1").returncode == 0
     assert len(night.train_pids()) == 4
     assert [row[3:] for row in night.rows()] == [["keep", "baseline"]]

@@ -135,7 +135,7 @@ def test_a_cluster_of_mixed_gpu_models_is_refused_and_left(night, monkeypatch):
     mixed = ray_executor.Cluster(address="127.0.0.1:6379", gpus=True, slots=12, gpu_models=("A100", "H100"))
     stopped = []
     monkeypatch.setattr(ray_executor, "connect", lambda address, workers: mixed)  # no cluster here
-    monkeypatch.setattr(ray_executor, "shutdown", stopped.append)
+    monkeypatch.setattr(ray_executor.RayExecutor, "close", lambda executor: stopped.append(executor.cluster))
     result = night.run("--workers", "12", "--ray", "10.0.0.1:6379")
     assert result.returncode == 1 and "mixes GPU models (A100, H100)" in result.stderr
     assert "--allow-mixed-gpus" in result.stderr and stopped == [mixed]
@@ -152,29 +152,11 @@ def test_a_machine_of_mixed_gpu_models_is_refused(night, monkeypatch):
     assert night.train_pids() == [] and night.is_clean()
 
 
-def test_resume_after_sigkill_with_runs_on_workers_reruns_only_what_was_in_flight(night):
-    night.llm.script(change("slow gain", BETTER, SLOW))
-    driver = night.start("--workers", "2", "--max-experiments", "2")
-    night.wait_for_runs(5, timeout=120)  # the baseline's four runs are done; the idea's first run is on a worker
-    driver.kill()
-    driver.wait()
-    driver = night.start("--workers", "2", "--max-experiments", "2")  # the same command
-    printed = driver.communicate(timeout=120)[0]
-    assert driver.returncode == 0, printed
-    assert '#1 resumed: "slow gain"' in printed and len(night.requests()) == 1  # not proposed again
-    assert [row[3:] for row in night.rows()] == [["keep", "baseline"], ["keep", "slow gain"]]  # no duplicates
-    runs = [e for e in night.ledger() if e["event"] == "run"]
-    assert [sum(r["experiment"] == n for r in runs) for n in (0, 1)] == [4, 8]  # the baseline was not run again
-    assert sum(r.get("reference", False) for r in runs) == 4  # the best's runs, paired with the idea's four
-    assert night.is_clean()
-
-
 def test_a_baseline_whose_runs_all_ended_before_a_kill_gets_its_row_on_resume_and_is_not_run_again(night):
     assert night.run("--max-experiments", "1").returncode == 0  # the baseline's four runs, here
     ledger = night.repo / ".autoresearch/t/ledger.jsonl"
     lines = ledger.read_text().splitlines()
-    ledger.write_text("".join(line + "\n" for line in lines if '"event": "noise"' not in line
-                              and '"event": "result"' not in line))  # as if killed right after its last run
+    ledger.write_text("".join(line + "\n" for line in lines if '"event": "result"' not in line))  # as if killed right after its last run
     night.llm.script(change("lower val_bpb", BETTER))
     driver = night.start("--workers", "2", "--max-experiments", "2")
     printed = driver.communicate(timeout=120)[0]

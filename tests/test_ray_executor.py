@@ -77,7 +77,7 @@ def ray_env(tmp_path_factory):
                                   fingerprint=integrity.portable_fingerprint(base / "prepare.py", cache))
         finally:
             if cluster:
-                ray_executor.shutdown(cluster)
+                __import__("ray").shutdown()
             signal.signal(signal.SIGTERM, sigterm)
             os.environ.clear()
             os.environ.update(saved)
