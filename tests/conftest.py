@@ -167,10 +167,9 @@ def hub():
 def stand_in(tmp_path, monkeypatch):
     """The stand-in harness's source (tests/agent_loop_support/fake_prepare.py) and a cache it accepts, which
     AUTORESEARCH_CACHE names."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "manifest.json").write_text('{"time_budget": 1, "max_seq_len": 64, "eval_tokens": 4096}')
-    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    from stand_ins import stand_in_cache
+
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(stand_in_cache(tmp_path / "cache")))
     return (REPO / "tests" / "agent_loop_support" / "fake_prepare.py").read_text()
 
 

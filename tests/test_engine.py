@@ -1,5 +1,6 @@
 """The one engine (autoresearch/engine.py), end to end on the fake harness: one regression test for each fault
-the two engines it replaced had (issue 22), on one slot and on several alike. The night's invariants under random
+the two engines it replaced had (issue 22), and for those a review found in the one engine (a baseline run again
+once its setup is fixed, Ctrl-C during the holdout), on one slot and on several alike. The night's invariants under random
 completion orders, failures and kills are in tests/test_engine_properties.py."""
 
 import json

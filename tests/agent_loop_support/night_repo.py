@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import agent_loop
+from stand_ins import stand_in_cache
 
 SUPPORT = Path(__file__).resolve().parent
 ROOT = SUPPORT.parent.parent
@@ -36,10 +37,7 @@ class Night:
         shutil.copy(SUPPORT / "fake_train.py", self.repo / "train.py")
         shutil.copy(ROOT / "program.md", self.repo / "program.md")
         (self.repo / "prepare.py").write_text(FAKE_PREPARE)
-        cache = tmp_path / "cache"
-        cache.mkdir()
-        (cache / "manifest.json").write_text(json.dumps(
-            {"time_budget": 1, "max_seq_len": 64, "eval_tokens": 4096, "vocab_size": 512}))
+        cache = stand_in_cache(tmp_path / "cache")
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
         (bin_dir / "claude").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{SUPPORT / "fake_claude.py"}" "$@"\n')

@@ -42,10 +42,16 @@ def make_repo(folder, cache):
     shutil.copy(ROOT / "program.md", folder / "program.md")
     for command in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-q", "-m", "initial"]):
         subprocess.run(["git", *command], cwd=folder, check=True, capture_output=True)
-    if not (cache / "manifest.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        (cache / "manifest.json").write_text(json.dumps({"time_budget": 1, "max_seq_len": 64, "eval_tokens": 4096}))
+    stand_in_cache(cache)
     return folder
+
+
+def stand_in_cache(cache):
+    """A prepared cache as the stand-in harness needs one: its manifest of constants, no data."""
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "manifest.json").write_text(json.dumps(
+        {"time_budget": 1, "max_seq_len": 64, "eval_tokens": 4096, "vocab_size": 512}))
+    return cache
 
 
 class Killed(BaseException):
