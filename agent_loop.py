@@ -67,7 +67,7 @@ def loop(argv, holdout_only=False, executor=None):
     repo = state.open_repo()
     root = repo.working_tree_dir
     os.chdir(root)
-    for name in ("train.py", "prepare.py", "program.md"):
+    for name in ("train.py", *integrity.HARNESS, "program.md"):
         if not Path(name).is_file():
             fail(f"{Path(root) / name} is missing: run agent_loop.py in the autoresearch repository.")
     constants = integrity.harness_constants()
@@ -89,6 +89,9 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
     check_committer(repo)
     state.end_unfinished_line(state_dir / "ledger.jsonl")
     ledger = Ledger(state_dir / "ledger.jsonl")
+    if where := ledger.altered():
+        fail(f"{ledger.path} was changed after the loop wrote it: {where}. Its results cannot be trusted, so tag "
+             f"{args.tag} cannot go on: start a new --tag.")
     started = ledger.last_start()
     if started and "options" in started:  # a resumed tag goes on as it was started, unless told otherwise
         args = parse_args(argv, started["options"])
@@ -107,7 +110,7 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
         repo.create_head(branch).checkout()
     fingerprint = ledger.events("start")[0]["fingerprint"] if started else integrity.harness_fingerprint()
     if changed := integrity.fingerprint_changes(fingerprint, integrity.harness_fingerprint()):
-        fail(f"prepare.py or the prepared cache changed since tag {args.tag} started ({', '.join(changed)}): its "
+        fail(f"the harness (prepare.py, scorer.py) or the prepared cache changed since tag {args.tag} started ({', '.join(changed)}): its "
              "results would not be comparable. Restore them (same prepare.py, same prepare flags), or use a new --tag.")
     night = Night(args, agent, repo, state_dir, ledger, args.timeout or 2 * constants["time_budget"] + TIMEOUT_MARGIN,
                   constants, fingerprint, branch)
@@ -134,6 +137,8 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
         log(f"{'resuming' if resuming else 'starting'} {branch}: {len(ledger.results())} experiments so far, "
             f"agent {args.agent}{f' ({args.model})' if args.model else ''}, runs {night.executor.describe()}, "
             f"killed after {night.timeout:.0f}s")
+        words = runner.confinement(Path("task"), Path("tmp"), integrity.cache_dir(), os.environ)[1]
+        log(f"train.py's sandbox{' here (each node says its own in its runs)' if args.ray else ''}: {words}")
         if holdout_only:
             reason = "holdout scored" if holdout.score_holdout(night) else "no holdout score"
         else:

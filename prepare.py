@@ -3,8 +3,9 @@ The fixed runtime harness of autoresearch: what train.py imports, and what score
 
 train.py imports the constants (MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS, VOCAB_SIZE, read at import from the manifest
 of the prepared cache in $AUTORESEARCH_CACHE, so train.py can read them but not change them), the Tokenizer,
-make_dataloader and evaluate_bpb. The driver runs train.py under attested_run, which keeps a signed record of the
-run. Three splits: train, val (what evaluate_bpb scores) and holdout, which only the driver asks it to score.
+make_dataloader (of the train split) and evaluate_bpb, the client of the scorer (scorer.py): the process beside
+train.py's that alone reads the validation data and computes val_bpb. Three splits: train, val (what evaluate_bpb
+scores) and holdout, which only the driver asks the scorer to score.
 Neither the human nor the research agent edits this file during research.
 
     uv run prepare.py --help     # the data preparation, once, before training: prepare_data.py, data_sources.py
@@ -13,17 +14,13 @@ Neither the human nor the research agent edits this file during research.
 import base64
 import bisect
 import contextlib
-import hmac
 import itertools
 import json
-import math
+import mmap
 import os
-import random
-import runpy
+import socket
 import sys
-import threading
 from pathlib import Path
-from time import monotonic as _monotonic  # bound here: train.py patching time.monotonic later changes nothing
 
 import numpy as np
 import tiktoken
@@ -223,16 +220,23 @@ SEQ_MASK = (1 << SEQ_BITS) - 1
 
 
 def make_dataloader(tokenizer, B, T, split, device=None):
-    """Yield (inputs, targets, epoch) forever: B rows of T tokens packed from whole documents.
+    """Yield (inputs, targets, epoch) forever: B rows of T tokens packed from whole documents of the train split.
 
     Each row (T+1 tokens) is filled with the longest buffered document that fits the space left
     (the earliest on ties); when none fits, the shortest one (earliest on ties) is cropped to fill
     the row and its rest discarded. The buffer is topped up to PACK_BUFFER documents, one batch of
     DOC_BATCH at a time, before each placement. Every row starts with BOS; there is no padding.
+    The val and holdout splits are read by the scorer process only: evaluate_bpb asks it to score a model.
     """
+    if split != "train":
+        raise ValueError(f"make_dataloader reads the train split only, not {split!r}: the validation data is read "
+                         "by the scorer process alone, which evaluate_bpb asks to score the model")
+    return _loader(B, T, split, device)
+
+
+def _loader(B, T, split, device=None):
+    """make_dataloader for any split (the scorer reads val and holdout through it)."""
     assert split in SPLITS, f"split must be one of {', '.join(SPLITS)}, not {split!r}"
-    if _ATTESTATION is not None:
-        _ATTESTATION.loader_opened(split, B, T, caller=sys._getframe(1))
     manifest = _require_manifest()
     if split not in manifest["splits"]:
         raise NotPreparedError(f"{CACHE_DIR} has no {split} split: it was prepared before holdouts existed. Run the "
@@ -246,8 +250,7 @@ def make_dataloader(tokenizer, B, T, split, device=None):
     import torch
 
     device = torch.device(device) if device is not None else _default_device()
-    loader = _pack(_document_batches(parts), B, T, device)  # a generator, but the checks above run now
-    return _ATTESTATION.timed(loader) if _ATTESTATION is not None and split == "train" else loader
+    return _pack(_document_batches(parts), B, T, device)  # a generator, but the checks above run now
 
 
 def _pack(batches, B, T, device):
@@ -286,227 +289,174 @@ def _pack(batches, B, T, device):
 
 
 # ---------------------------------------------------------------------------
-# Evaluation: bits per byte, independent of the vocabulary
+# Evaluation: bits per byte, computed by the scorer (scorer.py), a process beside train.py's
+#
+# evaluate_bpb is the scorer's client. The driver starts the scorer with the run and hands train.py's process one
+# end of a Unix socket (its number in $AUTORESEARCH_SCORER_FD); run by hand, evaluate_bpb starts a scorer itself.
+# The scorer alone reads the validation tokens and their byte lengths and holds the run's key: it sends input rows,
+# evaluate_bpb runs the model and hands back its logits through shared memory (CUDA IPC for a CUDA tensor), and the
+# scorer computes the loss. docs/integrity.md says what it checks.
+
+SCORER_FD = "AUTORESEARCH_SCORER_FD"
+MAX_HEADER = 1 << 20  # bytes of one message's JSON header
 
 
 class NonCausalModelError(ValueError):
     pass
 
 
-def _token_losses(model, x, y):
-    """Cross-entropy in nats of each target, computed here from the model's logits: a model never sees the
-    targets and cannot report its own loss."""
-    import torch
-    import torch.nn.functional as F
+class Wire:
+    """Messages over a Unix stream socket: a 4-byte length, a JSON header, then header["bytes"] raw bytes; a file
+    descriptor (shared memory) may ride with a header."""
 
-    logits = model(x)
-    if logits.ndim != 3 or logits.shape[:2] != x.shape:
-        raise ValueError(f"evaluate_bpb: model(x) must return logits of shape [B, T, vocab], not {tuple(logits.shape)}")
-    # a few rows at a time: the fp32 log-softmax of a whole batch would double the memory of its logits
-    return torch.cat([F.cross_entropy(rows.float().flatten(0, 1), targets.flatten(), reduction="none")
-                      for rows, targets in zip(logits.split(8), y.split(8))])
+    def __init__(self, sock):
+        self.sock = sock
+
+    def send(self, header, payload=b"", fds=()):
+        data = json.dumps({**header, "bytes": len(payload)}).encode()
+        message = len(data).to_bytes(4, "big") + data
+        if fds:
+            socket.send_fds(self.sock, [message], list(fds))
+        else:
+            self.sock.sendall(message)
+        if payload:
+            self.sock.sendall(payload)
+
+    def receive(self, max_payload):
+        """(header, payload, fds), or (None, b"", []) when the other side has gone."""
+        prefix, fds = b"", []
+        while len(prefix) < 4:
+            data, got, _, _ = socket.recv_fds(self.sock, 4 - len(prefix), 1)
+            if not data:
+                return None, b"", fds
+            prefix, fds = prefix + data, fds + list(got)
+        length = int.from_bytes(prefix, "big")
+        if length > MAX_HEADER:
+            raise ValueError(f"a message header of {length} bytes")
+        header = json.loads(self._exactly(length))
+        if not isinstance(header, dict) or not 0 <= header.get("bytes", 0) <= max_payload:
+            raise ValueError("a malformed message")
+        return header, self._exactly(header.get("bytes", 0)), fds
+
+    def _exactly(self, n):
+        buffer = bytearray(n)
+        view, got = memoryview(buffer), 0
+        while got < n:
+            chunk = self.sock.recv_into(view[got:])
+            if not chunk:
+                raise EOFError("the other side closed the socket mid-message")
+            got += chunk
+        return bytes(buffer)
 
 
-def _future_influence(model, x, y, loss):
-    """How far (nats) the loss at positions before t moves when the tokens from t on are replaced: 0 for a
-    causal model. (A guard against accidents, such as a wrong attention mask, and against a model that
-    leaks on some batches only: evaluate_bpb checks a batch chosen at random. Not against an adversary.)"""
-    import torch
+class _Logits:
+    """How evaluate_bpb hands logits to the scorer: CUDA IPC for a CUDA tensor (the scorer may answer that it cannot
+    open it: then, and for any other device, a copy into shared memory the scorer maps)."""
 
-    t = x.shape[1] // 2
-    changed = x.clone()  # the targets stay: positions before t see the same inputs and score the same tokens
-    changed[:, t:] = torch.randint(0, VOCAB_SIZE, changed[:, t:].shape, generator=torch.Generator().manual_seed(0)).to(x.device)
-    before = loss.reshape(x.shape)[:, :t]
-    after = _token_losses(model, changed, y).reshape(x.shape)[:, :t]
-    return (after - before).abs().max().item(), t
+    def __init__(self, wire):
+        self.wire, self.cuda_ipc, self.memory, self.fd = wire, True, None, None
+
+    def send(self, logits):
+        import torch
+
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
+            raise ValueError(f"evaluate_bpb: model(x) must return logits of shape [B, T, vocab], not {logits!r:.80}")
+        described = {"shape": list(logits.shape), "dtype": str(logits.dtype).removeprefix("torch.")}
+        if logits.is_cuda and self.cuda_ipc:
+            storage = logits.untyped_storage()
+            shared = [value.hex() if isinstance(value, bytes) else value for value in storage._share_cuda_()]
+            self.wire.send({"logits": {**described, "cuda": shared, "offset": logits.storage_offset(),
+                                       "stride": list(logits.stride())}})
+            header, payload, _ = self.wire.receive(1 << 34)
+            if header is None or "use_shared_memory" not in header:
+                return header, payload
+            self.cuda_ipc = False  # the scorer cannot open CUDA IPC handles: copy, from now on
+        nbytes, fds = logits.numel() * logits.element_size(), []
+        if self.memory is None or len(self.memory) < nbytes:
+            self.close()
+            self.fd = os.memfd_create("logits") if hasattr(os, "memfd_create") else _unlinked_file()
+            os.ftruncate(self.fd, nbytes)
+            self.memory, fds = mmap.mmap(self.fd, nbytes), [self.fd]
+        torch.frombuffer(self.memory, dtype=logits.dtype, count=logits.numel()).view(logits.shape).copy_(logits)
+        self.wire.send({"logits": described}, fds=fds)
+        return self.wire.receive(1 << 34)[:2]
+
+    def close(self):
+        if self.memory is not None:
+            self.memory.close()
+            os.close(self.fd)
+        self.memory = None
+
+
+def _unlinked_file():
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        fd = os.dup(f.fileno())
+    os.unlink(f.name)
+    return fd
+
+
+_DRIVER_SCORER = None  # the driver's scorer, connected once: it serves one evaluation, and refuses a second
+
+
+@contextlib.contextmanager
+def _scorer():
+    global _DRIVER_SCORER
+    if os.environ.get(SCORER_FD):
+        if _DRIVER_SCORER is None:
+            _DRIVER_SCORER = Wire(socket.socket(fileno=int(os.environ[SCORER_FD])))
+        yield _DRIVER_SCORER
+        return
+    script = Path(__file__).with_name("scorer.py")  # by hand: a scorer of our own, for this evaluation
+    if not script.exists():
+        raise FileNotFoundError(f"evaluate_bpb needs the scorer, {script}, beside prepare.py")
+    ours, theirs = socket.socketpair()
+    import secrets
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               pass_fds=[theirs.fileno()], env={**os.environ, "AUTORESEARCH_CACHE": str(CACHE_DIR)})
+    request = {"key": secrets.token_hex(32), "fd": theirs.fileno()}
+    theirs.close()
+    try:
+        process.stdin.write(json.dumps(request).encode() + b"\n")
+        process.stdin.flush()
+        yield Wire(ours)
+    finally:
+        ours.close()
+        process.stdin.close()  # its end of the run
+        process.wait()
 
 
 def evaluate_bpb(model, tokenizer, batch_size):
     """Cross-entropy of EVAL_TOKENS validation tokens, in bits per byte of the text they encode.
 
-    Calls `model(x)` for logits [B, T, vocab] and computes the per-token loss itself; special tokens
-    (0 bytes) are left out of the sum. A model whose outputs depend on future tokens is refused.
-    The tokens are the val split's, or the holdout's when the driver asked the harness for that run
-    (attested_run's request): train.py cannot tell which.
+    Calls `model(x)` for logits [B, T, vocab] on the rows the scorer sends; the scorer computes the per-token loss
+    (special tokens, 0 bytes, are left out of the sum). About twice EVAL_TOKENS go through the model: beside each
+    scored row, a copy whose later tokens differ, which must not change the loss before them. A model whose
+    outputs depend on future tokens, or that changes while it is evaluated, is refused. The tokens are the val
+    split's, or the holdout's when the driver asked the scorer for that run: train.py cannot tell which.
     """
     import torch
 
-    started = _monotonic()
-    steps = EVAL_TOKENS // (batch_size * MAX_SEQ_LEN)
-    if steps < 1:
-        raise ValueError(f"batch_size {batch_size} x MAX_SEQ_LEN {MAX_SEQ_LEN} exceeds EVAL_TOKENS {EVAL_TOKENS}")
     device = next(model.parameters()).device
-    token_bytes = get_token_bytes(device)
-    with _evaluation_begins():
-        val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, _EVAL_SPLIT, device=device)
-    total_nats, total_bytes, moved = 0.0, 0, None
-    checked_step = random.SystemRandom().randrange(steps)  # which batch train.py cannot know
-    with torch.no_grad():
-        weights = _checksum(model)
-        for step in range(steps):
-            x, y, _ = next(val_loader)
-            loss = _token_losses(model, x, y)
-            if step == checked_step:
-                moved, t = _future_influence(model, x, y, loss)
-                if not moved <= CAUSALITY_TOLERANCE:
-                    _record_evaluation(started, batch_size, steps, None, 0, moved, weights == _checksum(model))
-                    raise NonCausalModelError(
-                        f"evaluate_bpb refuses to score this model: its loss at positions before {t} moved by "
-                        f"{moved:.3g} nats when only the tokens from position {t} on changed, so it looks at future "
-                        "tokens and its val_bpb would be meaningless. Keep attention causal (and nothing else "
-                        "mixing positions forward).")
-            nbytes = token_bytes[y.reshape(-1)]
-            total_nats += (loss * (nbytes > 0)).sum().item()
-            total_bytes += nbytes.sum().item()
-        unchanged = weights == _checksum(model)
-    val_bpb = total_nats / (math.log(2) * total_bytes)
-    _record_evaluation(started, batch_size, steps, val_bpb, total_bytes, moved, unchanged)
-    return val_bpb
-
-
-def _checksum(model):
-    """A sum of every parameter and buffer: it moves if the model learns while it is being evaluated."""
-    import torch
-
-    return torch.stack([t.detach().double().nansum() for t in model.state_dict().values()]).tolist()
-
-
-# ---------------------------------------------------------------------------
-# Attested runs: the driver (agent_loop.py) trusts this record of a run, not train.py's printout.
-#
-# The driver starts `python -c "import prepare; prepare.attested_run('train.py')"` and sends one JSON
-# line on stdin: {"record": PATH, "key": HEX} (and "split": "holdout" for a holdout run). It is read
-# before train.py's first line runs (stdin is then /dev/null), so train.py never sees the key, nor which
-# split evaluate_bpb will score. The harness records what it sees and writes PATH, signed
-# with HMAC-SHA256 under the key, when evaluate_bpb finishes and when the run ends. docs/integrity.md
-# says what the driver concludes from it, and what this cannot stop: code that patches the harness (or
-# torch) in memory. Not a sandbox.
-
-_ATTESTATION = None  # the _Attestation of this process when the driver started it, else None
-_EVAL_SPLIT = "val"  # what evaluate_bpb scores: the driver's request may say "holdout"
-ATTESTATION_FORMAT = 1
-
-
-class _Attestation:
-    def __init__(self, path, key):
-        self.path, self.key = Path(path), key
-        self.started = _monotonic()
-        self.loaders, self.evaluations, self.violations = [], [], []
-        self.batch_times = []  # when each training batch was handed out
-        self.val_opener = None  # the thread in which evaluate_bpb opens its own val loader, while it does
-        self.evaluating = False  # set for good when evaluate_bpb starts
-        self.protected = _validation_files()  # {basename: {realpath}} of every file holding validation text
-
-    def loader_opened(self, split, B, T, caller):
-        where = f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno}"
-        self.loaders.append({"split": split, "batch_size": B, "seq_len": T, "caller": where})
-        if split != "train" and self.val_opener != threading.get_ident():
-            self.violations.append(f"{where} opened the {split} split (make_dataloader(..., {split!r})): only "
-                                   "evaluate_bpb may read the validation data")
-
-    def timed(self, loader):
-        for batch in loader:
-            self.batch_times.append(_monotonic())
-            if self.evaluating:
-                self.violations.append("a training batch was taken after evaluate_bpb started: training ends "
-                                       "before the evaluation")
-            yield batch
-
-    def audit(self, event, args):
-        """sys.addaudithook: any file of the validation data opened by anything but evaluate_bpb's own loader."""
-        if event != "open" or isinstance(args[0], int) or self.val_opener == threading.get_ident():
-            return
+    with _scorer() as wire:
+        wire.send({"evaluate": batch_size})
+        header, payload, _ = wire.receive(1 << 34)
+        logits = _Logits(wire)
         try:
-            path = os.fsdecode(args[0])
-        except TypeError:  # not a path: open() itself refuses it (an exception here would escape from open)
-            return
-        if os.path.basename(path) in self.protected and os.path.realpath(path) in self.protected[os.path.basename(path)]:
-            self.violations.append(f"{path} (validation data) was opened outside evaluate_bpb's loader"
-                                   + (", while the model was being evaluated" if self.evaluating else ""))
-
-    def record(self):
-        times = self.batch_times
-        gaps = sorted(b - a for a, b in itertools.pairwise(times))
-        return {"format": ATTESTATION_FORMAT, "max_seq_len": MAX_SEQ_LEN, "eval_tokens": EVAL_TOKENS,
-                "time_budget": TIME_BUDGET, "loaders": self.loaders, "train_batches": len(times),
-                "first_train_batch": times[0] - self.started if times else None,
-                "median_batch_gap": gaps[len(gaps) // 2] if gaps else None,
-                "evaluations": self.evaluations, "violations": list(dict.fromkeys(self.violations))}
-
-    def write(self):
-        record = self.record()
-        mac = hmac.new(self.key, json.dumps(record, sort_keys=True).encode(), "sha256").hexdigest()
-        _atomic_write(self.path, lambda f: f.write(json.dumps({"record": record, "hmac": mac}).encode()))
-
-
-def _validation_files():
-    """The files of this cache that hold validation documents: the val and holdout token parts, and the raw files
-    they came from where those are known (the climbmix val and holdout shards, TinyStories, --text corpora; for
-    stdlib the raw files are Python's own sources, which every import reads)."""
-    manifest = _require_manifest()
-    paths = [p for split in ("val", "holdout") for name in manifest["splits"].get(split, {}).get("parts", [])
-             for p in _part_paths(name)]
-    source = manifest["source"]
-    if source["dataset"] == "climbmix":
-        paths += [DATA_DIR / CLIMBMIX_SHARD.format(n) for n in (CLIMBMIX_VAL_SHARD, CLIMBMIX_HOLDOUT_SHARD)]
-    elif source["dataset"] == "tinystories":
-        paths.append(DATA_DIR / TINYSTORIES_FILE)
-    elif source["dataset"] == "text":
-        paths += [Path(p) for p in source["paths"]]
-    protected = {}
-    for path in paths:
-        protected.setdefault(path.name, set()).add(os.path.realpath(path))
-    return protected
-
-
-@contextlib.contextmanager
-def _evaluation_begins():
-    """From here on training is over; while evaluate_bpb opens its val loader (and runs no code of train.py),
-    its thread may read the validation data."""
-    if _ATTESTATION is None:
-        yield
-        return
-    _ATTESTATION.evaluating = True
-    _ATTESTATION.val_opener = threading.get_ident()
-    try:
-        yield
-    finally:
-        _ATTESTATION.val_opener = None
-
-
-def _record_evaluation(started, batch_size, steps, val_bpb, total_bytes, moved, unchanged):
-    if _ATTESTATION is not None:
-        if not unchanged:
-            _ATTESTATION.violations.append("the model's parameters changed while evaluate_bpb ran: it learned from "
-                                           "the validation data it was scored on")
-        _ATTESTATION.evaluations.append({
-            "started": started - _ATTESTATION.started, "seconds": _monotonic() - started, "val_bpb": val_bpb,
-            "split": _EVAL_SPLIT, "batch_size": batch_size, "seq_len": MAX_SEQ_LEN,
-            "tokens": steps * batch_size * MAX_SEQ_LEN,
-            "bytes": total_bytes, "future_influence": moved, "causal": moved is not None and moved <= CAUSALITY_TOLERANCE})
-        _ATTESTATION.write()
-
-
-def attested_run(script="train.py"):
-    """Run `script` as __main__ with the harness keeping the record the driver reads (see above)."""
-    global _ATTESTATION, _EVAL_SPLIT
-    try:
-        request = json.loads(sys.stdin.readline())
-        path, key = request["record"], bytes.fromhex(request["key"])
-        _EVAL_SPLIT = {"val": "val", "holdout": "holdout"}[request.get("split", "val")]
-    except (ValueError, KeyError, TypeError):
-        sys.exit("attested_run reads the driver's request on stdin (agent_loop.py sends it); by hand, run "
-                 f"`uv run {script}` instead")
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    attestation = _ATTESTATION = _Attestation(path, key)
-    sys.addaudithook(attestation.audit)
-    sys.argv = [script]
-    try:
-        runpy.run_path(script, run_name="__main__")
-    finally:
-        attestation.write()  # also after a crash: the driver learns that nothing was evaluated
+            with torch.no_grad():
+                while header is not None and "inputs" in header:
+                    x = torch.frombuffer(bytearray(payload), dtype=torch.int64).view(header["inputs"]).to(device)
+                    header, payload = logits.send(model(x))
+        finally:
+            logits.close()
+    if header is None:
+        raise RuntimeError("evaluate_bpb: the scorer ended without an answer (its errors are in the run's log)")
+    if "refused" in header:
+        raise (NonCausalModelError if header.get("non_causal") else ValueError)(header["refused"])
+    return header["val_bpb"]
 
 
 if __name__ == "__main__":  # `uv run prepare.py`: the data preparation, which nothing at run time imports

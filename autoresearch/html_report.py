@@ -87,6 +87,10 @@ def summary_html(s):
         items += [("time", f"{wall} wall clock, {training} running train.py"), ("API cost", f"${s['cost_usd']:.2f}")]
     if s.get("holdout"):
         items.append(("holdout", e(holdout.holdout_text(s["holdout"]))))
+    items += [("sandbox", e(line)) for line in s.get("sandbox", [])]
+    if s.get("altered"):
+        items.append(("warning", f"the ledger was changed after the loop wrote it: {e(s['altered'])}; do not trust "
+                                 "this page"))
     return '<dl class="summary">' + "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in items) + "</dl>"
 
 

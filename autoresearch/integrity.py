@@ -1,19 +1,16 @@
 """
-What makes a run `invalid`: the checks that keep val_bpb the harness's number.
+What makes a run `invalid`: the checks that keep val_bpb the scorer's number.
 
 train.py is code written by a model that is optimising val_bpb, so the driver does not take its word.
 Three layers, each on plain values (docs/integrity.md explains them and their limits):
 
 - before a run, `static_problems`: train.py's source must call prepare's evaluate_bpb and leave the
   harness alone;
-- during it, the harness (prepare.attested_run) keeps a signed record of what it saw: evaluate_bpb's own
-  val_bpb and token count, the splits opened and by whom, when training started and evaluation began, the
-  causality check; `verify_record` checks its signature with the run's key, `record_problems` and
-  `wall_clock_problems` read the record;
-- around it, `harness_fingerprint`: prepare.py and the prepared cache must not change (and
+- during it, the scorer (scorer.py, a process beside train.py's) computes val_bpb and signs its record: the
+  score, the tokens, the causality probes, the repeated batch, when the evaluation was asked for;
+  `verify_record` checks its signature with the run's key, `record_problems` and `wall_clock_problems` read it;
+- around it, `harness_fingerprint`: the harness and the prepared cache must not change (and
   `portable_fingerprint`: a node that runs experiments for the driver must have the same cache).
-
-These catch accidents and the shortcuts an optimiser finds; they are not a sandbox.
 """
 
 import ast
@@ -29,9 +26,10 @@ from autoresearch.console import fail
 # -----------------------------------------------------------------------------
 # train.py as written
 
+HARNESS = ("prepare.py", "scorer.py")  # what the driver runs beside train.py, and nobody edits during research
 PRIVATE_HARNESS_NAME = re.compile(
-    r"_future_influence|_token_losses|CAUSALITY_TOLERANCE|_load_part|_document_batches|NonCausalModelError|"
-    r"_ATTESTATION|_Attestation|attested_run|_record_evaluation|_evaluation_begins|_validation_files|_checksum")
+    r"_loader|_pack|_load_part|_document_batches|_part_paths|_scorer|_DRIVER_SCORER|_Logits|Wire|SCORER_FD|"
+    r"CAUSALITY_TOLERANCE|NonCausalModelError|scorer")
 
 
 def static_problems(source):
@@ -72,112 +70,94 @@ def static_problems(source):
 
 
 # -----------------------------------------------------------------------------
-# The harness's record of a run
+# The scorer's record of a run
 
 def verify_record(key, text):
     """(record, None) when `text` is a record signed with the run's key; else (None, why there is none).
     text None: the harness wrote none."""
     if text is None:
-        return None, ("the harness wrote no record of the run (train.py did not let evaluate_bpb finish, "
-                      "or removed the record)")
+        return None, "the scorer wrote no record of the run (it was stopped, or could not start)"
     try:
         signed = json.loads(text)
         record, mac = signed["record"], signed["hmac"]
     except (ValueError, KeyError, TypeError):
-        return None, "the harness's record of the run is unreadable: it was altered"
+        return None, "the scorer's record of the run is unreadable: it was altered"
     expected = hmac.new(key, json.dumps(record, sort_keys=True).encode(), "sha256").hexdigest()
     if not hmac.compare_digest(expected, str(mac)):
-        return None, "the harness's record of the run does not verify: it was altered"
+        return None, "the scorer's record of the run does not verify: it was altered"
     return record, None
 
 
 def evaluation(record):
-    """The harness's evaluation of the run's final model, or None."""
+    """The scorer's evaluation of the run's final model, or None."""
     return record["evaluations"][-1] if record and record["evaluations"] else None
 
 
-def training_seconds(record):
-    """Wall clock from the first training batch to the start of the evaluation, as the harness saw it."""
-    evaluated = evaluation(record)
-    if evaluated is None or record["first_train_batch"] is None:
-        return None
-    return evaluated["started"] - record["first_train_batch"]
-
-
 def record_problems(record, missing, returncode, printed_val_bpb, constants):
-    """The rules of the metric a finished run broke, from the harness's record (empty: none).
+    """The rules of the metric a finished run broke, from the scorer's record (empty: none).
 
     record: the verified record or None (then `missing` says why); printed_val_bpb: the number in train.py's
     summary, or None; constants: the prepared cache's max_seq_len and eval_tokens."""
     claims = returncode == 0 and printed_val_bpb is not None  # a crash claims nothing: it is a crash
     if record is None:
         return [missing] if claims else []
-    problems = list(record["violations"])
-    evaluations = record["evaluations"]
-    if len(evaluations) > 1:
-        problems.append(f"evaluate_bpb ran {len(evaluations)} times: only one evaluation, of the final model, "
-                        "is allowed (more would select on the validation data)")
-    if any(not e["causal"] for e in evaluations):
-        moved = max(e["future_influence"] or 0.0 for e in evaluations)
-        problems.append(f"evaluate_bpb refused to score a model that looks at future tokens (the loss at earlier "
-                        f"positions moved by {moved:.3g} nats when only later tokens changed)")
+    problems = list(record["problems"])  # what the scorer refused: a model that looks ahead, or changed, ...
     final = evaluation(record)
     if final and final["val_bpb"] is not None:
         rows = final["batch_size"] * constants["max_seq_len"]
         expected = constants["eval_tokens"] // rows * rows
         if final["seq_len"] != constants["max_seq_len"] or final["tokens"] != expected:
-            problems.append(f"evaluate_bpb scored {final['tokens']} tokens at sequence length {final['seq_len']}, "
+            problems.append(f"the scorer scored {final['tokens']} tokens at sequence length {final['seq_len']}, "
                             f"not the {expected} at {constants['max_seq_len']} that EVAL_TOKENS and MAX_SEQ_LEN "
                             "give: the harness's constants were changed")
         if printed_val_bpb is not None and abs(printed_val_bpb - final["val_bpb"]) > 1e-6:
-            problems.append(f"train.py printed val_bpb {printed_val_bpb:.6f}, but evaluate_bpb measured "
+            problems.append(f"train.py printed val_bpb {printed_val_bpb:.6f}, but the scorer measured "
                             f"{final['val_bpb']:.6f}")
-    elif claims and not evaluations:
-        problems.append("train.py printed a val_bpb, but evaluate_bpb never finished an evaluation")
+    elif claims and not problems:
+        problems.append("train.py printed a val_bpb, but the scorer never finished an evaluation")
     return list(dict.fromkeys(problems))
 
 
 # -----------------------------------------------------------------------------
-# The wall clock: the budget is TIME_BUDGET seconds of training, whatever train.py counts
+# The wall clock, from outside: the budget is TIME_BUDGET seconds of training, whatever train.py counts
 
-def timing_slack(time_budget):
-    """Seconds of jitter (the scheduler, a stall of the machine) no run is blamed for: 2 % of the budget, 1 s at
-    least. A run that trained that much longer would gain at most 2 % more steps."""
-    return max(1.0, 0.02 * time_budget)
+def allowance(time_budget):
+    """Seconds a run may take beyond the baseline's, from its start to its evaluation request: 5 % of the budget,
+    and at least 5 s, which a busy machine's start-up (imports, compilation) can vary by."""
+    return max(5.0, 0.05 * time_budget)
 
 
-def wall_clock_limits(baseline, time_budget, batch_gap):
-    """(training, total): the most seconds a run may spend from its first training batch to its evaluation,
-    and in all. Both scale with what the unmodified train.py measured on this machine: `baseline` holds
-    (total seconds, training seconds) of its runs. Its start-up inside the training interval (compilation,
-    the first steps train.py leaves uncounted, the last step's overshoot) and its time outside it (imports,
-    building the model, the evaluation) may each double, as a deeper model's would; plus two steps of the
-    run itself (`batch_gap`, its median seconds between training batches), and timing_slack()."""
-    start_up = max(max(0.0, (training or 0.0) - time_budget) for _, training in baseline)
-    outside = max(total - (training or 0.0) for total, training in baseline)
-    training_limit = time_budget + 2 * start_up + 2 * (batch_gap or 0.0) + timing_slack(time_budget)
-    return training_limit, training_limit + 2 * outside
+def wall_clock_limits(baseline, time_budget):
+    """(until evaluation, total): the most seconds a run may take from its start to asking the scorer for its
+    evaluation, and in all. `baseline` holds (total seconds, seconds until evaluation) of the unmodified
+    train.py's runs on this machine. The first is the slowest baseline run's (its compilation counted) plus
+    allowance(); the time after it may double the baseline's (a bigger model's evaluation takes longer; the
+    evaluation cannot hide training: the scorer's repeated batch sees a model that changes)."""
+    until = max(requested for _, requested in baseline) + allowance(time_budget)
+    return until, until + 2 * max(total - requested for total, requested in baseline)
 
 
 def wall_clock_problems(seconds, record, baseline, time_budget):
-    """A run that trained, or ran, longer than the budget allows (the driver's clock and the harness's)."""
+    """A run that trained, or ran, longer than the budget allows (the scorer's clock and the driver's)."""
+    baseline = [timing for timing in baseline if timing[1] is not None]
     if not baseline:
         return []  # the baseline's own runs set the limits
-    training_limit, total_limit = wall_clock_limits(baseline, time_budget, record and record["median_batch_gap"])
+    until, total = wall_clock_limits(baseline, time_budget)
     problems = []
-    trained = training_seconds(record)
-    if trained is not None and trained > training_limit:
-        problems.append(f"it trained for {trained:.1f}s (first training batch to evaluation), over the "
-                        f"{training_limit:.1f}s a {time_budget:g}s budget allows on this machine")
-    if seconds > total_limit:
-        problems.append(f"the run took {seconds:.0f}s of wall clock, over the {total_limit:.0f}s a "
-                        f"{time_budget:g}s budget allows on this machine")
+    final = evaluation(record)
+    if final is not None and final["requested"] > until:
+        problems.append(f"it asked for its evaluation {final['requested']:.1f}s after it started, over the "
+                        f"{until:.1f}s a {time_budget:g}s budget allows on this machine (the unmodified "
+                        f"train.py's, plus {allowance(time_budget):.1f}s): it trained longer than the budget")
+    if seconds > total:
+        problems.append(f"the run took {seconds:.0f}s of wall clock, over the {total:.0f}s a {time_budget:g}s "
+                        "budget allows on this machine")
     return problems
 
 
 def baseline_timings(runs):
-    """(total seconds, training seconds) of the given valid runs of the baseline, for wall_clock_limits."""
-    return [(r["seconds"], training_seconds(r.get("attestation"))) for r in runs]
+    """(total seconds, seconds until the evaluation request) of the given valid runs of the baseline."""
+    return [(r["seconds"], (evaluation(r.get("attestation")) or {}).get("requested")) for r in runs]
 
 
 # -----------------------------------------------------------------------------
@@ -187,11 +167,11 @@ def cache_dir():
     return Path(os.environ.get("AUTORESEARCH_CACHE") or "~/.cache/autoresearch").expanduser()
 
 
-def harness_fingerprint(prepare_py="prepare.py", cache=None):
-    """What val_bpb depends on besides train.py: prepare.py and the prepared cache (not the raw downloads).
-    sha256 of prepare.py, the manifest, the tokenizer and the validation tokens; size and mtime of the
-    training tokens, which can be gigabytes and do not enter the metric."""
-    return _fingerprint(Path(prepare_py), Path(cache) if cache else cache_dir(), portable=False)
+def harness_fingerprint(folder=".", cache=None):
+    """What val_bpb depends on besides train.py: the harness (HARNESS, those in `folder`) and the prepared cache
+    (not the raw downloads). sha256 of the harness, the manifest, the tokenizer and the validation tokens; size and
+    mtime of the training tokens, which can be gigabytes and do not enter the metric."""
+    return _fingerprint(Path(folder), Path(cache) if cache else cache_dir(), portable=False)
 
 
 # What differs between two caches that the same prepare.py command made on two machines: when it ran, and hashes
@@ -199,17 +179,18 @@ def harness_fingerprint(prepare_py="prepare.py", cache=None):
 MACHINE_SPECIFIC = {"created", "fingerprint", "tokenizer_sha256"}
 
 
-def portable_fingerprint(prepare_py="prepare.py", cache=None):
+def portable_fingerprint(folder=".", cache=None):
     """harness_fingerprint as two machines agree on it when they ran the same prepare.py command (a run on another
     node checks its cache against the driver's with it): no mtimes, no MACHINE_SPECIFIC fields, a --text source's
     files by name, the validation tokens' index by its arrays (an .npz is a zip that stores when it was written)."""
-    return _fingerprint(Path(prepare_py), Path(cache) if cache else cache_dir(), portable=True)
+    return _fingerprint(Path(folder), Path(cache) if cache else cache_dir(), portable=True)
 
 
-def _fingerprint(prepare_py, cache, portable):
+def _fingerprint(folder, cache, portable):
     manifest = cache / "manifest.json"
     val_parts = set(json.loads(manifest.read_text()).get("splits", {}).get("val", {}).get("parts", []))
-    fingerprint = {"prepare.py": hashlib.sha256(prepare_py.read_bytes()).hexdigest()}
+    fingerprint = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in HARNESS
+                   if (folder / name).exists()}
     for path in [manifest] + sorted(p for folder in ("tokenizer", "tokens") for p in (cache / folder).rglob("*")
                                     if p.is_file()):
         name = path.relative_to(cache).as_posix() if portable else str(path.relative_to(cache))
@@ -244,6 +225,20 @@ def _arrays_sha256(path):
             array = np.ascontiguousarray(arrays[name])
             digest.update(f"{name} {array.dtype.str} {array.shape}\n".encode() + array.tobytes())
     return digest.hexdigest()
+
+
+def validation_files(cache):
+    """(paths train.py's sandbox must not read, what it cannot protect): the val and holdout token files, the raw
+    downloads and a --text corpus's own files. The stdlib corpus's raw text is Python's own source, which any Python
+    reads to import: nothing keeps train.py from rebuilding its validation documents."""
+    manifest = json.loads((cache / "manifest.json").read_text())
+    parts = [name for split in ("val", "holdout") for name in manifest.get("splits", {}).get(split, {}).get("parts", [])]
+    paths = [cache / "tokens" / f"{name}{suffix}" for name in parts for suffix in (".bin", ".npz")] + [cache / "data"]
+    source = manifest.get("source", {})
+    paths += [Path(p) for p in source.get("paths", [])] if source.get("dataset") == "text" else []
+    caveat = ("the stdlib corpus's validation text is Python's own source, which train.py can read"
+              if source.get("dataset") == "stdlib" else None)
+    return paths, caveat
 
 
 def fingerprint_changes(then, now):

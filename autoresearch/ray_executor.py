@@ -1,12 +1,12 @@
 """
 Many runs of train.py at once on a Ray cluster (--ray): one run per task, one GPU each (a CPU slot on a cluster
 without GPUs). Only a night with --ray imports this module, and it imports ray only inside its functions. The engine
-drives it through RayExecutor; underneath, submit(cluster, train.py, prepare.py, fingerprint, key, timeout) -> ref,
+drives it through RayExecutor; underneath, submit(cluster, train.py, harness, fingerprint, key, timeout) -> ref,
 result(ref) -> the run's dict (or NodeMismatch, or Ray's error: is_infrastructure_failure), cancel_all(refs).
 
 The cluster is joined with the token Ray's documentation says (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or
 ~/.ray/auth_token); when it cannot be, one line says why and what to do. Nodes share no filesystem: the task
-carries train.py and prepare.py, Ray ships this package (py_modules), and each node's prepared cache must equal
+carries train.py and the harness, Ray ships this package (py_modules), and each node's prepared cache must equal
 the driver's (integrity.portable_fingerprint). Start Ray from the project's environment (`uv run ray start`).
 """
 
@@ -128,7 +128,7 @@ class NodeMismatch(Exception):
     """A node's prepare.py or prepared cache is not the driver's: its val_bpb would not be comparable."""
 
 
-def run_experiment(train_source, prepare_source, fingerprint, key_hex, timeout, cache=None, split="val"):
+def run_experiment(train_source, harness, fingerprint, key_hex, timeout, cache=None, split="val"):
     """The task: one run of train.py on this node, in a fresh folder (runner.run_in_folder, as on the driver's
     machine), against this node's cache (cache None: AUTORESEARCH_CACHE of the node, or its default), with
     evaluate_bpb scoring `split`. Raises NodeMismatch unless the node's cache has the driver's portable
@@ -144,8 +144,8 @@ def run_experiment(train_source, prepare_source, fingerprint, key_hex, timeout, 
     def target():  # in a thread: the KeyboardInterrupt of ray.cancel arrives in this (main) thread at once
         try:
             outcome["value"] = runner.run_in_folder(
-                train_source, prepare_source, key_hex, timeout, None, split, cache=cache,
-                check=lambda prepare_py, cache: _check_node(fingerprint, prepare_py, cache, f"{hostname} ({ip})"),
+                train_source, harness, key_hex, timeout, None, split, cache=cache,
+                check=lambda folder, cache: _check_node(fingerprint, folder, cache, f"{hostname} ({ip})"),
                 on_start=lambda process: started.append(process.pid))
         except BaseException as error:  # handed to the main thread
             outcome["error"] = error
@@ -168,12 +168,12 @@ def run_experiment(train_source, prepare_source, fingerprint, key_hex, timeout, 
     return dict(outcome["value"], worker=worker)
 
 
-def _check_node(fingerprint, prepare_py, cache, node):
+def _check_node(fingerprint, folder, cache, node):
     from autoresearch import integrity
 
     what_to_do = f"Run `uv run prepare.py` there with the driver's flags (AUTORESEARCH_CACHE={cache})"
     try:
-        differ = integrity.fingerprint_changes(fingerprint, integrity.portable_fingerprint(prepare_py, cache))
+        differ = integrity.fingerprint_changes(fingerprint, integrity.portable_fingerprint(folder, cache))
     except (OSError, ValueError) as error:
         raise NodeMismatch(f"node {node} has no usable prepared cache at {cache} "
                            f"({type(error).__name__}: {error}). {what_to_do}") from None
@@ -194,11 +194,11 @@ def _task():
     return ray.remote(max_retries=0)(run_experiment)
 
 
-def submit(cluster, train_source, prepare_source, fingerprint, key_hex, timeout, cache=None, split="val"):
+def submit(cluster, train_source, harness, fingerprint, key_hex, timeout, cache=None, split="val"):
     """Start one run (run_experiment) on the cluster; returns its ObjectRef. A run takes one GPU (and no CPU
     slot: train.py's CPU use is not Ray's to ration) on a cluster with GPUs, else one CPU slot."""
     resources = dict(num_gpus=1, num_cpus=0) if cluster.gpus else dict(num_cpus=1)
-    return _task().options(**resources).remote(train_source, prepare_source, fingerprint, key_hex, timeout, cache,
+    return _task().options(**resources).remote(train_source, harness, fingerprint, key_hex, timeout, cache,
                                                split)
 
 
@@ -256,7 +256,7 @@ class RayExecutor:
         return self.slots - len(self.pending)
 
     def submit(self, key, request):
-        ref = submit(self.cluster, request.train_source, request.prepare_source, self.fingerprint, request.key_hex,
+        ref = submit(self.cluster, request.train_source, request.harness, self.fingerprint, request.key_hex,
                      request.timeout, split=request.split)
         self.pending[ref] = (key, request)
 

@@ -66,6 +66,8 @@ def summarize(rows, ledger=None):
     starts = ledger.events("start") if ledger else []
     return dict(
         keep_rule=starts[-1].get("keep_rule", "greedy") if starts else None,
+        sandbox=sorted({r["sandbox"] for r in ledger.events("run") if r.get("sandbox")}) if ledger else [],
+        altered=ledger.altered() if ledger else None,
         noise_sigma=noise[-1]["noise_sigma"] if noise else None, noise_dof=noise[-1]["noise_dof"] if noise else None,
         baseline=baseline, best=best, improvement=None if improvement is None else round(improvement, 6),
         improvement_pct=None if improvement is None else round(100 * improvement / baseline["val_bpb"], 3),
@@ -155,6 +157,10 @@ def print_report(s, source):
               f"degrees of freedom); keep rule {s['keep_rule']}")
     if s["holdout"]:
         print(f"holdout      {holdout.holdout_text(s['holdout'])}")
+    for line in s["sandbox"]:
+        print(f"sandbox      {line}")
+    if s["altered"]:
+        print(f"WARNING      the ledger was changed after the loop wrote it: {s['altered']}; do not trust this report")
     if s["seconds"] is None:
         print("time, cost   unknown: results.tsv does not record them (the tag's ledger does)")
     else:

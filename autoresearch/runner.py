@@ -1,9 +1,10 @@
 """
 One run of train.py under the harness, and what its log says.
 
-The run is `python -c "import prepare; prepare.attested_run('train.py')"` in a fresh folder holding only train.py
-and prepare.py (run_in_folder, here and on a Ray node alike), in its own process group with a hard time limit; on
-timeout or interrupt its whole process tree is killed (psutil). The driver reads the summary block after the last
+The run is `python train.py` in a fresh folder holding only train.py and prepare.py, and beside it the scorer
+(scorer.py, in a folder of its own with the driver's harness), which alone reads the validation data, computes
+val_bpb and signs its record (run_in_folder, here and on a Ray node alike). Both run in their own process group
+with a hard time limit; on timeout or interrupt the run's whole process tree is killed (psutil). The driver reads the summary block after the last
 `---` line, the latest progress line while it trains, and a crashed run's log tail, fenced for the agent.
 """
 
@@ -13,6 +14,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,59 +24,92 @@ from pathlib import Path
 
 import psutil
 
-from autoresearch import integrity
+from autoresearch import integrity, sandbox, state
 from autoresearch.console import log
 
 LOG_TAIL_LINES, LOG_TAIL_CHARS = 50, 4000  # how much of a crashed run's log the agent sees
 PROGRESS_EVERY = 30  # seconds between two status lines of a run when the output is not a terminal
-TRAIN_COMMAND = "import prepare; prepare.attested_run('train.py')"  # the harness first, then train.py as __main__
+SCORER_FD = "AUTORESEARCH_SCORER_FD"  # names train.py's end of the socket to the scorer (prepare.SCORER_FD)
+SCORER_GRACE = 30  # seconds the scorer may take to write its record once train.py has ended
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)  # kept from a run's env
 
 # -----------------------------------------------------------------------------
 # Running
 
 
-def run_in_folder(train_source, prepare_source, key_hex, timeout, pid_path, split="val", log_path=None, cache=None,
+def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val", log_path=None, cache=None,
                   env=None, check=None, on_start=None):
-    """One run of train_source in a fresh folder, against the prepared cache (None: this machine's), evaluate_bpb
-    scoring `split` and signing with key_hex; what the run leaves goes with the folder. check(prepare_py, cache)
-    raises when the folder's harness is not the driver's (on a Ray node); on_start(process): the run has started.
-    Returns returncode (None: killed at the limit), seconds, log, record (its text, or None), changed (of the
-    harness)."""
+    """One run of train_source in a fresh folder, against the prepared cache (None: this machine's), the scorer
+    scoring `split` and signing with key_hex; what the run leaves goes with the folder. harness: {name: source} of
+    prepare.py and scorer.py. check(prepare_py, cache) raises when the folder's harness is not the driver's (on a
+    Ray node); on_start(process): the run has started. Returns returncode (None: killed at the limit), seconds,
+    log, record (its text, or None), changed (of the harness)."""
     cache, root = Path(cache) if cache else integrity.cache_dir(), Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
-    work, record_path = root / "task", root / "record.json"  # the run works in task/; its record lies beside it
-    work.mkdir()
-    log_path = Path(log_path or work / "run.log")
-    request = json.dumps({"record": str(record_path), "key": key_hex, **({"split": split} if split != "val" else {})})
+    # train.py works in task/ with its own temp folder tmp/; the scorer in scorer/, with the driver's harness
+    work, private_tmp, scoring = root / "task", root / "tmp", root / "scorer"
+    log_path = Path(log_path or root / "run.log")
     try:
+        private_tmp.mkdir()
+        for folder, names in ((work, ("prepare.py",)), (scoring, integrity.HARNESS)):
+            folder.mkdir()
+            for name in names:
+                (folder / name).write_text(harness[name])
         (work / "train.py").write_text(train_source)
-        (work / "prepare.py").write_text(prepare_source)
         if check:
-            check(work / "prepare.py", cache)
-        before = integrity.harness_fingerprint(work / "prepare.py", cache)
+            check(scoring, cache)
+        before = {folder: integrity.harness_fingerprint(folder, cache) for folder in (work, scoring)}
+        confined, words = confinement(work, private_tmp, cache, env or os.environ)
         kept = {k: v for k, v in (env or os.environ).items() if not SECRET.search(k) and k not in ("PWD", "OLDPWD")}
         env = {**kept, "AUTORESEARCH_CACHE": str(cache)}  # train.py is code a model wrote: no key, token, password
-        returncode, seconds = run_training(log_path, timeout, pid_path, request + "\n", work, env, on_start)
-        changed = integrity.fingerprint_changes(before, integrity.harness_fingerprint(work / "prepare.py", cache))
-        record = record_path.read_text() if record_path.exists() else None
+        private = {name: str(private_tmp) for name in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "TRITON_CACHE_DIR",
+                                                       "TORCHINDUCTOR_CACHE_DIR")}  # where libraries write
+        returncode, seconds, record = run_training(log_path, timeout, pid_path, work, scoring, env, key_hex, split,
+                                                   on_start, confined, private)
+        changed = sorted({name for folder in (work, scoring) for name in integrity.fingerprint_changes(
+            before[folder], integrity.harness_fingerprint(folder, cache))})
         log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return dict(returncode=returncode, seconds=seconds, log=log_text, record=record, changed=changed)
+    return dict(returncode=returncode, seconds=seconds, log=log_text, record=record, changed=changed,
+                sandbox=words)
 
 
-def run_training(log_path, timeout, pid_path, request, cwd, env=None, on_start=None):
-    """Run train.py under the harness in cwd, output to log_path, `request` (the attestation's key and path) on its
-    stdin; kill its process tree on timeout or interrupt. Returns (exit code, or None when killed at the limit;
-    seconds). pid_path (if any) names the run and its folder while it goes, for kill_leftover_training."""
+def confinement(work, private_tmp, cache, env):
+    """(command, words): `python train.py` in the sandbox this machine offers, writing only to work and private_tmp
+    and reading no validation data of the cache; and that sandbox in words, with what it lacks."""
+    denied, caveat = integrity.validation_files(cache)
+    denied.append(state.STATE_ROOT.resolve())  # the ledger's key, the runs' logs: the driver's alone
+    run_policy, caveats = sandbox.policy(work, private_tmp, denied, env)
+    found = sandbox.probe()
+    return (sandbox.wrap([sys.executable, "train.py"], run_policy, found),
+            sandbox.describe(found, caveats + ([caveat] if caveat else [])))
+
+
+def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split="val", on_start=None, command=None,
+                 train_env=None):
+    """Run train.py in cwd (`command`, by default `python train.py`, with `train_env` added to env) and the scorer
+    (scorer.py in `scoring`) beside it, both writing to log_path; kill the run's process tree on timeout or
+    interrupt. Returns (exit code, or None when killed at the limit; seconds; the scorer's last record line or
+    None). pid_path (if any) names the run and its folder while it goes, for kill_leftover_training."""
+    ours, theirs = socket.socketpair()
     started = time.time()
     own_group = {"start_new_session": True} if os.name == "posix" else {
         "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-c", TRAIN_COMMAND], stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.PIPE, cwd=cwd, env=env, **own_group)
+    with open(log_path, "ab") as log_file:
+        scorer = subprocess.Popen([sys.executable, "scorer.py"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=log_file, cwd=scoring, env=env, pass_fds=[ours.fileno()], **own_group)
+        process = subprocess.Popen(command or [sys.executable, "train.py"], stdout=log_file, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, cwd=cwd, pass_fds=[theirs.fileno()],
+                                   env={**env, **(train_env or {}), SCORER_FD: str(theirs.fileno())}, **own_group)
+    scorer.stdin.write(json.dumps({"key": key_hex, "fd": ours.fileno(), "split": split}).encode() + b"\n")
+    scorer.stdin.flush()
+    ours.close()
+    theirs.close()
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(scorer.stdout), daemon=True)
+    reader.start()
     if pid_path:
-        pid_path.write_text(f"{process.pid}\n{cwd}")
+        pid_path.write_text(f"{process.pid}\n{cwd}\n{scorer.pid}")
     if on_start:
         on_start(process)
     timed_out = threading.Event()
@@ -82,29 +117,34 @@ def run_training(log_path, timeout, pid_path, request, cwd, env=None, on_start=N
     timer = threading.Timer(timeout, lambda: (timed_out.set(), kill_tree(process.pid)))
     timer.start()
     try:
-        try:
-            process.stdin.write(request.encode())
-            process.stdin.close()
-        except BrokenPipeError:
-            pass  # it ended before reading: its exit code says why
         returncode = process.wait()
     finally:
         timer.cancel()
         if process.poll() is None:  # interrupted: Ctrl-C, SIGTERM
             kill_tree(process.pid)
             process.wait()
+        kill_tree(process.pid)  # what it left running in its group
+        scorer.stdin.close()  # the run is over: the scorer writes its record and ends
+        try:
+            scorer.wait(SCORER_GRACE)
+        except subprocess.TimeoutExpired:
+            kill_tree(scorer.pid)
+        reader.join(SCORER_GRACE)
         if pid_path:
             pid_path.unlink(missing_ok=True)
-    return (None if timed_out.is_set() else returncode), time.time() - started
+    records = [line for line in lines if line.strip()]
+    return (None if timed_out.is_set() else returncode), time.time() - started, (
+        records[-1].decode(errors="replace") if records else None)
 
 
 def kill_tree(pid):
-    """Kill a process and every process it started (data loader workers, compile workers), at once."""
+    """Kill a process and every process it started (data loader workers, compile workers), at once: also those
+    left in its process group after it ended."""
     try:
         root = psutil.Process(pid)
         tree = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return  # it has just ended
+        tree = []
     if os.name == "posix":  # also what left the tree but kept the run's process group
         try:
             os.killpg(pid, signal.SIGKILL)
@@ -119,21 +159,25 @@ def kill_tree(pid):
 
 
 def kill_leftover_training(pid_path):
-    """A driver killed with SIGKILL leaves its train.py running, and its folder: stop it and remove that."""
+    """A driver killed with SIGKILL leaves its train.py and scorer running, and their folder: stop them, remove it."""
     try:
-        pid, folder = (pid_path.read_text().splitlines() + ["", ""])[:2]
+        train_pid, folder, scorer_pid = (pid_path.read_text().splitlines() + ["", "", ""])[:3]
     except FileNotFoundError:
         return
-    try:
-        process = psutil.Process(int(pid))
-        # the run this file names: started before the file was written (a recycled pid is younger), and ours
-        if process.create_time() <= pid_path.stat().st_mtime + 1 and TRAIN_COMMAND in " ".join(process.cmdline()):
-            log(f"killing train.py (pid {pid}) left running by the previous driver")
-            kill_tree(int(pid))
-    except (ValueError, psutil.Error):
-        pass
-    if Path(folder).parent.name.startswith("autoresearch-run-"):  # its task folder and record
-        shutil.rmtree(Path(folder).parent, ignore_errors=True)
+    root = Path(folder).parent
+    for pid in (train_pid, scorer_pid):
+        try:
+            process = psutil.Process(int(pid))
+            # the run this file names: started before the file was written (a recycled pid is younger), in its folder
+            if (process.create_time() <= pid_path.stat().st_mtime + 1
+                    and Path(process.cwd()).parent == root and root.name.startswith("autoresearch-run-")):
+                log(f"killing {'train.py' if pid == train_pid else 'the scorer'} (pid {pid}) left running by the "
+                    "previous driver")
+                kill_tree(int(pid))
+        except (ValueError, psutil.Error, OSError):
+            pass
+    if root.name.startswith("autoresearch-run-"):  # its folders, log and record
+        shutil.rmtree(root, ignore_errors=True)
     pid_path.unlink(missing_ok=True)
 
 

@@ -41,7 +41,7 @@ class RunKey:
 class Request:
     """What an executor needs for a run: the sources, its attestation key, where its log goes."""
     train_source: str
-    prepare_source: str
+    harness: dict  # {name: source} of integrity.HARNESS
     key_hex: str
     timeout: float
     split: str
@@ -109,7 +109,7 @@ class LocalExecutor:
 
         def watch():
             try:
-                result = runner.run_in_folder(request.train_source, request.prepare_source, request.key_hex,
+                result = runner.run_in_folder(request.train_source, request.harness, request.key_hex,
                                               request.timeout, self.state_dir / f"train-{slot}.pid", request.split,
                                               request.log_path, env=env,
                                               on_start=lambda process: self.started(key, process))
@@ -170,7 +170,7 @@ class LocalExecutor:
 def problems_before(night, commit):
     """Why the commit must not run (the static checks, the allowlist); stops the night if the harness changed."""
     if changed := integrity.fingerprint_changes(night.fingerprint, integrity.harness_fingerprint()):
-        fail(f"prepare.py or the prepared cache changed since tag {night.args.tag} started ({', '.join(changed)}): "
+        fail(f"the harness (prepare.py, scorer.py) or the prepared cache changed since tag {night.args.tag} started ({', '.join(changed)}): "
              "its results are no longer comparable. Restore them, or start a new --tag.")
     problems = integrity.static_problems(state.file_at(night.repo, commit, "train.py"))
     best = night.ledger.best()
@@ -206,7 +206,8 @@ def assess(night, key, result, problems=()):
     ok = returncode == 0 and "val_bpb" in metrics and val_bpb is not None and math.isfinite(val_bpb) and not problems
     run.update(seconds=round(seconds, 1), returncode=returncode, timed_out=returncode is None, ok=ok,
                val_bpb=val_bpb, metrics=metrics, problems=problems,
-               log_tail="" if ok else runner.log_tail(result["log"]), attestation=record, worker=result["worker"])
+               log_tail="" if ok else runner.log_tail(result["log"]), attestation=record, worker=result["worker"],
+               sandbox=result.get("sandbox"))
     return night.record(event="run" if key.split == "val" else "holdout_run", **run)
 
 
@@ -227,14 +228,15 @@ class Runs:
         night = self.night
         if key.commit not in self.checked:
             self.checked[key.commit] = (problems_before(night, key.commit),
-                                        *(state.file_at(night.repo, key.commit, name) for name in ("train.py",
-                                                                                                 "prepare.py")))
-        problems, train_source, prepare_source = self.checked[key.commit]
+                                        state.file_at(night.repo, key.commit, "train.py"),
+                                        {name: state.file_at(night.repo, key.commit, name)
+                                         for name in integrity.HARNESS})
+        problems, train_source, harness = self.checked[key.commit]
         if problems:
             log(f"#{key.experiment} not run, invalid: {'; '.join(problems)}")
             self.refused.append(assess(night, key, None, problems))
             return
-        request = Request(train_source, prepare_source, secrets.token_hex(32), night.timeout, key.split,
+        request = Request(train_source, harness, secrets.token_hex(32), night.timeout, key.split,
                           log_path_of(night, key))
         self.executor.submit(key, request)
         self.out[key] = (request, tries)

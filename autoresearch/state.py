@@ -9,6 +9,7 @@ steer.md, untracked, is the researcher's guidance to the agent, read before each
 """
 
 import datetime
+import hmac
 import json
 import os
 import re
@@ -186,7 +187,10 @@ def read_steering(path=STEER_FILE):
 # The ledger
 
 class Ledger:
-    """The tag's ledger.jsonl as records, and the questions the loop and the report ask of them."""
+    """The tag's ledger.jsonl as records, and the questions the loop and the report ask of them.
+
+    Each record the loop writes is sealed: an HMAC of it and of the record before it, under the tag's ledger.key
+    (which train.py's sandbox cannot read), so that `altered()` finds a record changed, or removed, afterwards."""
 
     def __init__(self, path=None, records=None):
         self.path = path
@@ -194,10 +198,38 @@ class Ledger:
         self.by_event = {}  # event: its records, in order (the loop asks many times a second)
         for record in self.records:
             self.by_event.setdefault(record["event"], []).append(record)
+        self.key_path = path.with_name("ledger.key") if path else None
+
+    def key(self, create=False):
+        if self.key_path is None:
+            return None
+        try:
+            return bytes.fromhex(self.key_path.read_text())
+        except (FileNotFoundError, ValueError):
+            if not create:
+                return None
+        self.key_path.touch(mode=0o600)
+        self.key_path.write_text(os.urandom(32).hex())
+        return self.key()
+
+    def altered(self):
+        """Where the ledger was changed after the loop wrote it ("record N (event at time)"), or None."""
+        key, previous = self.key(), ""
+        for number, record in enumerate(self.records, 1):
+            if "seal" not in record and not previous:
+                continue  # written before ledgers were sealed
+            if key is None:
+                return f"its key, {self.key_path}, is gone"
+            if record.get("seal") != seal(key, previous, record):
+                return f"record {number} ({record.get('event')} at {record.get('time')})"
+            previous = record["seal"]
+        return "its seals were removed" if key is not None and self.records and not previous else None
 
     def append(self, **record):
         record = {"time": datetime.datetime.now().isoformat(timespec="seconds"), **record}
         if self.path:
+            previous = next((r["seal"] for r in reversed(self.records) if "seal" in r), "")
+            record["seal"] = seal(self.key(create=True), previous, record)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
@@ -300,6 +332,11 @@ def plateau_streak(rows):
     """How many experiments in a row, since the last keep, were not kept."""
     kept = [i for i, r in enumerate(rows) if r["status"] == "keep"]
     return len(rows) - 1 - kept[-1] if kept else len(rows)
+
+
+def seal(key, previous, record):
+    body = json.dumps({k: v for k, v in record.items() if k != "seal"}, sort_keys=True)
+    return hmac.new(key, (previous + body).encode(), "sha256").hexdigest()[:32]
 
 
 def read_records(path):

@@ -1,15 +1,13 @@
 """
-What the wall-clock rule allows on this machine: runs the unmodified train.py under the harness, as
-agent_loop.py does (runner.run_in_folder), and prints each run's times and the limits its baseline would set.
+What a run costs and what the wall-clock rule allows on this machine: runs the unmodified train.py as agent_loop.py
+does (runner.run_in_folder: the scorer beside it, the sandbox around it) and prints each run's times.
 
     uv run dev/bench_wall_clock.py --runs 3           # with the prepared cache ($AUTORESEARCH_CACHE)
 
-Per run: total wall clock (the driver's clock), the training interval (the harness's clock, from the first
-training batch to the start of the evaluation), its start-up (the interval beyond TIME_BUDGET: compilation,
-the uncounted first steps, the last step's overshoot), the time outside it (imports, building the model,
-the evaluation, exit) and the median seconds between training batches. Then the limits of
-autoresearch.integrity.wall_clock_limits for a candidate with the same step time, as seconds and as a
-fraction of the budget.
+Per run: total wall clock (the driver's clock); when it asked for its evaluation (the scorer's clock, from the
+start); the evaluation's seconds (twice the tokens: the scored rows and their spliced copies, and one batch again),
+what train.py printed as its own training and total seconds, and the causality numbers. Then the limits of
+autoresearch.integrity.wall_clock_limits for a candidate.
 """
 
 import argparse
@@ -27,24 +25,27 @@ parser.add_argument("--runs", type=int, default=3)
 args = parser.parse_args()
 repo = Path(__file__).resolve().parent.parent
 budget = json.loads((integrity.cache_dir() / "manifest.json").read_text())["time_budget"]
+harness = {name: (repo / name).read_text() for name in integrity.HARNESS}
 
-timings, gaps = [], []
+timings, evaluations = [], []
 for run in range(1, args.runs + 1):
     key = secrets.token_bytes(32)
-    result = runner.run_in_folder((repo / "train.py").read_text(), (repo / "prepare.py").read_text(), key.hex(),
-                                  3600, None)
-    seconds = result["seconds"]
+    result = runner.run_in_folder((repo / "train.py").read_text(), harness, key.hex(), 3600, None)
     record, missing = integrity.verify_record(key, result["record"])
-    training = integrity.training_seconds(record)
-    if result["returncode"] != 0 or training is None:
-        sys.exit(f"run {run} failed ({missing or 'no evaluation'}):\n{result['log'][-4000:]}")
-    timings.append((seconds, training))
-    gaps.append(record["median_batch_gap"])
-    print(f"run {run}: total {seconds:.1f}s, training {training:.1f}s (start-up {training - budget:.1f}s), "
-          f"outside {seconds - training:.1f}s, median batch gap {record['median_batch_gap']:.3f}s, "
-          f"{record['train_batches']} batches, val_bpb {integrity.evaluation(record)['val_bpb']:.6f}", flush=True)
+    evaluated = integrity.evaluation(record)
+    if result["returncode"] != 0 or evaluated is None:
+        sys.exit(f"run {run} failed ({missing or record['problems']}):\n{result['log'][-4000:]}")
+    printed = runner.parse_summary(result["log"])
+    timings.append((result["seconds"], evaluated["requested"]))
+    evaluations.append(evaluated["seconds"])
+    print(f"run {run}: total {result['seconds']:.1f}s, asked for its evaluation at {evaluated['requested']:.1f}s, "
+          f"evaluation {evaluated['seconds']:.1f}s ({evaluated['tokens']} tokens scored, {evaluated['probes']} "
+          f"spliced rows, transport {evaluated['transport']}), train.py says training "
+          f"{printed.get('training_seconds', 0):.1f}s of {printed.get('total_seconds', 0):.1f}s; future influence "
+          f"{evaluated['future_influence']:.2g}, repeat {evaluated['repeat_difference']:.2g} nats; "
+          f"val_bpb {evaluated['val_bpb']:.6f}; sandbox: {result['sandbox']}", flush=True)
 
-training_limit, total_limit = integrity.wall_clock_limits(timings, budget, median(gaps))
-print(f"TIME_BUDGET {budget}s: a candidate may train {training_limit:.1f}s ({training_limit / budget - 1:+.0%} of the "
-      f"budget) and run {total_limit:.1f}s in all (median of {args.runs} runs: total "
-      f"{median(s for s, _ in timings):.1f}s, training {median(t for _, t in timings):.1f}s)")
+until, total = integrity.wall_clock_limits(timings, budget)
+print(f"TIME_BUDGET {budget}s: a candidate may ask for its evaluation at {until:.1f}s and run {total:.1f}s in all "
+      f"(medians of {args.runs} runs: total {median(s for s, _ in timings):.1f}s, asked at "
+      f"{median(r for _, r in timings):.1f}s, evaluation {median(evaluations):.1f}s)")

@@ -165,12 +165,21 @@ def hub():
 
 @pytest.fixture
 def stand_in(tmp_path, monkeypatch):
-    """The stand-in harness's source (tests/agent_loop_support/fake_prepare.py) and a cache it accepts, which
-    AUTORESEARCH_CACHE names."""
-    from stand_ins import stand_in_cache
+    """The stand-in harness's sources ({name: source}: fake_prepare.py, fake_scorer.py) and a cache it accepts,
+    which AUTORESEARCH_CACHE names."""
+    from stand_ins import FAKE_HARNESS, stand_in_cache
 
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(stand_in_cache(tmp_path / "cache")))
-    return (REPO / "tests" / "agent_loop_support" / "fake_prepare.py").read_text()
+    return FAKE_HARNESS
+
+
+@pytest.fixture
+def no_sandbox(monkeypatch):
+    """This machine as one without a sandbox for train.py (macOS, Windows, an old kernel): the checks behind it."""
+    from autoresearch import sandbox
+
+    monkeypatch.setattr(sandbox, "probe", lambda: {"landlock": 0, "namespaces": False,
+                                                   "missing": ["a sandbox (this test runs without one)"]})
 
 
 # --- the Night: agent_loop.py in a temp repository ----------------------------------------------
@@ -190,7 +199,7 @@ def night(tmp_path, pycache, monkeypatch):
     night = Night(tmp_path, llm, pycache, monkeypatch)
     yield night
     llm.close()
-    for pid in night.train_pids():  # a run a test left orphaned must not outlive it
+    for pid in filter(None, night.train_pids()):  # a run a test left orphaned must not outlive it
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

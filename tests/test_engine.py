@@ -11,7 +11,9 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 
+from autoresearch import sandbox
 from fake_llm import change
 from night_repo import AGENT_LOOP, BETTER, WORSE
 from processes import alive
@@ -35,19 +37,12 @@ def from_now_on_the_baseline(night, monkeypatch, mode, reply):
     return act
 
 
-def without(ledger_path, keep):
-    """Rewrite the ledger keeping only the records keep(record) accepts: the state a kill would have left."""
-    records = [json.loads(line) for line in ledger_path.read_text().splitlines()]
-    ledger_path.write_text("".join(json.dumps(r) + "\n" for r in records if keep(r)))
-
-
 def test_a_resumed_night_runs_exactly_the_pairs_a_kill_left_missing_and_ends(night):
     # Runs end out of order on workers: killed with the candidate's pairs {1, 2, 4} and the best's {1, 2, 3} back,
     # the night must run the candidate's pair 3 and the best's pair 4, once each, and decide.
     night.llm.script(change("lower val_bpb", BETTER))
     assert night.run("--max-experiments", "2").returncode == 0
-    ledger = night.repo / ".autoresearch/t/ledger.jsonl"
-    without(ledger, lambda r: r["event"] not in ("result", "stop") and not (
+    night.keep_records(lambda r: r["event"] not in ("result", "stop") and not (
         r["event"] in ("run", "run_started") and r["experiment"] == 1
         and (r["repeat"], r.get("reference", False)) in ((3, False), (4, True))))
     driver = night.start("--max-experiments", "2", "--workers", "2")
@@ -211,9 +206,21 @@ def test_a_baseline_that_failed_runs_again_once_the_setup_is_fixed(night, monkey
     assert [row[3:] for row in night.rows()] == [["keep", "baseline"]]
 
 
-def test_a_run_that_writes_into_the_repository_stops_the_night(night):
-    writes = ('MODE = "ok"', f'MODE = "ok"\nopen({str(night.repo / "program.md")!r}, "a").write("x")')
-    night.llm.script(change("write into the repository", writes))
+def writes_into_the_repository(night):
+    return change("write into the repository",
+                  ('MODE = "ok"', f'MODE = "ok"\nopen({str(night.repo / "program.md")!r}, "a").write("x")'))
+
+
+@pytest.mark.skipif(not sandbox.probe()["landlock"], reason="no Landlock on this machine")
+def test_a_run_cannot_write_into_the_repository(night):
+    night.llm.script(writes_into_the_repository(night))
+    assert night.run("--max-experiments", "2", "--keep-rule", "greedy", "--max-fix-attempts", "0").returncode == 0
+    assert [r["status"] for r in events(night, "result")][1:] == ["crash"] and night.is_clean()
+    assert "PermissionError" in events(night, "run")[-1]["log_tail"]
+
+
+def test_without_a_sandbox_a_run_that_writes_into_the_repository_stops_the_night(night, no_sandbox):
+    night.llm.script(writes_into_the_repository(night))
     result = night.run("--max-experiments", "2", "--keep-rule", "greedy")
     assert result.returncode == 1 and "tracked files of the repository changed during the night (program.md)" \
         in result.stderr and "git diff" in result.stderr

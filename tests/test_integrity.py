@@ -1,15 +1,17 @@
 """Integrity of the metric: each concrete bad edit ends as status `invalid`, never as keep.
 Against accidents, not an adversary. agent_loop.main() in a temp repository, CPU only."""
 
+import hmac
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from autoresearch import integrity, runner
+import agent_loop
+
+from autoresearch import integrity, runner, sandbox
 from fake_llm import change
 from night_repo import BETTER, FAKE_PREPARE, ROOT
 
@@ -64,9 +66,20 @@ def test_a_run_that_changes_prepare_py_is_invalid_and_prepare_py_is_restored(nig
     assert (night.repo / "prepare.py").read_text() == FAKE_PREPARE and night.is_clean()
 
 
-def test_a_run_that_changes_the_prepared_cache_is_invalid_and_the_tag_cannot_go_on(night):
-    write = "open(os.environ['AUTORESEARCH_CACHE'] + '/manifest.json', 'a').write(' ')"
-    night.llm.script(change("cache something", (CRASH_THEN, CRASH_THEN + "\n" + write)))
+WRITES_THE_CACHE = "open(os.environ['AUTORESEARCH_CACHE'] + '/manifest.json', 'a').write(' ')"
+
+
+@pytest.mark.skipif(not sandbox.probe()["landlock"], reason="no Landlock on this machine")
+def test_a_run_cannot_change_the_prepared_cache(night):
+    night.llm.script(change("cache something", (CRASH_THEN, CRASH_THEN + "\n" + WRITES_THE_CACHE)))
+    assert night.run("--max-experiments", "2", "--max-fix-attempts", "0").returncode == 0
+    assert statuses(night) == ["crash"] and night.is_clean()
+    assert "PermissionError" in [r for r in night.ledger() if r["event"] == "run"][-1]["log_tail"]
+
+
+def test_without_a_sandbox_a_run_that_changes_the_prepared_cache_is_invalid_and_the_tag_cannot_go_on(night,
+                                                                                                     no_sandbox):
+    night.llm.script(change("cache something", (CRASH_THEN, CRASH_THEN + "\n" + WRITES_THE_CACHE)))
     result = night.run("--max-experiments", "3")
     assert result.returncode == 1 and "experiment 1 changed the prepared cache (manifest.json)" in result.stderr
     assert statuses(night) == ["invalid"] and "the run changed manifest.json" in reasons(night)[0]
@@ -101,39 +114,33 @@ def test_a_cache_prepared_again_between_runs_of_a_tag_stops_it_before_any_run(ni
 
 
 def test_a_run_that_trains_longer_than_the_budget_allows_is_invalid(night):
-    # budget 1 s; the fake harness's clock starts as the first training batch: 2.5 s of "training"
-    night.llm.script(change("train longer", ("print(\"---\")", "time.sleep(2.5)\nprint(\"---\")")))
+    # budget 1 s; the stand-in scorer's clock starts with the run: 6 s more than the baseline's, over the 5 s allowed
+    night.llm.script(change("train longer", ("print(\"---\")", "time.sleep(6)\nprint(\"---\")")))
     assert night.run("--max-experiments", "2").returncode == 0
-    assert statuses(night) == ["invalid"] and "it trained for 2." in reasons(night)[0]
+    assert statuses(night) == ["invalid"] and "it asked for its evaluation 6." in reasons(night)[0]
 
 
 # -----------------------------------------------------------------------------
-# What the harness attests (the fake harness speaks the real one's protocol)
+# What the scorer attests (the stand-in speaks the real one's protocol)
 
 PRINTED = 'print(f"val_bpb:          {evaluate_bpb(VAL_BPB):.6f}")'
 
 
 @pytest.mark.parametrize("edit, reason", [
     ((PRINTED, PRINTED.replace("evaluate_bpb(VAL_BPB)", "evaluate_bpb(VAL_BPB) * 0.5")),
-     "train.py printed val_bpb 0.500000, but evaluate_bpb measured 1.000000"),
+     "train.py printed val_bpb 0.500000, but the scorer measured 1.000000"),
     ((PRINTED, PRINTED.replace("evaluate_bpb(VAL_BPB)", "VAL_BPB if MODE else evaluate_bpb(VAL_BPB)")),
-     "train.py printed a val_bpb, but evaluate_bpb never finished an evaluation"),
-    ((PRINTED, "evaluate_bpb(0.5)\n" + PRINTED), "evaluate_bpb ran 2 times"),
-    ((PRINTED, PRINTED + "\nimport atexit, glob, tempfile\natexit.register(lambda: [os.remove(p) for p in glob.glob("
-                "os.path.join(tempfile.gettempdir(), 'autoresearch-run-*', 'record.json'))])"),
-     "the harness wrote no record of the run"),
-    ((PRINTED, PRINTED + "\nimport atexit, glob, tempfile\natexit.register(lambda: [open(p, 'w').write("
-                "'{\"record\": {}, \"hmac\": \"0\"}') for p in glob.glob("
-                "os.path.join(tempfile.gettempdir(), 'autoresearch-run-*', 'record.json'))])"),
-     "does not verify: it was altered"),
+     "train.py printed a val_bpb, but the scorer never finished an evaluation"),
+    ((PRINTED, "evaluate_bpb(0.5)\ntry:\n    evaluate_bpb(0.5)\nexcept ValueError:\n    pass\n" + PRINTED),
+     "evaluate_bpb was called again"),
+    # train.py looks for its scorer (the run's folder beside its own) to stop it: without a sandbox it finds it
+    ((PRINTED, "import psutil, signal\nfor p in psutil.process_iter(['cwd']):\n"
+               "    if p.info['cwd'] == os.path.join(os.path.dirname(os.getcwd()), 'scorer'):\n"
+               "        p.send_signal(signal.SIGKILL)\n"
+               + PRINTED.replace("evaluate_bpb(VAL_BPB)", "VAL_BPB if psutil else evaluate_bpb(VAL_BPB)")),
+     "the scorer never finished an evaluation" if sandbox.probe()["namespaces"] else "the scorer wrote no record"),
 ])
-def test_a_result_the_harness_does_not_attest_is_invalid(night, edit, reason, monkeypatch):
-    # Some of these edits tamper with every record in the temp dir: a temp dir of this test's own, so that they
-    # cannot reach the records of tests running beside it (the driver's and train.py's temp dir alike).
-    own = night.tmp / "tmp"
-    own.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(own))
-    monkeypatch.setenv("TMPDIR", str(own))
+def test_a_result_the_scorer_does_not_attest_is_invalid(night, edit, reason):
     night.llm.script(change("report a better number", edit))
     assert night.run("--max-experiments", "2", "--keep-rule", "greedy").returncode == 0
     assert statuses(night) == ["invalid"] and reason in reasons(night)[0]
@@ -157,27 +164,37 @@ def test_the_number_kept_is_the_harness_s_not_the_printout(night):
     assert [r["val_bpb"] for r in runs] == [r["attestation"]["evaluations"][0]["val_bpb"] for r in runs] == [1.0, 0.99]
 
 
+def test_a_tag_whose_ledger_was_changed_afterwards_does_not_go_on_and_its_report_warns(night, capsys):
+    night.llm.script(change("lower val_bpb", BETTER))
+    assert night.run("--max-experiments", "2", "--keep-rule", "greedy").returncode == 0
+    ledger = night.repo / ".autoresearch" / "t" / "ledger.jsonl"
+    ledger.write_text(ledger.read_text().replace('"status": "discard"', '"status": "keep"', 1).replace(
+        '"val_bpb": 0.99', '"val_bpb": 0.5', 1))
+    result = night.run("--max-experiments", "3")
+    assert result.returncode == 1 and "ledger.jsonl was changed after the loop wrote it: record" in result.stderr
+    capsys.readouterr()
+    assert agent_loop.main(["report", "--tag", "t"]) == 0
+    assert "WARNING      the ledger was changed after the loop wrote it: record" in capsys.readouterr().out
+
+
 # -----------------------------------------------------------------------------
 # Edits of the real train.py that game the metric, run under the real harness on the tiny cache
 
 GAMING_EDITS = [  # (description, search, replace, the reason the driver must give)
     ("report half the val_bpb", 'print(f"val_bpb:          {val_bpb:.6f}")',
-     'print(f"val_bpb:          {val_bpb * 0.5:.6f}")', "but evaluate_bpb measured"),
-    ("train on the val split", '"train", device=device)', '"va" + "l", device=device)', "opened the val split"),
-    # eight budgets, not three: the allowance grows with the baseline's step time, and on this 2-core machine
-    # under load a step of the tiny model took 4 s instead of 0.12 s (dev/LOG.md, 2026-12-01)
-    ("train for eight budgets", "training_time += dt", "training_time += dt / 8", "it trained for"),
+     'print(f"val_bpb:          {val_bpb * 0.5:.6f}")', "but the scorer measured"),
+    ("train for eight budgets", "training_time += dt", "training_time += dt / 8", "it asked for its evaluation"),
     ("attend to the future", "is_causal=True", "is_causal=False", "looks at future tokens"),
 ]
 
 
 @pytest.mark.slow
 def test_each_edit_of_the_real_train_py_that_games_the_metric_is_invalid(night, tiny_cache):
-    for name in ("prepare.py", "train.py"):
+    for name in (*integrity.HARNESS, "train.py"):
         shutil.copy(ROOT / name, night.repo / name)
     night.git("commit", "-qam", "the real harness and train.py")
     night.llm.script(*(change(description, (search, replace)) for description, search, replace, _ in GAMING_EDITS))
-    result = night.run("--max-experiments", "5", "--keep-rule", "greedy", "--timeout", "120")
+    result = night.run("--max-experiments", str(1 + len(GAMING_EDITS)), "--keep-rule", "greedy", "--timeout", "120")
     assert result.returncode == 0, result.stdout + result.stderr
     assert night.rows()[0][3:] == ["keep", "baseline"]  # the honest baseline
     for row, reason, (description, *_, expected) in zip(night.rows()[1:], reasons(night), GAMING_EDITS):
@@ -190,11 +207,19 @@ def test_each_edit_of_the_real_train_py_that_games_the_metric_is_invalid(night, 
 CONSTANTS = {"max_seq_len": 64, "eval_tokens": 4096}
 
 
-def attested(val_bpb=1.0, batch_size=8, tokens=4096, evaluations=1, causal=True):
-    evaluation = {"started": 3.0, "seconds": 0.1, "val_bpb": val_bpb, "batch_size": batch_size, "seq_len": 64,
-                  "tokens": tokens, "bytes": 9000, "future_influence": 0.0 if causal else 2.0, "causal": causal}
-    return {"loaders": [], "train_batches": 10, "first_train_batch": 1.0, "median_batch_gap": 0.1,
-            "evaluations": [evaluation] * evaluations, "violations": []}
+def attested(val_bpb=1.0, batch_size=8, tokens=4096, requested=3.0):
+    evaluation = {"split": "val", "requested": requested, "seconds": 0.1, "val_bpb": val_bpb, "batch_size": batch_size,
+                  "seq_len": 64, "tokens": tokens, "bytes": 9000, "future_influence": 0.0, "probes": 64,
+                  "repeat_difference": 0.0, "transport": "shared memory"}
+    return {"format": 2, "split": "val", "evaluations": [evaluation], "problems": []}
+
+
+def test_a_record_changed_after_the_scorer_signed_it_does_not_verify():
+    key, record = bytes(32), attested()
+    signed = {"record": record, "hmac": hmac.new(key, json.dumps(record, sort_keys=True).encode(), "sha256").hexdigest()}
+    assert integrity.verify_record(key, json.dumps(signed)) == (record, None)
+    signed["record"]["evaluations"][0]["val_bpb"] = 0.5
+    assert integrity.verify_record(key, json.dumps(signed))[1].endswith("does not verify: it was altered")
 
 
 def test_an_evaluation_of_fewer_tokens_than_eval_tokens_gives_is_a_changed_harness():
@@ -208,17 +233,20 @@ def test_a_crash_claims_nothing_and_breaks_no_rule_even_without_a_record():
     assert integrity.record_problems(None, "no record", 0, 1.0, CONSTANTS) == ["no record"]
 
 
-def test_the_wall_clock_limits_scale_with_the_baselines_own_start_up_and_overhead():
-    # a 300 s budget: the baseline trained 315 s (15 s of compilation and uncounted steps) in a 330 s run
-    training, total = integrity.wall_clock_limits([(330.0, 315.0), (329.0, 314.0)], 300, batch_gap=0.3)
-    assert training == pytest.approx(300 + 2 * 15 + 2 * 0.3 + 0.02 * 300)
-    assert total == pytest.approx(training + 2 * 15)
-    record = attested()
-    record["first_train_batch"], record["evaluations"][0]["started"] = 10.0, 10.0 + 3 * 300  # three budgets
-    [problem] = integrity.wall_clock_problems(330.0, record, [(330.0, 315.0)], 300)
-    assert problem.startswith("it trained for 900.0s")
-    [problem] = integrity.wall_clock_problems(900.0, attested(), [(330.0, 315.0)], 300)  # trained before batch 1
-    assert problem.startswith("the run took 900s of wall clock")
+def test_a_run_may_ask_for_its_evaluation_5_percent_of_the_budget_after_the_slowest_baseline_run():
+    # a 300 s budget: the baseline asked after 380 s (compilation and imports included), then 345 s
+    baseline = [(400.0, 380.0), (360.0, 345.0)]
+    until, total = integrity.wall_clock_limits(baseline, 300)
+    assert until == 380 + 15 and total == until + 2 * 20  # its evaluation may take twice the baseline's
+    assert integrity.wall_clock_problems(410.0, attested(requested=394.0), baseline, 300) == []
+    [problem] = integrity.wall_clock_problems(410.0, attested(requested=396.0), baseline, 300)
+    assert problem.startswith("it asked for its evaluation 396.0s after it started, over the 395.0s")
+    [problem] = integrity.wall_clock_problems(436.0, attested(), baseline, 300)
+    assert problem.startswith("the run took 436s of wall clock")
+
+
+def test_a_short_budget_allows_5_seconds_of_start_up_jitter():
+    assert integrity.wall_clock_limits([(40.0, 35.0)], 30)[0] == 35 + 5
 
 
 # -----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def noisy(night, monkeypatch):
     shutil.copy(SUPPORT / "noisy_train.py", night.repo / "train.py")
     night.git("commit", "-qam", "noisy train.py")
     for name, value in dict(NOISY_TRAIN_SEED="7", NOISY_TRAIN_SIGMA=str(SIGMA),
-                            NOISY_TRAIN_RUNS=str(night.tmp / "noisy_runs")).items():
+                            NOISY_TRAIN_RUNS=str(night.tmp / "shared" / "noisy_runs")).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setitem(agent_loop.AGENTS, "scripted", Scripted)
     monkeypatch.setitem(agents.DEFAULT_MODELS, "scripted", None)

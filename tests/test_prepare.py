@@ -252,7 +252,7 @@ def test_val_stream_is_token_for_token_the_spec_algorithm(climbmix):
 
 
 def make_dataloader_batches(tokenizer, B, T, split, n):
-    loader = prepare.make_dataloader(tokenizer, B, T, split, device="cpu")
+    loader = prepare._loader(B, T, split, device="cpu")
     return [next(loader) for _ in range(n)]
 
 
@@ -265,8 +265,14 @@ def test_every_row_starts_with_bos_and_targets_are_inputs_shifted(prepare_module
 
 
 def make_dataloader_batches_for(module, tokenizer, B, T, split, n):
-    loader = module.make_dataloader(tokenizer, B, T, split, device="cpu")
+    loader = module._loader(B, T, split, device="cpu")  # make_dataloader's, for any split
     return [next(loader) for _ in range(n)]
+
+
+@pytest.mark.parametrize("split", ["val", "holdout"])
+def test_train_py_s_loader_reads_the_train_split_only(prepare_module, split):
+    with pytest.raises(ValueError, match="the validation data is read by the scorer process alone"):
+        prepare_module.make_dataloader(None, 8, 64, split, device="cpu")
 
 
 def test_rows_are_whole_documents_then_one_cropped_document_with_no_padding(prepare_module, tiny_corpus):
@@ -346,7 +352,7 @@ def pack_like_prepare(doc_batches, B, T):
     try:
         prepare._require_manifest = lambda: {"tokenizer_sha256": "", "vocab_size": 512, "split_tokens": 0, "splits": {"val": {"parts": ["p"]}}}
         prepare._load_part = lambda *a: (tokens, doc_offsets, batch_offsets)
-        x, y, _ = next(prepare.make_dataloader(None, B, T, "val", device="cpu"))
+        x, y, _ = next(prepare._loader(B, T, "val", device="cpu"))
     finally:
         prepare._load_part, prepare._require_manifest = original
     return torch.cat([x, y[:, -1:]], dim=1)[0].tolist()
@@ -434,21 +440,46 @@ def test_a_model_that_looks_at_future_tokens_is_refused(prepare_module):
         prepare_module.evaluate_bpb(PeeksAhead(tokenizer.get_vocab_size()), tokenizer, batch_size=8)
 
 
-class PeeksAheadAfterItsFirstCall(PeeksAhead):
-    """Causal on the first batch only: a check of batch 0 alone would pass it."""
+class PeeksAheadOnOneBatch(PeeksAhead):
+    """Causal except on its fifth call: a check of some batches only would pass it."""
 
     calls = 0
 
     def forward(self, x, y=None, reduction="mean"):
         self.calls += 1
-        return super().forward(x) if self.calls > 2 else self.scale * 0 * x[..., None].float().expand(-1, -1, self.vocab_size)
+        return super().forward(x) if self.calls == 5 else 0 * super().forward(x)
 
 
-def test_the_causality_check_looks_at_a_batch_train_py_cannot_predict(prepare_module, monkeypatch):
+class PeeksAheadButNotAtTheMiddle(PeeksAhead):
+    """Looks ahead at every position but the one a probe splicing at T/2 would compare last."""
+
+    def forward(self, x, y=None, reduction="mean"):
+        logits = super().forward(x)
+        logits[:, x.shape[1] // 2 - 1] = 0
+        return logits
+
+
+@pytest.mark.parametrize("model", [PeeksAheadOnOneBatch, PeeksAheadButNotAtTheMiddle])
+def test_every_batch_carries_probes_a_model_cannot_predict(prepare_module, model):
     tokenizer = prepare_module.Tokenizer.from_directory()
-    monkeypatch.setattr(prepare_module.random.SystemRandom, "randrange", lambda self, n: n - 1)  # the last batch
     with pytest.raises(prepare_module.NonCausalModelError, match="looks at future tokens"):
-        prepare_module.evaluate_bpb(PeeksAheadAfterItsFirstCall(tokenizer.get_vocab_size()), tokenizer, batch_size=8)
+        prepare_module.evaluate_bpb(model(tokenizer.get_vocab_size()), tokenizer, batch_size=8)
+
+
+class LearnsWhileEvaluated(FixedLogits):
+    """Dynamic evaluation: after each batch, a step towards the tokens it was shown (which hold the targets)."""
+
+    def forward(self, x, y=None, reduction="mean"):
+        logits = super().forward(x)
+        counts = torch.bincount(x.flatten(), minlength=self.logits.shape[0]).float()
+        self.logits.data += counts / counts.sum()
+        return logits
+
+
+def test_a_model_that_changes_while_it_is_evaluated_is_refused(prepare_module):
+    tokenizer = prepare_module.Tokenizer.from_directory()
+    with pytest.raises(ValueError, match="changed (between two batches|while it was evaluated)"):
+        prepare_module.evaluate_bpb(LearnsWhileEvaluated(torch.zeros(512)), tokenizer, batch_size=8)
 
 
 def test_eval_batch_larger_than_eval_tokens_is_a_clear_error(prepare_module):

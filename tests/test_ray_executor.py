@@ -1,7 +1,7 @@
 """autoresearch/ray_executor.py on a Ray cluster of one head node with 3 CPU slots on 127.0.0.1, started with
 `ray start` once for the module (Ray takes ~10 s to start here; tests/agent_loop_support/ray_cluster.py), its temp
 dir, token and HOME in the test's folders. The runs are the stand-ins of tests/agent_loop_support under the fake
-harness (fake_prepare.py), against a small fake cache."""
+harness (fake_prepare.py, fake_scorer.py), against a small fake cache."""
 
 import dataclasses
 import json
@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from types import SimpleNamespace
 
 import psutil
@@ -21,21 +22,21 @@ import pytest
 from autoresearch import integrity, ray_executor, runs
 from conftest import REPO, TINY, run_prepare
 from ray_cluster import ray_head
+from stand_ins import FAKE_HARNESS, write_harness
 
 SUPPORT = REPO / "tests" / "agent_loop_support"
-FAKE_PREPARE = (SUPPORT / "fake_prepare.py").read_text()
 FAKE_TRAIN = (SUPPORT / "fake_train.py").read_text()
 
 
-def sleeping_train(seconds, pids_file=None, child=False):
-    """A train.py that (records its pid, its parent's, and a child's it starts, then) sleeps, then reports."""
+def sleeping_train(seconds, name="", child=False):
+    """A train.py that (runs on with `name` in its command line, and starts a child named so too, then) sleeps,
+    then reports. In its sandbox it cannot write a pid file, and its pid there is 1: the tests find it by name."""
     return f"""
 import os, subprocess, sys, time
 from prepare import evaluate_bpb
-started = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) if {child} else None
-if {pids_file is not None}:
-    with open({str(pids_file)!r}, "w") as f:
-        f.write(f"{{os.getpid()}} {{os.getppid()}} {{started.pid if started else 0}}")
+if {name!r} and sys.argv[1:] != [{name!r}]:
+    os.execv(sys.executable, [sys.executable, sys.argv[0], {name!r}])
+started = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", {name!r}]) if {child} else None
 time.sleep({seconds})
 print("---")
 print(f"val_bpb:          {{evaluate_bpb(1.0):.6f}}")
@@ -61,7 +62,7 @@ def ray_env(tmp_path_factory):
     of it and of prepare.py, and the SIGTERM handler that connect() left."""
     base = tmp_path_factory.mktemp("r")
     saved = dict(os.environ)  # connect() and ray.init() set RAY_* variables for this process: undone at the end
-    (base / "prepare.py").write_text(FAKE_PREPARE)
+    write_harness(base)
     cache = fake_cache(base / "cache")
     sigterm, cluster = signal.signal(signal.SIGTERM, on_sigterm), None
     with ray_head(base / "head") as head:
@@ -74,7 +75,7 @@ def ray_env(tmp_path_factory):
             ray.get([ray.remote(num_cpus=1)(lambda: time.sleep(1.0)).remote() for _ in range(3)])
             yield SimpleNamespace(cluster=cluster, head=head, base=base, cache=cache,
                                   sigterm=signal.getsignal(signal.SIGTERM),
-                                  fingerprint=integrity.portable_fingerprint(base / "prepare.py", cache))
+                                  fingerprint=integrity.portable_fingerprint(base, cache))
         finally:
             if cluster:
                 __import__("ray").shutdown()
@@ -88,8 +89,19 @@ def on_sigterm(signum, frame):
 
 
 def run(ray_env, train_source, key=None, timeout=30, cache=None):
-    return ray_executor.submit(ray_env.cluster, train_source, FAKE_PREPARE, ray_env.fingerprint,
+    return ray_executor.submit(ray_env.cluster, train_source, FAKE_HARNESS, ray_env.fingerprint,
                                (key or bytes(32)).hex(), timeout, str(cache or ray_env.cache))
+
+
+def named(name, count, timeout=60):
+    """The processes with `name` in their command line, once there are `count` of them."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = [p for p in psutil.process_iter(["cmdline"]) if name in (p.info["cmdline"] or [])]
+        if len(found) >= count:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} processes named {name}")
 
 
 def ray_processes():
@@ -124,7 +136,7 @@ def test_a_remote_run_returns_the_log_and_a_record_that_verifies_with_the_key(ra
     record, missing = integrity.verify_record(key, result["record"])
     assert missing is None and integrity.evaluation(record)["val_bpb"] == 1.0
     assert integrity.verify_record(secrets.token_bytes(32), result["record"]) == (
-        None, "the harness's record of the run does not verify: it was altered")
+        None, "the scorer's record of the run does not verify: it was altered")
     worker = result["worker"]
     assert (worker["hostname"], worker["ip"], worker["gpu"]) == (socket.gethostname(), "127.0.0.1", "cpu")
     assert worker["worker_pid"] != os.getpid() and result["changed"] == []
@@ -149,28 +161,27 @@ def test_three_runs_go_out_at_once_and_take_about_the_time_of_one(ray_env):
     assert wall < 2 * single
 
 
-def test_a_run_over_its_timeout_comes_back_with_no_exit_code_and_its_process_tree_killed(ray_env, tmp_path):
-    pids = tmp_path / "pids"
-    result = ray_executor.result(run(ray_env, sleeping_train(600, pids, child=True), timeout=2))
-    assert result["returncode"] is None and 2 <= result["seconds"] < 10
-    train, _, child = map(int, pids.read_text().split())
-    assert ended([train, child])
+def test_a_run_over_its_timeout_comes_back_with_no_exit_code_and_its_process_tree_killed(ray_env):
+    name = uuid.uuid4().hex
+    ref = run(ray_env, sleeping_train(600, name, child=True), timeout=4)
+    train_and_child = named(name, 2)
+    result = ray_executor.result(ref)
+    assert result["returncode"] is None and 4 <= result["seconds"] < 12
+    assert ended([p.pid for p in train_and_child])
 
 
 def test_a_node_whose_cache_differs_fails_with_an_error_naming_the_node_the_file_and_prepare_py(ray_env, tmp_path):
     other = fake_cache(tmp_path / "other", val=b"\x01\x02\x03\x05")
-    pids = tmp_path / "pids"
     with pytest.raises(ray_executor.NodeMismatch) as mismatch:
-        ray_executor.result(run(ray_env, sleeping_train(0, pids), cache=other))
+        ray_executor.result(run(ray_env, "print('ran')", cache=other))
     message = str(mismatch.value)
     assert f"node {socket.gethostname()} (127.0.0.1)" in message and "tokens/x-val.bin differs" in message
     assert "`uv run prepare.py` there with the driver's flags" in message and str(other) in message
-    assert not pids.exists()  # nothing ran
 
 
 def test_a_node_without_the_driver_s_cache_stops_the_night_saying_what_to_run_there(ray_env, tmp_path):
     executor = ray_executor.RayExecutor(ray_env.cluster, ray_env.fingerprint)  # the node's own cache: none
-    request = runs.Request(FAKE_TRAIN, FAKE_PREPARE, "00" * 32, 30, "val", tmp_path / "run.log")
+    request = runs.Request(FAKE_TRAIN, FAKE_HARNESS, "00" * 32, 30, "val", tmp_path / "run.log")
     executor.submit("run", request)
     with pytest.raises(SystemExit, match=r"^agent_loop.py: error: node .* has no usable prepared cache .* Run `uv run "
                        r"prepare.py` there"):
@@ -179,27 +190,26 @@ def test_a_node_without_the_driver_s_cache_stops_the_night_saying_what_to_run_th
             executor.wait(timeout=0.5)
 
 
-def test_a_worker_killed_mid_run_is_an_infrastructure_failure_and_not_retried(ray_env, tmp_path):
+def test_a_worker_killed_mid_run_is_an_infrastructure_failure_and_not_retried(ray_env):
     import ray
 
-    pids = tmp_path / "pids"
-    ref = run(ray_env, sleeping_train(600, pids))
-    while not pids.exists() or not pids.read_text():
-        time.sleep(0.05)
-    train, worker, _ = map(int, pids.read_text().split())
-    os.kill(worker, 9)
+    name = uuid.uuid4().hex
+    ref = run(ray_env, sleeping_train(600, name))
+    [train] = named(name, 1)
+    [worker] = [p for p in train.parents() if " ".join(p.cmdline()).startswith("ray::")]
+    worker.kill()
     with pytest.raises(ray.exceptions.WorkerCrashedError) as crashed:
         ray_executor.result(ref)
     assert ray_executor.is_infrastructure_failure(crashed.value)
-    os.kill(train, 9)  # the orphan of the killed worker
+    train.kill()  # the orphan of the killed worker
 
 
-def test_cancel_all_stops_every_run_and_kills_its_process_tree(ray_env, tmp_path):
+def test_cancel_all_stops_every_run_and_kills_its_process_tree(ray_env):
     import ray
 
-    refs = [run(ray_env, sleeping_train(600, tmp_path / f"pids{i}", child=True)) for i in range(2)]
-    while not all((tmp_path / f"pids{i}").exists() and (tmp_path / f"pids{i}").read_text() for i in range(2)):
-        time.sleep(0.05)
+    names = [uuid.uuid4().hex for _ in range(2)]
+    refs = [run(ray_env, sleeping_train(600, name, child=True)) for name in names]
+    trees = [named(name, 2) for name in names]
     started = time.time()
     ray_executor.cancel_all(refs)
     assert time.time() - started < ray_executor.CANCEL_GRACE
@@ -207,8 +217,7 @@ def test_cancel_all_stops_every_run_and_kills_its_process_tree(ray_env, tmp_path
         with pytest.raises(ray.exceptions.TaskCancelledError) as cancelled:
             ray_executor.result(ref)
         assert not ray_executor.is_infrastructure_failure(cancelled.value)
-        train, _, child = map(int, (tmp_path / f"pids{i}").read_text().split())
-        assert ended([train, child])
+        assert ended([p.pid for p in trees[i]])
 
 
 # -----------------------------------------------------------------------------
@@ -289,14 +298,12 @@ def test_caches_prepared_alike_on_two_machines_have_the_same_portable_fingerprin
     corpus = shutil.copytree(tiny_corpus, tmp_path / "elsewhere" / "corpus")  # another path, other mtimes
     there = tmp_path / "cache"
     run_prepare("--text", str(corpus), *TINY, cache=there)
-    prepare_py = REPO / "prepare.py"
-    here = integrity.portable_fingerprint(prepare_py, _tiny_cache_dir)
-    assert integrity.portable_fingerprint(prepare_py, there) == here
-    assert integrity.harness_fingerprint(prepare_py, there) != integrity.harness_fingerprint(prepare_py,
-                                                                                          _tiny_cache_dir)
+    here = integrity.portable_fingerprint(REPO, _tiny_cache_dir)
+    assert integrity.portable_fingerprint(REPO, there) == here
+    assert integrity.harness_fingerprint(REPO, there) != integrity.harness_fingerprint(REPO, _tiny_cache_dir)
     val = next((there / "tokens").glob("*-val.bin"))
     val.write_bytes(val.read_bytes()[:-2] + b"\x00\x00")
-    changed = integrity.fingerprint_changes(here, integrity.portable_fingerprint(prepare_py, there))
+    changed = integrity.fingerprint_changes(here, integrity.portable_fingerprint(REPO, there))
     assert changed == [f"tokens/{val.name}"]
 
 

@@ -1,5 +1,5 @@
-"""One run of train.py and what its log says (autoresearch/runner.py): real processes started with
-`python -c`, a tiny prepare.py standing in for the harness, logs written by hand. CPU, seconds."""
+"""One run of train.py and what its log says (autoresearch/runner.py): real processes, the stand-in harness
+(fake_prepare.py, fake_scorer.py), logs written by hand. CPU, seconds."""
 
 import contextlib
 import os
@@ -20,9 +20,6 @@ SLEEP = "import time; time.sleep(60)"
 # A run that starts a child of its own, says both pids, then waits: a tree of two processes.
 TREE = f"import os, subprocess, sys, time\nchild = subprocess.Popen([sys.executable, '-c', {SLEEP!r}])\n" \
        "print(os.getpid(), child.pid, flush=True)\ntime.sleep(60)\n"
-# The run as the harness starts it, with the tree above as its training; and one with no child.
-HANGING_PREPARE = f"def attested_run(script):\n    exec({TREE!r})\n"
-SLEEPING_PREPARE = "import os, time\n\ndef attested_run(script):\n    print(os.getpid(), flush=True)\n    time.sleep(60)\n"
 # The reference train.py's progress line, and what the status line makes of it.
 STEP_LINE = ("step 00042 (45.1%) | loss: 4.123456 | lrm: 1.00 | dt: 120ms | tok/sec: 1,234 | mfu: 1.2% "
              "| epoch: 1 | remaining: 16s")
@@ -50,33 +47,42 @@ def start_tree(leftovers, code=TREE, **options):
 
 
 @pytest.fixture
-def harness(tmp_path, monkeypatch):
-    """A temp folder for the run, with `prepare.py` to be written by the test; run_training's arguments."""
+def harness(tmp_path, monkeypatch, stand_in):
+    """Temp folders for the run (train.py to be written by the test) and the stand-in scorer; run_training's
+    arguments."""
     monkeypatch.chdir(tmp_path)
-    return dict(log_path=tmp_path / "run.log", pid_path=tmp_path / "train.pid", request='{"key": "00"}\n',
-                cwd=tmp_path)
+    (tmp_path / "task").mkdir()
+    (tmp_path / "scorer").mkdir()
+    for name, source in stand_in.items():
+        (tmp_path / "scorer" / name).write_text(source)
+    (tmp_path / "task" / "prepare.py").write_text(stand_in["prepare.py"])
+    return dict(log_path=tmp_path / "run.log", pid_path=tmp_path / "train.pid", cwd=tmp_path / "task",
+                scoring=tmp_path / "scorer", env=dict(os.environ), key_hex="00" * 32)
 
 
 # -----------------------------------------------------------------------------
 # Running
 
 
-def test_run_training_gives_the_run_the_request_on_stdin_and_returns_its_exit_code(tmp_path, harness):
-    (tmp_path / "prepare.py").write_text(
-        "import sys\n\ndef attested_run(script):\n    print('request', sys.stdin.read().strip(), 'for', script)\n"
-        "    print('an error', file=sys.stderr)\n    sys.exit(3)\n")
-    returncode, seconds = runner.run_training(timeout=30, **harness)
+def test_run_training_runs_train_py_beside_the_scorer_and_returns_its_exit_code_and_the_scorer_s_record(
+        harness):
+    (harness["cwd"] / "train.py").write_text(
+        "import sys\nfrom prepare import evaluate_bpb\nprint('stdin', repr(sys.stdin.read()), 'val_bpb', "
+        "evaluate_bpb(0.5))\nprint('an error', file=sys.stderr)\nsys.exit(3)\n")
+    returncode, seconds, record = runner.run_training(timeout=30, **harness)
     assert returncode == 3 and 0 < seconds < 30
-    assert harness["log_path"].read_text().splitlines() == ['request {"key": "00"} for train.py', "an error"]
+    assert harness["log_path"].read_text().splitlines() == ["stdin '' val_bpb 0.5", "an error"]
+    verified, missing = integrity.verify_record(bytes(32), record)
+    assert missing is None and integrity.evaluation(verified)["val_bpb"] == 0.5
     assert not harness["pid_path"].exists()
 
 
-def test_run_training_returns_none_at_the_time_limit_and_kills_the_run_s_process_tree(tmp_path, harness, leftovers):
-    (tmp_path / "prepare.py").write_text(HANGING_PREPARE)
-    returncode, seconds = runner.run_training(timeout=2, **harness)
+def test_run_training_returns_none_at_the_time_limit_and_kills_the_run_s_process_tree(harness, leftovers):
+    (harness["cwd"] / "train.py").write_text(TREE)
+    returncode, seconds, record = runner.run_training(timeout=2, **harness)
     pids = [int(pid) for pid in harness["log_path"].read_text().split()]
     leftovers.extend(pids)
-    assert returncode is None and 2 <= seconds < 10
+    assert returncode is None and 2 <= seconds < 10 and not integrity.verify_record(bytes(32), record)[0]["evaluations"]
     assert len(pids) == 2 and not any(alive(pid) for pid in pids)
     assert not harness["pid_path"].exists()
 
@@ -107,15 +113,16 @@ def test_run_in_folder_says_what_the_run_changed_of_the_harness(tmp_path, stand_
     assert result["changed"] == ["prepare.py"]
 
 
-def test_a_run_s_pid_file_names_its_folder_and_kill_leftover_training_removes_it(tmp_path, harness, leftovers):
-    folder = tmp_path / "autoresearch-run-x" / "task"
-    folder.mkdir(parents=True)
-    (folder.parent / "record.json").write_text("{}")
-    (folder / "prepare.py").write_text(SLEEPING_PREPARE)
-    process, pids = start_tree(leftovers, runner.TRAIN_COMMAND, start_new_session=True, cwd=folder)
-    harness["pid_path"].write_text(f"{process.pid}\n{folder}")
-    runner.kill_leftover_training(harness["pid_path"])
-    assert not alive(process.pid) and not folder.parent.exists() and not harness["pid_path"].exists()
+def test_a_run_s_pid_file_names_its_processes_and_folder_and_kill_leftover_training_removes_them(tmp_path, leftovers):
+    root = tmp_path / "autoresearch-run-x"
+    (root / "task").mkdir(parents=True)
+    (root / "scorer").mkdir()
+    (train, _), (scorer, _) = (start_tree(leftovers, TREE, start_new_session=True, cwd=root / name)
+                               for name in ("task", "scorer"))
+    pid_path = tmp_path / "train.pid"
+    pid_path.write_text(f"{train.pid}\n{root / 'task'}\n{scorer.pid}")
+    runner.kill_leftover_training(pid_path)
+    assert not alive(train.pid) and not alive(scorer.pid) and not root.exists() and not pid_path.exists()
 
 
 def test_kill_tree_kills_a_process_its_child_and_its_grandchild(leftovers):
@@ -140,15 +147,6 @@ def test_kill_tree_also_kills_what_left_the_tree_but_kept_the_run_s_process_grou
     assert not alive(orphan)
 
 
-def test_kill_leftover_training_kills_the_run_its_pid_file_names(tmp_path, harness, leftovers):
-    (tmp_path / "prepare.py").write_text(SLEEPING_PREPARE)
-    process, pids = start_tree(leftovers, runner.TRAIN_COMMAND, start_new_session=True)
-    harness["pid_path"].write_text(str(process.pid))
-    runner.kill_leftover_training(harness["pid_path"])
-    assert pids == [process.pid] and not alive(process.pid)
-    assert not harness["pid_path"].exists()
-
-
 def test_kill_leftover_training_leaves_a_process_that_is_not_a_training_run_alone(harness, leftovers):
     other = subprocess.Popen([sys.executable, "-c", SLEEP])
     leftovers.append(other.pid)
@@ -160,9 +158,10 @@ def test_kill_leftover_training_leaves_a_process_that_is_not_a_training_run_alon
 
 def test_kill_leftover_training_leaves_a_run_younger_than_its_pid_file_alone(tmp_path, harness, leftovers):
     # A recycled pid: the file names a run of an earlier driver, the pid now belongs to a newer process.
-    (tmp_path / "prepare.py").write_text(SLEEPING_PREPARE)
-    process, _ = start_tree(leftovers, runner.TRAIN_COMMAND, start_new_session=True)
-    harness["pid_path"].write_text(str(process.pid))
+    folder = tmp_path / "autoresearch-run-x" / "task"
+    folder.mkdir(parents=True)
+    process, _ = start_tree(leftovers, TREE, start_new_session=True, cwd=folder)
+    harness["pid_path"].write_text(f"{process.pid}\n{folder}")
     an_hour_ago = time.time() - 3600
     os.utime(harness["pid_path"], (an_hour_ago, an_hour_ago))
     runner.kill_leftover_training(harness["pid_path"])

@@ -7,15 +7,17 @@ import secrets
 import sys
 import time
 
+import psutil
 import pytest
 
 from autoresearch import runs
 from night_repo import SUPPORT
+from stand_ins import FAKE_HARNESS
 from processes import alive
 
 SMI = "0, GPU-5a1b, NVIDIA H200\n1, GPU-77c2, NVIDIA H200\n2, GPU-9e00, NVIDIA A100\n"  # --query-gpu's csv
 SAYS_ITS_GPU = ("import os, time\nfrom prepare import evaluate_bpb\n"
-                "print('gpu', os.environ.get('CUDA_VISIBLE_DEVICES'), os.getpid(), flush=True)\n"
+                "print('gpu', os.environ.get('CUDA_VISIBLE_DEVICES'), flush=True)\n"
                 "time.sleep(SLEEP)\nprint('---')\nprint('val_bpb:', evaluate_bpb(0.9))\n")
 
 
@@ -32,7 +34,7 @@ def machine(tmp_path, monkeypatch, stand_in):
 
 
 def request(folder, name, sleep=0.0):
-    return runs.Request(SAYS_ITS_GPU.replace("SLEEP", str(sleep)), (SUPPORT / "fake_prepare.py").read_text(),
+    return runs.Request(SAYS_ITS_GPU.replace("SLEEP", str(sleep)), FAKE_HARNESS,
                         secrets.token_bytes(32).hex(), 60, "val", folder / f"{name}.log")
 
 
@@ -81,9 +83,10 @@ def test_a_cancelled_run_is_killed_and_never_reported(machine):
     while "gpu" not in ((machine / "slow.log").read_text() if (machine / "slow.log").exists() else ""):
         assert time.time() < deadline
         time.sleep(0.05)
-    pid = int((machine / "slow.log").read_text().split()[2])
+    started = psutil.Process(executor.processes["slow"].pid)  # in its sandbox train.py's own pid is 1
+    tree = [started, *started.children(recursive=True)]
     executor.cancel("slow")
-    assert not alive(pid, wait=10)
+    assert not any(alive(process.pid, wait=10) for process in tree)
     outcomes, deadline = {}, time.time() + 60
     while executor.threads and time.time() < deadline:  # until both runs' threads have ended
         outcomes |= dict(executor.wait(timeout=0.2))

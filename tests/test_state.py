@@ -32,7 +32,7 @@ def test_append_writes_one_json_line_stamped_with_the_time_and_syncs_it_to_disk(
     monkeypatch.setattr(os, "fsync", lambda fd: (on_disk_at_sync.append(path.read_text()), real_fsync(fd)))
     record = Ledger(path).append(event="start", base_commit="abc")
     line = json.loads(path.read_text())
-    assert line == record and list(line) == ["time", "event", "base_commit"]
+    assert line == record and list(line) == ["time", "event", "base_commit", "seal"]
     assert abs(datetime.datetime.fromisoformat(line["time"]) - datetime.datetime.now()) < datetime.timedelta(seconds=5)
     assert on_disk_at_sync == [path.read_text()]  # the line was written out before the sync, and synced
 
@@ -44,6 +44,41 @@ def test_append_adds_to_the_records_in_memory_and_appends_to_the_file(tmp_path):
     ledger.append(event="stop")
     assert [r["event"] for r in ledger.records] == ["start", "stop"]
     assert [r["event"] for r in Ledger(path).records] == ["start", "stop"]
+
+
+def sealed_ledger(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    for event, val_bpb in (("start", None), ("run", 1.0), ("result", 1.0), ("stop", None)):
+        ledger.append(event=event, val_bpb=val_bpb)
+    return ledger.path
+
+
+def test_a_sealed_ledger_as_written_is_not_altered(tmp_path):
+    path = sealed_ledger(tmp_path)
+    assert Ledger(path).altered() is None and oct((tmp_path / "ledger.key").stat().st_mode)[-3:] == "600"
+
+
+@pytest.mark.parametrize("change", [
+    lambda lines: lines[:2] + [lines[2].replace('"val_bpb": 1.0', '"val_bpb": 0.5')] + lines[3:],  # a number changed
+    lambda lines: lines[:1] + lines[2:],  # a record removed
+    lambda lines: [line.split(', "seal"')[0] + "}" for line in lines],  # every seal removed
+])
+def test_a_record_changed_or_removed_after_the_loop_wrote_it_is_found(tmp_path, change):
+    path = sealed_ledger(tmp_path)
+    path.write_text("\n".join(change(path.read_text().splitlines())) + "\n")
+    assert Ledger(path).altered() is not None
+
+
+def test_a_sealed_ledger_whose_key_is_gone_is_altered(tmp_path):
+    path = sealed_ledger(tmp_path)
+    (tmp_path / "ledger.key").unlink()
+    assert Ledger(path).altered().startswith("its key")
+
+
+def test_a_ledger_written_before_seals_is_read_as_it_is(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    path.write_text('{"event": "start"}\n{"event": "stop"}\n')
+    assert Ledger(path).altered() is None
 
 
 def test_a_ledger_without_a_path_keeps_its_records_in_memory_only(tmp_path, monkeypatch):

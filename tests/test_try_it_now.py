@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 
-FILES = ("prepare.py", "prepare_data.py", "data_sources.py", "train.py", "agent_loop.py", "program.md", "README.md", "pyproject.toml", ".gitignore")
+FILES = ("prepare.py", "scorer.py", "prepare_data.py", "data_sources.py", "train.py", "agent_loop.py", "program.md", "README.md", "pyproject.toml", ".gitignore")
 PACKAGE = "autoresearch"  # the loop's parts
 
 

@@ -1,54 +1,26 @@
-"""Stand-in for prepare.py in the agent_loop tests: the real harness's attestation protocol (see
-prepare.attested_run and docs/integrity.md), with no data and no model.
+"""Stand-in for prepare.py in the agent_loop tests: the client's side of the scorer's protocol, with no data and no
+model (fake_scorer.py is the other side).
 
-`evaluate_bpb(val_bpb)` attests `val_bpb` as if the harness had measured it, on the token count the
-prepared cache's constants give; asked for the holdout split, half of its distance from 1.0 (half of a
-gain on val holds there). Its clock starts when the harness takes over, which counts as the
-first training batch, so a fake train.py that sleeps before evaluating "trains" that long.
+`evaluate_bpb(val_bpb)` asks the scorer (the driver's, through $AUTORESEARCH_SCORER_FD) to attest `val_bpb` as if it
+had measured it; run by hand, with no scorer, it returns `val_bpb`.
 """
-import hmac
 import json
 import os
-import runpy
-import sys
-import time
+import socket
 
 TIME_BUDGET = 1
-BATCH_SIZE = 8
-
-_started = time.monotonic()
-_request = None
-_record = {"format": 1, "loaders": [], "train_batches": 1, "first_train_batch": 0.0, "median_batch_gap": None,
-           "evaluations": [], "violations": []}
-
-
-def _write():
-    mac = hmac.new(bytes.fromhex(_request["key"]), json.dumps(_record, sort_keys=True).encode(), "sha256").hexdigest()
-    with open(_request["record"], "w") as f:
-        json.dump({"record": _record, "hmac": mac}, f)
+_scorer = None
 
 
 def evaluate_bpb(val_bpb):
-    if _request:
-        split = _request.get("split", "val")
-        if split == "holdout":
-            val_bpb = 1.0 + 0.5 * (val_bpb - 1.0)
-        manifest = json.load(open(os.path.join(os.environ["AUTORESEARCH_CACHE"], "manifest.json")))
-        rows = BATCH_SIZE * manifest["max_seq_len"]
-        _record["evaluations"].append({
-            "split": split, "started": time.monotonic() - _started, "seconds": 0.0, "val_bpb": val_bpb,
-            "batch_size": BATCH_SIZE,
-            "seq_len": manifest["max_seq_len"], "tokens": manifest["eval_tokens"] // rows * rows, "bytes": 1,
-            "future_influence": 0.0, "causal": True})
-        _write()
-    return val_bpb
-
-
-def attested_run(script):
-    global _request
-    _request = json.loads(sys.stdin.readline())
-    sys.argv = [script]
-    try:
-        runpy.run_path(script, run_name="__main__")
-    finally:
-        _write()
+    global _scorer
+    if not os.environ.get("AUTORESEARCH_SCORER_FD"):
+        return val_bpb
+    if _scorer is None:
+        _scorer = socket.socket(fileno=int(os.environ["AUTORESEARCH_SCORER_FD"])).makefile("rwb")
+    _scorer.write(json.dumps({"evaluate": 8, "val_bpb": val_bpb}).encode() + b"\n")
+    _scorer.flush()
+    answer = json.loads(_scorer.readline())
+    if "refused" in answer:
+        raise ValueError(answer["refused"])
+    return answer["val_bpb"]

@@ -12,12 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 import agent_loop
-from stand_ins import stand_in_cache
+from autoresearch import state
+from stand_ins import FAKE_HARNESS, stand_in_cache, write_harness
 
 SUPPORT = Path(__file__).resolve().parent
 ROOT = SUPPORT.parent.parent
-FAKE_PREPARE = (SUPPORT / "fake_prepare.py").read_text()  # the harness's attestation protocol, no data
+FAKE_PREPARE = FAKE_HARNESS["prepare.py"]
 AGENT_LOOP = ROOT / "agent_loop.py"
 
 # Edits of the fake train.py that decide what the next run does.
@@ -36,13 +39,14 @@ class Night:
         self.repo.mkdir()
         shutil.copy(SUPPORT / "fake_train.py", self.repo / "train.py")
         shutil.copy(ROOT / "program.md", self.repo / "program.md")
-        (self.repo / "prepare.py").write_text(FAKE_PREPARE)
+        write_harness(self.repo)
         cache = stand_in_cache(tmp_path / "cache")
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
         (bin_dir / "claude").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{SUPPORT / "fake_claude.py"}" "$@"\n')
         (bin_dir / "claude").chmod(0o755)
-        self.starts = tmp_path / "train_starts"
+        (tmp_path / "shared").mkdir()
+        self.starts = tmp_path / "shared" / "train_starts"  # the one place outside its folder train.py may write
         # The environment of this process (for main()) and of every process it starts.
         for name in os.environ:
             if name.startswith(("ANTHROPIC_", "OPENAI_", "GIT_")) or name == "PYTHONDONTWRITEBYTECODE":
@@ -52,6 +56,7 @@ class Night:
                 GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
                 GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
                 ANTHROPIC_API_KEY="test-key", ANTHROPIC_BASE_URL=llm.url, FAKE_TRAIN_STARTS=str(self.starts),
+                AUTORESEARCH_SANDBOX_WRITABLE=str(tmp_path / "shared"),
                 FAKE_CLAUDE_SCRIPT=str(tmp_path / "claude_script.json"),
                 FAKE_CLAUDE_CALLS=str(tmp_path / "claude_calls"),
                 PYTHONPYCACHEPREFIX=str(pycache),  # compile the SDKs once per session, not once per process
@@ -84,7 +89,7 @@ class Night:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
     def wait_for_runs(self, count, timeout=60):
-        """The pids of the first `count` train.py runs, once that many have started."""
+        """The pids of the first `count` train.py runs, once that many have started (None: it has ended)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             pids = self.train_pids()
@@ -93,8 +98,27 @@ class Night:
             time.sleep(0.05)
         raise AssertionError(f"fewer than {count} runs of train.py started")
 
+    def keep_records(self, keep, tag="t"):
+        """Rewrite the tag's ledger with the records keep(record) accepts, sealed as the loop seals them: the state
+        a kill would have left (a ledger edited by anyone else is refused on resume)."""
+        path = self.repo / ".autoresearch" / tag / "ledger.jsonl"
+        records = [r for r in state.read_records(path) if keep(r)]
+        path.unlink()
+        ledger = state.Ledger(path)
+        for record in records:
+            ledger.append(**{name: value for name, value in record.items() if name != "seal"})
+
     def train_pids(self):
-        return [int(line) for line in self.starts.read_text().split()] if self.starts.exists() else []
+        """The pid of each train.py run so far, in the order they started; None for a run that has ended."""
+        runs = self.starts.read_text().split() if self.starts.exists() else []
+        if not runs:
+            return []
+        running = {}
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if "--run" in cmdline[:-1]:
+                running[cmdline[cmdline.index("--run") + 1]] = process.pid
+        return [running.get(run) for run in runs]
 
     def git(self, *args):
         return subprocess.run(["git", *args], cwd=self.repo, check=True, capture_output=True, text=True).stdout.strip()

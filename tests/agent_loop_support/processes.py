@@ -6,7 +6,9 @@ import psutil
 
 
 def alive(pid, wait=5.0):
-    """Whether the process still runs after up to `wait` seconds (a zombie counts as dead)."""
+    """Whether the process still runs after up to `wait` seconds (a zombie counts as dead; pid None: it has ended)."""
+    if pid is None:
+        return False
     deadline = time.time() + wait
     while True:
         try:

@@ -34,11 +34,20 @@ def true_val_bpb(source):
     return 1.0 + (constants["QUALITY"] - 0.5) ** 2 + (constants["OTHER"] - 0.5) ** 2
 
 
+# The stand-in harness: the scorer's protocol, no data (tests/agent_loop_support/fake_prepare.py, fake_scorer.py)
+FAKE_HARNESS = {name: (SUPPORT / f"fake_{name}").read_text() for name in ("prepare.py", "scorer.py")}
+
+
+def write_harness(folder):
+    for name, source in FAKE_HARNESS.items():
+        (folder / name).write_text(source)
+
+
 def make_repo(folder, cache):
     """A repository ready for agent_loop.py, with the stand-in train.py and the stand-in harness."""
     folder.mkdir(parents=True)
     (folder / "train.py").write_text(TRAIN_PY)
-    (folder / "prepare.py").write_text((SUPPORT / "fake_prepare.py").read_text())
+    write_harness(folder)
     shutil.copy(ROOT / "program.md", folder / "program.md")
     for command in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-q", "-m", "initial"]):
         subprocess.run(["git", *command], cwd=folder, check=True, capture_output=True)
@@ -100,11 +109,12 @@ class StandInExecutor:
 
     def result(self, request, outcome):
         val_bpb = round(true_val_bpb(request.train_source) + self.noise(), 6)
-        evaluation = {"split": request.split, "started": 0.5, "seconds": 0.1, "val_bpb": val_bpb, "batch_size": 8,
-                      "seq_len": 64, "tokens": 4096, "bytes": 1, "future_influence": 0.0, "causal": True}
-        record = {"format": 1, "loaders": [], "train_batches": 1, "first_train_batch": 0.0, "median_batch_gap": None,
-                  "evaluations": [evaluation] if outcome in ("ok", "invalid") else [],
-                  "violations": ["train.py opened the val split"] if outcome == "invalid" else []}
+        evaluation = {"split": request.split, "requested": 0.5, "seconds": 0.1, "val_bpb": val_bpb, "batch_size": 8,
+                      "seq_len": 64, "tokens": 4096, "bytes": 1, "future_influence": 0.0, "probes": 64,
+                      "repeat_difference": 0.0, "transport": "none"}
+        record = {"format": 2, "split": request.split, "evaluations": [evaluation] if outcome == "ok" else [],
+                  "problems": ["evaluate_bpb refuses to score this model: it looks ahead"] if outcome == "invalid"
+                  else []}
         mac = hmac.new(bytes.fromhex(request.key_hex), json.dumps(record, sort_keys=True).encode(),
                        hashlib.sha256).hexdigest()
         log = {"ok": f"---\nval_bpb: {val_bpb:.6f}\npeak_vram_mb: 1024.0\n", "crash": "RuntimeError: out of memory\n",

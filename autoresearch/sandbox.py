@@ -1,0 +1,178 @@
+"""
+The sandbox train.py runs in on Linux: Landlock (files, TCP, signals) inside user, PID, mount and network namespaces.
+
+- `probe()` says what this machine offers; `describe()` says it in words, including what is missing.
+- `wrap(argv, policy)` returns the command that runs argv inside: `unshare` makes the namespaces (no network; train.py
+  is PID 1 of its own PID namespace, so whatever it leaves is killed when it ends; a /proc of its own), then this
+  file, run as a script, applies the Landlock policy to itself and execs argv.
+- The policy (`policy()`): read everything but the validation data; write only the run's folder and its private temp
+  folder; no TCP; no signal to, nor ptrace of, a process outside the sandbox (the scorer, the driver).
+Where a layer is missing (macOS, Windows, an old kernel, a container without user namespaces) the run goes on with
+what there is, and its record says which protections it lacked.
+"""
+
+import ctypes
+import functools
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+# -----------------------------------------------------------------------------
+# Landlock, through its three system calls (x86-64 and arm64 share the numbers)
+
+CREATE_RULESET, ADD_RULE, RESTRICT_SELF = 444, 445, 446
+CREATE_RULESET_VERSION = 1
+RULE_PATH_BENEATH = 1
+PR_SET_NO_NEW_PRIVS = 38
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+FS_ACCESS = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1, 5: (1 << 16) - 1}  # by ABI
+TRUNCATE, IOCTL_DEV = 1 << 14, 1 << 15
+FILE_ACCESS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV  # the rights a rule on a file may grant
+READ = EXECUTE | READ_FILE | READ_DIR
+NET_TCP = 3  # bind and connect (ABI 4)
+SCOPES = 3  # abstract Unix sockets and signals (ABI 6)
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+def landlock_abi():
+    """The kernel's Landlock ABI version, 0 when there is none."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
+        return 0
+    abi = _libc().syscall(CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(CREATE_RULESET_VERSION))
+    return max(0, abi)
+
+
+def _rules(policy, abi):
+    """[(path, rights)]: read beneath every top-level entry but the denied paths (their siblings granted one by
+    one, down to them), write beneath the writable folders, the devices train.py may use."""
+    denied = {os.path.realpath(p) for p in policy["deny_read"]}
+    rules = []
+
+    def grant_beneath(folder):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for entry in entries:
+            path = entry.path
+            if path in denied or entry.is_symlink():  # a link's target is reached through its own rule
+                continue
+            if any(d.startswith(path + os.sep) for d in denied):
+                grant_beneath(path)
+            else:
+                rules.append((path, READ if entry.is_dir(follow_symlinks=False) else READ & FILE_ACCESS))
+
+    grant_beneath("/")
+    everything = FS_ACCESS[min(abi, 5)]
+    rules += [(path, everything) for path in policy["writable"]]
+    dev = [f"/dev/{name}" for name in DEVICES] + [f"/dev/{name}" for name in _listdir("/dev")
+                                                  if name.startswith("nvidia")]
+    rules += [(path, (READ_FILE | WRITE_FILE | (IOCTL_DEV if abi >= 5 else 0))) for path in dev if os.path.exists(path)]
+    return rules
+
+
+def _listdir(folder):
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def restrict(policy):
+    """Apply the policy to this process and its future children, for good."""
+    libc, abi = _libc(), landlock_abi()
+    attr = (ctypes.c_uint64 * 3)(FS_ACCESS[min(abi, 5)], NET_TCP if abi >= 4 else 0, SCOPES if abi >= 6 else 0)
+    size = 8 * (3 if abi >= 6 else 2 if abi >= 4 else 1)
+    ruleset = libc.syscall(CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
+
+    class PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+    for path, rights in _rules(policy, abi):
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue
+        is_dir = os.path.isdir(path)
+        rule = PathBeneath(rights if is_dir else rights & FILE_ACCESS, fd)
+        if libc.syscall(ADD_RULE, ruleset, RULE_PATH_BENEATH, ctypes.byref(rule), ctypes.c_uint32(0)) < 0:
+            error = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(error, f"landlock_add_rule failed for {path}")
+        os.close(fd)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.syscall(RESTRICT_SELF, ruleset, 0) != 0:
+        raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
+    os.close(ruleset)
+
+
+# -----------------------------------------------------------------------------
+# Namespaces, through util-linux's unshare
+
+NAMESPACES = ["--user", "--map-current-user", "--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc"]
+
+
+@functools.cache
+def probe():
+    """{"landlock": ABI or 0, "namespaces": bool, "missing": [what is missing, and why]}, on this machine."""
+    abi = landlock_abi()
+    missing = [] if abi else ["Landlock (not in this kernel, or not Linux): train.py can read the validation data, "
+                              "write anywhere your user can, and keep state between runs"]
+    if abi and abi < 6:
+        missing.append(f"Landlock scopes (ABI {abi} < 6): train.py can signal other processes of your user")
+    unshare = shutil.which("unshare")
+    namespaces = False
+    if unshare:
+        try:
+            namespaces = subprocess.run([unshare, *NAMESPACES, "true"], capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    if not namespaces:
+        missing.append("user namespaces (`unshare --user` " + ("failed" if unshare else "is not installed") + "): "
+                       "train.py has the network, and what it starts in a new session can outlive it")
+    return {"landlock": abi, "namespaces": namespaces, "missing": missing}
+
+
+def describe(found, caveats=()):
+    """One line: the protections a run has, then what it lacks (caveats: what no sandbox protects here)."""
+    have = ([f"Landlock ABI {found['landlock']}"] if found["landlock"] else []) + (
+        ["user, PID, mount and network namespaces"] if found["namespaces"] else [])
+    return (" + ".join(have) or "none") + "".join(f"; missing: {m}" for m in [*found["missing"], *caveats])
+
+
+ALSO_WRITABLE = "AUTORESEARCH_SANDBOX_WRITABLE"  # the driver's: folders the user lets train.py write too
+
+
+def policy(work, private_tmp, deny_read, env):
+    """(policy, caveats): what train.py may read and write; the folders the user named in $ALSO_WRITABLE (state that
+    can pass from run to run) are said in the run's record."""
+    also = [p for p in env.get(ALSO_WRITABLE, "").split(os.pathsep) if p]
+    caveats = [f"train.py may also write {', '.join(also)} (${ALSO_WRITABLE})"] if also else []
+    return {"writable": [str(work), str(private_tmp), *also], "deny_read": [str(p) for p in deny_read]}, caveats
+
+
+def wrap(argv, run_policy, found=None):
+    """The command that runs argv in the sandbox this machine offers."""
+    found = found or probe()
+    command = list(argv)
+    if found["landlock"]:
+        command = [sys.executable, os.path.abspath(__file__), json.dumps(run_policy), "--", *command]
+    if found["namespaces"]:
+        command = [shutil.which("unshare"), *NAMESPACES, *command]
+    return command
+
+
+if __name__ == "__main__":  # python sandbox.py POLICY -- argv...: restrict this process, then become argv
+    restrict(json.loads(sys.argv[1]))
+    os.execvp(sys.argv[3], sys.argv[3:])

@@ -1,0 +1,120 @@
+"""The sandbox train.py runs in (autoresearch/sandbox.py): real runs through runner.run_in_folder with the stand-in
+harness, each trying what a model optimising val_bpb might; and the words the run's record and the report use."""
+
+import json
+import socket
+import sys
+import uuid
+
+import psutil
+import pytest
+
+from autoresearch import runner, sandbox
+
+FOUND = sandbox.probe()
+needs_landlock = pytest.mark.skipif(not FOUND["landlock"], reason="no Landlock on this machine")
+needs_namespaces = pytest.mark.skipif(not FOUND["namespaces"], reason="no user namespaces on this machine")
+
+# A train.py that tries each thing its lines name and says whether it could.
+TRIES = '''
+import os, socket, sys
+def attempt(name, action):
+    try:
+        action()
+        print(name, "done", flush=True)
+    except Exception as error:
+        print(name, "refused", type(error).__name__, flush=True)
+{lines}
+'''
+
+
+def run_trying(tmp_path, lines, timeout=30, **options):
+    return runner.run_in_folder(TRIES.format(lines=lines), options.pop("harness"), "00" * 32, timeout,
+                                tmp_path / "train.pid", **options)
+
+
+def outcomes(result):
+    return dict(line.split(" ", 1) for line in result["log"].splitlines() if line.startswith("try-"))
+
+
+@needs_landlock
+def test_train_py_cannot_read_the_validation_tokens_but_reads_the_training_tokens(tmp_path, stand_in):
+    cache = tmp_path / "cache"
+    (cache / "tokens").mkdir(parents=True)
+    manifest = json.loads((runner.integrity.cache_dir() / "manifest.json").read_text())
+    manifest["splits"] = {split: {"parts": [f"x-{split}"]} for split in ("train", "val", "holdout")}
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    for split in ("train", "val", "holdout"):
+        (cache / "tokens" / f"x-{split}.bin").write_bytes(b"tokens")
+    lines = "\n".join(f"attempt('try-{split}', lambda: open({str(cache / 'tokens' / f'x-{split}.bin')!r}).read())"
+                      for split in ("train", "val", "holdout"))
+    result = run_trying(tmp_path, lines, harness=stand_in, cache=cache)
+    assert outcomes(result) == {"try-train": "done", "try-val": "refused PermissionError",
+                                "try-holdout": "refused PermissionError"}, result["log"]
+
+
+@needs_landlock
+def test_train_py_writes_only_its_folder_and_its_own_temp_folder(tmp_path, stand_in):
+    outside = tmp_path / "outside.txt"
+    lines = (f"attempt('try-outside', lambda: open({str(outside)!r}, 'w').write('state'))\n"
+             "attempt('try-folder', lambda: open('checkpoint.pt', 'w').write('weights'))\n"
+             "import tempfile\n"
+             "attempt('try-temp', lambda: open(os.path.join(tempfile.gettempdir(), 'x'), 'w').write('x'))\n"
+             "attempt('try-home', lambda: open(os.path.expanduser('~/.x'), 'w').write('x'))\n")
+    result = run_trying(tmp_path, lines, harness=stand_in)
+    assert outcomes(result) == {"try-outside": "refused PermissionError", "try-folder": "done", "try-temp": "done",
+                                "try-home": "done"}, result["log"]
+    assert not outside.exists()
+
+
+@needs_namespaces
+def test_train_py_has_no_network(tmp_path, stand_in):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        lines = f"attempt('try-connect', lambda: socket.create_connection(('127.0.0.1', {port}), timeout=5))"
+        result = run_trying(tmp_path, lines, harness=stand_in)
+    assert outcomes(result)["try-connect"].startswith("refused"), result["log"]
+
+
+@needs_namespaces
+def test_what_train_py_starts_in_a_new_session_dies_with_it(tmp_path, stand_in):
+    marker = f"left-behind-{uuid.uuid4().hex}"
+    lines = ("import subprocess\n"
+             f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)', {marker!r}], "
+             "start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+             "print('try-detach done')\n")
+    result = run_trying(tmp_path, lines, harness=stand_in)
+    assert outcomes(result) == {"try-detach": "done"}
+    left = [p for p in psutil.process_iter(["cmdline"]) if marker in (p.info["cmdline"] or [])]
+    for process in left:  # should there be one, it does not outlive the test
+        process.kill()
+    assert left == []
+
+
+@needs_namespaces
+def test_train_py_sees_no_process_outside_its_sandbox(tmp_path, stand_in):
+    lines = ("pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
+             "print('try-processes', 'only its own' if pids == [str(os.getpid())] else pids)\n"
+             f"attempt('try-signal', lambda: os.kill({psutil.Process().pid}, 0))\n")
+    result = run_trying(tmp_path, lines, harness=stand_in)
+    assert outcomes(result) == {"try-processes": "only its own", "try-signal": "refused ProcessLookupError"}, \
+        result["log"]
+
+
+def test_the_run_says_which_sandbox_it_had(tmp_path, stand_in):
+    result = run_trying(tmp_path, "print('try-nothing done')", harness=stand_in)
+    assert result["sandbox"] == sandbox.describe(FOUND) and result["returncode"] == 0
+
+
+def test_a_machine_without_a_sandbox_says_what_train_py_can_then_do():
+    words = sandbox.describe({"landlock": 0, "namespaces": False, "missing": ["Landlock (...)", "namespaces (...)"]},
+                             ["the stdlib corpus's validation text is Python's own source"])
+    assert words == ("none; missing: Landlock (...); missing: namespaces (...); missing: the stdlib corpus's "
+                     "validation text is Python's own source")
+    assert sandbox.wrap([sys.executable, "train.py"], {}, {"landlock": 0, "namespaces": False}) == [
+        sys.executable, "train.py"]
+
+
+def test_the_probe_names_what_this_machine_lacks():
+    assert bool(FOUND["landlock"]) != any(m.startswith("Landlock (") for m in FOUND["missing"])
+    assert FOUND["namespaces"] != any(m.startswith("user namespaces") for m in FOUND["missing"])

@@ -1,0 +1,118 @@
+"""The scorer (scorer.py): the process beside train.py's that alone reads the validation data, computes val_bpb and
+signs its record, which the driver trusts instead of train.py's printout. Small training scripts run as the driver
+runs them (runner.run_in_folder: train.py and the real scorer), on the tiny cache; the driver verifies the record
+with the run's key. Each run imports torch twice (train.py and the scorer): seconds."""
+
+import secrets
+
+import pytest
+
+from autoresearch import integrity, runner
+from conftest import REPO
+
+# A bigram model trained for a few batches, seeded: small enough to start, train and evaluate in seconds.
+HONEST = '''
+import json, os, sys
+import numpy as np
+import torch
+import prepare
+from prepare import Tokenizer, make_dataloader, evaluate_bpb
+
+print("stdin:", repr(sys.stdin.read()), "env:", [k for k in os.environ if "KEY" in k or "RECORD" in k])
+torch.manual_seed(0)
+
+class Bigram(torch.nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+    def forward(self, x, y=None, reduction="mean"):
+        logits = self.table(x)
+        if y is None:
+            return logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction=reduction)
+
+tokenizer = Tokenizer.from_directory()
+model = Bigram(tokenizer.get_vocab_size())
+optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+loader = make_dataloader(tokenizer, 4, prepare.MAX_SEQ_LEN, "train", device="cpu")
+for _ in range(3):
+    x, y, _ = next(loader)
+    model(x, y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+model.eval()
+print("val_bpb:", evaluate_bpb(model, tokenizer, 8))
+'''
+EVALUATE = 'print("val_bpb:", evaluate_bpb(model, tokenizer, 8))\n'
+# Patches of the harness and of torch in train.py's own process: they no longer reach the number.
+PATCHES = (EVALUATE, "import torch.nn.functional as F\n"
+           "prepare.get_token_bytes = lambda *args, **kwargs: torch.full((512,), 1000)\n"
+           "F.cross_entropy = lambda *args, **kwargs: torch.zeros(1)\n"
+           "prepare.EVAL_TOKENS = 64\n" + EVALUATE)
+TWICE = (EVALUATE, EVALUATE + "try:\n    evaluate_bpb(model, tokenizer, 8)\nexcept ValueError as error:\n"
+         "    print('refused:', error)\n")
+
+
+def run_scored(tmp_path, cache, script, split="val"):
+    """(exit code, output, record or None, why there is none): one run as the driver makes it."""
+    key = secrets.token_bytes(32)
+    harness = {name: (REPO / name).read_text() for name in integrity.HARNESS}
+    result = runner.run_in_folder(script, harness, key.hex(), 120, tmp_path / "train.pid", split, cache=cache)
+    record, missing = integrity.verify_record(key, result["record"])
+    return result["returncode"], result["log"], record, missing
+
+
+@pytest.fixture(scope="module")
+def honest(tmp_path_factory, _tiny_cache_dir):
+    return run_scored(tmp_path_factory.mktemp("honest"), _tiny_cache_dir, HONEST)
+
+
+def test_an_honest_run_is_scored_by_the_scorer_and_train_py_gets_its_number(honest):
+    code, output, record, missing = honest
+    assert code == 0, output
+    assert missing is None and record["problems"] == []
+    [evaluation] = record["evaluations"]
+    assert f"val_bpb: {evaluation['val_bpb']}" in output  # the number train.py got is the one attested
+    assert (evaluation["tokens"], evaluation["seq_len"], evaluation["split"]) == (4096, 64, "val")
+    assert evaluation["future_influence"] <= 1e-5 and evaluation["repeat_difference"] <= 1e-5
+    assert evaluation["probes"] == 64 and 0 < evaluation["requested"] < 120  # a spliced copy of each row
+    assert integrity.record_problems(record, missing, code, evaluation["val_bpb"],
+                                     {"max_seq_len": 64, "eval_tokens": 4096}) == []
+
+
+def test_a_run_the_driver_asks_to_score_the_holdout_is_scored_on_it_and_train_py_cannot_tell(
+        tmp_path, tiny_cache, honest):
+    code, output, record, missing = run_scored(tmp_path, tiny_cache, HONEST, split="holdout")
+    assert code == 0 and missing is None and record["problems"] == [], output
+    [evaluation] = record["evaluations"]
+    assert evaluation["split"] == "holdout" and honest[2]["evaluations"][0]["split"] == "val"
+    assert evaluation["val_bpb"] != honest[2]["evaluations"][0]["val_bpb"]
+    assert "stdin: '' env: []" in output  # the request, and with it the split, went to the scorer alone
+
+
+def test_the_key_never_reaches_train_py(honest):
+    code, output, record, _ = honest
+    assert "stdin: '' env: []" in output and record is not None
+
+
+def test_patching_the_harness_or_torch_in_train_py_s_process_changes_nothing_of_the_score(tmp_path, tiny_cache,
+                                                                                          honest):
+    code, output, record, missing = run_scored(tmp_path, tiny_cache, HONEST.replace(*PATCHES))
+    assert code == 0 and missing is None and record["problems"] == [], output
+    assert record["evaluations"][0]["val_bpb"] == honest[2]["evaluations"][0]["val_bpb"]
+
+
+def test_a_second_evaluation_is_refused_and_makes_the_run_invalid(tmp_path, tiny_cache):
+    code, output, record, missing = run_scored(tmp_path, tiny_cache, HONEST.replace(*TWICE))
+    assert code == 0 and "refused: evaluate_bpb was called again" in output
+    assert len(record["evaluations"]) == 1
+    [problem] = integrity.record_problems(record, missing, code, record["evaluations"][0]["val_bpb"],
+                                          {"max_seq_len": 64, "eval_tokens": 4096})
+    assert problem.startswith("evaluate_bpb was called again")
+
+
+def test_a_crash_is_recorded_with_no_evaluation(tmp_path, tiny_cache):
+    code, output, record, missing = run_scored(tmp_path, tiny_cache, "1 / 0\n" + HONEST)  # before torch loads
+    assert code == 1 and "ZeroDivisionError" in output
+    assert record["evaluations"] == [] and record["problems"] == []
+    assert integrity.record_problems(record, missing, code, None, {"max_seq_len": 64, "eval_tokens": 4096}) == []
