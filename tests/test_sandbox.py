@@ -9,6 +9,7 @@ import uuid
 import psutil
 import pytest
 
+import agent_loop
 from autoresearch import runner, sandbox
 
 FOUND = sandbox.probe()
@@ -118,3 +119,17 @@ def test_a_machine_without_a_sandbox_says_what_train_py_can_then_do():
 def test_the_probe_names_what_this_machine_lacks():
     assert bool(FOUND["landlock"]) != any(m.startswith("Landlock (") for m in FOUND["missing"])
     assert FOUND["namespaces"] != any(m.startswith("user namespaces") for m in FOUND["missing"])
+
+
+def test_a_night_without_a_sandbox_says_so_in_its_first_lines_its_runs_and_its_report(night, no_sandbox, capsys):
+    result = night.run("--max-experiments", "1")
+    assert result.returncode == 0
+    first_lines = result.stdout.splitlines()[:3]
+    assert any("train.py's sandbox: none; missing: a sandbox (this test runs without one)" in line
+               for line in first_lines), first_lines
+    words = ("none; missing: a sandbox (this test runs without one); missing: train.py may also write "
+             f"{night.tmp / 'shared'} ($AUTORESEARCH_SANDBOX_WRITABLE)")  # where the tests keep their bookkeeping
+    assert {r["sandbox"] for r in night.ledger() if r["event"] == "run"} == {words}
+    capsys.readouterr()
+    assert agent_loop.main(["report", "--tag", "t"]) == 0
+    assert f"sandbox      {words}" in capsys.readouterr().out
