@@ -19,6 +19,7 @@ results.tsv and .autoresearch/<tag>/ (the ledger, every run's log, report.html),
 
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def loop(argv, holdout_only=False, executor=None):
     """The night of the tag the options name (holdout_only: only the holdout's runs, then stop); executor: where
     runs go (default: this machine, or the Ray cluster --ray names)."""
     args = parse_args(argv)
+    if not hasattr(socket, "send_fds"):
+        fail("a run talks to its scorer through a Unix socket, which this platform lacks: run agent_loop.py on Linux "
+             "or macOS (on Windows, in WSL 2)")
     repo = state.open_repo()
     root = repo.working_tree_dir
     os.chdir(root)

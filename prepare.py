@@ -350,27 +350,20 @@ class Wire:
 
 
 class _Logits:
-    """How evaluate_bpb hands logits to the scorer: CUDA IPC for a CUDA tensor (the scorer may answer that it cannot
-    open it: then, and for any other device, a copy into shared memory the scorer maps)."""
+    """How evaluate_bpb hands logits to the scorer: a copy into shared memory (a memfd) the scorer maps. (Not CUDA
+    IPC: its handles would let train.py's process name memory the scorer's process then writes to.)"""
 
     def __init__(self, wire):
-        self.wire, self.cuda_ipc, self.memory, self.fd = wire, True, None, None
+        self.wire, self.memory, self.fd = wire, None, None
 
     def send(self, logits):
         import torch
 
         if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
             raise ValueError(f"evaluate_bpb: model(x) must return logits of shape [B, T, vocab], not {logits!r:.80}")
+        if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            logits = logits.float()
         described = {"shape": list(logits.shape), "dtype": str(logits.dtype).removeprefix("torch.")}
-        if logits.is_cuda and self.cuda_ipc:
-            storage = logits.untyped_storage()
-            shared = [value.hex() if isinstance(value, bytes) else value for value in storage._share_cuda_()]
-            self.wire.send({"logits": {**described, "cuda": shared, "offset": logits.storage_offset(),
-                                       "stride": list(logits.stride())}})
-            header, payload, _ = self.wire.receive(1 << 34)
-            if header is None or "use_shared_memory" not in header:
-                return header, payload
-            self.cuda_ipc = False  # the scorer cannot open CUDA IPC handles: copy, from now on
         nbytes, fds = logits.numel() * logits.element_size(), []
         if self.memory is None or len(self.memory) < nbytes:
             self.close()
@@ -409,6 +402,8 @@ def _scorer():
         yield _DRIVER_SCORER
         return
     script = Path(__file__).with_name("scorer.py")  # by hand: a scorer of our own, for this evaluation
+    if os.name != "posix":
+        raise OSError("evaluate_bpb talks to the scorer through a Unix socket: run on Linux or macOS (or in WSL 2)")
     if not script.exists():
         raise FileNotFoundError(f"evaluate_bpb needs the scorer, {script}, beside prepare.py")
     ours, theirs = socket.socketpair()

@@ -6,7 +6,8 @@ The scorer: the process that holds the validation tokens and the run's key, and 
   its end of a Unix socket; train.py's process holds the other. By hand, prepare.evaluate_bpb starts one itself.
 - It serves one evaluation and refuses a second. evaluate_bpb (prepare.py) is its client: the scorer sends input
   rows, receives the model's logits through shared memory, and computes the cross-entropy itself. The client
-  never sees a target it could not already see in its inputs.
+  never sees a target it could not already see in its inputs. Its clock is the driver's: the request's "started"
+  is when train.py's process started, and the time that counts is when the first logits came back.
 - Causality on every batch: beside each scored row goes a spliced copy, its tail from a random position replaced
   by validation text that is never scored, the two shuffled among the others of their step; the loss before the
   splice must not move. One batch goes twice, the second time last and reordered: a model that changed in between
@@ -29,6 +30,9 @@ import time
 import prepare  # the copy beside this file (the driver's, never train.py's)
 
 RECORD_FORMAT = 2
+# Written into the run's log as the evaluation begins: the driver shows the agent nothing train.py printed after it,
+# which could hold validation text (autoresearch/runner.py has the same line).
+EVALUATION_BEGINS = "scorer: the evaluation begins; what the run prints from here on is not shown to the agent"
 CHUNK_ROWS = 8  # rows whose fp32 log-softmax is computed at once: the whole batch's would double its memory
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -97,11 +101,12 @@ class Evaluation:
         again = self.batches[self.repeated]
         self.batches.append([again[i] for i in torch.randperm(batch_size, generator=generator).tolist()])
         self.token_bytes = token_bytes
-        self.memory, self.transport = None, "shared memory"
+        self.memory, self.first_logits = None, None
         self.seen, self.first_losses = {}, {}  # row: (loss, batch) of its first half, until the other is compared
         self.moved, self.repeat_difference, self.nats, self.bytes = 0.0, None, 0.0, 0
 
     def run(self):
+        print(EVALUATION_BEGINS, file=sys.stderr, flush=True)
         for number, batch in enumerate(self.batches):
             rows = self.torch.stack([(self.spliced if spliced else self.real)[row] for spliced, row in batch])
             targets = self.torch.stack([self.real[row, 1:] for _, row in batch])  # the scored row's, for both
@@ -139,22 +144,15 @@ class Evaluation:
             raise EOFError
         described = header.get("logits")
         shape = described.get("shape") if isinstance(described, dict) else None
-        if (not isinstance(shape, list) or len(shape) != 3 or shape[:2] != [self.B, self.T]
-                or not isinstance(shape[2], int) or shape[2] < prepare.VOCAB_SIZE
+        if (not isinstance(shape, list) or len(shape) != 3 or any(type(n) is not int for n in shape)
+                or shape[:2] != [self.B, self.T] or not prepare.VOCAB_SIZE <= shape[2] <= 2 * prepare.VOCAB_SIZE
                 or described.get("dtype") not in DTYPES):
-            raise Refused(f"evaluate_bpb: model(x) must return logits of shape [{self.B}, {self.T}, vocab >= "
-                          f"{prepare.VOCAB_SIZE}] in {', '.join(DTYPES)}, not {str(described)[:200]}")
+            raise Refused(f"evaluate_bpb: model(x) must return logits of shape [{self.B}, {self.T}, vocab] with "
+                          f"VOCAB_SIZE {prepare.VOCAB_SIZE} <= vocab <= {2 * prepare.VOCAB_SIZE}, in "
+                          f"{', '.join(DTYPES)}, not {str(described)[:200]}")
         dtype, count = getattr(torch, described["dtype"]), math.prod(shape)
-        if "cuda" in described:
-            try:
-                return self.open_cuda(described, dtype)
-            except Exception as error:  # noqa: BLE001 -- any failure: fall back to a copy
-                self.transport = f"shared memory (CUDA IPC failed: {type(error).__name__}: {str(error)[:120]})"
-                self.wire.send({"use_shared_memory": True})
-                header, _, fds = self.wire.receive(0)
-                described = (header or {}).get("logits") or {}
-                if described.get("shape") != shape or described.get("dtype") != str(dtype).removeprefix("torch."):
-                    raise Refused("evaluate_bpb: the logits sent again differ from the first") from None
+        if self.first_logits is None:
+            self.first_logits = time.monotonic()
         if fds:
             if self.memory is not None:
                 self.memory.close()
@@ -164,17 +162,6 @@ class Evaluation:
         if self.memory is None or len(self.memory) < count * dtype.itemsize:
             raise Refused("evaluate_bpb: the logits' shared memory is smaller than the logits")
         return torch.frombuffer(self.memory, dtype=dtype, count=count).view(shape)
-
-    def open_cuda(self, described, dtype):
-        torch = self.torch
-        device, handle, size, offset, counter, counter_offset, event, sync = described["cuda"]
-        storage = torch.UntypedStorage._new_shared_cuda(
-            device, bytes.fromhex(handle), size, offset, bytes.fromhex(counter), counter_offset,
-            bytes.fromhex(event) if event else None, sync)
-        logits = torch.empty(0, dtype=dtype, device=f"cuda:{device}")
-        logits.set_(storage, int(described["offset"]), described["shape"], [int(s) for s in described["stride"]])
-        self.transport = "CUDA IPC"
-        return logits
 
     def compare(self, spliced, row, loss, number):
         """A scored row and its spliced copy agree before the splice, or the model looks ahead."""
@@ -201,7 +188,7 @@ class Evaluation:
         return {"batch_size": self.B, "seq_len": self.T, "tokens": self.steps * self.B * self.T, "bytes": self.bytes,
                 "val_bpb": self.nats / (math.log(2) * self.bytes) if self.bytes else None,
                 "future_influence": self.moved, "probes": len(self.real), "repeat_difference": self.repeat_difference,
-                "transport": self.transport}
+                "transport": "shared memory"}
 
 
 # -----------------------------------------------------------------------------
@@ -211,8 +198,9 @@ class Evaluation:
 class Scorer:
     def __init__(self, request):
         self.key, self.split = bytes.fromhex(request["key"]), request.get("split", "val")
-        self.started = time.monotonic()
-        self.record = {"format": RECORD_FORMAT, "split": self.split, "evaluations": [], "problems": []}
+        self.started = float(request.get("started", time.monotonic()))  # the driver's clock: train.py's start
+        self.record = {"format": RECORD_FORMAT, "split": self.split, "evaluations": [], "problems": [],
+                       "unfinished": None}
         self.ready, self.prepared, self.error = threading.Event(), None, None
         threading.Thread(target=self.prepare_rows, daemon=True).start()  # while train.py trains
 
@@ -225,42 +213,55 @@ class Scorer:
         self.ready.set()
 
     def serve(self, wire):
-        while True:
+        """One evaluation. A second request is refused, and then nothing more is read: whatever train.py does next
+        cannot grow the record."""
+        header = self.receive(wire)
+        if header is None:
+            return
+        if "evaluate" not in header:
+            return self.problem("evaluate_bpb sent the scorer a message out of turn")
+        if self.evaluate(wire, header["evaluate"]) and self.receive(wire) is not None:
+            self.problem("evaluate_bpb was called again: one evaluation, of the final model, is allowed (more would "
+                         "select on the validation data)")
             try:
-                header, _, _ = wire.receive(0)
-            except (ValueError, OSError) as error:
-                return self.problem(f"evaluate_bpb's messages to the scorer were malformed ({error})")
-            if header is None:
-                return
-            if "evaluate" not in header:
-                return self.problem("evaluate_bpb sent the scorer a message out of turn")
-            requested = time.monotonic() - self.started
-            if self.record["evaluations"] or self.record["problems"]:
-                self.problem("evaluate_bpb was called again: one evaluation, of the final model, is allowed (more "
-                             "would select on the validation data)")
                 wire.send({"refused": self.record["problems"][-1]})
-                continue
-            self.evaluate(wire, header["evaluate"], requested)
+            except OSError:
+                pass
 
-    def evaluate(self, wire, batch_size, requested):
+    def receive(self, wire):
+        """The client's next request (None: it has gone, or broke the protocol, which the record says)."""
+        try:
+            header, _, fds = wire.receive(0)
+        except Exception as error:  # noqa: BLE001 -- whatever the bytes, the record says so
+            self.problem(f"evaluate_bpb's messages to the scorer were malformed ({type(error).__name__})")
+            return None
+        for fd in fds:
+            os.close(fd)
+        return header
+
+    def evaluate(self, wire, batch_size):
+        """Serve the evaluation; whether it finished."""
         self.ready.wait()
         if self.error is not None:
             raise self.error
         rows, token_bytes = self.prepared
         started = time.monotonic()
         try:
-            result = Evaluation(wire, rows, token_bytes, batch_size).run()
+            evaluation = Evaluation(wire, rows, token_bytes, batch_size)
+            result = evaluation.run()
         except Refused as refused:
             self.problem(str(refused))
             wire.send({"refused": str(refused), "non_causal": refused.non_causal})
-            return
-        except (ValueError, EOFError, OSError) as error:
-            self.problem(f"the evaluation did not finish: evaluate_bpb stopped answering the scorer ({error})")
-            return
-        self.record["evaluations"].append({"split": self.split, "requested": requested,
+            return False
+        except Exception as error:  # noqa: BLE001 -- train.py crashed, was killed, or sent what cannot be read
+            self.record["unfinished"] = f"{type(error).__name__}: {str(error)[:200]}"
+            self.write()
+            return False
+        self.record["evaluations"].append({"split": self.split, "first_logits": evaluation.first_logits - self.started,
                                            "seconds": time.monotonic() - started, **result})
         self.write()
         wire.send({"val_bpb": result["val_bpb"]})
+        return True
 
     def problem(self, why):
         self.record["problems"].append(why)

@@ -49,6 +49,8 @@ def static_problems(source):
         problems.append("train.py must import evaluate_bpb from prepare and call it to score the model")
     from_harness = {a.asname or a.name for node in nodes if isinstance(node, ast.ImportFrom)
                     and node.module == "prepare" for a in node.names}
+    harness_modules = {a.asname or a.name for node in nodes if isinstance(node, ast.Import) for a in node.names
+                       if a.name in ("prepare", "scorer")}
     for node in nodes:
         if isinstance(node, ast.Name) and node.id in from_harness and isinstance(node.ctx, ast.Store):
             problems.append(f"line {node.lineno}: train.py reassigns {node.id}, which prepare.py fixes")
@@ -60,9 +62,13 @@ def static_problems(source):
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and (
                 node.value == "validation" or re.search(r"(^|[-/\\])val($|[-./])", node.value)):
             problems.append(f"line {node.lineno}: train.py names the validation data ({node.value[:40]!r})")
-        elif isinstance(node, (ast.Name, ast.Attribute, ast.alias)) and PRIVATE_HARNESS_NAME.fullmatch(
-                getattr(node, "id", None) or getattr(node, "attr", None) or node.name):
-            problems.append(f"line {getattr(node, 'lineno', '?')}: train.py uses prepare's internals")
+        elif ((isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in harness_modules
+               and PRIVATE_HARNESS_NAME.fullmatch(node.attr))
+              or (isinstance(node, ast.ImportFrom) and node.module in ("prepare", "scorer")
+                  and any(PRIVATE_HARNESS_NAME.fullmatch(a.name) for a in node.names))
+              or (isinstance(node, ast.ImportFrom) and node.module == "scorer")
+              or (isinstance(node, ast.Import) and any(a.name == "scorer" for a in node.names))):
+            problems.append(f"line {node.lineno}: train.py uses the harness's internals")
     if holdout := re.search(r"holdout", source, re.IGNORECASE):
         problems.append(f"line {source.count(chr(10), 0, holdout.start()) + 1}: train.py names the holdout split, "
                         "which only the driver may ask evaluate_bpb to score")
@@ -114,7 +120,8 @@ def record_problems(record, missing, returncode, printed_val_bpb, constants):
             problems.append(f"train.py printed val_bpb {printed_val_bpb:.6f}, but the scorer measured "
                             f"{final['val_bpb']:.6f}")
     elif claims and not problems:
-        problems.append("train.py printed a val_bpb, but the scorer never finished an evaluation")
+        problems.append("train.py printed a val_bpb, but the scorer never finished an evaluation"
+                        + (f" ({record['unfinished']})" if record.get("unfinished") else ""))
     return list(dict.fromkeys(problems))
 
 
@@ -133,8 +140,8 @@ def wall_clock_limits(baseline, time_budget):
     train.py's runs on this machine. The first is the slowest baseline run's (its compilation counted) plus
     allowance(); the time after it may double the baseline's (a bigger model's evaluation takes longer; the
     evaluation cannot hide training: the scorer's repeated batch sees a model that changes)."""
-    until = max(requested for _, requested in baseline) + allowance(time_budget)
-    return until, until + 2 * max(total - requested for total, requested in baseline)
+    until = max(first for _, first in baseline) + allowance(time_budget)
+    return until, until + 2 * max(total - first for total, first in baseline)
 
 
 def wall_clock_problems(seconds, record, baseline, time_budget):
@@ -145,8 +152,8 @@ def wall_clock_problems(seconds, record, baseline, time_budget):
     until, total = wall_clock_limits(baseline, time_budget)
     problems = []
     final = evaluation(record)
-    if final is not None and final["requested"] > until:
-        problems.append(f"it asked for its evaluation {final['requested']:.1f}s after it started, over the "
+    if final is not None and final["first_logits"] > until:
+        problems.append(f"its evaluation began {final['first_logits']:.1f}s after it started, over the "
                         f"{until:.1f}s a {time_budget:g}s budget allows on this machine (the unmodified "
                         f"train.py's, plus {allowance(time_budget):.1f}s): it trained longer than the budget")
     if seconds > total:
@@ -157,7 +164,7 @@ def wall_clock_problems(seconds, record, baseline, time_budget):
 
 def baseline_timings(runs):
     """(total seconds, seconds until the evaluation request) of the given valid runs of the baseline."""
-    return [(r["seconds"], (evaluation(r.get("attestation")) or {}).get("requested")) for r in runs]
+    return [(r["seconds"], (evaluation(r.get("attestation")) or {}).get("first_logits")) for r in runs]
 
 
 # -----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ LOG_TAIL_LINES, LOG_TAIL_CHARS = 50, 4000  # how much of a crashed run's log the
 PROGRESS_EVERY = 30  # seconds between two status lines of a run when the output is not a terminal
 SCORER_FD = "AUTORESEARCH_SCORER_FD"  # names train.py's end of the socket to the scorer (prepare.SCORER_FD)
 SCORER_GRACE = 30  # seconds the scorer may take to write its record once train.py has ended
+EVALUATION_BEGINS = "scorer: the evaluation begins; what the run prints from here on is not shown to the agent"
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)  # kept from a run's env
 
 # -----------------------------------------------------------------------------
@@ -92,31 +93,47 @@ def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split=
     interrupt. Returns (exit code, or None when killed at the limit; seconds; the scorer's last record line or
     None). pid_path (if any) names the run and its folder while it goes, for kill_leftover_training."""
     ours, theirs = socket.socketpair()
-    started = time.time()
+    started, clock = time.time(), time.monotonic()
     own_group = {"start_new_session": True} if os.name == "posix" else {
         "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-    with open(log_path, "ab") as log_file:
+    last = [None]  # the scorer's last record line: each one it writes is whole
+
+    def read_records(stream):
+        for line in stream:
+            last[0] = line if line.strip() else last[0]
+
+    with open(log_path, "wb") as log_file:  # one log per run: a run again after a resume starts it anew
         scorer = subprocess.Popen([sys.executable, "scorer.py"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=log_file, cwd=scoring, env=env, pass_fds=[ours.fileno()], **own_group)
-        process = subprocess.Popen(command or [sys.executable, "train.py"], stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, cwd=cwd, pass_fds=[theirs.fileno()],
-                                   env={**env, **(train_env or {}), SCORER_FD: str(theirs.fileno())}, **own_group)
-    scorer.stdin.write(json.dumps({"key": key_hex, "fd": ours.fileno(), "split": split}).encode() + b"\n")
-    scorer.stdin.flush()
-    ours.close()
-    theirs.close()
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(scorer.stdout), daemon=True)
+        process = None
+        try:
+            process = subprocess.Popen(command or [sys.executable, "train.py"], stdout=log_file,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
+                                       pass_fds=[theirs.fileno()],
+                                       env={**env, **(train_env or {}), SCORER_FD: str(theirs.fileno())}, **own_group)
+            scorer.stdin.write(json.dumps({"key": key_hex, "fd": ours.fileno(), "split": split,
+                                           "started": clock}).encode() + b"\n")
+            scorer.stdin.flush()
+        except BaseException:
+            for child in (process, scorer):
+                if child is not None:
+                    kill_tree(child.pid)
+                    child.wait()
+            raise
+        finally:
+            ours.close()
+            theirs.close()
+    reader = threading.Thread(target=read_records, args=(scorer.stdout,), daemon=True)
     reader.start()
-    if pid_path:
-        pid_path.write_text(f"{process.pid}\n{cwd}\n{scorer.pid}")
-    if on_start:
-        on_start(process)
     timed_out = threading.Event()
     # A timer, not wait(timeout): that polls, and returns up to 50 ms after the run ends
     timer = threading.Timer(timeout, lambda: (timed_out.set(), kill_tree(process.pid)))
     timer.start()
     try:
+        if pid_path:
+            pid_path.write_text(f"{process.pid}\n{cwd}\n{scorer.pid}")
+        if on_start:
+            on_start(process)
         returncode = process.wait()
     finally:
         timer.cancel()
@@ -129,12 +146,12 @@ def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split=
             scorer.wait(SCORER_GRACE)
         except subprocess.TimeoutExpired:
             kill_tree(scorer.pid)
+            scorer.wait()
         reader.join(SCORER_GRACE)
         if pid_path:
             pid_path.unlink(missing_ok=True)
-    records = [line for line in lines if line.strip()]
     return (None if timed_out.is_set() else returncode), time.time() - started, (
-        records[-1].decode(errors="replace") if records else None)
+        last[0].decode(errors="replace") if last[0] else None)
 
 
 def kill_tree(pid):
@@ -208,8 +225,15 @@ def parse_summary(log_text):
 
 
 def log_tail(log_text):
-    """The last lines of a log as the agent sees them: progress lines collapsed, size-capped."""
-    lines = visible_lines(log_text.rstrip("\n"))
+    """The last lines of a log as the agent sees them: progress lines collapsed, size-capped, and nothing printed
+    after the evaluation began (train.py saw validation text then, and could print it), but the name of the error
+    it ended with."""
+    shown, began, after = log_text.partition(EVALUATION_BEGINS)
+    lines = visible_lines(shown.rstrip("\n"))
+    if began:
+        errors = re.findall(r"^(\w+(?:Error|Exception|Interrupt))\b", after, re.MULTILINE)
+        lines.append("[what it printed after its evaluation began is not shown: it could hold validation text"
+                     + (f"; it ended with {errors[-1]}]" if errors else "]"))
     return "\n".join(lines[-LOG_TAIL_LINES:])[-LOG_TAIL_CHARS:]
 
 

@@ -1,17 +1,21 @@
 """
-The sandbox train.py runs in on Linux: Landlock (files, TCP, signals) inside user, PID, mount and network namespaces.
+The sandbox train.py runs in on Linux: Landlock (files, TCP, signals) and a seccomp filter (no new Unix socket)
+inside user, PID, mount and network namespaces.
 
 - `probe()` says what this machine offers; `describe()` says it in words, including what is missing.
 - `wrap(argv, policy)` returns the command that runs argv inside: `unshare` makes the namespaces (no network; train.py
   is PID 1 of its own PID namespace, so whatever it leaves is killed when it ends; a /proc of its own), then this
   file, run as a script, applies the Landlock policy to itself and execs argv.
-- The policy (`policy()`): read everything but the validation data; write only the run's folder and its private temp
-  folder; no TCP; no signal to, nor ptrace of, a process outside the sandbox (the scorer, the driver).
+- The policy (`policy()`): read everything but the validation data; write only the run's folder, its private temp
+  folder and a /dev/shm of its own; no TCP; no signal to, nor ptrace of, a process outside the sandbox (the scorer,
+  the driver); no new Unix socket, since a socket file of the user's tmux, systemd, D-Bus or Docker would run
+  commands outside the sandbox (socketpair, which multiprocessing uses, still works).
 Where a layer is missing (macOS, Windows, an old kernel, a container without user namespaces) the run goes on with
 what there is, and its record says which protections it lacked.
 """
 
 import ctypes
+import errno
 import functools
 import json
 import os
@@ -90,6 +94,8 @@ def _listdir(folder):
 def restrict(policy):
     """Apply the policy to this process and its future children, for good."""
     libc, abi = _libc(), landlock_abi()
+    if policy.get("private_shm") and _private_shm(libc):
+        policy = {**policy, "writable": [*policy["writable"], "/dev/shm"]}
     attr = (ctypes.c_uint64 * 3)(FS_ACCESS[min(abi, 5)], NET_TCP if abi >= 4 else 0, SCOPES if abi >= 6 else 0)
     size = 8 * (3 if abi >= 6 else 2 if abi >= 4 else 1)
     ruleset = libc.syscall(CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
@@ -115,6 +121,39 @@ def restrict(policy):
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.syscall(RESTRICT_SELF, ruleset, 0) != 0:
         raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
     os.close(ruleset)
+    _deny_unix_sockets(libc)
+
+
+def _private_shm(libc):
+    """A /dev/shm of this mount namespace's own (multiprocessing's semaphores live there): gone with the run."""
+    return libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", 0, b"mode=1777") == 0
+
+
+# seccomp: socket(AF_UNIX, ...) fails with EACCES; so does any system call of another ABI (x32, i386), whose numbers
+# the filter does not know. By machine: the audit architecture and the number of socket().
+SECCOMP_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER, AF_UNIX, X32_SYSCALL_BIT = 22, 2, 1, 0x40000000
+LOAD, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, ...|BPF_JGE|..., BPF_RET|BPF_K
+ALLOW, DENY = 0x7FFF0000, 0x00050000 | errno.EACCES  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EACCES
+
+
+def _deny_unix_sockets(libc):
+    arch, socket_call = SECCOMP_ARCH[platform.machine()]
+    program = [  # (code, jump if true, jump if false, k); seccomp_data: nr at 0, arch at 4, args[0] at 16
+        (LOAD, 0, 0, 4), (JEQ, 0, 6, arch),  # another ABI: deny
+        (LOAD, 0, 0, 0), (JGE, 4, 0, X32_SYSCALL_BIT), (JEQ, 0, 2, socket_call),
+        (LOAD, 0, 0, 16), (JEQ, 1, 0, AF_UNIX),
+        (RET, 0, 0, ALLOW), (RET, 0, 0, DENY)]
+
+    class Instruction(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Instruction))]
+
+    filters = (Instruction * len(program))(*[Instruction(*step) for step in program])
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(Program(len(program), filters)), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp filter failed")
 
 
 # -----------------------------------------------------------------------------
@@ -128,7 +167,8 @@ def probe():
     """{"landlock": ABI or 0, "namespaces": bool, "missing": [what is missing, and why]}, on this machine."""
     abi = landlock_abi()
     missing = [] if abi else ["Landlock (not in this kernel, or not Linux): train.py can read the validation data, "
-                              "write anywhere your user can, and keep state between runs"]
+                              "write anywhere your user can, keep state between runs, and ask your user's "
+                              "services (tmux, systemd, D-Bus) to run commands"]
     if abi and abi < 6:
         missing.append(f"Landlock scopes (ABI {abi} < 6): train.py can signal other processes of your user")
     unshare = shutil.which("unshare")
@@ -140,13 +180,14 @@ def probe():
             pass
     if not namespaces:
         missing.append("user namespaces (`unshare --user` " + ("failed" if unshare else "is not installed") + "): "
-                       "train.py has the network, and what it starts in a new session can outlive it")
+                       "train.py has the network, what it starts in a new session can outlive it, and /dev/shm, "
+                       "which it may write, is shared from run to run")
     return {"landlock": abi, "namespaces": namespaces, "missing": missing}
 
 
 def describe(found, caveats=()):
     """One line: the protections a run has, then what it lacks (caveats: what no sandbox protects here)."""
-    have = ([f"Landlock ABI {found['landlock']}"] if found["landlock"] else []) + (
+    have = ([f"Landlock ABI {found['landlock']}", "seccomp"] if found["landlock"] else []) + (
         ["user, PID, mount and network namespaces"] if found["namespaces"] else [])
     return (" + ".join(have) or "none") + "".join(f"; missing: {m}" for m in [*found["missing"], *caveats])
 
@@ -167,6 +208,9 @@ def wrap(argv, run_policy, found=None):
     found = found or probe()
     command = list(argv)
     if found["landlock"]:
+        # a /dev/shm of its own in its mount namespace; without one, the shared one (multiprocessing needs it)
+        run_policy = {**run_policy, "private_shm": found["namespaces"],
+                      "writable": run_policy["writable"] + ([] if found["namespaces"] else ["/dev/shm"])}
         command = [sys.executable, os.path.abspath(__file__), json.dumps(run_policy), "--", *command]
     if found["namespaces"]:
         command = [shutil.which("unshare"), *NAMESPACES, *command]

@@ -201,35 +201,42 @@ class Ledger:
         self.key_path = path.with_name("ledger.key") if path else None
 
     def key(self, create=False):
+        """(key, how many records came before the first sealed one), or None without a key; create: make one
+        now, when there is none. A key file that is there but unreadable stops the loop."""
         if self.key_path is None:
             return None
         try:
-            return bytes.fromhex(self.key_path.read_text())
-        except (FileNotFoundError, ValueError):
+            secret, unsealed = self.key_path.read_text().split()
+            return bytes.fromhex(secret), int(unsealed)
+        except FileNotFoundError:
             if not create:
                 return None
-        self.key_path.touch(mode=0o600)
-        self.key_path.write_text(os.urandom(32).hex())
+        except ValueError:
+            fail(f"{self.key_path} is damaged: the ledger beside it can no longer be checked. Start a new --tag.")
+        descriptor = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as f:
+            f.write(f"{os.urandom(32).hex()} {len(self.records)}\n")  # the records of a ledger from before seals
         return self.key()
 
     def altered(self):
-        """Where the ledger was changed after the loop wrote it ("record N (event at time)"), or None."""
-        key, previous = self.key(), ""
-        for number, record in enumerate(self.records, 1):
-            if "seal" not in record and not previous:
-                continue  # written before ledgers were sealed
-            if key is None:
-                return f"its key, {self.key_path}, is gone"
+        """Where the ledger was changed after the loop wrote it ("record N (event at time)"), or None. Records
+        from before seals existed (a key file says how many) are read as they are."""
+        found = self.key()
+        if found is None:
+            sealed = next((n for n, r in enumerate(self.records, 1) if "seal" in r), None)
+            return f"its key, {self.key_path}, is gone" if sealed else None
+        key, unsealed, previous = *found, ""
+        for number, record in enumerate(self.records[unsealed:], unsealed + 1):
             if record.get("seal") != seal(key, previous, record):
                 return f"record {number} ({record.get('event')} at {record.get('time')})"
             previous = record["seal"]
-        return "its seals were removed" if key is not None and self.records and not previous else None
+        return None
 
     def append(self, **record):
         record = {"time": datetime.datetime.now().isoformat(timespec="seconds"), **record}
         if self.path:
             previous = next((r["seal"] for r in reversed(self.records) if "seal" in r), "")
-            record["seal"] = seal(self.key(create=True), previous, record)
+            record["seal"] = seal(self.key(create=True)[0], previous, record)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()

@@ -4,8 +4,8 @@ does (runner.run_in_folder: the scorer beside it, the sandbox around it) and pri
 
     uv run dev/bench_wall_clock.py --runs 3           # with the prepared cache ($AUTORESEARCH_CACHE)
 
-Per run: total wall clock (the driver's clock); when it asked for its evaluation (the scorer's clock, from the
-start); the evaluation's seconds (twice the tokens: the scored rows and their spliced copies, and one batch again),
+Per run: total wall clock (the driver's clock); when its evaluation began (the first logits reached the scorer,
+from the run's start); the evaluation's seconds (twice the tokens: the scored rows and their spliced copies, and one batch again),
 what train.py printed as its own training and total seconds, and the causality numbers. Then the limits of
 autoresearch.integrity.wall_clock_limits for a candidate.
 """
@@ -36,9 +36,9 @@ for run in range(1, args.runs + 1):
     if result["returncode"] != 0 or evaluated is None:
         sys.exit(f"run {run} failed ({missing or record['problems']}):\n{result['log'][-4000:]}")
     printed = runner.parse_summary(result["log"])
-    timings.append((result["seconds"], evaluated["requested"]))
+    timings.append((result["seconds"], evaluated["first_logits"]))
     evaluations.append(evaluated["seconds"])
-    print(f"run {run}: total {result['seconds']:.1f}s, asked for its evaluation at {evaluated['requested']:.1f}s, "
+    print(f"run {run}: total {result['seconds']:.1f}s, evaluation began at {evaluated['first_logits']:.1f}s, "
           f"evaluation {evaluated['seconds']:.1f}s ({evaluated['tokens']} tokens scored, {evaluated['probes']} "
           f"spliced rows, transport {evaluated['transport']}), train.py says training "
           f"{printed.get('training_seconds', 0):.1f}s of {printed.get('total_seconds', 0):.1f}s; future influence "
@@ -46,6 +46,6 @@ for run in range(1, args.runs + 1):
           f"val_bpb {evaluated['val_bpb']:.6f}; sandbox: {result['sandbox']}", flush=True)
 
 until, total = integrity.wall_clock_limits(timings, budget)
-print(f"TIME_BUDGET {budget}s: a candidate may ask for its evaluation at {until:.1f}s and run {total:.1f}s in all "
-      f"(medians of {args.runs} runs: total {median(s for s, _ in timings):.1f}s, asked at "
+print(f"TIME_BUDGET {budget}s: a candidate may begin its evaluation at {until:.1f}s and run {total:.1f}s in all "
+      f"(medians of {args.runs} runs: total {median(s for s, _ in timings):.1f}s, evaluation began at "
       f"{median(r for _, r in timings):.1f}s, evaluation {median(evaluations):.1f}s)")

@@ -35,7 +35,9 @@ def reasons(night):
     (("def main():", "def evaluate_bpb(*args):\n    return 0.5\n\n\ndef main():"), "defines its own evaluate_bpb"),
     (("def main():", "import prepare\nprepare.EVAL_TOKENS = 64\n\n\ndef main():"), "changes prepare.EVAL_TOKENS"),
     (("def main():", "PEEK = make_dataloader\nPEEK_SPLIT = 'val'\n\n\ndef main():"), "names the validation data"),
-    (("def main():", "from prepare import CAUSALITY_TOLERANCE\n\n\ndef main():"), "uses prepare's internals"),
+    (("def main():", "from prepare import CAUSALITY_TOLERANCE\n\n\ndef main():"), "uses the harness's internals"),
+    (("def main():", "import prepare as h\nLOADER = h._loader\n\n\ndef main():"), "uses the harness's internals"),
+    (("def main():", "import scorer\n\n\ndef main():"), "uses the harness's internals"),
     (("\nSEED = 42\n", "\nSEED = 42\nTIME_BUDGET = 3 * TIME_BUDGET\n"), "reassigns TIME_BUDGET, which prepare.py fixes"),
     (("\nSEED = 42\n", "\nSEED = 42\nSPLIT = 'HoldOut'\n"), "names the holdout split, which only the driver"),
 ])
@@ -44,6 +46,11 @@ def test_static_checks_name_each_way_train_py_could_stop_reporting_the_harness_m
     assert integrity.static_problems(source) == []
     assert edit[0] in source
     assert any(problem in found for found in integrity.static_problems(source.replace(*edit, 1)))
+
+
+def test_names_of_train_py_s_own_that_the_harness_uses_too_are_not_its_internals():
+    source = (ROOT / "train.py").read_text().replace("def main():", "_loader = scorer = Wire = None\n\n\ndef main():")
+    assert integrity.static_problems(source) == []
 
 
 def test_a_train_py_that_no_longer_calls_evaluate_bpb_is_invalid_and_never_run(night):
@@ -117,7 +124,7 @@ def test_a_run_that_trains_longer_than_the_budget_allows_is_invalid(night):
     # budget 1 s; the stand-in scorer's clock starts with the run: 6 s more than the baseline's, over the 5 s allowed
     night.llm.script(change("train longer", ("print(\"---\")", "time.sleep(6)\nprint(\"---\")")))
     assert night.run("--max-experiments", "2").returncode == 0
-    assert statuses(night) == ["invalid"] and "it asked for its evaluation 6." in reasons(night)[0]
+    assert statuses(night) == ["invalid"] and "its evaluation began 6." in reasons(night)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -188,7 +195,7 @@ GAMING_EDITS = [  # (description, search, replace, the status and what its reaso
     ("report half the val_bpb", 'print(f"val_bpb:          {val_bpb:.6f}")',
      'print(f"val_bpb:          {val_bpb * 0.5:.6f}")', "invalid", "but the scorer measured"),
     ("train for eight budgets", "training_time += dt", "training_time += dt / 8", "invalid",
-     "it asked for its evaluation"),
+     "its evaluation began"),
     ("attend to the future", "is_causal=True", "is_causal=False", "invalid", "looks at future tokens"),
     ("evaluate twice", "        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)\n",
      "        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)\n        try:\n"
@@ -228,8 +235,8 @@ def test_each_edit_of_the_real_train_py_that_games_the_metric_is_invalid_or_cann
 CONSTANTS = {"max_seq_len": 64, "eval_tokens": 4096}
 
 
-def attested(val_bpb=1.0, batch_size=8, tokens=4096, requested=3.0):
-    evaluation = {"split": "val", "requested": requested, "seconds": 0.1, "val_bpb": val_bpb, "batch_size": batch_size,
+def attested(val_bpb=1.0, batch_size=8, tokens=4096, first_logits=3.0):
+    evaluation = {"split": "val", "first_logits": first_logits, "seconds": 0.1, "val_bpb": val_bpb, "batch_size": batch_size,
                   "seq_len": 64, "tokens": tokens, "bytes": 9000, "future_influence": 0.0, "probes": 64,
                   "repeat_difference": 0.0, "transport": "shared memory"}
     return {"format": 2, "split": "val", "evaluations": [evaluation], "problems": []}
@@ -255,13 +262,13 @@ def test_a_crash_claims_nothing_and_breaks_no_rule_even_without_a_record():
 
 
 def test_a_run_may_ask_for_its_evaluation_5_percent_of_the_budget_after_the_slowest_baseline_run():
-    # a 300 s budget: the baseline asked after 380 s (compilation and imports included), then 345 s
+    # a 300 s budget: the baseline began its evaluation after 380 s (compilation and imports included), then 345 s
     baseline = [(400.0, 380.0), (360.0, 345.0)]
     until, total = integrity.wall_clock_limits(baseline, 300)
     assert until == 380 + 15 and total == until + 2 * 20  # its evaluation may take twice the baseline's
-    assert integrity.wall_clock_problems(410.0, attested(requested=394.0), baseline, 300) == []
-    [problem] = integrity.wall_clock_problems(410.0, attested(requested=396.0), baseline, 300)
-    assert problem.startswith("it asked for its evaluation 396.0s after it started, over the 395.0s")
+    assert integrity.wall_clock_problems(410.0, attested(first_logits=394.0), baseline, 300) == []
+    [problem] = integrity.wall_clock_problems(410.0, attested(first_logits=396.0), baseline, 300)
+    assert problem.startswith("its evaluation began 396.0s after it started, over the 395.0s")
     [problem] = integrity.wall_clock_problems(436.0, attested(), baseline, 300)
     assert problem.startswith("the run took 436s of wall clock")
 

@@ -216,6 +216,17 @@ def test_log_tail_keeps_the_last_log_tail_chars_of_long_lines():
     assert len(tail) == runner.LOG_TAIL_CHARS and tail.endswith("9" * 1000) and log.rstrip("\n").endswith(tail)
 
 
+def test_log_tail_shows_nothing_printed_after_the_evaluation_began_but_the_error_it_ended_with():
+    log = ("step 9 | loss: 3.0\n" + runner.EVALUATION_BEGINS + "\nthe quick brown fox (validation text)\n"
+           "Traceback (most recent call last):\nRuntimeError: the quick brown fox\n")
+    assert runner.log_tail(log) == ("step 9 | loss: 3.0\n[what it printed after its evaluation began is not shown: it "
+                                    "could hold validation text; it ended with RuntimeError]")
+
+
+def test_the_scorer_marks_the_beginning_of_the_evaluation_with_the_line_the_driver_cuts_at():
+    assert f'EVALUATION_BEGINS = "{runner.EVALUATION_BEGINS}"' in (ROOT / "scorer.py").read_text()
+
+
 def test_log_tail_shows_only_the_last_version_of_a_progress_line():
     assert runner.log_tail("step 1\rstep 2\rstep 3\r\nTraceback: boom\n") == "step 3\nTraceback: boom"
 

@@ -2,6 +2,7 @@
 harness, each trying what a model optimising val_bpb might; and the words the run's record and the report use."""
 
 import json
+import os
 import socket
 import sys
 import uuid
@@ -100,6 +101,28 @@ def test_train_py_sees_no_process_outside_its_sandbox(tmp_path, stand_in):
     result = run_trying(tmp_path, lines, harness=stand_in)
     assert outcomes(result) == {"try-processes": "only its own", "try-signal": "refused ProcessLookupError"}, \
         result["log"]
+
+
+@needs_landlock
+def test_train_py_cannot_reach_a_unix_socket_of_your_user_s_services_but_has_socket_pairs(tmp_path, stand_in):
+    path = tmp_path / "service.sock"  # a tmux, systemd or D-Bus socket would run commands outside the sandbox
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        lines = (f"attempt('try-connect', lambda: socket.socket(socket.AF_UNIX).connect({str(path)!r}))\n"
+                 "attempt('try-pair', lambda: socket.socketpair())\n")
+        result = run_trying(tmp_path, lines, harness=stand_in)
+    assert outcomes(result) == {"try-connect": "refused PermissionError", "try-pair": "done"}, result["log"]
+
+
+@needs_namespaces
+@needs_landlock
+def test_train_py_has_a_dev_shm_of_its_own_for_multiprocessing(tmp_path, stand_in):
+    lines = ("import multiprocessing\nattempt('try-lock', lambda: multiprocessing.Lock())\n"
+             "attempt('try-shm', lambda: open('/dev/shm/x', 'w').write('x'))\n")
+    result = run_trying(tmp_path, lines, harness=stand_in)
+    assert outcomes(result) == {"try-lock": "done", "try-shm": "done"}, result["log"]
+    assert not os.path.exists("/dev/shm/x")
 
 
 def test_the_run_says_which_sandbox_it_had(tmp_path, stand_in):

@@ -49,8 +49,17 @@ PATCHES = (EVALUATE, "import torch.nn.functional as F\n"
            "prepare.get_token_bytes = lambda *args, **kwargs: torch.full((512,), 1000)\n"
            "F.cross_entropy = lambda *args, **kwargs: torch.zeros(1)\n"
            "prepare.EVAL_TOKENS = 64\n" + EVALUATE)
-TWICE = (EVALUATE, EVALUATE + "try:\n    evaluate_bpb(model, tokenizer, 8)\nexcept ValueError as error:\n"
-         "    print('refused:', error)\n")
+AGAIN_AND_AGAIN = (EVALUATE, EVALUATE + "for _ in range(5):\n    try:\n        evaluate_bpb(model, tokenizer, 8)\n"
+                   "    except Exception as error:\n        print('refused:', type(error).__name__, error)\n")
+# evaluate_bpb asked for early (in a thread, say), with a model that answers only once training is over
+ASKS_EARLY = ("model.eval()\n", "model.eval()\nimport time\nforward = model.forward\nanswered = []\n"
+              "def later(x, y=None, reduction='mean'):\n"
+              "    if not answered:\n        time.sleep(4)\n        answered.append(1)\n"
+              "    return forward(x, y, reduction)\nmodel.forward = later\n")
+CRASHES_WHILE_EVALUATED = ("model.eval()\n", "model.eval()\nforward = model.forward\ncalls = []\n"
+                           "def failing(x, y=None, reduction='mean'):\n    calls.append(1)\n"
+                           "    if len(calls) == 3:\n        raise RuntimeError('out of memory')\n"
+                           "    return forward(x, y, reduction)\nmodel.forward = failing\n")
 
 
 def run_scored(tmp_path, cache, script, split="val"):
@@ -75,7 +84,7 @@ def test_an_honest_run_is_scored_by_the_scorer_and_train_py_gets_its_number(hone
     assert f"val_bpb: {evaluation['val_bpb']}" in output  # the number train.py got is the one attested
     assert (evaluation["tokens"], evaluation["seq_len"], evaluation["split"]) == (4096, 64, "val")
     assert evaluation["future_influence"] <= 1e-5 and evaluation["repeat_difference"] <= 1e-5
-    assert evaluation["probes"] == 64 and 0 < evaluation["requested"] < 120  # a spliced copy of each row
+    assert evaluation["probes"] == 64 and 0 < evaluation["first_logits"] < 120  # a spliced copy of each row
     assert integrity.record_problems(record, missing, code, evaluation["val_bpb"],
                                      {"max_seq_len": 64, "eval_tokens": 4096}) == []
 
@@ -102,13 +111,27 @@ def test_patching_the_harness_or_torch_in_train_py_s_process_changes_nothing_of_
     assert record["evaluations"][0]["val_bpb"] == honest[2]["evaluations"][0]["val_bpb"]
 
 
-def test_a_second_evaluation_is_refused_and_makes_the_run_invalid(tmp_path, tiny_cache):
-    code, output, record, missing = run_scored(tmp_path, tiny_cache, HONEST.replace(*TWICE))
-    assert code == 0 and "refused: evaluate_bpb was called again" in output
-    assert len(record["evaluations"]) == 1
+def test_a_second_evaluation_is_refused_once_and_makes_the_run_invalid(tmp_path, tiny_cache):
+    code, output, record, missing = run_scored(tmp_path, tiny_cache, HONEST.replace(*AGAIN_AND_AGAIN))
+    assert code == 0 and "refused: ValueError evaluate_bpb was called again" in output
+    assert output.count("refused:") == 5 and len(record["evaluations"]) == 1 and len(record["problems"]) == 1
     [problem] = integrity.record_problems(record, missing, code, record["evaluations"][0]["val_bpb"],
                                           {"max_seq_len": 64, "eval_tokens": 4096})
     assert problem.startswith("evaluate_bpb was called again")
+
+
+def test_the_clock_that_counts_stops_when_the_first_logits_come_back_not_when_the_evaluation_is_asked_for(
+        tmp_path, tiny_cache):
+    code, output, record, _ = run_scored(tmp_path, tiny_cache, HONEST.replace(*ASKS_EARLY))
+    assert code == 0 and record["problems"] == [], output
+    assert record["evaluations"][0]["first_logits"] >= 4  # the start, the import of torch and training, then 4 s
+
+
+def test_a_model_that_crashes_while_evaluated_is_a_crash_and_breaks_no_rule(tmp_path, tiny_cache):
+    code, output, record, missing = run_scored(tmp_path, tiny_cache, HONEST.replace(*CRASHES_WHILE_EVALUATED))
+    assert code == 1 and "RuntimeError: out of memory" in output
+    assert record["evaluations"] == [] and record["problems"] == [] and record["unfinished"].startswith("EOFError")
+    assert integrity.record_problems(record, missing, code, None, {"max_seq_len": 64, "eval_tokens": 4096}) == []
 
 
 def test_a_crash_is_recorded_with_no_evaluation(tmp_path, tiny_cache):

@@ -62,6 +62,7 @@ def test_a_sealed_ledger_as_written_is_not_altered(tmp_path):
     lambda lines: lines[:2] + [lines[2].replace('"val_bpb": 1.0', '"val_bpb": 0.5')] + lines[3:],  # a number changed
     lambda lines: lines[:1] + lines[2:],  # a record removed
     lambda lines: [line.split(', "seal"')[0] + "}" for line in lines],  # every seal removed
+    lambda lines: ['{"event": "result", "status": "keep", "val_bpb": 0.1}'] + lines,  # a record put first
 ])
 def test_a_record_changed_or_removed_after_the_loop_wrote_it_is_found(tmp_path, change):
     path = sealed_ledger(tmp_path)
@@ -75,10 +76,17 @@ def test_a_sealed_ledger_whose_key_is_gone_is_altered(tmp_path):
     assert Ledger(path).altered().startswith("its key")
 
 
-def test_a_ledger_written_before_seals_is_read_as_it_is(tmp_path):
+def test_a_ledger_written_before_seals_is_read_as_it_is_and_what_follows_is_sealed(tmp_path):
     path = tmp_path / "ledger.jsonl"
     path.write_text('{"event": "start"}\n{"event": "stop"}\n')
     assert Ledger(path).altered() is None
+    Ledger(path).append(event="start")
+    assert Ledger(path).altered() is None and "seal" in Ledger(path).records[-1]
+    path.write_text(path.read_text().replace('{"event": "stop"}', '{"event": "stop", "reason": "changed"}'))
+    assert Ledger(path).altered() is None  # an unsealed record stays unchecked: the key says how many there are
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2] + ['{"event": "result"}'] + lines[2:]) + "\n")
+    assert Ledger(path).altered() is not None
 
 
 def test_a_ledger_without_a_path_keeps_its_records_in_memory_only(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import threading
 import time
 
 request = json.loads(sys.stdin.readline())
-started = time.monotonic()
+started = float(request.get("started", time.monotonic()))  # the driver's clock, as the real scorer's
 split = request.get("split", "val")
 record = {"format": 2, "split": split, "evaluations": [], "problems": []}
 sock = socket.socket(fileno=int(request["fd"]))
@@ -37,7 +37,7 @@ try:
             manifest = json.load(open(os.path.join(os.environ["AUTORESEARCH_CACHE"], "manifest.json")))
             rows = asked["evaluate"] * manifest["max_seq_len"]
             record["evaluations"].append({
-                "split": split, "requested": time.monotonic() - started, "seconds": 0.0, "val_bpb": val_bpb,
+                "split": split, "first_logits": time.monotonic() - started, "seconds": 0.0, "val_bpb": val_bpb,
                 "batch_size": asked["evaluate"], "seq_len": manifest["max_seq_len"],
                 "tokens": manifest["eval_tokens"] // rows * rows, "bytes": 1, "future_influence": 0.0, "probes": 1,
                 "repeat_difference": 0.0, "transport": "none"})

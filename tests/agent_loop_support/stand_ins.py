@@ -109,7 +109,7 @@ class StandInExecutor:
 
     def result(self, request, outcome):
         val_bpb = round(true_val_bpb(request.train_source) + self.noise(), 6)
-        evaluation = {"split": request.split, "requested": 0.5, "seconds": 0.1, "val_bpb": val_bpb, "batch_size": 8,
+        evaluation = {"split": request.split, "first_logits": 0.5, "seconds": 0.1, "val_bpb": val_bpb, "batch_size": 8,
                       "seq_len": 64, "tokens": 4096, "bytes": 1, "future_influence": 0.0, "probes": 64,
                       "repeat_difference": 0.0, "transport": "none"}
         record = {"format": 2, "split": request.split, "evaluations": [evaluation] if outcome == "ok" else [],
