@@ -29,9 +29,9 @@ import git
 from autoresearch import demo, holdout, integrity, report, runner, state
 from autoresearch.console import fail, log, plural
 from autoresearch.engine import Engine
-from autoresearch.night import Night
+from autoresearch.night import Night, describe_timeout
 from autoresearch.openai_agent import OpenAIAgent, OutputMode
-from autoresearch.options import AGENTS, TAG_OPTIONS, TIMEOUT_MARGIN, agent_settings, parse_args
+from autoresearch.options import AGENTS, TAG_OPTIONS, agent_settings, parse_args
 from autoresearch.prompts import instructions_text
 from autoresearch.runs import LocalExecutor, local_gpus
 from autoresearch.state import Ledger
@@ -116,7 +116,7 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
     if changed := integrity.fingerprint_changes(fingerprint, integrity.harness_fingerprint()):
         fail(f"the harness (prepare.py, scorer.py) or the prepared cache changed since tag {args.tag} started ({', '.join(changed)}): its "
              "results would not be comparable. Restore them (same prepare.py, same prepare flags), or use a new --tag.")
-    night = Night(args, agent, repo, state_dir, ledger, args.timeout or 2 * constants["time_budget"] + TIMEOUT_MARGIN,
+    night = Night(args, agent, repo, state_dir, ledger, args.timeout,
                   constants, fingerprint, branch)
     for pid_path in state_dir.glob("train*.pid"):
         runner.kill_leftover_training(pid_path)
@@ -140,7 +140,7 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
         night.executor = executor or open_executor(night)
         log(f"{'resuming' if resuming else 'starting'} {branch}: {len(ledger.results())} experiments so far, "
             f"agent {args.agent}{f' ({args.model})' if args.model else ''}, runs {night.executor.describe()}, "
-            f"killed after {night.timeout:.0f}s")
+            f"{describe_timeout(night)}")
         words = runner.confinement(Path("task"), Path("tmp"), integrity.cache_dir(), os.environ)[1]
         log(f"train.py's sandbox{' here (each node says its own in its runs)' if args.ray else ''}: {words}")
         if holdout_only:

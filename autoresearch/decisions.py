@@ -42,7 +42,9 @@ def baseline_action(runs, noise, rule):
             return Action("refused", f"the unmodified train.py breaks the rules of the metric: "
                           f"{'; '.join(run['problems'])}.", run)
         if not run["ok"]:
-            return Action("refused", f"the unmodified train.py did not produce val_bpb (see {run['log']}).", run)
+            how = (f"was {crash_reason(run)}: on a slow or busy machine, run again with a longer --timeout"
+                   if run["timed_out"] else "did not produce val_bpb")
+            return Action("refused", f"the unmodified train.py {how} (see {run['log']}).", run)
     wanted = rule.baseline_runs()
     missing = tuple(("candidate", pair) for pair in range(1, wanted + 1) if pair not in runs)
     if missing:
@@ -103,4 +105,6 @@ def pair_order(pair):
 
 
 def crash_reason(run):
-    return "killed at the time limit" if run["timed_out"] else f"exit code {run['returncode']}, no val_bpb"
+    if run["timed_out"]:
+        return f"killed at the {run['limit']:.0f}s time limit" if run.get("limit") else "killed at the time limit"
+    return f"exit code {run['returncode']}, no val_bpb"

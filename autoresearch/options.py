@@ -73,8 +73,9 @@ def parse_args(argv, started_with=None):
                         "this many dollars (default: no limit)")
     parser.add_argument("--price", help="IN,OUT dollars per million input/output tokens, for models without a "
                         "built-in price (known: " + ", ".join(PRICES_PER_MTOK) + ")")
-    parser.add_argument("--timeout", type=float, help="seconds before a run is killed (default: twice TIME_BUDGET "
-                        f"plus {TIMEOUT_MARGIN})")
+    parser.add_argument("--timeout", type=float, help="seconds before a run is killed (default: twice the "
+                        f"baseline's first run on this machine, plus {TIMEOUT_MARGIN}; until that run has ended, ten "
+                        f"times TIME_BUDGET plus {TIMEOUT_MARGIN})")
     parser.add_argument("--keep-rule", choices=keep_rule.KEEP_RULES,
                         help="noise: measure run-to-run noise on the baseline, discard a candidate whose mean is not "
                         "below the best's, else run it --max-runs times in all and keep it only when the "

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from autoresearch import integrity, runner, state
 from autoresearch.console import fail, log
+from autoresearch.night import run_timeout
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def assess(night, key, result, problems=()):
     run.update(seconds=round(seconds, 1), returncode=returncode, timed_out=returncode is None, ok=ok,
                val_bpb=val_bpb, metrics=metrics, problems=problems,
                log_tail="" if ok else runner.log_tail(result["log"]), attestation=record, worker=result["worker"],
-               sandbox=result.get("sandbox"))
+               sandbox=result.get("sandbox"), limit=result.get("limit"))
     return night.record(event="run" if key.split == "val" else "holdout_run", **run)
 
 
@@ -236,7 +237,7 @@ class Runs:
             log(f"#{key.experiment} not run, invalid: {'; '.join(problems)}")
             self.refused.append(assess(night, key, None, problems))
             return
-        request = Request(train_source, harness, secrets.token_hex(32), night.timeout, key.split,
+        request = Request(train_source, harness, secrets.token_hex(32), run_timeout(night), key.split,
                           log_path_of(night, key))
         self.executor.submit(key, request)
         self.out[key] = (request, tries)
@@ -258,7 +259,7 @@ class Runs:
                                   **role_fields(key), error=f"{type(outcome).__name__}: {str(outcome)[:300]}")
                 self.send(key, tries + 1)
                 continue
-            ended.append(assess(self.night, key, dict(outcome, key_hex=request.key_hex)))
+            ended.append(assess(self.night, key, dict(outcome, key_hex=request.key_hex, limit=request.timeout)))
         return ended
 
     def cancel_all(self):

@@ -14,6 +14,7 @@ import pytest
 
 import agent_loop
 from autoresearch import agents, runner
+from autoresearch import night as night_module
 from fake_llm import CHAT, change, chat_change, chat_json, chat_text, overloaded
 from night_repo import BETTER, CRASH, FAKE_PREPARE, HANG, SUPPORT, WORSE
 from processes import alive
@@ -91,6 +92,28 @@ def test_a_run_over_the_time_limit_is_killed_and_counts_as_a_crash(night):
     assert len(night.requests()) == 1  # no fix attempt for a hang
     assert not alive(night.train_pids()[4])
     assert night.head() == night.base and night.is_clean()
+
+
+def test_without_timeout_a_run_is_killed_after_twice_the_baseline_s_first_run_plus_the_margin(night, monkeypatch):
+    monkeypatch.setattr(night_module, "TIMEOUT_MARGIN", 1)  # seconds; the fake runs take a fraction of one
+    night.llm.script(change("hang", HANG))
+    result = night.run("--max-experiments", "2", "--keep-rule", "greedy", timeout=None)
+    assert result.returncode == 0
+    baseline = next(r for r in night.ledger() if r["event"] == "run" and r["experiment"] == 0)
+    assert "until the baseline's first run sets the limit" in result.stdout.splitlines()[0]
+    assert baseline["limit"] == 10 * 1 + 1  # ten budgets of the stand-in cache (1 s), and the margin
+    hung = [r for r in night.ledger() if r["event"] == "run" and r["experiment"] == 1][0]
+    assert hung["timed_out"] and hung["limit"] == pytest.approx(2 * baseline["seconds"] + 1)
+    assert night.rows()[1][3] == "crash" and f"killed at the {hung['limit']:.0f}s time limit" in \
+        night.ledger()[-2]["reason"]
+
+
+def test_a_baseline_killed_at_its_time_limit_says_so_and_what_to_do(night):
+    (night.repo / "train.py").write_text(night.train_py().replace(*HANG))
+    night.git("commit", "-qam", "hangs")
+    result = night.run("--timeout", "1")
+    assert result.returncode == 1 and "the unmodified train.py was killed at the 1s time limit: on a slow or busy " \
+        "machine, run again with a longer --timeout" in result.stderr
 
 
 def test_a_baseline_that_does_not_run_stops_with_an_error(night):

@@ -11,9 +11,10 @@ PAIRED, UNPAIRED, GREEDY = Rule(), Rule(paired=False), Rule(keep_rule="greedy")
 BASE = [1.0, 1.0, 1.0, 1.0]
 
 
-def run(val_bpb=1.0, pair=1, ok=True, problems=(), timed_out=False, returncode=0):
+def run(val_bpb=1.0, pair=1, ok=True, problems=(), timed_out=False, returncode=0, limit=None):
     return dict(val_bpb=val_bpb if ok else None, repeat=pair, ok=ok, problems=list(problems), timed_out=timed_out,
-                returncode=None if timed_out else returncode, log=f"logs/1-{pair}.log")
+                returncode=None if timed_out else returncode, log=f"logs/1-{pair}.log",
+                **({"limit": limit} if limit else {}))
 
 
 def runs(*values):
@@ -39,9 +40,10 @@ def test_a_first_run_that_crashed_asks_for_a_fix_until_the_fixes_are_used_up():
     assert (action.kind, action.reason) == ("crash", "exit code 1, no val_bpb")
 
 
-def test_a_run_killed_at_the_time_limit_is_a_crash_without_a_fix():
-    action = decide({1: run(ok=False, timed_out=True)})
-    assert (action.kind, action.reason) == ("crash", "killed at the time limit")
+def test_a_run_killed_at_the_time_limit_is_a_crash_without_a_fix_that_names_the_limit():
+    action = decide({1: run(ok=False, timed_out=True, limit=420.0)})
+    assert (action.kind, action.reason) == ("crash", "killed at the 420s time limit")
+    assert decide({1: run(ok=False, timed_out=True)}).reason == "killed at the time limit"  # a ledger from before
 
 
 def test_a_later_run_that_fails_is_a_crash_of_the_commit_that_ran_before():

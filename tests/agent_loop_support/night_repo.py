@@ -68,17 +68,18 @@ class Night:
         self.git("commit", "-q", "-m", "initial")
         self.base = self.head()
 
-    def arguments(self, *args):
-        """The loop's options for a test: quick retries, a short time limit, and no holdout runs at the end (which
-        tests/test_holdout.py turns on) unless the test's own options say otherwise."""
-        return ["--tag", "t", "--retry-delay", "0.01", "--timeout", "30", "--holdout-at-end", "off", *args]
+    def arguments(self, *args, timeout=30):
+        """The loop's options for a test: quick retries, a short time limit (None: the loop's own), and no holdout
+        runs at the end (which tests/test_holdout.py turns on) unless the test's own options say otherwise."""
+        limit = ["--timeout", str(timeout)] if timeout is not None else []
+        return ["--tag", "t", "--retry-delay", "0.01", *limit, "--holdout-at-end", "off", *args]
 
-    def run(self, *args):
+    def run(self, *args, timeout=30):
         """agent_loop.main() in this process: (exit code, what it printed, the error it stopped with)."""
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             try:
-                code, error = agent_loop.main(self.arguments(*args)), ""
+                code, error = agent_loop.main(self.arguments(*args, timeout=timeout)), ""
             except SystemExit as stop:
                 code, error = 1, str(stop.code)
         return subprocess.CompletedProcess(args, code, printed.getvalue(), error)
