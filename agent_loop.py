@@ -18,6 +18,7 @@ results.tsv and .autoresearch/<tag>/ (the ledger, every run's log, report.html),
 """
 
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -76,10 +77,8 @@ def loop(argv, holdout_only=False, executor=None):
             fail(f"{Path(root) / name} is missing: run agent_loop.py in the autoresearch repository.")
     constants = integrity.harness_constants()
     state_dir = state.STATE_ROOT / args.tag
-    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     state.keep_out_of_git(repo, "results.tsv", "progress.png", f"{state.STATE_ROOT}/", str(state.STEER_FILE))
-    if not state.STEER_FILE.exists():  # for the researcher to steer the night with, while it goes
-        state.STEER_FILE.write_text(state.STEER_TEMPLATE)
+    state.STATE_ROOT.mkdir(exist_ok=True)  # for the lock; the tag's folder waits for an agent that could start
     try:
         with filelock.FileLock(state.STATE_ROOT / "lock", timeout=0):  # released however the night ends
             return run_night(repo, args, argv, constants, state_dir, holdout_only, executor)
@@ -107,15 +106,26 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
         if args.agent == "openai":
             return OpenAIAgent(agent_settings(args), instructions, repo, output)
         return AGENTS[args.agent](agent_settings(args), instructions, repo)
-    agent = None if holdout_only else make_agent(repo)  # before the branch: none if it fails
+    fresh = not state_dir.exists()
+    state_dir.mkdir(parents=True, exist_ok=True)  # the Optuna agent keeps its study there
+    try:
+        agent = None if holdout_only else make_agent(repo)  # before the branch: none if it fails
+    except BaseException:
+        if fresh:  # a start the agent refused leaves no trace
+            shutil.rmtree(state_dir, ignore_errors=True)
+        raise
+    (state_dir / "logs").mkdir(exist_ok=True)
+    if not state.STEER_FILE.exists():  # for the researcher to steer the night with, while it goes
+        state.STEER_FILE.write_text(state.STEER_TEMPLATE)
     if resuming:
         repo.heads[branch].checkout()
     else:
         repo.create_head(branch).checkout()
     fingerprint = ledger.events("start")[0]["fingerprint"] if started else integrity.harness_fingerprint()
     if changed := integrity.fingerprint_changes(fingerprint, integrity.harness_fingerprint()):
-        fail(f"the harness (prepare.py, scorer.py) or the prepared cache changed since tag {args.tag} started ({', '.join(changed)}): its "
-             "results would not be comparable. Restore them (same prepare.py, same prepare flags), or use a new --tag.")
+        fail(f"the harness (prepare.py, scorer.py) or the prepared cache changed since tag {args.tag} started "
+             f"({', '.join(changed)}): its results would not be comparable. Restore them (same prepare.py, same "
+             "prepare flags), or use a new --tag.")
     night = Night(args, agent, repo, state_dir, ledger, args.timeout,
                   constants, fingerprint, branch)
     for pid_path in state_dir.glob("train*.pid"):

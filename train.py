@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare import MAX_SEQ_LEN, NON_DEFAULT_CONSTANTS, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb
+from prepare import (MAX_SEQ_LEN, NON_DEFAULT_CONSTANTS, TIME_BUDGET, NotPreparedError, Tokenizer, make_dataloader,
+                     evaluate_bpb)
 
 # -----------------------------------------------------------------------------
 # Hyperparameters: the reference's single-H100 values (edit directly, no CLI flags)
@@ -717,4 +718,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except NotPreparedError as error:  # the data is not prepared yet: the message says what to run, no traceback
+        sys.exit(str(error))

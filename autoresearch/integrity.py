@@ -256,8 +256,8 @@ def harness_constants():
     """The constants of the prepared cache that the driver checks runs against."""
     manifest = cache_dir() / "manifest.json"
     if not manifest.exists():
-        fail(f"the data is not prepared: {manifest} does not exist. Run `uv run prepare.py` first "
-             "(or set AUTORESEARCH_CACHE to a prepared cache).")
+        fail(f"the data is not prepared: {manifest} does not exist. Run `uv run prepare.py` first (with no network: "
+             "`uv run prepare.py --dataset stdlib --preset small`), or set AUTORESEARCH_CACHE to a prepared cache.")
     try:
         written = json.loads(manifest.read_text())
         return {name: float(written[name]) if name == "time_budget" else int(written[name])

@@ -128,6 +128,7 @@ def plot_progress(rows, title, path):
         ax.annotate(text, (r["experiment"], r["val_bpb"]), xytext=(5, 5), textcoords="offset points",
                     rotation=45, fontsize=7.5, color="#1b5e20", zorder=5)
     ax.set_ylim(low - 0.05 * (top - low), top)
+    ax.ticklabel_format(axis="y", useOffset=False)  # a narrow range (one point) reads as the values, no "+2.45"
     ax.set_xlim(-0.5, last + max(1.5, 0.2 * len(rows)))  # room right for the last label
     ax.xaxis.get_major_locator().set_params(integer=True)  # experiments are numbered
     ax.set(title=title, xlabel="experiment", ylabel="val_bpb (lower is better)")

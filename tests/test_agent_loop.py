@@ -403,6 +403,7 @@ def test_refuses_an_unprepared_cache_and_says_what_to_run(night, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(night.tmp / "empty"))
     result = night.run()
     assert result.returncode == 1 and "uv run prepare.py" in result.stderr
+    assert "with no network: `uv run prepare.py --dataset stdlib --preset small`" in result.stderr
     assert night.git("branch", "--list", "autoresearch/*") == ""
 
 
@@ -412,6 +413,7 @@ def test_a_missing_api_key_names_the_other_agents(night, monkeypatch):
     assert result.returncode == 1
     assert "ANTHROPIC_API_KEY" in result.stderr and "--agent claude-code" in result.stderr
     assert "--agent openai" in result.stderr
+    assert not (night.repo / "steer.md").exists() and not (night.repo / ".autoresearch" / "t").exists()  # no trace
 
 
 # -----------------------------------------------------------------------------

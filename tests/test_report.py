@@ -184,6 +184,15 @@ def test_the_x_axis_fits_the_experiments_with_whole_numbers(tmp_path):
     assert all(tick == int(tick) for tick in ax.get_xticks() if left <= tick <= right)
 
 
+def test_the_plot_of_the_baseline_alone_labels_the_y_axis_with_its_values_and_no_offset(tmp_path):
+    rows = [("aaaaaaa", 2.4512, "keep", "baseline")]
+    ax = report_module.plot_progress(state.read_results_tsv(write_tsv(tmp_path / "r.tsv", rows)), "t",
+                                  tmp_path / "p.png").axes[0]
+    ax.figure.canvas.draw()
+    labels = [label.get_text() for label in ax.get_yticklabels() if label.get_text()]
+    assert ax.yaxis.get_offset_text().get_text() == "" and all(text.startswith("2.45") for text in labels), labels
+
+
 def test_running_best_steps_after_each_keep(tsv, tmp_path):
     ax = report_module.plot_progress(state.read_results_tsv(tsv), "t", tmp_path / "p.png").axes[0]
     (line,) = ax.lines

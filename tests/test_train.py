@@ -121,6 +121,12 @@ def test_run_names_the_caches_non_default_constants_in_its_first_line(tiny_run):
         "(reference 300), EVAL_TOKENS 4096 (reference 20971520), VOCAB_SIZE 512 (reference 8192)")
 
 
+def test_before_the_data_is_prepared_it_says_what_to_run_without_a_traceback(tmp_path):
+    result = run_train(REPO / "train.py", tmp_path / "no-cache")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "uv run prepare.py --dataset stdlib --preset small" in result.stderr
+
+
 def test_nan_loss_prints_fail_and_exits_1(tmp_path, tiny_cache):
     source = (REPO / "train.py").read_text()
     assert source.count("\nEMBEDDING_LR = 0.6 ") == 1
