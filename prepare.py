@@ -77,8 +77,8 @@ NON_DEFAULT_CONSTANTS = {key.upper(): (int(_constants[key]), default) for key, d
                          if int(_constants[key]) != default}
 
 
-class NotPreparedError(FileNotFoundError):
-    pass
+class NotPreparedError(SystemExit):
+    """The cache is not prepared: uncaught, it ends the program with its message (what to run) and no traceback."""
 
 
 def _require_manifest():

@@ -33,8 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prepare import (MAX_SEQ_LEN, NON_DEFAULT_CONSTANTS, TIME_BUDGET, NotPreparedError, Tokenizer, make_dataloader,
-                     evaluate_bpb)
+from prepare import MAX_SEQ_LEN, NON_DEFAULT_CONSTANTS, TIME_BUDGET, Tokenizer, make_dataloader, evaluate_bpb
 
 # -----------------------------------------------------------------------------
 # Hyperparameters: the reference's single-H100 values (edit directly, no CLI flags)
@@ -718,7 +717,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NotPreparedError as error:  # the data is not prepared yet: the message says what to run, no traceback
-        sys.exit(str(error))
+    main()
