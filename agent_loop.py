@@ -30,7 +30,7 @@ import git
 from autoresearch import demo, holdout, integrity, report, runner, state
 from autoresearch.console import fail, log, plural
 from autoresearch.engine import Engine
-from autoresearch.night import Night, describe_timeout
+from autoresearch.night import Night, time_limit
 from autoresearch.openai_agent import OpenAIAgent, OutputMode
 from autoresearch.options import AGENTS, TAG_OPTIONS, agent_settings, parse_args
 from autoresearch.prompts import instructions_text
@@ -150,7 +150,7 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
         night.executor = executor or open_executor(night)
         log(f"{'resuming' if resuming else 'starting'} {branch}: {len(ledger.results())} experiments so far, "
             f"agent {args.agent}{f' ({args.model})' if args.model else ''}, runs {night.executor.describe()}, "
-            f"{describe_timeout(night)}")
+            "killed after {:.0f}s ({})".format(*time_limit(night)))
         words = runner.confinement(Path("task"), Path("tmp"), integrity.cache_dir(), os.environ)[1]
         log(f"train.py's sandbox{' here (each node says its own in its runs)' if args.ray else ''}: {words}")
         if holdout_only:

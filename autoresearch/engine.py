@@ -27,7 +27,8 @@ import psutil
 from autoresearch import decisions, integrity, keep_rule, report, runner, state
 from autoresearch.agents import Change, ask_for_change, source_digest
 from autoresearch.console import clear_status, fail, log, plural, show_status
-from autoresearch.night import already_run, before_proposal, record_proposal, record_result, run_timeout, why_stop
+from autoresearch.night import (already_run, before_proposal, record_proposal, record_result, time_limit,
+                               why_stop)
 from autoresearch.prompts import fix_prompt, idea_prompt
 from autoresearch.runs import RunKey, Runs
 
@@ -233,7 +234,7 @@ class Engine:
             del self.queued[key]
             what = (f"the best {key.commit[:7]} beside it (pair {key.pair})" if key.role == "best" else
                     f"{key.commit[:7]}{f' again ({key.pair})' if key.pair > 1 else ''}")
-            log(f"#{key.experiment} running {what} (time limit {run_timeout(self.night):.0f}s)")
+            log(f"#{key.experiment} running {what} (time limit {time_limit(self.night)[0]:.0f}s)")
             self.runs.send(key)
 
     def wait(self):

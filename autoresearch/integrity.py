@@ -29,7 +29,7 @@ from autoresearch.console import fail
 HARNESS = ("prepare.py", "scorer.py")  # what the driver runs beside train.py, and nobody edits during research
 PRIVATE_HARNESS_NAME = re.compile(
     r"_loader|_pack|_load_part|_document_batches|_part_paths|_scorer|_DRIVER_SCORER|_Logits|Wire|SCORER_FD|"
-    r"CAUSALITY_TOLERANCE|NonCausalModelError|scorer")
+    r"CAUSALITY_TOLERANCE|NonCausalModelError")
 
 
 def static_problems(source):
@@ -196,8 +196,7 @@ def portable_fingerprint(folder=".", cache=None):
 def _fingerprint(folder, cache, portable):
     manifest = cache / "manifest.json"
     val_parts = set(json.loads(manifest.read_text()).get("splits", {}).get("val", {}).get("parts", []))
-    fingerprint = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in HARNESS
-                   if (folder / name).exists()}
+    fingerprint = harness_files(folder)
     for path in [manifest] + sorted(p for folder in ("tokenizer", "tokens") for p in (cache / folder).rglob("*")
                                     if p.is_file()):
         name = path.relative_to(cache).as_posix() if portable else str(path.relative_to(cache))
@@ -212,6 +211,12 @@ def _fingerprint(folder, cache, portable):
         else:
             fingerprint[name] = hashlib.sha256(path.read_bytes()).hexdigest()
     return fingerprint
+
+
+def harness_files(folder, prefix=""):
+    """sha256 of each file of the harness in folder."""
+    return {prefix + name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in HARNESS
+            if (folder / name).exists()}
 
 
 def _portable(value, key=None):
@@ -239,7 +244,8 @@ def validation_files(cache):
     downloads and a --text corpus's own files. The stdlib corpus's raw text is Python's own source, which any Python
     reads to import: nothing keeps train.py from rebuilding its validation documents."""
     manifest = json.loads((cache / "manifest.json").read_text())
-    parts = [name for split in ("val", "holdout") for name in manifest.get("splits", {}).get(split, {}).get("parts", [])]
+    splits = manifest.get("splits", {})
+    parts = [name for split in ("val", "holdout") for name in splits.get(split, {}).get("parts", [])]
     paths = [cache / "tokens" / f"{name}{suffix}" for name in parts for suffix in (".bin", ".npz")] + [cache / "data"]
     source = manifest.get("source", {})
     paths += [Path(p) for p in source.get("paths", [])] if source.get("dataset") == "text" else []

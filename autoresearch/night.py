@@ -27,7 +27,7 @@ class Night:
     repo: git.Repo
     state_dir: Path
     ledger: Ledger
-    timeout: float  # --timeout, or None: run_timeout() measures it
+    timeout: float  # --timeout, or None: time_limit() measures it
     constants: dict  # the prepared cache's time_budget, max_seq_len and eval_tokens
     fingerprint: dict  # of prepare.py and the cache, when the tag started
     branch: str = ""  # autoresearch/<tag>: it points at the best
@@ -45,25 +45,17 @@ class Night:
 FIRST_RUNS_LIMIT = 10  # budgets a run may take before the baseline's first run has measured this machine
 
 
-def run_timeout(night):
-    """Seconds before a run is killed: --timeout; else twice the baseline's first valid run on this machine, as busy
-    as it is, plus TIMEOUT_MARGIN; before that run has ended, ten budgets plus the margin."""
+def time_limit(night):
+    """(seconds before a run is killed, why): --timeout; else twice the baseline's first valid run on this machine,
+    as busy as it is, plus TIMEOUT_MARGIN; before that run has ended, ten budgets plus the margin."""
     if night.timeout:
-        return night.timeout
-    first = next((r for r in night.ledger.events("run") if r["experiment"] == 0 and r["ok"]), None)
-    return 2 * first["seconds"] + TIMEOUT_MARGIN if first else (
-        FIRST_RUNS_LIMIT * night.constants["time_budget"] + TIMEOUT_MARGIN)
-
-
-def describe_timeout(night):
-    if night.timeout:
-        return f"killed after {night.timeout:.0f}s (--timeout)"
+        return night.timeout, "--timeout"
     first = next((r for r in night.ledger.events("run") if r["experiment"] == 0 and r["ok"]), None)
     if first:
-        return (f"killed after {run_timeout(night):.0f}s (twice the baseline's first run, {first['seconds']:.0f}s, "
-                f"plus {TIMEOUT_MARGIN}s; --timeout sets it)")
-    return (f"killed after {run_timeout(night):.0f}s until the baseline's first run sets the limit (twice its time, "
-            f"plus {TIMEOUT_MARGIN}s; --timeout sets it)")
+        return 2 * first["seconds"] + TIMEOUT_MARGIN, (f"twice the baseline's first run, {first['seconds']:.0f}s, "
+                                                       f"plus {TIMEOUT_MARGIN}s; --timeout sets it")
+    return FIRST_RUNS_LIMIT * night.constants["time_budget"] + TIMEOUT_MARGIN, (
+        f"until the baseline's first run sets the limit: twice its time, plus {TIMEOUT_MARGIN}s; --timeout sets it")
 
 
 def already_run(night, besides=None):

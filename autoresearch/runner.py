@@ -3,9 +3,10 @@ One run of train.py under the harness, and what its log says.
 
 The run is `python train.py` in a fresh folder holding only train.py and prepare.py, and beside it the scorer
 (scorer.py, in a folder of its own with the driver's harness), which alone reads the validation data, computes
-val_bpb and signs its record (run_in_folder, here and on a Ray node alike). Both run in their own process group
-with a hard time limit; on timeout or interrupt the run's whole process tree is killed (psutil). The driver reads the summary block after the last
-`---` line, the latest progress line while it trains, and a crashed run's log tail, fenced for the agent.
+val_bpb and signs its record (run_in_folder, here and on a Ray node alike); train.py runs in this machine's sandbox
+(sandbox.py). Both run in their own process group with a hard time limit; on timeout or interrupt the run's whole
+process tree is killed (psutil). The driver reads the summary block after the last `---` line, the latest progress
+line while it trains, and a crashed run's log tail (up to where the evaluation began), fenced for the agent.
 """
 
 import json
@@ -58,7 +59,8 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
         (work / "train.py").write_text(train_source)
         if check:
             check(scoring, cache)
-        before = {folder: integrity.harness_fingerprint(folder, cache) for folder in (work, scoring)}
+        # the cache once (its validation tokens are the big part), the harness in both folders
+        before = integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/")
         confined, words = confinement(work, private_tmp, cache, env or os.environ)
         kept = {k: v for k, v in (env or os.environ).items() if not SECRET.search(k) and k not in ("PWD", "OLDPWD")}
         env = {**kept, "AUTORESEARCH_CACHE": str(cache)}  # train.py is code a model wrote: no key, token, password
@@ -66,8 +68,8 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
                                                        "TORCHINDUCTOR_CACHE_DIR")}  # where libraries write
         returncode, seconds, record = run_training(log_path, timeout, pid_path, work, scoring, env, key_hex, split,
                                                    on_start, confined, private)
-        changed = sorted({name for folder in (work, scoring) for name in integrity.fingerprint_changes(
-            before[folder], integrity.harness_fingerprint(folder, cache))})
+        changed = integrity.fingerprint_changes(
+            before, integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/"))
         log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from autoresearch import integrity, runner, state
 from autoresearch.console import fail, log
-from autoresearch.night import run_timeout
+from autoresearch.night import time_limit
 
 
 @dataclass(frozen=True)
@@ -171,8 +171,8 @@ class LocalExecutor:
 def problems_before(night, commit):
     """Why the commit must not run (the static checks, the allowlist); stops the night if the harness changed."""
     if changed := integrity.fingerprint_changes(night.fingerprint, integrity.harness_fingerprint()):
-        fail(f"the harness (prepare.py, scorer.py) or the prepared cache changed since tag {night.args.tag} started ({', '.join(changed)}): "
-             "its results are no longer comparable. Restore them, or start a new --tag.")
+        fail(f"the harness (prepare.py, scorer.py) or the prepared cache changed since tag {night.args.tag} started "
+             f"({', '.join(changed)}): its results are no longer comparable. Restore them, or start a new --tag.")
     problems = integrity.static_problems(state.file_at(night.repo, commit, "train.py"))
     best = night.ledger.best()
     if best:
@@ -237,7 +237,7 @@ class Runs:
             log(f"#{key.experiment} not run, invalid: {'; '.join(problems)}")
             self.refused.append(assess(night, key, None, problems))
             return
-        request = Request(train_source, harness, secrets.token_hex(32), run_timeout(night), key.split,
+        request = Request(train_source, harness, secrets.token_hex(32), time_limit(night)[0], key.split,
                           log_path_of(night, key))
         self.executor.submit(key, request)
         self.out[key] = (request, tries)

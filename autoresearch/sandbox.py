@@ -133,7 +133,7 @@ def _private_shm(libc):
 # the filter does not know. By machine: the audit architecture and the number of socket().
 SECCOMP_ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER, AF_UNIX, X32_SYSCALL_BIT = 22, 2, 1, 0x40000000
-LOAD, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, ...|BPF_JGE|..., BPF_RET|BPF_K
+LOAD, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
 ALLOW, DENY = 0x7FFF0000, 0x00050000 | errno.EACCES  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EACCES
 
 
