@@ -151,8 +151,8 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
         log(f"{'resuming' if resuming else 'starting'} {branch}: {len(ledger.results())} experiments so far, "
             f"agent {args.agent}{f' ({args.model})' if args.model else ''}, runs {night.executor.describe()}, "
             "killed after {:.0f}s ({})".format(*time_limit(night)))
-        words = runner.confinement(Path("task"), Path("tmp"), integrity.cache_dir(), os.environ)[1]
-        log(f"train.py's sandbox{' here (each node says its own in its runs)' if args.ray else ''}: {words}")
+        log(f"train.py's sandbox{' here (each node says its own in its runs)' if args.ray else ''}: "
+            f"{runner.sandbox_words(integrity.cache_dir(), os.environ)}")
         if holdout_only:
             reason = "holdout scored" if holdout.score_holdout(night) else "no holdout score"
         else:

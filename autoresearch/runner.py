@@ -61,8 +61,9 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
             check(scoring, cache)
         # the cache once (its validation tokens are the big part), the harness in both folders
         before = integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/")
-        confined, words = confinement(work, private_tmp, cache, env or os.environ)
-        kept = {k: v for k, v in (env or os.environ).items() if not SECRET.search(k) and k not in ("PWD", "OLDPWD")}
+        env = env or os.environ
+        confined, words = confinement(work, private_tmp, cache, env), sandbox_words(cache, env)
+        kept = {k: v for k, v in env.items() if not SECRET.search(k) and k not in ("PWD", "OLDPWD")}
         env = {**kept, "AUTORESEARCH_CACHE": str(cache)}  # train.py is code a model wrote: no key, token, password
         private = {name: str(private_tmp) for name in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "TRITON_CACHE_DIR",
                                                        "TORCHINDUCTOR_CACHE_DIR")}  # where libraries write
@@ -78,14 +79,16 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
 
 
 def confinement(work, private_tmp, cache, env):
-    """(command, words): `python train.py` in the sandbox this machine offers, writing only to work and private_tmp
-    and reading no validation data of the cache; and that sandbox in words, with what it lacks."""
-    denied, caveat = integrity.validation_files(cache)
-    denied.append(state.STATE_ROOT.resolve())  # the ledger's key, the runs' logs: the driver's alone
-    run_policy, caveats = sandbox.policy(work, private_tmp, denied, env)
-    found = sandbox.probe()
-    return (sandbox.wrap([sys.executable, "train.py"], run_policy, found),
-            sandbox.describe(found, caveats + ([caveat] if caveat else [])))
+    """`python train.py` in the sandbox this machine offers, writing only to work and private_tmp (and where the
+    user's env says) and reading no validation data of the cache."""
+    denied = integrity.validation_files(cache)[0] + [state.STATE_ROOT.resolve()]  # .autoresearch: the driver's
+    return sandbox.wrap([sys.executable, "train.py"], sandbox.policy(work, private_tmp, denied, env))
+
+
+def sandbox_words(cache, env):
+    """This machine's sandbox for train.py in words: what it has, then what it lacks."""
+    caveat = integrity.validation_files(cache)[1]
+    return sandbox.describe(sandbox.probe(), sandbox.caveats(env) + ([caveat] if caveat else []))
 
 
 def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split="val", on_start=None, command=None,

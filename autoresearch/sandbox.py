@@ -195,12 +195,19 @@ def describe(found, caveats=()):
 ALSO_WRITABLE = "AUTORESEARCH_SANDBOX_WRITABLE"  # the driver's: folders the user lets train.py write too
 
 
+def also_writable(env):
+    return [p for p in env.get(ALSO_WRITABLE, "").split(os.pathsep) if p]
+
+
 def policy(work, private_tmp, deny_read, env):
-    """(policy, caveats): what train.py may read and write; the folders the user named in $ALSO_WRITABLE (state that
-    can pass from run to run) are said in the run's record."""
-    also = [p for p in env.get(ALSO_WRITABLE, "").split(os.pathsep) if p]
-    caveats = [f"train.py may also write {', '.join(also)} (${ALSO_WRITABLE})"] if also else []
-    return {"writable": [str(work), str(private_tmp), *also], "deny_read": [str(p) for p in deny_read]}, caveats
+    """What train.py may read and write: its folders, and those the user named in $ALSO_WRITABLE."""
+    return {"writable": [str(work), str(private_tmp), *also_writable(env)], "deny_read": [str(p) for p in deny_read]}
+
+
+def caveats(env):
+    """What the user's settings open up (state that can pass from run to run), for the run's record."""
+    also = also_writable(env)
+    return [f"train.py may also write {', '.join(also)} (${ALSO_WRITABLE})"] if also else []
 
 
 def wrap(argv, run_policy, found=None):
