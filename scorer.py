@@ -187,8 +187,7 @@ class Evaluation:
     def result(self):
         return {"batch_size": self.B, "seq_len": self.T, "tokens": self.steps * self.B * self.T, "bytes": self.bytes,
                 "val_bpb": self.nats / (math.log(2) * self.bytes) if self.bytes else None,
-                "future_influence": self.moved, "probes": len(self.real), "repeat_difference": self.repeat_difference,
-                "transport": "shared memory"}
+                "future_influence": self.moved, "probes": len(self.real), "repeat_difference": self.repeat_difference}
 
 
 # -----------------------------------------------------------------------------

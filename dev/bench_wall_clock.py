@@ -40,7 +40,7 @@ for run in range(1, args.runs + 1):
     evaluations.append(evaluated["seconds"])
     print(f"run {run}: total {result['seconds']:.1f}s, evaluation began at {evaluated['first_logits']:.1f}s, "
           f"evaluation {evaluated['seconds']:.1f}s ({evaluated['tokens']} tokens scored, {evaluated['probes']} "
-          f"spliced rows, transport {evaluated['transport']}), train.py says training "
+          f"spliced rows), train.py says training "
           f"{printed.get('training_seconds', 0):.1f}s of {printed.get('total_seconds', 0):.1f}s; future influence "
           f"{evaluated['future_influence']:.2g}, repeat {evaluated['repeat_difference']:.2g} nats; "
           f"val_bpb {evaluated['val_bpb']:.6f}; sandbox: {result['sandbox']}", flush=True)

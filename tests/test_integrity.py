@@ -238,7 +238,7 @@ CONSTANTS = {"max_seq_len": 64, "eval_tokens": 4096}
 def attested(val_bpb=1.0, batch_size=8, tokens=4096, first_logits=3.0):
     evaluation = {"split": "val", "first_logits": first_logits, "seconds": 0.1, "val_bpb": val_bpb, "batch_size": batch_size,
                   "seq_len": 64, "tokens": tokens, "bytes": 9000, "future_influence": 0.0, "probes": 64,
-                  "repeat_difference": 0.0, "transport": "shared memory"}
+                  "repeat_difference": 0.0}
     return {"format": 2, "split": "val", "evaluations": [evaluation], "problems": []}
 
 

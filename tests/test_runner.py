@@ -223,8 +223,9 @@ def test_log_tail_shows_nothing_printed_after_the_evaluation_began_but_the_error
                                     "could hold validation text; it ended with RuntimeError]")
 
 
-def test_the_scorer_marks_the_beginning_of_the_evaluation_with_the_line_the_driver_cuts_at():
-    assert f'EVALUATION_BEGINS = "{runner.EVALUATION_BEGINS}"' in (ROOT / "scorer.py").read_text()
+def test_the_driver_and_the_harness_use_the_same_words_across_their_processes():
+    assert f'EVALUATION_BEGINS = "{runner.EVALUATION_BEGINS}"' in (ROOT / "scorer.py").read_text()  # cut there
+    assert f'SCORER_FD = "{runner.SCORER_FD}"' in (ROOT / "prepare.py").read_text()  # the socket's variable
 
 
 def test_log_tail_shows_only_the_last_version_of_a_progress_line():

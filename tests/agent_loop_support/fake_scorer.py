@@ -40,7 +40,7 @@ try:
                 "split": split, "first_logits": time.monotonic() - started, "seconds": 0.0, "val_bpb": val_bpb,
                 "batch_size": asked["evaluate"], "seq_len": manifest["max_seq_len"],
                 "tokens": manifest["eval_tokens"] // rows * rows, "bytes": 1, "future_influence": 0.0, "probes": 1,
-                "repeat_difference": 0.0, "transport": "none"})
+                "repeat_difference": 0.0})
             answer = {"val_bpb": val_bpb}
         write()
         wire.write(json.dumps(answer).encode() + b"\n")
