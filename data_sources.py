@@ -75,6 +75,31 @@ def _check_parquet(path):
         raise PrepareError(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
 
 
+class Stop:
+    """Ctrl-C's flag for the download threads: once set, no download opens a file.
+
+    The check and the open hold one lock, so after set() returns the main thread can remove every
+    `.tmp` there is: none appears later (a daemon thread still writing writes to a removed file).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._set = False
+
+    def set(self):
+        with self._lock:
+            self._set = True
+
+    def is_set(self):
+        return self._set
+
+    def open(self, path):
+        with self._lock:
+            if self._set:
+                raise KeyboardInterrupt
+            return open(path, "wb")
+
+
 def download_file(url, dest, attempts=5, backoff=2.0, stop=None):
     """Stream url to dest.tmp in 1 MiB chunks, check length and parquet footer, then rename into place.
 
@@ -82,6 +107,7 @@ def download_file(url, dest, attempts=5, backoff=2.0, stop=None):
     between tries; any other 4xx (no such file) fails at once.
     """
     tmp = dest.with_name(dest.name + ".tmp")
+    stop = stop or Stop()
     for attempt in range(1, attempts + 1):
         try:
             with requests.get(url, stream=True, timeout=(10, 60), headers={"Accept-Encoding": "identity"}) as r:
@@ -90,9 +116,9 @@ def download_file(url, dest, attempts=5, backoff=2.0, stop=None):
                 r.raise_for_status()
                 expected = int(r.headers.get("Content-Length", -1))
                 received = 0
-                with open(tmp, "wb") as f:
+                with stop.open(tmp) as f:
                     for chunk in r.iter_content(DOWNLOAD_CHUNK):
-                        if stop is not None and stop.is_set():
+                        if stop.is_set():
                             raise KeyboardInterrupt
                         f.write(chunk)
                         received += len(chunk)
@@ -105,6 +131,8 @@ def download_file(url, dest, attempts=5, backoff=2.0, stop=None):
             os.replace(tmp, dest)
             return
         except (requests.RequestException, OSError) as e:
+            if stop.is_set():  # the main thread removed our .tmp: this is Ctrl-C, not a bad download
+                raise KeyboardInterrupt from None
             if attempt == attempts:
                 raise PrepareError(f"could not download {url} after {attempts} attempts: {e}") from None
             wait = backoff**attempt
@@ -136,7 +164,7 @@ def download_all(files, workers, attempts=5, backoff=2.0):
         stale.unlink()
     print(f"data: downloading {len(todo)} of {len(files)} files to {DATA_DIR} ({workers} workers)", flush=True)
     # Daemon threads, not an executor: on Ctrl-C we must not wait for a download stuck in a slow read.
-    pending, results, stop = queue.Queue(), queue.Queue(), threading.Event()
+    pending, results, stop = queue.Queue(), queue.Queue(), Stop()
     for item in todo:
         pending.put(item)
 

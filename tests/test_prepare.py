@@ -148,6 +148,14 @@ def test_missing_file_fails_at_once_without_retries(tmp_path, hub):
         data_sources.download_file(f"{hub.url}/nope.parquet", tmp_path / "nope.parquet", attempts=5, backoff=0.01)
     assert hub.requests["nope.parquet"] == 1
 
+def test_a_download_that_starts_after_ctrl_c_creates_no_file(tmp_path, hub):
+    hub.add_parquet("a.parquet", ["one"])
+    stop = data_sources.Stop()
+    stop.set()
+    with pytest.raises(KeyboardInterrupt):
+        data_sources.download_file(f"{hub.url}/a.parquet", tmp_path / "a.parquet", attempts=3, stop=stop)
+    assert list(tmp_path.iterdir()) == []
+
 
 def test_corrupt_shard_in_the_cache_is_fetched_again(tmp_path, hub):
     hub.add_parquet("a.parquet", ["one", "two"])
