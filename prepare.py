@@ -367,8 +367,10 @@ class _Logits:
         nbytes, fds = logits.numel() * logits.element_size(), []
         if self.memory is None or len(self.memory) < nbytes:
             self.close()
-            self.fd = os.memfd_create("logits") if hasattr(os, "memfd_create") else _unlinked_file()
+            self.fd = os.memfd_create("logits", os.MFD_ALLOW_SEALING) if _SEALS else _unlinked_file()
             os.ftruncate(self.fd, nbytes)
+            if _SEALS:  # the scorer maps only memory whose size cannot change under it (SIGBUS)
+                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             self.memory, fds = mmap.mmap(self.fd, nbytes), [self.fd]
         torch.frombuffer(self.memory, dtype=logits.dtype, count=logits.numel()).view(logits.shape).copy_(logits)
         self.wire.send({"logits": described}, fds=fds)
@@ -379,6 +381,11 @@ class _Logits:
             self.memory.close()
             os.close(self.fd)
         self.memory = None
+
+
+_SEALS = hasattr(os, "memfd_create") and hasattr(os, "MFD_ALLOW_SEALING")  # Linux
+if _SEALS:
+    import fcntl
 
 
 def _unlinked_file():

@@ -75,6 +75,16 @@ class Refused(Exception):
         self.non_causal = non_causal
 
 
+def _sealed(fd):
+    """Whether train.py's process can no longer shrink this memory, which would kill us (SIGBUS) as we read it."""
+    import fcntl
+
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK != 0
+    except OSError:  # not a memfd
+        return False
+
+
 class Evaluation:
     """Serve one evaluation of `batch_size` rows per batch over `wire`; return what the record says of it."""
 
@@ -154,6 +164,8 @@ class Evaluation:
         if self.first_logits is None:
             self.first_logits = time.monotonic()
         if fds:
+            if prepare._SEALS and not _sealed(fds[0]):
+                raise Refused("evaluate_bpb: the logits' shared memory must be a memfd sealed against resizing")
             if self.memory is not None:
                 self.memory.close()
             self.memory = mmap.mmap(fds[0], os.fstat(fds[0]).st_size)

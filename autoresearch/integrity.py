@@ -249,9 +249,27 @@ def validation_files(cache):
     paths = [cache / "tokens" / f"{name}{suffix}" for name in parts for suffix in (".bin", ".npz")] + [cache / "data"]
     source = manifest.get("source", {})
     paths += [Path(p) for p in source.get("paths", [])] if source.get("dataset") == "text" else []
-    caveat = ("the stdlib corpus's validation text is Python's own source, which train.py can read"
-              if source.get("dataset") == "stdlib" else None)
-    return paths, caveat
+    caveats = (["the stdlib corpus's validation text is Python's own source, which train.py can read"]
+               if source.get("dataset") == "stdlib" else [])
+    return paths, caveats + _linked_elsewhere(paths)
+
+
+def _linked_elsewhere(paths):
+    """The sandbox denies paths, not files: a validation file with a second hard link is readable by that name."""
+    linked = []
+    for path in paths:
+        for folder, _, names in os.walk(path) if path.is_dir() else [(path.parent, [], [path.name])]:
+            for name in names:
+                try:
+                    links = os.lstat(os.path.join(folder, name)).st_nlink
+                except OSError:  # not there (yet): nothing to link to
+                    continue
+                if links > 1:
+                    linked.append(f"{os.path.join(folder, name)} ({links} links)")
+    if not linked:
+        return []
+    return [f"{len(linked)} validation file(s) have another hard link, by which train.py can read them: "
+            f"{linked[0]}{' ...' if len(linked) > 1 else ''}: `find / -samefile FILE` names the other, to remove"]
 
 
 def fingerprint_changes(then, now):

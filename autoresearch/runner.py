@@ -87,8 +87,7 @@ def confinement(work, private_tmp, cache, env):
 
 def sandbox_words(cache, env):
     """This machine's sandbox for train.py in words: what it has, then what it lacks."""
-    caveat = integrity.validation_files(cache)[1]
-    return sandbox.describe(sandbox.probe(), sandbox.caveats(env) + ([caveat] if caveat else []))
+    return sandbox.describe(sandbox.probe(), sandbox.caveats(env) + integrity.validation_files(cache)[1])
 
 
 def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split="val", on_start=None, command=None,

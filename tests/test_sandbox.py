@@ -39,8 +39,7 @@ def outcomes(result):
     return dict(line.split(" ", 1) for line in result["log"].splitlines() if line.startswith("try-"))
 
 
-@needs_landlock
-def test_train_py_cannot_read_the_validation_tokens_but_reads_the_training_tokens(tmp_path, stand_in):
+def a_cache_with_one_part_per_split(tmp_path):
     cache = tmp_path / "cache"
     (cache / "tokens").mkdir(parents=True)
     manifest = json.loads((runner.integrity.cache_dir() / "manifest.json").read_text())
@@ -48,11 +47,28 @@ def test_train_py_cannot_read_the_validation_tokens_but_reads_the_training_token
     (cache / "manifest.json").write_text(json.dumps(manifest))
     for split in ("train", "val", "holdout"):
         (cache / "tokens" / f"x-{split}.bin").write_bytes(b"tokens")
+    return cache
+
+
+@needs_landlock
+def test_train_py_cannot_read_the_validation_tokens_but_reads_the_training_tokens(tmp_path, stand_in):
+    cache = a_cache_with_one_part_per_split(tmp_path)
     lines = "\n".join(f"attempt('try-{split}', lambda: open({str(cache / 'tokens' / f'x-{split}.bin')!r}).read())"
                       for split in ("train", "val", "holdout"))
     result = run_trying(tmp_path, lines, harness=stand_in, cache=cache)
     assert outcomes(result) == {"try-train": "done", "try-val": "refused PermissionError",
                                 "try-holdout": "refused PermissionError"}, result["log"]
+
+
+def test_a_validation_file_with_a_second_hard_link_is_named_in_the_run_s_record(tmp_path, stand_in):
+    cache = a_cache_with_one_part_per_split(tmp_path)
+    os.link(cache / "tokens" / "x-val.bin", tmp_path / "elsewhere.bin")
+    result = run_trying(tmp_path, "print('try-nothing done')", harness=stand_in, cache=cache)
+    assert f"another hard link, by which train.py can read them: {cache / 'tokens' / 'x-val.bin'} (2 links)" in (
+        result["sandbox"])
+    (tmp_path / "elsewhere.bin").unlink()
+    assert "hard link" not in run_trying(tmp_path, "print('try-nothing done')", harness=stand_in, cache=cache)[
+        "sandbox"]
 
 
 @needs_landlock

@@ -61,6 +61,18 @@ CRASHES_WHILE_EVALUATED = ("model.eval()\n", "model.eval()\nforward = model.forw
                            "    if len(calls) == 3:\n        raise RuntimeError('out of memory')\n"
                            "    return forward(x, y, reduction)\nmodel.forward = failing\n")
 
+# a model that, once the logits' shared memory exists, tries to shrink it under the scorer (which would die, SIGBUS)
+SHRINKS_THE_LOGITS = ("model.eval()\n", "model.eval()\nforward = model.forward\n"
+                      "def shrinking(x, y=None, reduction='mean'):\n"
+                      "    for fd in os.listdir('/proc/self/fd'):\n"
+                      "        try:\n            target = os.readlink(f'/proc/self/fd/{fd}')\n"
+                      "        except OSError:\n            continue\n"
+                      "        if 'memfd:logits' in target:\n"
+                      "            try:\n                os.ftruncate(int(fd), 0)\n                print('shrink done')\n"
+                      "            except OSError as error:\n                print('shrink refused', type(error).__name__)\n"
+                      "    return forward(x, y, reduction)\nmodel.forward = shrinking\n")
+UNSEALED = ("model.eval()\n", "model.eval()\nprepare._SEALS = False\n")
+
 
 def run_scored(tmp_path, cache, script, split="val"):
     """(exit code, output, record or None, why there is none): one run as the driver makes it."""
@@ -125,6 +137,18 @@ def test_the_clock_that_counts_stops_when_the_first_logits_come_back_not_when_th
     code, output, record, _ = run_scored(tmp_path, tiny_cache, HONEST.replace(*ASKS_EARLY))
     assert code == 0 and record["problems"] == [], output
     assert record["evaluations"][0]["first_logits"] >= 4  # the start, the import of torch and training, then 4 s
+
+
+def test_train_py_cannot_shrink_the_logits_memory_under_the_scorer(tmp_path, tiny_cache):
+    code, output, record, missing = run_scored(tmp_path, tiny_cache, HONEST.replace(*SHRINKS_THE_LOGITS))
+    assert code == 0 and missing is None and record["problems"] == [], output
+    assert "shrink refused PermissionError" in output and "shrink done" not in output
+
+
+def test_logits_in_memory_that_train_py_could_shrink_make_the_run_invalid(tmp_path, tiny_cache):
+    code, output, record, missing = run_scored(tmp_path, tiny_cache, HONEST.replace(*UNSEALED))
+    assert record["evaluations"] == [] and missing is None, output
+    assert record["problems"] == ["evaluate_bpb: the logits' shared memory must be a memfd sealed against resizing"]
 
 
 def test_a_model_that_crashes_while_evaluated_is_a_crash_and_breaks_no_rule(tmp_path, tiny_cache):
