@@ -122,6 +122,8 @@ class Evaluation:
             targets = self.torch.stack([self.real[row, 1:] for _, row in batch])  # the scored row's, for both
             self.wire.send({"inputs": [self.B, self.T]}, rows[:, :-1].contiguous().numpy().tobytes())
             losses = self.losses(targets)
+            if (number + 1) * 10 // len(self.batches) > number * 10 // len(self.batches):  # each tenth
+                print(f"scorer: evaluated {number + 1} of {len(self.batches)} batches", file=sys.stderr, flush=True)
             if number == self.repeated:
                 self.first_losses = {key: loss for key, loss in zip(batch, losses)}
             if number == len(self.batches) - 1:

@@ -242,16 +242,20 @@ def log_tail(log_text):
 
 
 def run_status(log_path):
-    """The run's latest progress line, shortened: "step 42 (45.1%), loss 4.1234, 16s left", or None."""
+    """The run's latest progress line, shortened: "step 42 (45.1%), loss 4.1234, 16s left", then "evaluating: 3 of
+    11 batches" from the scorer's lines; or None."""
     try:
         with open(log_path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
             tail = f.read().decode(errors="replace")
     except OSError:
         return None
-    steps = [line for line in visible_lines(tail) if line.startswith("step ")]
+    steps = [line for line in visible_lines(tail) if line.startswith(("step ", "scorer: "))]
     if not steps:
         return None
+    if steps[-1].startswith("scorer: "):  # its own lines, after train.py's last step line
+        evaluated = re.match(r"scorer: evaluated (\d+) of (\d+) batches", steps[-1])
+        return "evaluating" + (": {} of {} batches".format(*evaluated.groups()) if evaluated else "")
     found = re.match(r"step (\d+) \(([\d.]+)%\) \| loss: ([\d.]+)(?:.*remaining: (\d+)s)?", steps[-1])
     if not found:  # train.py was edited: its own words, cut short
         return " ".join(steps[-1].split())[:100]

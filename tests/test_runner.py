@@ -258,6 +258,14 @@ def test_run_status_shows_an_edited_train_py_s_own_step_line_shortened(tmp_path)
     assert status.startswith("step 7: loss going down xxx") and len(status) == 100
 
 
+def test_run_status_says_evaluating_once_the_scorer_has_begun_then_how_far_it_is(tmp_path):
+    (tmp_path / "run.log").write_text(f"{STEP_LINE}\n{runner.EVALUATION_BEGINS}\n")
+    assert runner.run_status(tmp_path / "run.log") == "evaluating"
+    with open(tmp_path / "run.log", "a") as log:
+        log.write("scorer: evaluated 3 of 11 batches\n")
+    assert runner.run_status(tmp_path / "run.log") == "evaluating: 3 of 11 batches"
+
+
 @pytest.mark.parametrize("log", [None, "", "compiling\nwarming up\n"])
 def test_run_status_is_none_before_any_step_line(tmp_path, log):
     if log is not None:

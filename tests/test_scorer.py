@@ -111,6 +111,12 @@ def test_a_run_the_driver_asks_to_score_the_holdout_is_scored_on_it_and_train_py
     assert "stdin: '' env: []" in output  # the request, and with it the split, went to the scorer alone
 
 
+def test_the_scorer_s_progress_reaches_the_run_s_status_line(tmp_path, honest):
+    (tmp_path / "run.log").write_text(honest[1])
+    batches = 2 * honest[2]["evaluations"][0]["probes"] // 8 + 1  # each row and its copy, 8 a batch; the repeat
+    assert runner.run_status(tmp_path / "run.log") == f"evaluating: {batches} of {batches} batches"
+
+
 def test_the_key_never_reaches_train_py(honest):
     code, output, record, _ = honest
     assert "stdin: '' env: []" in output and record is not None
