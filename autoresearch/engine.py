@@ -20,7 +20,6 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from statistics import median
 
 import psutil
 
@@ -28,7 +27,7 @@ from autoresearch import decisions, integrity, keep_rule, report, runner, state
 from autoresearch.agents import Change, ask_for_change, source_digest
 from autoresearch.console import clear_status, fail, log, plural, show_status
 from autoresearch.night import (already_run, before_proposal, record_proposal, record_result, time_limit,
-                               why_stop)
+                               time_left_text, typical_seconds, why_stop)
 from autoresearch.prompts import fix_prompt, idea_prompt
 from autoresearch.runs import RunKey, Runs
 
@@ -234,7 +233,8 @@ class Engine:
             del self.queued[key]
             what = (f"the best {key.commit[:7]} beside it (pair {key.pair})" if key.role == "best" else
                     f"{key.commit[:7]}{f' again ({key.pair})' if key.pair > 1 else ''}")
-            log(f"#{key.experiment} running {what} (time limit {time_limit(self.night)[0]:.0f}s)")
+            log(f"#{key.experiment} running {what} (time limit {time_limit(self.night)[0]:.0f}s"
+                f"{time_left_text(self.night)})")
             self.runs.send(key)
 
     def wait(self):
@@ -275,7 +275,8 @@ class Engine:
         statuses = [(key, status) for key, (request, _) in self.runs.out.items()
                     if due and (status := runner.run_status(request.log_path))]
         if statuses and tty:
-            show_status(" | ".join(f"#{key.experiment} {status}" for key, status in statuses))
+            show_status(" | ".join(f"#{key.experiment} {status}" for key, status in statuses)
+                        + time_left_text(self.night).replace(",", " |", 1))
             self.heard = now
         elif statuses:
             for key, status in statuses:
@@ -307,11 +308,10 @@ class Engine:
         one slot (a serial night), one until both are measured."""
         if self.executor.slots == 1:
             return 0
-        calls = [r["seconds"] for r in self.ledger.events("proposal") if r["ok"] and r["calls"]][-20:]
-        runs = [r["seconds"] for r in self.ledger.valid_runs()][-20:]
-        if not calls or not runs or median(runs) <= 0:
+        run, call = typical_seconds(self.ledger)
+        if not call or not run:
             return 1
-        return min(self.executor.slots, max(1, math.ceil(self.executor.slots * median(calls) / median(runs))))
+        return min(self.executor.slots, max(1, math.ceil(self.executor.slots * call / run)))
 
     def wants_idea(self):
         if self.executor.slots == 1:

@@ -7,7 +7,7 @@ import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, median
 
 import git
 
@@ -122,13 +122,51 @@ def record_result(night, experiment, run, description, status, reason, **extra):
                         noise_sigma=sigma if dof else None, noise_dof=dof, **extra)
 
 
+def holds_out(night):
+    return night.args.holdout_at_end == "on"
+
+
+def typical_seconds(ledger):
+    """(median run, median agent call) over the tag's last 20 valid runs and proposals that called the agent;
+    None for either where there is none yet."""
+    runs = [r["seconds"] for r in ledger.valid_runs()][-20:]
+    calls = [r["seconds"] for r in ledger.events("proposal") if r["ok"] and r["calls"]][-20:]
+    return median(runs) if runs else None, median(calls) if calls else None
+
+
+def seconds_to_finish(night):
+    """How long an experiment that starts now takes here, and then the holdout's runs if the night ends with
+    them: the tag's median run times the median runs per experiment, plus the median agent call. None before the
+    first valid run."""
+    run, call = typical_seconds(night.ledger)
+    if run is None:
+        return None
+    per_experiment = [len(r["runs"]) + len(r.get("best_runs_beside", [])) for r in night.ledger.results()[1:]
+                      if r["runs"]][-20:]
+    holdout = run * (2 if night.executor is None or night.executor.slots < 2 else 1) if holds_out(night) else 0
+    return run * (median(per_experiment) if per_experiment else 1) + (call or 0) + holdout
+
+
+def time_left_text(night):
+    """", 12.5 of 15 minutes left" under --max-hours, else ""."""
+    if night.args.max_hours is None:
+        return ""
+    left = max(0.0, 3600 * night.args.max_hours - (time.time() - night.started))
+    return f", {left / 60:.1f} of {60 * night.args.max_hours:.3g} minutes left"
+
+
 def why_stop(night, open_count=0):
     """Why no new experiment may start, or None; open_count: experiments proposed or running, not yet decided."""
     args, spent = night.args, night.ledger.spent_usd()
     if args.max_experiments is not None and len(night.ledger.results()) + open_count >= args.max_experiments:
         return f"reached --max-experiments {args.max_experiments}"
-    if args.max_hours is not None and time.time() - night.started >= 3600 * args.max_hours:
-        return f"reached --max-hours {args.max_hours}"
+    if args.max_hours is not None:
+        left, needed = 3600 * args.max_hours - (time.time() - night.started), seconds_to_finish(night)
+        if left <= 0:
+            return f"reached --max-hours {args.max_hours:g}"
+        if needed and needed > left:
+            return (f"reached --max-hours {args.max_hours:g}: {left / 60:.1f} minutes are left, and an experiment "
+                    f"takes about {needed / 60:.1f} here{' with the holdout runs' * holds_out(night)}")
     if args.max_cost is not None and spent >= args.max_cost:
         return f"spent ${spent:.2f}, reached --max-cost {args.max_cost}"
     if night.failed_proposals_in_a_row >= MAX_FAILED_PROPOSALS_IN_A_ROW:

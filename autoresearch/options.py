@@ -67,8 +67,9 @@ def parse_args(argv, started_with=None):
                         "server (anthropic also honours ANTHROPIC_BASE_URL)")
     parser.add_argument("--max-experiments", type=int, help="stop when results.tsv has this many rows, the baseline "
                         "included (counted over the whole tag, across resumes; default: no limit)")
-    parser.add_argument("--max-hours", type=float, help="stop starting experiments after this many hours of this "
-                        "invocation (default: no limit)")
+    parser.add_argument("--max-hours", type=float, help="end within this many hours of this invocation: no "
+                        "experiment starts that this tag's measured runs and agent calls say cannot finish by then, "
+                        "with the holdout's runs (default: no limit)")
     parser.add_argument("--max-cost", type=float, help="stop starting experiments once the tag's API spend reaches "
                         "this many dollars (default: no limit)")
     parser.add_argument("--price", help="IN,OUT dollars per million input/output tokens, for models without a "

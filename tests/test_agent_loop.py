@@ -13,7 +13,7 @@ import time
 import pytest
 
 import agent_loop
-from autoresearch import agents, runner
+from autoresearch import agents, options, runner
 from autoresearch import night as night_module
 from fake_llm import CHAT, change, chat_change, chat_json, chat_text, overloaded
 from night_repo import BETTER, CRASH, FAKE_PREPARE, HANG, SUPPORT, WORSE
@@ -300,7 +300,39 @@ def test_max_hours_stops_before_starting_another_experiment(night):
     result = night.run("--max-hours", "0")
     assert result.returncode == 0 and "reached --max-hours 0" in result.stdout
     assert night.rows() == [] and night.requests() == []
-    assert night.ledger()[-1]["reason"] == "reached --max-hours 0.0"
+    assert night.ledger()[-1]["reason"] == "reached --max-hours 0"
+
+
+def a_measured_night(minutes_gone, max_hours=0.1, slots=1, holdout="on"):
+    """A night whose tag has run a 60 s baseline and one 2-run experiment whose idea took 30 s to ask for."""
+    records = ([{"event": "run", "ok": True, "seconds": 60.0}] * 3
+               + [{"event": "result", "experiment": 0, "status": "keep", "runs": [1.0]},
+                  {"event": "proposal", "experiment": 1, "ok": True, "calls": 1, "seconds": 30.0},
+                  {"event": "result", "experiment": 1, "status": "discard", "runs": [1.0, 1.0]}])
+    args = options.parse_args(["--max-hours", str(max_hours), "--holdout-at-end", holdout])
+    return night_module.Night(args, None, None, None, night_module.Ledger(records=records), None, {}, {},
+                              executor=type("Slots", (), {"slots": slots})(), started=time.time() - 60 * minutes_gone)
+
+
+@pytest.mark.parametrize("minutes_gone, slots, holdout, stops", [
+    (1.0, 1, "on", False),  # 5 minutes left: 2 runs + the call + 2 holdout runs take 4.5
+    (1.0, 1, "off", False),
+    (2.0, 1, "on", True),  # 4 left
+    (2.0, 2, "on", False),  # the holdout's two runs at once: 3.5
+    (3.0, 1, "off", False),  # 3 left: 2.5 without the holdout
+    (4.0, 1, "off", True)])
+def test_max_hours_starts_no_experiment_that_this_tag_s_measured_runs_say_cannot_finish(minutes_gone, slots, holdout,
+                                                                                        stops):
+    why = night_module.why_stop(a_measured_night(minutes_gone, slots=slots, holdout=holdout))
+    assert (why is not None) == stops
+    if stops:
+        assert why.startswith(f"reached --max-hours 0.1: {6 - minutes_gone:.1f} minutes are left, and an experiment "
+                              f"takes about {2.5 + 2 * (holdout == 'on'):.1f} here")
+
+
+def test_a_night_under_max_hours_shows_the_time_left(night):
+    result = night.run("--max-experiments", "1", "--max-hours", "1")
+    assert re.search(r"#0 running \w+ \(time limit \d+s, \d+\.\d of 60 minutes left\)", result.stdout), result.stdout
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
