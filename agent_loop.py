@@ -55,7 +55,11 @@ def main(argv=None):
     if argv[:1] == ["report"]:
         return report.report_main(argv[1:])
     if argv[:1] == ["holdout"]:  # the tag whose ledger changed last, unless --tag names one
-        tag = [] if any(a.startswith("--tag") for a in argv) else ["--tag", report.report_source()[3]]
+        root, ledgers = report.tag_ledgers()
+        if not ledgers and not any(a.startswith("--tag") for a in argv):
+            fail(f"holdout runs a tag's baseline and best again, and {root / state.STATE_ROOT} has no tag: run the "
+                 "loop first (uv run agent_loop.py), or name a tag with --tag.")
+        tag = [] if any(a.startswith("--tag") for a in argv) else ["--tag", ledgers[-1].parent.name]
         return loop(tag + argv[1:], holdout_only=True)
     if argv[:1] == ["demo"]:
         return demo.demo_main(argv[1:])

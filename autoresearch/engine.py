@@ -130,7 +130,7 @@ class Engine:
         for number, proposal in sorted(self.ledger.open_experiments().items()):
             proposals = [r for r in self.ledger.events("proposal") if r["experiment"] == number and r["ok"]]
             experiment = Experiment(number, proposal["base"],
-                                    proposals[0]["description"], proposal["commit"], proposal["ref_number"],
+                                    self.ledger.description(number), proposal["commit"], proposal["ref_number"],
                                     proposal["attempt"], proposal.get("rebase", ""),
                                     [r["note"] for r in proposals if r.get("note")])
             self.experiments[number] = experiment

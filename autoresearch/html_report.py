@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from autoresearch import holdout, state
+from autoresearch.console import plural
 
 REFRESH_SECONDS = 60  # how often the live page reloads itself while the night goes on
 STATUS_COLOURS = {"keep": "#2ca02c", "discard": "#888888", "crash": "#d62728", "invalid": "#9467bd"}
@@ -67,6 +68,13 @@ def page(rows, ledger, summary, title, live=False):
 # -----------------------------------------------------------------------------
 # The numbers, the steering, the notes
 
+
+def undecided_text(cut):
+    """An experiment in flight when the loop stopped, in the report's words."""
+    return (f"#{cut['experiment']} \"{cut['description']}\": {plural(cut['runs'], 'valid run')} when the loop "
+            f"stopped ({cut['stopped'] or 'killed'}); not decided")
+
+
 def summary_html(s):
     e, items = html.escape, []
     if not s["experiments"]:
@@ -88,6 +96,7 @@ def summary_html(s):
     if s.get("holdout"):
         items.append(("holdout", e(holdout.holdout_text(s["holdout"]))))
     items += [("sandbox", e(line)) for line in s.get("sandbox", [])]
+    items += [("undecided", e(undecided_text(cut))) for cut in s.get("undecided", [])]
     if s.get("altered"):
         items.append(("warning", f"the ledger was changed after the loop wrote it: {e(s['altered'])}; do not trust "
                                  "this page"))

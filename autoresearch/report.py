@@ -12,18 +12,33 @@ from pathlib import Path
 
 from autoresearch import holdout, html_report, state
 from autoresearch.console import fail, plural
+from autoresearch.demo import DEMO_CACHE
+
+DEMO_RUNS = DEMO_CACHE / "runs"  # where `agent_loop.py demo` keeps each run (with its default --cache)
 
 
-def report_source(tag=None, tsv=None):
+def tag_ledgers():
+    """(the checkout's root, its tags' ledgers, the one written last at the end)"""
+    root = state.worktree_root() or Path.cwd()  # where the loop writes
+    # By the ledger's own time: a tag directory's time does not change when its ledger grows.
+    return root, sorted((root / state.STATE_ROOT).glob("*/ledger.jsonl"), key=lambda p: p.stat().st_mtime)
+
+
+def report_source(tag=None, tsv=None, ledger_path=None):
     """(result rows, the Ledger or None, where they came from, a name for the title, default png path)"""
+    if ledger_path:
+        path = Path(ledger_path)
+        if not path.is_file():
+            fail(f"{path} does not exist: pass the path of a ledger.jsonl (the demo keeps one in each of "
+                 f"{DEMO_RUNS}'s folders).")
+        ledger = state.Ledger(path)
+        return ledger.results(), ledger, str(path), path.parent.name, path.with_name("progress.png")
     if tsv:
         path = Path(tsv)
         if not path.is_file():
             fail(f"{path} does not exist: pass the path of a results.tsv, or leave out --tsv for the loop's ledger.")
         return state.read_results_tsv(path), None, str(path), path.name, path.with_name("progress.png")
-    root = state.worktree_root() or Path.cwd()  # where the loop writes
-    # By the ledger's own time: a tag directory's time does not change when its ledger grows.
-    ledgers = sorted((root / state.STATE_ROOT).glob("*/ledger.jsonl"), key=lambda p: p.stat().st_mtime)
+    root, ledgers = tag_ledgers()
     asked, tag = tag, tag or (ledgers[-1].parent.name if ledgers else None)
     path = root / state.STATE_ROOT / str(tag) / "ledger.jsonl"
     if tag and path.is_file():
@@ -33,6 +48,10 @@ def report_source(tag=None, tsv=None):
         fail(f"there is no ledger for tag {tag}: {path} does not exist. Tags here: "
              f"{', '.join(p.parent.name for p in ledgers) or 'none'}.")
     tsv = root / "results.tsv"
+    demos = sorted(DEMO_RUNS.glob("*/ledger.jsonl"))  # folders named by the time the demo ended
+    if not tsv.is_file() and demos:  # nothing of the user's own here
+        rows, ledger, path, name, png = report_source(ledger_path=demos[-1])
+        return rows, ledger, f"the demo's last run ({path})", name, png
     if not tsv.is_file():
         fail(f"nothing to report: neither {root / state.STATE_ROOT}/<tag>/ledger.jsonl nor {tsv} exists. Run the loop "
              "first (uv run agent_loop.py), or pass --tsv PATH.")
@@ -82,7 +101,17 @@ def summarize(rows, ledger=None):
         steering=[dict(time=r["time"], text=r["text"]) for r in ledger.events("steer")] if ledger else [],
         plateaus=[dict(time=r["time"], streak=r["streak"]) for r in ledger.events("plateau")] if ledger else [],
         notes=(notes := ledger and ledger.notes()) and dict(experiment=notes["experiment"], text=notes["notes"]),
-        holdout=(ledger.events("holdout") or [None])[-1] if ledger else None)
+        holdout=(ledger.events("holdout") or [None])[-1] if ledger else None,
+        undecided=undecided(ledger) if ledger else [])
+
+
+def undecided(ledger):
+    """The experiments in flight when the loop last stopped, with how many valid runs each had: a resume goes on
+    with them; a demo's tag is gone, so they were cut off."""
+    stops = ledger.events("stop")
+    return [dict(experiment=number, description=ledger.description(number),
+                 runs=len(ledger.measured(proposal["commit"])), stopped=stops[-1]["reason"] if stops else None)
+            for number, proposal in sorted(ledger.open_experiments().items())]
 
 
 def write_html(ledger, path, title, live=False):
@@ -160,6 +189,8 @@ def print_report(s, source):
         print(f"holdout      {holdout.holdout_text(s['holdout'])}")
     for line in s["sandbox"]:
         print(f"sandbox      {line}")
+    for cut in s["undecided"]:
+        print(f"undecided    {html_report.undecided_text(cut)}")
     if s["altered"]:
         print(f"WARNING      the ledger was changed after the loop wrote it: {s['altered']}; do not trust this report")
     if s["seconds"] is None:
@@ -200,13 +231,15 @@ def report_main(argv):
         description="Summarize a research night: baseline and best val_bpb, the improvement, keep rate, crashes,\n"
         "time and API cost, the kept experiments with their deltas and the top improvements; and draw\n"
         "progress.png (discarded runs grey, kept runs green and labelled, the running best as a step line).\n"
-        "Reads .autoresearch/<tag>/ledger.jsonl (the most recent tag by default), else the repo's results.tsv.",
+        "Reads .autoresearch/<tag>/ledger.jsonl (the most recent tag by default), else the repo's results.tsv,\n"
+        "else the demo's last run.",
         epilog="examples:\n  uv run agent_loop.py report\n  uv run agent_loop.py report --tag nov22 --json\n"
         "  uv run agent_loop.py report --tsv ~/old/results.tsv --png /tmp/progress.png",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--tag", help="report this tag's ledger (default: the tag whose ledger changed last)")
     source.add_argument("--tsv", metavar="PATH", help="report any results.tsv instead; time and cost are then unknown")
+    source.add_argument("--ledger", metavar="PATH", help="report any ledger.jsonl, such as one the demo kept")
     parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     parser.add_argument("--png", metavar="PATH", help="where to write the plot (default: "
                         "progress.png next to results.tsv)")
@@ -215,7 +248,7 @@ def report_main(argv):
                         "reason, a crash's log tail, the steering and the agent's notes (default PATH: report.html "
                         "beside the tag's ledger, or beside results.tsv)")
     args = parser.parse_args(argv)
-    rows, ledger, source, name, png = report_source(args.tag, args.tsv)
+    rows, ledger, source, name, png = report_source(args.tag, args.tsv, args.ledger)
     summary = summarize(rows, ledger)
     if args.html is not None:
         beside = ledger.path.parent if ledger else png.parent

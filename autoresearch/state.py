@@ -298,6 +298,10 @@ class Ledger:
         closed = {r["experiment"] for r in self.results()}
         return {r["experiment"]: r for r in self.events("proposal") if r["ok"] and r["experiment"] not in closed}
 
+    def description(self, experiment):
+        """The description its idea was proposed with (fixes keep it)."""
+        return next(r["description"] for r in self.events("proposal") if r["experiment"] == experiment and r["ok"])
+
     def hypothesis(self, experiment):
         """The hypothesis of the experiment's idea ("" when its agent gave none)."""
         ideas = [r for r in self.events("proposal") if r["experiment"] == experiment and r["ok"] and not r["attempt"]]

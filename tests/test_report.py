@@ -68,6 +68,7 @@ def repo(tmp_path, monkeypatch):
             monkeypatch.delenv(name)
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(report_module, "DEMO_RUNS", tmp_path / "demo-cache" / "runs")  # not the user's
     return tmp_path
 
 
@@ -260,18 +261,20 @@ def night():
         return f"2026-03-0{1 if hour >= 12 else 2}T{hour:02d}:{minute:02d}:00"
     return [
         {"time": at(22, 0), "event": "start", "tag": "t"},
-        {"time": at(22, 1), "event": "proposal", "cost_usd": 0.05},
-        {"time": at(22, 6), "event": "run", "seconds": 300.0},
+        {"time": at(22, 1), "event": "proposal", "experiment": 1, "ok": False, "cost_usd": 0.05},
+        {"time": at(22, 6), "event": "run", "commit": "a" * 40, "ok": True, "val_bpb": 1.0, "seconds": 300.0},
         {"time": at(22, 6), "event": "result", "experiment": 0, "commit": "a" * 40, "status": "keep",
          "val_bpb": 1.0, "memory_gb": 44.0, "description": "baseline"},
-        {"time": at(22, 7), "event": "proposal", "cost_usd": 0.06},
-        {"time": at(22, 12), "event": "run", "seconds": 310.0},
+        {"time": at(22, 7), "event": "proposal", "experiment": 1, "ok": True, "commit": "b" * 40,
+         "description": "switch to GeLU", "cost_usd": 0.06},
+        {"time": at(22, 12), "event": "run", "commit": "b" * 40, "ok": True, "val_bpb": 1.01, "seconds": 310.0},
         {"time": at(22, 12), "event": "result", "experiment": 1, "commit": "b" * 40, "status": "discard",
          "val_bpb": 1.01, "memory_gb": 44.0, "description": "switch to GeLU"},
         {"time": at(22, 20), "event": "stop", "reason": "interrupted"},
         {"time": at(1, 0), "event": "start", "tag": "t"},
-        {"time": at(1, 1), "event": "proposal", "cost_usd": 0.04},
-        {"time": at(1, 6), "event": "run", "seconds": 305.0},
+        {"time": at(1, 1), "event": "proposal", "experiment": 2, "ok": True, "commit": "c" * 40,
+         "description": "halve TOTAL_BATCH_SIZE", "cost_usd": 0.04},
+        {"time": at(1, 6), "event": "run", "commit": "c" * 40, "ok": True, "val_bpb": 0.98, "seconds": 305.0},
         {"time": at(1, 10), "event": "result", "experiment": 2, "commit": "c" * 40, "status": "keep",
          "val_bpb": 0.98, "memory_gb": 44.0, "description": "halve TOTAL_BATCH_SIZE"},
     ]
@@ -286,6 +289,37 @@ def test_reads_the_ledger_with_time_and_cost(repo, capsys):
     assert (repo / "progress.png").exists()
     out = report(capsys)[1]
     assert "tag t" in out and "0h 30m wall clock, 0h 15m running train.py" in out and "API cost     $0.15" in out
+
+
+def test_an_experiment_in_flight_when_the_loop_stopped_is_reported_as_undecided(repo, capsys):
+    write_ledger(repo, "t", night()[:6] + [{"time": "2026-03-01T22:13:00", "event": "stop", "reason": "interrupted"}])
+    assert report_json(capsys)["undecided"] == [dict(experiment=1, description="switch to GeLU", runs=1,
+                                                     stopped="interrupted")]
+    assert 'undecided    #1 "switch to GeLU": 1 valid run when the loop stopped (interrupted); not decided' in (
+        report(capsys)[1])
+
+
+def test_any_ledger_can_be_reported_by_its_path(repo, tmp_path, capsys):
+    kept = write_ledger(repo, "t", night()).rename(tmp_path / "ledger.jsonl")
+    summary = report_json(capsys, "--ledger", str(kept))
+    assert summary["source"] == str(kept) and summary["experiments"] == 3 and summary["seconds"] == 1800
+    assert f"{tmp_path / 'nope.jsonl'} does not exist" in failure("--ledger", str(tmp_path / "nope.jsonl"))
+
+
+def test_with_nothing_of_its_own_here_the_report_is_of_the_demo_s_last_run(repo, capsys):
+    for name, records in (("20261201-100000", night()[:4]), ("20261202-100000", night())):
+        (report_module.DEMO_RUNS / name).mkdir(parents=True)
+        write_ledger(repo, name, records).rename(report_module.DEMO_RUNS / name / "ledger.jsonl")
+    summary = report_json(capsys)
+    assert summary["source"] == f"the demo's last run ({report_module.DEMO_RUNS / '20261202-100000' / 'ledger.jsonl'})"
+    assert summary["experiments"] == 3
+
+
+def test_the_holdout_verb_with_no_tag_here_says_to_run_the_loop_first(repo, tmp_path):
+    (tmp_path / "results.tsv").write_text(HEADER)  # a results.tsv is no tag: holdout runs a tag's commits
+    with pytest.raises(SystemExit) as stop:
+        agent_loop.main(["holdout"])
+    assert "has no tag: run the loop first (uv run agent_loop.py), or name a tag with --tag" in str(stop.value.code)
 
 
 def test_default_tag_is_the_latest_ledger(repo, capsys):
