@@ -29,11 +29,10 @@ from autoresearch import state
 
 DEMO_CACHE = Path("~/.cache/autoresearch-demo").expanduser()  # beside the default cache, never the same
 PREPARE = ["--dataset", "stdlib", "--preset", "small"]  # the corpus every Python has; a 30 s budget
-LONGEST_EXPERIMENT = 4  # minutes: an idea run 4 times at the small preset's 30 s (about 50 s a run here)...
-HOLDOUT = 2  # ...and then the holdout's two runs, which the loop makes when its time limit stops it
 # Unpaired: a promising idea paired with 4 runs of the best takes 7 minutes here, and the demo would show one idea
 # (2026-12-02, dev/LOG.md). The demo shows the loop; a night is where pairs pay for themselves.
 DEMO_OPTIONS = ["--paired", "off"]
+OVERRUN = 0.2  # of --minutes (at least 2): when the loop's own estimate was wrong, the demo cuts it off then
 
 
 def parse_args(argv):
@@ -43,16 +42,27 @@ def parse_args(argv):
         "once in the demo's own cache), Optuna as the agent (no LLM, no API key), the small preset's 30 s runs on "
         "this machine's CPU or GPU, in a temporary clone of your current commit. Your checkout is not touched. "
         "Ends with the report; the results are kept in the demo cache.",
-        epilog="Other options are passed to the loop (see agent_loop.py --help), e.g. --noise-runs 2.")
+        epilog="Other options are passed to the loop (see agent_loop.py --help), e.g. --noise-runs 2, or --timeout "
+        "600 where a busy machine's runs are killed at their time limit.")
     parser.add_argument("--minutes", type=float, default=15,
-                        help="stop after this many minutes; no experiment starts in the last "
-                        f"{LONGEST_EXPERIMENT + HOLDOUT} (default: %(default)s)")
+                        help="end within this many minutes: no experiment starts that this machine's measured runs "
+                        "say cannot finish in the time left (default: %(default)s)")
     parser.add_argument("--cache", type=Path, default=DEMO_CACHE,
                         help="the demo's prepared cache, made if missing (default: %(default)s)")
     args, loop_options = parser.parse_known_args(argv)
     if args.minutes <= 0:
         parser.error(f"--minutes {args.minutes:g}: must be positive")
     return args, loop_options
+
+
+def keep_results(tag_dir, cache):
+    """Copy the demo tag's folder (ledger, results.tsv, report.html, logs) into the cache's runs/; its path, or None
+    when the loop ledgered nothing."""
+    if not (tag_dir / "ledger.jsonl").exists():
+        return None
+    results = cache / "runs" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    shutil.copytree(tag_dir, results, ignore=shutil.ignore_patterns("lock", "*.pid", "scratch"))
+    return results
 
 
 def fail(message):
@@ -89,27 +99,35 @@ def demo_main(argv):
         left = args.minutes - (time.time() - started) / 60
         defaults = [] if "--paired" in loop_options else DEMO_OPTIONS
         loop = subprocess.Popen([sys.executable, "agent_loop.py", "--agent", "optuna", "--tag", "demo", *defaults,
-                                 "--max-hours", f"{max(left - LONGEST_EXPERIMENT - HOLDOUT, left / 2) / 60:.4f}",
-                                 *loop_options],
-                                cwd=clone, env=env)
+                                 "--max-hours", f"{max(left, 1) / 60:.4f}", *loop_options], cwd=clone, env=env)
+        cut_off = False
         try:
-            loop.wait(timeout=max(60.0, 60 * left))
-        except subprocess.TimeoutExpired:  # the last experiment ran long: the loop stops cleanly on SIGTERM
-            loop.send_signal(signal.SIGTERM)
-            loop.wait()
-        except KeyboardInterrupt:
-            loop.wait()  # it got the Ctrl-C too, and stops cleanly
-        if loop.returncode not in (0, 130, -signal.SIGTERM):
-            fail(f"the loop stopped with an error (exit code {loop.returncode}): see its last lines above.")
-        results = args.cache / "runs" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        tag_dir = clone / ".autoresearch" / "demo"
-        if not (tag_dir / "ledger.jsonl").exists():
+            try:
+                loop.wait(timeout=60 * (max(left, 1) + max(2.0, OVERRUN * args.minutes)))
+            except subprocess.TimeoutExpired:  # the loop ends in time by its own measure: here it was wrong
+                cut_off = True
+                print(f"demo: {(time.time() - started) / 60:.1f} minutes, over the {args.minutes:g}: stopping the "
+                      "loop; what it was running is cut off", flush=True)
+                loop.send_signal(signal.SIGTERM)  # it stops cleanly, and ledgers the runs that ended
+                loop.wait()
+            except KeyboardInterrupt:
+                loop.wait()  # it got the Ctrl-C too, and stops cleanly
+        finally:  # also after an error: the logs its message names must outlive the clone
+            results = keep_results(clone / ".autoresearch" / "demo", args.cache)
+        if results is None:
             fail("the demo stopped before its first run: nothing to report.")
-        shutil.copytree(tag_dir, results, ignore=shutil.ignore_patterns("lock", "*.pid"))
-        subprocess.run([sys.executable, "agent_loop.py", "report", "--tag", "demo", "--png",
-                        str(results / "progress.png")], cwd=clone, env=env)
-    print(f"\ndemo: {(time.time() - started) / 60:.1f} minutes. Kept in {results}: results.tsv, progress.png, "
-          f"ledger.jsonl, logs/ (the temporary clone the loop ran in, and so its tag, are gone: the resume hint "
-          f"above does not apply).\nThe report again: uv run agent_loop.py report --tsv {results / 'results.tsv'}",
-          flush=True)
+        if loop.returncode not in (0, 130, -signal.SIGTERM):
+            fail(f"the loop stopped with an error (exit code {loop.returncode}): see its last lines above; the logs "
+                 f"it names are kept in {results / 'logs'}.")
+        subprocess.run([sys.executable, "agent_loop.py", "report", "--ledger", str(results / "ledger.jsonl"),
+                        "--png", str(results / "progress.png")], cwd=clone, env=env)
+    ledger = state.Ledger(results / "ledger.jsonl")
+    stops = ledger.events("stop")
+    reason = stops[-1]["reason"] if stops else "killed"
+    ended = (f"the demo's {args.minutes:g} minutes are up" if reason.startswith("reached --max-hours") else
+             f"cut off at its {args.minutes:g} minutes" if cut_off else f"stopped: {reason}")
+    print(f"\ndemo: {ended} ({(time.time() - started) / 60:.1f} minutes). Kept in {results}: report.html, "
+          f"results.tsv, progress.png, ledger.jsonl, logs/ (the temporary clone the loop ran in, and so its tag, are "
+          f"gone: the resume hint above does not apply).\nThe report again: uv run agent_loop.py report --ledger "
+          f"{results / 'ledger.jsonl'}   (or with no --ledger where you have no tag of your own)", flush=True)
     return 0

@@ -18,7 +18,7 @@ PACKAGE = "autoresearch"  # the loop's parts
 
 @pytest.mark.slow
 def test_the_demo_runs_the_offline_loop_and_leaves_the_checkout_as_it_was(tmp_path):
-    repo, cache = tmp_path / "autoresearch", tmp_path / "demo-cache"
+    repo, cache = tmp_path / "autoresearch", tmp_path / ".cache" / "autoresearch-demo"  # the default, under HOME
     repo.mkdir()
     for name in FILES:
         shutil.copy(REPO / name, repo / name)
@@ -42,19 +42,23 @@ def test_the_demo_runs_the_offline_loop_and_leaves_the_checkout_as_it_was(tmp_pa
     subprocess.run([sys.executable, "prepare.py", "--dataset", "stdlib", "--preset", "small", "--max-seq-len", "64",
                     "--time-budget", "2", "--eval-tokens", "4096"], cwd=repo,
                    env={**env, "AUTORESEARCH_CACHE": str(cache)}, check=True, capture_output=True)
-    out = run(sys.executable, "agent_loop.py", "demo", "--cache", str(cache), "--minutes", "4",
-              "--max-experiments", "2", "--noise-runs", "2", "--max-runs", "2")
+    out = run(sys.executable, "agent_loop.py", "demo", "--minutes", "4", "--max-experiments", "2", "--noise-runs", "2",
+              "--max-runs", "2")
 
     assert [run("git", *command) for command in (("status", "--porcelain"), ("branch", "-a"), ("rev-parse", "HEAD"),
                                                  ("for-each-ref",))] == before
     assert not (tmp_path / "main").exists()  # the user's main cache is not touched
-    results = re.search(r"Kept in (\S+): results.tsv", out)[1]
-    rows = (cache / "runs" / os.path.basename(results) / "results.tsv").read_text().splitlines()[1:]
+    results = re.search(r"demo: stopped: reached --max-experiments 2 \([\d.]+ minutes\)\. Kept in (\S+): report.html",
+                        out)[1]
+    assert os.path.dirname(results) == str(cache / "runs")
+    assert "<html" in open(os.path.join(results, "report.html")).read()
+    rows = open(os.path.join(results, "results.tsv")).read().splitlines()[1:]
     assert len(rows) == 2 and rows[0].split("\t")[3:] == ["keep", "baseline"]
     assert " -> " in rows[1].split("\t")[4] and rows[1].split("\t")[3] in ("keep", "discard")  # judged, not invalid
     assert "baseline     val_bpb" in out and "2 experiments (baseline included)" in out
     png = os.path.join(results, "progress.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    summary = json.loads(run(sys.executable, "agent_loop.py", "report", "--tsv", os.path.join(results, "results.tsv"),
-                             "--json", "--png", str(tmp_path / "again.png")))
+    # the checkout has no tag of its own (the demo's was in its clone): the report finds the demo's last run
+    summary = json.loads(run(sys.executable, "agent_loop.py", "report", "--json", "--png", str(tmp_path / "again.png")))
+    assert summary["source"] == f"the demo's last run ({results}/ledger.jsonl)" and summary["experiments"] == 2
     assert 1.0 < summary["baseline"]["val_bpb"] < 12.0  # a real model, a real metric: bits per byte
