@@ -2,10 +2,11 @@
 Where the documents of a prepared cache come from (prepare_data.py prepares them): the Hugging Face hub's climbmix
 shards and TinyStories file, downloaded in parallel with retries and written only when complete; your own corpus
 (--text: parquet, .txt/.md, .jsonl); Python's own standard library, offline. Each source is a stream of document
-batches per split: climbmix's shards are split as the reference splits them, the others by a hash of each
-document's text (5 % val, the next 5 % holdout).
+batches per split: climbmix's shards are split (and were shuffled) as the reference's, the others split by a hash
+of each document's text (5 % val, the next 5 % holdout) and shuffled by another.
 """
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -13,6 +14,7 @@ import os
 import queue
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,7 +22,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import requests
 
-from prepare import CLIMBMIX_HOLDOUT_SHARD, CLIMBMIX_SHARD, CLIMBMIX_VAL_SHARD, DATA_DIR, SPLITS, TINYSTORIES_FILE
+from prepare import (CLIMBMIX_HOLDOUT_SHARD, CLIMBMIX_SHARD, CLIMBMIX_VAL_SHARD, DATA_DIR, SPLITS, TINYSTORIES_FILE,
+                     TOKENS_DIR)
 
 # ---------------------------------------------------------------------------
 # Where the documents come from
@@ -32,6 +35,8 @@ DOWNLOAD_CHUNK = 1 << 20
 VAL_PERCENT = 5                          # single-file and own corpora: documents hashed into val...
 HOLDOUT_PERCENT = 5                      # ...and the next 5 % into the holdout
 DOC_BATCH = 128                          # documents tokenized (and fed to the packer) together
+SHUFFLE_MEMORY = 1 << 28                 # characters of one split shuffled in memory; beyond, through...
+SHUFFLE_BUCKETS = 256                    # ...this many files on disk, each shuffled in memory
 
 def _progress(label):
     """Return update(text, final=False): a rewritten line on a terminal, a line every 5 s in a log."""
@@ -223,10 +228,47 @@ def _split_of(text):
 
 
 def _split_batches(documents, split):
-    """Keep one split's documents (by content hash) and cut them into batches of DOC_BATCH."""
-    docs = (d for d in documents if _split_of(d) == split)
+    """Keep one split's documents (by content hash), shuffled, and cut them into batches of DOC_BATCH."""
+    docs = _shuffled(d for d in documents if _split_of(d) == split)
     while batch := list(itertools.islice(docs, DOC_BATCH)):
         yield batch
+
+
+def _order_key(text):
+    return hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8, person=b"autoresearch-ord").digest()
+
+
+def _shuffled(documents):
+    """The documents in an order fixed by their text (the same corpus, the same order), not the files' order:
+    the reference's shards are shuffled, and a short run on a corpus in file order would see its first files only.
+    In memory up to SHUFFLE_MEMORY characters; a larger corpus goes through SHUFFLE_BUCKETS files on disk."""
+    held, size = [], 0
+    for doc in documents:
+        held.append(doc)
+        size += len(doc)
+        if size > SHUFFLE_MEMORY:
+            yield from _shuffled_on_disk(itertools.chain(held, documents))
+            return
+    yield from sorted(held, key=_order_key)
+
+
+def _shuffled_on_disk(documents):
+    """Each document into one of SHUFFLE_BUCKETS files by its key, then each file's documents in key order."""
+    with tempfile.TemporaryDirectory(prefix=".shuffle-", dir=TOKENS_DIR.parent) as folder:
+        paths = [Path(folder) / str(i) for i in range(SHUFFLE_BUCKETS)]
+        with contextlib.ExitStack() as files:
+            buckets = [files.enter_context(open(path, "wb")) for path in paths]
+            for doc in documents:
+                key, data = _order_key(doc), doc.encode("utf-8", "surrogatepass")
+                buckets[int.from_bytes(key, "big") % SHUFFLE_BUCKETS].write(len(data).to_bytes(8, "little") + data)
+        for path in paths:
+            raw, docs, at = path.read_bytes(), [], 0
+            while at < len(raw):
+                length = int.from_bytes(raw[at : at + 8], "little")
+                docs.append(raw[at + 8 : at + 8 + length].decode("utf-8", "surrogatepass"))
+                at += 8 + length
+            path.unlink()
+            yield from sorted(docs, key=_order_key)
 
 
 TEXT_SUFFIXES = (".parquet", ".txt", ".md", ".jsonl")
@@ -347,20 +389,21 @@ def resolve_source(args):
             json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode()
         ).hexdigest()
         key = {"dataset": "text", "paths": [str(p) for p in files], "fingerprint": fingerprint,
-               "holdout_percent": HOLDOUT_PERCENT}
+               "holdout_percent": HOLDOUT_PERCENT, "order": "shuffled"}
         if args.split_lines:  # only when set: caches prepared before the option existed stay current
             key["split_lines"] = True
         documents = lambda: itertools.chain.from_iterable(_file_documents(p, args.split_lines) for p in files)
         return key, [], [(f"text-{s}", s, lambda s=s: _split_batches(documents(), s)) for s in SPLITS]
     if args.dataset == "stdlib":
         key = {"dataset": "stdlib", "python": sys.version.split()[0], "files": len(stdlib_files()),
-               "holdout_percent": HOLDOUT_PERCENT}
+               "holdout_percent": HOLDOUT_PERCENT, "order": "shuffled"}
         return key, [], [(f"stdlib-{s}", s, lambda s=s: _split_batches(_stdlib_documents(), s)) for s in SPLITS]
     if args.dataset == "tinystories":
         path = DATA_DIR / TINYSTORIES_FILE
         documents = lambda: itertools.chain.from_iterable(_parquet_texts(path))
         parts = [(f"tinystories-{s}", s, lambda s=s: _split_batches(documents(), s)) for s in SPLITS]
-        return {"dataset": "tinystories", "holdout_percent": HOLDOUT_PERCENT}, [(TINYSTORIES_URL, path)], parts
+        return ({"dataset": "tinystories", "holdout_percent": HOLDOUT_PERCENT, "order": "shuffled"},
+                [(TINYSTORIES_URL, path)], parts)
     num = CLIMBMIX_HOLDOUT_SHARD if args.num_shards == -1 else args.num_shards
     if not 1 <= num <= CLIMBMIX_HOLDOUT_SHARD:
         raise PrepareError(f"--num-shards {args.num_shards}: use 1 to {CLIMBMIX_HOLDOUT_SHARD}, or -1 for all "

@@ -29,6 +29,7 @@ from autoresearch import state
 
 DEMO_CACHE = Path("~/.cache/autoresearch-demo").expanduser()  # beside the default cache, never the same
 PREPARE = ["--dataset", "stdlib", "--preset", "small"]  # the corpus every Python has; a 30 s budget
+CONSTANTS = ("max_seq_len", "time_budget", "eval_tokens", "vocab_size")  # of a cache, which the demo keeps
 # Unpaired: a promising idea paired with 4 runs of the best takes 7 minutes here, and the demo would show one idea
 # (2026-12-02, dev/LOG.md). The demo shows the loop; a night is where pairs pay for themselves.
 DEMO_OPTIONS = ["--paired", "off"]
@@ -92,10 +93,14 @@ def demo_main(argv):
             with copy.config_writer() as config:
                 config.set_value("user", "name", "autoresearch demo")
                 config.set_value("user", "email", "demo@localhost")
+        # Every time: nothing to do when the cache is current (a second), else it is brought up to date (a
+        # prepare.py that orders or splits documents anew), keeping the constants it was prepared with.
         manifest = args.cache / "manifest.json"
-        if not manifest.exists() or "holdout" not in json.loads(manifest.read_text())["splits"]:
-            print(f"demo: preparing the corpus once, in {args.cache}", flush=True)
-            subprocess.run([sys.executable, "prepare.py", *PREPARE], cwd=clone, env=env, check=True)
+        kept = json.loads(manifest.read_text()) if manifest.exists() else {}
+        print(f"demo: the corpus, in {args.cache}", flush=True)
+        subprocess.run([sys.executable, "prepare.py", *PREPARE, *(f"--{name.replace('_', '-')}={kept[name]}"
+                                                                   for name in CONSTANTS if name in kept)],
+                       cwd=clone, env=env, check=True)
         left = args.minutes - (time.time() - started) / 60
         defaults = [] if "--paired" in loop_options else DEMO_OPTIONS
         loop = subprocess.Popen([sys.executable, "agent_loop.py", "--agent", "optuna", "--tag", "demo", *defaults,

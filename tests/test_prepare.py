@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
@@ -309,6 +311,27 @@ def test_long_documents_of_own_corpora_are_split_into_row_sized_pieces_losing_no
     assert lengths.max() == 65  # BOS + MAX_SEQ_LEN: a piece fills a row exactly
     documents = [d for d in make_documents(600) if data_sources._split_of(d) == "train"]
     assert int((tokens != bos).sum()) == sum(len(ids) for ids in tokenizer.encode(documents))
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(order=st.permutations(range(40)))
+def test_own_corpora_are_shuffled_by_their_text_whatever_order_their_files_give(order):
+    documents = [f"document {i}: " + "word " * i for i in range(40)]
+    shuffled = [d for batch in data_sources._split_batches((documents[i] for i in order), "train") for d in batch]
+    expected = [d for d in documents if data_sources._split_of(d) == "train"]
+    assert sorted(shuffled) == sorted(expected) and shuffled != expected  # all of them, not in the files' order
+    assert shuffled == [d for batch in data_sources._split_batches(iter(documents), "train") for d in batch]
+
+
+def test_a_corpus_too_big_to_shuffle_in_memory_is_shuffled_through_files_that_are_then_removed(tmp_path,
+                                                                                              monkeypatch):
+    monkeypatch.setattr(data_sources, "TOKENS_DIR", tmp_path / "tokens")
+    monkeypatch.setattr(data_sources, "SHUFFLE_MEMORY", 100)  # characters: a few documents
+    documents = [f"document {i} " + "é" * (i % 7) for i in range(300)]
+    shuffled = list(data_sources._shuffled(iter(documents)))
+    assert sorted(shuffled) == sorted(documents) and shuffled != documents
+    assert shuffled == list(data_sources._shuffled(iter(documents[::-1])))  # the same corpus, the same order
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_holdout_documents_are_disjoint_from_val_and_train_in_the_token_files(prepare_module, tiny_cache):
