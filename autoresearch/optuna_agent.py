@@ -13,11 +13,10 @@ import re
 from pathlib import Path
 
 from autoresearch import state
-from autoresearch.agents import Proposal
+from autoresearch.agents import DEVICE_OVERRIDE, Proposal
 from autoresearch.console import fail
 
 NOT_TUNED = ("SEED", "UNCOUNTED_STEPS")  # a seed only fits noise; UNCOUNTED_STEPS changes what the budget measures
-DEVICE_OVERRIDE = "DEVICE_TYPE != 'cuda'"  # the test of train.py's `if` block of small-compute values
 MAX_OPTUNA_ASKS = 20  # samples that round to the current train.py are asked again, this many times at most
 OPTUNA_RANGES = """--agent optuna searches around the values in train.py when the tag started (v):
   a float v > 0                          log-uniform in [v/4, 4v]

@@ -248,6 +248,10 @@ class RayExecutor:
         self.cluster, self.fingerprint, self.slots = cluster, fingerprint, cluster.slots
         self.pending = {}  # Ray ref: (key, request)
 
+    @property
+    def device_type(self):  # as train.py sees it on a worker
+        return "cuda" if self.cluster.gpus else "cpu"
+
     def describe(self):
         kind = "GPU" if self.cluster.gpus else "CPU"
         return f"{self.slots} at once on Ray at {self.cluster.address}, one {kind} each"

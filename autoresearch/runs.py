@@ -94,6 +94,10 @@ class LocalExecutor:
         self.free, self.threads, self.processes, self.cancelled = list(range(self.slots)), {}, {}, set()
         self.lock, self.ended = threading.Lock(), queue.Queue()
 
+    @property
+    def device_type(self):  # as train.py sees it: what its small-compute block tests
+        return "cuda" if self.gpus else "cpu"
+
     def describe(self):
         gpus = f", one GPU each ({', '.join(name for _, name in self.gpus)})" if self.gpus else ""
         return f"{self.slots} at once on this machine{gpus}" if self.slots > 1 else "one at a time on this machine"

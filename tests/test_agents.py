@@ -2,6 +2,7 @@
 and prices, and what the model is shown. The SDKs' own exception classes, no network, a fake clock."""
 
 import types
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -155,6 +156,62 @@ def test_notes_written_in_a_reply_that_could_not_be_applied_are_kept():
     change = agents.ask_for_change(Scripted(Proposal(description="an idea", notes="LR matters most")), "", SOURCE, 0,
                                    100, "#1")
     assert change.source is None and change.notes == "LR matters most"
+
+
+# -----------------------------------------------------------------------------
+# Edits that change nothing a run does, on the device the runs are on (the real train.py)
+
+TRAIN_PY = (Path(__file__).resolve().parent.parent / "train.py").read_text()
+TOP_DEPTH = "DEPTH = 8               # number of transformer layers"  # the H100 value, replaced off CUDA
+BLOCK_DEPTH = "    DEPTH = 4                # width 4 * 32 = 128"  # the small-compute block's
+
+
+def takes_effect(search, replace, device_type, *more):
+    """True, or what the agent is told; more: further (search, replace) pairs."""
+    new_source = TRAIN_PY
+    for search, replace in [(search, replace), *zip(more[::2], more[1::2])]:
+        assert new_source.count(search) == 1
+        new_source = new_source.replace(search, replace)
+    try:
+        agents.check_takes_effect(TRAIN_PY, new_source, device_type)
+        return True
+    except EditError as error:
+        return str(error)
+
+
+@pytest.mark.parametrize("search, replace, device_type", [
+    (TOP_DEPTH, TOP_DEPTH.replace("8", "6"), "cuda"),
+    (BLOCK_DEPTH, BLOCK_DEPTH.replace("4 ", "6 ", 1), "cpu"),
+    ("MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "cpu"),
+    ("MATRIX_LR = 0.04", "MATRIX_LR = 0.05", "cuda")])
+def test_an_edit_of_a_value_in_effect_on_the_runs_device_is_run(search, replace, device_type):
+    assert takes_effect(search, replace, device_type) is True
+
+
+def test_off_cuda_an_edit_of_a_constant_the_small_compute_block_sets_again_is_sent_back_naming_it():
+    said = takes_effect(TOP_DEPTH, TOP_DEPTH.replace("8", "6"), "cpu", "\nASPECT_RATIO = 64", "\nASPECT_RATIO = 96")
+    assert said.startswith("Nothing was applied: the runs are on cpu, not CUDA, where the `if DEVICE_TYPE != 'cuda':` "
+                           "block sets ASPECT_RATIO, DEPTH again") and said.endswith("Edit the values in that block instead.")
+
+
+def test_on_cuda_an_edit_of_the_small_compute_block_alone_is_sent_back():
+    said = takes_effect(BLOCK_DEPTH, BLOCK_DEPTH.replace("4 ", "6 ", 1), "cuda")
+    assert said.startswith("Nothing was applied: on cuda this edit changes nothing a run does") and "block" in said
+
+
+def test_an_edit_of_comments_or_layout_only_is_sent_back():
+    said = takes_effect("MATRIX_LR = 0.04           # Muon lr", "MATRIX_LR = 0.040  # the Muon lr", "cpu")
+    assert said.startswith("Nothing was applied: on cpu this edit changes nothing a run does (only comments")
+
+
+def test_the_agent_is_told_an_edit_takes_no_effect_and_its_repair_is_taken():
+    agent = Scripted(Proposal(description="deeper", edits=[edit(TOP_DEPTH, TOP_DEPTH.replace("8", "6"))]),
+                     Proposal(description="deeper", edits=[edit(BLOCK_DEPTH, BLOCK_DEPTH.replace("4 ", "6 ", 1))]))
+    agent.reply = lambda error, reply=agent.reply: (agent.said.append(error), reply(error))[1]
+    agent.said = []
+    change = agents.ask_for_change(agent, "", TRAIN_PY, 1, 100, "#1", device_type="cpu")
+    assert "sets DEPTH again" in agent.said[0]
+    assert change.source == TRAIN_PY.replace(BLOCK_DEPTH, BLOCK_DEPTH.replace("4 ", "6 ", 1))
 
 
 def test_a_tool_call_with_edits_that_are_not_a_list_has_no_edits():

@@ -80,6 +80,7 @@ class StandInExecutor:
         self.slots, self.draw, self.noise, self.kill, self.snapshot = slots, draw, noise, kill, snapshot
         self.running, self.waits, self.most_waits, self.runs, self.remote = {}, 0, most_waits, 0, remote
         self.dying = 0  # cancelled runs whose slots are not free yet
+        self.device_type = "cpu"
 
     def describe(self):
         return f"{self.slots} at once on stand-in slots"
