@@ -41,6 +41,7 @@ class OutputMode:
         self.mode = mode
         self.using = "json" if mode == "json" else "tools"
         self.switched = False  # auto gave up on tool calls: the night's ledger records it once
+        self.parsed = 0  # replies that held a proposal in the asked form (whether its edits applied or not)
         self.chars_per_token = CHARS_PER_TOKEN  # of the prompts sent, as the server counted them
 
     def no_tool_call(self):
@@ -74,6 +75,11 @@ class OpenAIAgent:
         """What the night's stop says about this agent, when it never gave a usable change."""
         tried = "tool calls, then JSON output (response_format)" if self.output.switched else \
             ("JSON output (response_format)" if self.output.using == "json" else "tool calls")
+        if self.output.parsed:
+            return (f"--agent openai asked by {tried}, and {self.output.parsed} of the model's replies came in that "
+                    "form, but none held edits that apply to train.py (the ledger's proposals say why: search text "
+                    "not found, for instance). The model may be too small to copy train.py's lines exactly: use a "
+                    "larger one")
         return (f"--agent openai asked by {tried}: the server or the model gives neither. Use a model with tool "
                 "calling (--openai-output tools) or a server that enforces response_format (--openai-output json: "
                 "llama.cpp, vLLM, Ollama)")
@@ -124,7 +130,7 @@ class OpenAIAgent:
         if usage["input_tokens"]:  # the server's count: the next estimate of a prompt's tokens uses its ratio
             self.output.chars_per_token = prompt_characters(request["messages"]) / usage["input_tokens"]
         if json_mode:
-            return proposal_from_json(content, truncated, usage)
+            return self.counted(proposal_from_json(content, truncated, usage))
         if not calls:
             self.output.no_tool_call()
             return Proposal(truncated=truncated, usage=usage, problem=(
@@ -138,7 +144,11 @@ class OpenAIAgent:
             return Proposal(truncated=truncated, usage=usage, problem=(
                 f"The arguments of your {CHANGE_TOOL_NAME} call are not JSON ({error}). Call it again with JSON "
                 "arguments description, hypothesis and edits."))
-        return proposal_from_tool_input(arguments, truncated, usage)
+        return self.counted(proposal_from_tool_input(arguments, truncated, usage))
+
+    def counted(self, proposal):
+        self.output.parsed += not proposal.problem
+        return proposal
 
 
 def prompt_characters(messages):

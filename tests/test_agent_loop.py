@@ -505,6 +505,15 @@ def test_a_server_with_neither_tool_calls_nor_json_output_stops_the_night_naming
     assert "not one JSON object of the requested schema: it is not JSON" in told[0]
 
 
+def test_a_model_whose_json_replies_parse_but_whose_edits_never_apply_is_named_as_the_cause(night):
+    night.llm.script(*[chat_json("better", ("no such line in train.py", "x = 1"))] * 15, path=CHAT)
+    result = openai_night(night, "--openai-output", "json", "--max-experiments", "9")
+    stop = [r for r in night.ledger() if r["event"] == "stop"][-1]["reason"]
+    assert "no usable change 5 times in a row" in stop and result.returncode == 0
+    assert "of the model's replies came in that form, but none held edits that apply to train.py" in stop
+    assert "gives neither" not in stop
+
+
 def test_without_max_tokens_a_reply_may_use_what_the_server_s_context_leaves(night):
     night.llm.props = {"default_generation_settings": {"n_ctx": 40000}}
     raise_it, lower_it = ("VAL_BPB = 0.990000", "VAL_BPB = 1.1"), ("VAL_BPB = 0.990000", "VAL_BPB = 0.98")
