@@ -80,8 +80,9 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
 
 def confinement(work, private_tmp, cache, env):
     """`python train.py` in the sandbox this machine offers, writing only to work and private_tmp (and where the
-    user's env says) and reading no validation data of the cache."""
-    denied = integrity.validation_files(cache)[0] + [state.STATE_ROOT.resolve()]  # .autoresearch: the driver's
+    user's env says), reading no validation data of the cache and no credential of this machine."""
+    denied = (integrity.validation_files(cache)[0] + [state.STATE_ROOT.resolve()]  # .autoresearch: the driver's
+              + sandbox.credentials(env))
     return sandbox.wrap([sys.executable, "train.py"], sandbox.policy(work, private_tmp, denied, env))
 
 

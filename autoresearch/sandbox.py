@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 # -----------------------------------------------------------------------------
 # Landlock, through its three system calls (x86-64 and arm64 share the numbers)
@@ -197,6 +198,20 @@ ALSO_WRITABLE = "AUTORESEARCH_SANDBOX_WRITABLE"  # the driver's: folders the use
 
 def also_writable(env):
     return [p for p in env.get(ALSO_WRITABLE, "").split(os.pathsep) if p]
+
+
+# Credentials under your home that train.py has no use for, and could print into the log the agent reads:
+# ssh keys, Ray's cluster token, the claude CLI's login, cloud and registry logins, the Hugging Face token.
+CREDENTIALS = (".ssh", ".ray", ".claude", ".claude.json", ".aws", ".azure", ".config/gcloud", ".kube", ".docker",
+               ".netrc", ".git-credentials", ".cache/huggingface/token", ".config/gh")
+
+
+def credentials(env):
+    """The credential files and folders of this machine train.py must not read: CREDENTIALS under your home, and
+    the file $RAY_AUTH_TOKEN_PATH names."""
+    paths = [Path.home() / name for name in CREDENTIALS]
+    paths += [Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()] if env.get("RAY_AUTH_TOKEN_PATH") else []
+    return [path for path in paths if path.exists()]
 
 
 def policy(work, private_tmp, deny_read, env):

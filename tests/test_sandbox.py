@@ -72,6 +72,24 @@ def test_a_validation_file_with_a_second_hard_link_is_named_in_the_run_s_record(
 
 
 @needs_landlock
+def test_train_py_cannot_read_your_credentials(tmp_path, stand_in, monkeypatch):
+    home, token = tmp_path / "home", tmp_path / "elsewhere" / "ray-token"
+    for path in (home / ".ssh" / "id_ed25519", home / ".ray" / "auth_token", home / ".claude.json", token,
+                 home / ".cache" / "pip" / "readable"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("secret")
+    monkeypatch.setenv("HOME", str(home))
+    env = {**os.environ, "RAY_AUTH_TOKEN_PATH": str(token)}
+    tries = {"ssh": home / ".ssh" / "id_ed25519", "ray": home / ".ray" / "auth_token", "claude": home / ".claude.json",
+             "token-path": token, "cache": home / ".cache" / "pip" / "readable"}
+    lines = "\n".join(f"attempt('try-{name}', lambda: open({str(path)!r}).read())" for name, path in tries.items())
+    result = run_trying(tmp_path, lines, harness=stand_in, env=env)
+    assert outcomes(result) == {"try-ssh": "refused PermissionError", "try-ray": "refused PermissionError",
+                                "try-claude": "refused PermissionError", "try-token-path": "refused PermissionError",
+                                "try-cache": "done"}, result["log"]
+
+
+@needs_landlock
 def test_train_py_writes_only_its_folder_and_its_own_temp_folder(tmp_path, stand_in):
     outside = tmp_path / "outside.txt"
     lines = (f"attempt('try-outside', lambda: open({str(outside)!r}, 'w').write('state'))\n"
