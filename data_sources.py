@@ -162,12 +162,15 @@ def download_all(files, workers, attempts=5, backoff=2.0):
                 dest.unlink()
         todo.append((url, dest))
     if not todo:
-        print(f"data: all {len(files)} files already in {DATA_DIR}", flush=True)
+        print(f"data: all {len(files)} files already in {files[0][1].parent}", flush=True)
         return
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
-    for stale in DATA_DIR.glob("*.tmp"):  # left by a run that was killed: never trusted
-        stale.unlink()
-    print(f"data: downloading {len(todo)} of {len(files)} files to {DATA_DIR} ({workers} workers)", flush=True)
+    folders = sorted({dest.parent for _, dest in todo})  # where the files go, and nowhere else
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.tmp"):  # left by a run that was killed: never trusted
+            stale.unlink()
+    print(f"data: downloading {len(todo)} of {len(files)} files to {', '.join(map(str, folders))} ({workers} "
+          "workers)", flush=True)
     # Daemon threads, not an executor: on Ctrl-C we must not wait for a download stuck in a slow read.
     pending, results, stop = queue.Queue(), queue.Queue(), Stop()
     for item in todo:

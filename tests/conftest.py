@@ -33,6 +33,17 @@ os.environ["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
 sys.dont_write_bytecode, sys.pycache_prefix = False, str(PYCACHE)
 TINY = ["--vocab-size", "512", "--max-seq-len", "64", "--eval-tokens", "4096", "--time-budget", "2"]
 
+# The user's own caches: every test works in its temp dir, so the suite fails if one of these appears.
+USERS_CACHES = [Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch"),
+                Path.home() / ".cache" / "autoresearch-demo"]
+ABSENT_CACHES = [path for path in USERS_CACHES if not path.exists()]
+
+
+def pytest_sessionfinish(session):
+    if made := [str(path) for path in ABSENT_CACHES if path.exists()]:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nFAILED: the tests made {', '.join(made)}, outside their temp dirs", file=sys.stderr)
+
 WORDS = (
     "the a model learns tokens from text and data while training runs overnight on one small GPU "
     "loss falls slowly because every step counts research agent edits code café naïve déjà vu "
