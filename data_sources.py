@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import queue
+import shutil
 import sys
 import sysconfig
 import tempfile
@@ -36,7 +37,8 @@ VAL_PERCENT = 5                          # single-file and own corpora: document
 HOLDOUT_PERCENT = 5                      # ...and the next 5 % into the holdout
 DOC_BATCH = 128                          # documents tokenized (and fed to the packer) together
 SHUFFLE_MEMORY = 1 << 28                 # characters of one split shuffled in memory; beyond, through...
-SHUFFLE_BUCKETS = 256                    # ...this many files on disk, each shuffled in memory
+SHUFFLE_BUCKETS = 64                     # ...this many files on disk, each shuffled in memory
+SHUFFLE_FOLDERS = ".shuffle-*"           # in the cache, while they exist (the sandbox denies them)
 
 def _progress(label):
     """Return update(text, final=False): a rewritten line on a terminal, a line every 5 s in a log."""
@@ -257,7 +259,11 @@ def _shuffled(documents):
 
 def _shuffled_on_disk(documents):
     """Each document into one of SHUFFLE_BUCKETS files by its key, then each file's documents in key order."""
-    with tempfile.TemporaryDirectory(prefix=".shuffle-", dir=TOKENS_DIR.parent) as folder:
+    TOKENS_DIR.parent.mkdir(parents=True, exist_ok=True)  # the cache, which a first prepare has yet to make
+    for stale in TOKENS_DIR.parent.glob(SHUFFLE_FOLDERS):  # a killed prepare's
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=SHUFFLE_FOLDERS.rstrip("*"), dir=TOKENS_DIR.parent,
+                                     ignore_cleanup_errors=True) as folder:
         paths = [Path(folder) / str(i) for i in range(SHUFFLE_BUCKETS)]
         with contextlib.ExitStack() as files:
             buckets = [files.enter_context(open(path, "wb")) for path in paths]

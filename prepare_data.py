@@ -237,8 +237,9 @@ def prepare(args):
         print(f"tokenizer: reusing {TOKENIZER_PATH}")
         spec = None
     else:
-        train_batches = itertools.chain.from_iterable(make() for _, split, make in parts if split == "train")
-        spec = train_tokenizer(train_batches, constants["vocab_size"], source_key)
+        # unnamed: the documents' generator, and a shuffle's files on disk, end with the tokenizer's training
+        spec = train_tokenizer(itertools.chain.from_iterable(make() for _, split, make in parts if split == "train"),
+                               constants["vocab_size"], source_key)
 
     MANIFEST_PATH.unlink(missing_ok=True)  # from here until the end, the cache is not trusted
     if spec:

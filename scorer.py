@@ -76,11 +76,13 @@ class Refused(Exception):
 
 
 def _sealed(fd):
-    """Whether train.py's process can no longer shrink this memory, which would kill us (SIGBUS) as we read it."""
+    """Whether train.py's process can no longer shrink this memory, which would kill us (SIGBUS) as we read it:
+    a memfd sealed against shrinking, of ordinary pages (a huge-page one could run out of pages under us)."""
     import fcntl
 
     try:
-        return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK != 0
+        return (fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK != 0
+                and os.fstat(fd).st_blksize == mmap.PAGESIZE)
     except OSError:  # not a memfd
         return False
 

@@ -119,18 +119,22 @@ def demo_main(argv):
                 loop.wait()  # it got the Ctrl-C too, and stops cleanly
         finally:  # also after an error: the logs its message names must outlive the clone
             results = keep_results(clone / ".autoresearch" / "demo", args.cache)
+        if loop.returncode not in (0, 130, -signal.SIGTERM):
+            fail(f"the loop stopped with an error (exit code {loop.returncode}): see its last lines above"
+                 + (f"; the logs it names are kept in {results / 'logs'}." if results else "."))
         if results is None:
             fail("the demo stopped before its first run: nothing to report.")
-        if loop.returncode not in (0, 130, -signal.SIGTERM):
-            fail(f"the loop stopped with an error (exit code {loop.returncode}): see its last lines above; the logs "
-                 f"it names are kept in {results / 'logs'}.")
         subprocess.run([sys.executable, "agent_loop.py", "report", "--ledger", str(results / "ledger.jsonl"),
                         "--png", str(results / "progress.png")], cwd=clone, env=env)
     ledger = state.Ledger(results / "ledger.jsonl")
     stops = ledger.events("stop")
     reason = stops[-1]["reason"] if stops else "killed"
-    ended = (f"the demo's {args.minutes:g} minutes are up" if reason.startswith("reached --max-hours") else
-             f"cut off at its {args.minutes:g} minutes" if cut_off else f"stopped: {reason}")
+    if not reason.startswith("reached --max-hours"):
+        ended = f"cut off at its {args.minutes:g} minutes" if cut_off else f"stopped: {reason}"
+    elif ":" in reason:  # it stopped short: the next experiment would not have finished in time
+        ended = f"no other experiment could finish in the demo's {args.minutes:g} minutes"
+    else:
+        ended = f"the demo's {args.minutes:g} minutes are up"
     print(f"\ndemo: {ended} ({(time.time() - started) / 60:.1f} minutes). Kept in {results}: report.html, "
           f"results.tsv, progress.png, ledger.jsonl, logs/ (the temporary clone the loop ran in, and so its tag, are "
           f"gone: the resume hint above does not apply).\nThe report again: uv run agent_loop.py report --ledger "

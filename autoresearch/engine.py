@@ -367,7 +367,7 @@ class Engine:
         if change.source is None:
             return self.no_change(experiment, attempt, change, started)
         if not attempt:  # what was true when the idea was asked may not be now
-            if reason := why_stop(self.night, len(self.experiments) - 1):  # the others open
+            if reason := why_stop(self.night, len(self.experiments) - 1, asked=True):  # the others open
                 return self.not_run(experiment, change, started, f"{reason} while it was being asked")
             if earlier := already_run(night).get(source_digest(change.source)):
                 return self.not_run(experiment, change, started, f"its train.py is byte-identical to that of "

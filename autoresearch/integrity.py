@@ -247,6 +247,7 @@ def validation_files(cache):
     splits = manifest.get("splits", {})
     parts = [name for split in ("val", "holdout") for name in splits.get(split, {}).get("parts", [])]
     paths = [cache / "tokens" / f"{name}{suffix}" for name in parts for suffix in (".bin", ".npz")] + [cache / "data"]
+    paths += sorted(cache.glob(".shuffle-*"))  # a killed prepare's shuffle files: documents of every split
     source = manifest.get("source", {})
     paths += [Path(p) for p in source.get("paths", [])] if source.get("dataset") == "text" else []
     caveats = (["the stdlib corpus's validation text is Python's own source, which train.py can read"]

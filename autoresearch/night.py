@@ -4,6 +4,7 @@ steering and plateaus before each proposal, and when to stop.
 """
 
 import argparse
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,17 +135,19 @@ def typical_seconds(ledger):
     return median(runs) if runs else None, median(calls) if calls else None
 
 
-def seconds_to_finish(night):
+def seconds_to_finish(night, asked=False):
     """How long an experiment that starts now takes here, and then the holdout's runs if the night ends with
-    them: the tag's median run times the median runs per experiment, plus the median agent call. None before the
-    first valid run."""
+    them: the tag's median run times the rounds of runs its median experiment took on the executor's slots, plus
+    the median agent call (asked: its idea is already in hand). None before the first valid run."""
     run, call = typical_seconds(night.ledger)
     if run is None:
         return None
     per_experiment = [len(r["runs"]) + len(r.get("best_runs_beside", [])) for r in night.ledger.results()[1:]
                       if r["runs"]][-20:]
-    holdout = run * (2 if night.executor is None or night.executor.slots < 2 else 1) if holds_out(night) else 0
-    return run * (median(per_experiment) if per_experiment else 1) + (call or 0) + holdout
+    slots = night.executor.slots if night.executor else 1
+    rounds = math.ceil((median(per_experiment) if per_experiment else 1) / slots)  # its runs go out at once
+    holdout = run * math.ceil(2 / slots) if holds_out(night) else 0
+    return run * rounds + (0 if asked else call or 0) + holdout
 
 
 def time_left_text(night):
@@ -152,16 +155,17 @@ def time_left_text(night):
     if night.args.max_hours is None:
         return ""
     left = max(0.0, 3600 * night.args.max_hours - (time.time() - night.started))
-    return f", {left / 60:.1f} of {60 * night.args.max_hours:.3g} minutes left"
+    return f", {left / 60:.1f} of {round(60 * night.args.max_hours, 1):g} minutes left"
 
 
-def why_stop(night, open_count=0):
-    """Why no new experiment may start, or None; open_count: experiments proposed or running, not yet decided."""
+def why_stop(night, open_count=0, asked=False):
+    """Why no new experiment may start, or None; open_count: experiments proposed or running, not yet decided;
+    asked: its idea is in hand (the agent's call is not to be waited for again)."""
     args, spent = night.args, night.ledger.spent_usd()
     if args.max_experiments is not None and len(night.ledger.results()) + open_count >= args.max_experiments:
         return f"reached --max-experiments {args.max_experiments}"
     if args.max_hours is not None:
-        left, needed = 3600 * args.max_hours - (time.time() - night.started), seconds_to_finish(night)
+        left, needed = 3600 * args.max_hours - (time.time() - night.started), seconds_to_finish(night, asked)
         if left <= 0:
             return f"reached --max-hours {args.max_hours:g}"
         if needed and needed > left:

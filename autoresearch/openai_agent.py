@@ -14,6 +14,7 @@ tokens are estimated at 2.5 characters each until the server has counted one of 
 the ratio it counted.
 """
 
+import collections
 import json
 import os
 
@@ -41,7 +42,7 @@ class OutputMode:
         self.mode = mode
         self.using = "json" if mode == "json" else "tools"
         self.switched = False  # auto gave up on tool calls: the night's ledger records it once
-        self.parsed = 0  # replies that held a proposal in the asked form (whether its edits applied or not)
+        self.recent = collections.deque(maxlen=12)  # of the last replies, whether each held a proposal in form
         self.chars_per_token = CHARS_PER_TOKEN  # of the prompts sent, as the server counted them
 
     def no_tool_call(self):
@@ -75,11 +76,11 @@ class OpenAIAgent:
         """What the night's stop says about this agent, when it never gave a usable change."""
         tried = "tool calls, then JSON output (response_format)" if self.output.switched else \
             ("JSON output (response_format)" if self.output.using == "json" else "tool calls")
-        if self.output.parsed:
-            return (f"--agent openai asked by {tried}, and {self.output.parsed} of the model's replies came in that "
-                    "form, but none held edits that apply to train.py (the ledger's proposals say why: search text "
-                    "not found, for instance). The model may be too small to copy train.py's lines exactly: use a "
-                    "larger one")
+        if any(self.output.recent):
+            return (f"--agent openai asked by {tried}, and {sum(self.output.recent)} of the model's last "
+                    f"{len(self.output.recent)} replies came in that form, but their edits could not be used (the "
+                    "ledger's proposals say why: search text not found, for instance). The model may be too small "
+                    "to copy train.py's lines exactly: use a larger one")
         return (f"--agent openai asked by {tried}: the server or the model gives neither. Use a model with tool "
                 "calling (--openai-output tools) or a server that enforces response_format (--openai-output json: "
                 "llama.cpp, vLLM, Ollama)")
@@ -133,21 +134,21 @@ class OpenAIAgent:
             return self.counted(proposal_from_json(content, truncated, usage))
         if not calls:
             self.output.no_tool_call()
-            return Proposal(truncated=truncated, usage=usage, problem=(
+            return self.counted(Proposal(truncated=truncated, usage=usage, problem=(
                 f"Your reply held no call of the {CHANGE_TOOL_NAME} tool. Answer with the proposal as "
                 + ("one JSON object: description, hypothesis, edits, and notes if you like." if
                    self.output.using == "json" else "one tool call, with JSON arguments description, hypothesis "
-                   "and edits.")))
+                   "and edits."))))
         try:
             arguments = json.loads(calls[0].function.arguments)
         except json.JSONDecodeError as error:
-            return Proposal(truncated=truncated, usage=usage, problem=(
+            return self.counted(Proposal(truncated=truncated, usage=usage, problem=(
                 f"The arguments of your {CHANGE_TOOL_NAME} call are not JSON ({error}). Call it again with JSON "
-                "arguments description, hypothesis and edits."))
+                "arguments description, hypothesis and edits.")))
         return self.counted(proposal_from_tool_input(arguments, truncated, usage))
 
     def counted(self, proposal):
-        self.output.parsed += not proposal.problem
+        self.output.recent.append(not proposal.problem)
         return proposal
 
 

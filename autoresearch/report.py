@@ -107,10 +107,14 @@ def summarize(rows, ledger=None):
 
 def undecided(ledger):
     """The experiments in flight when the loop last stopped, with how many valid runs each had: a resume goes on
-    with them; a demo's tag is gone, so they were cut off."""
-    stops = ledger.events("stop")
+    with them (a demo's tag is gone: they were cut off). None while the loop runs, or after it was killed: the
+    ledger then has no stop after its last start."""
+    at = max((i for i, r in enumerate(ledger.records) if r["event"] == "start"), default=-1)
+    stops = [r for r in ledger.records[at + 1:] if r["event"] == "stop"]
+    if not stops:
+        return []
     return [dict(experiment=number, description=ledger.description(number),
-                 runs=len(ledger.measured(proposal["commit"])), stopped=stops[-1]["reason"] if stops else None)
+                 runs=len(ledger.measured(proposal["commit"])), stopped=stops[-1]["reason"])
             for number, proposal in sorted(ledger.open_experiments().items())]
 
 

@@ -81,14 +81,18 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
 def confinement(work, private_tmp, cache, env):
     """`python train.py` in the sandbox this machine offers, writing only to work and private_tmp (and where the
     user's env says), reading no validation data of the cache and no credential of this machine."""
-    denied = (integrity.validation_files(cache)[0] + [state.STATE_ROOT.resolve()]  # .autoresearch: the driver's
-              + sandbox.credentials(env))
-    return sandbox.wrap([sys.executable, "train.py"], sandbox.policy(work, private_tmp, denied, env))
+    return sandbox.wrap([sys.executable, "train.py"], sandbox.policy(work, private_tmp, denied(cache, env), env))
+
+
+def denied(cache, env):
+    """What train.py must not read: the cache's validation data, the driver's .autoresearch, your credentials."""
+    return integrity.validation_files(cache)[0] + [state.STATE_ROOT.resolve()] + sandbox.credentials(env)
 
 
 def sandbox_words(cache, env):
     """This machine's sandbox for train.py in words: what it has, then what it lacks."""
-    return sandbox.describe(sandbox.probe(), sandbox.caveats(env) + integrity.validation_files(cache)[1])
+    return sandbox.describe(sandbox.probe(), sandbox.caveats(env, denied(cache, env))
+                            + integrity.validation_files(cache)[1])
 
 
 def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split="val", on_start=None, command=None,

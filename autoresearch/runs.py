@@ -9,6 +9,7 @@ the harness's signed record, the wall clock against the baseline's, what it chan
 one "run" event of the ledger ("holdout_run" for the holdout's), with its worker.
 """
 
+import functools
 import math
 import os
 import queue
@@ -94,9 +95,15 @@ class LocalExecutor:
         self.free, self.threads, self.processes, self.cancelled = list(range(self.slots)), {}, {}, set()
         self.lock, self.ended = threading.Lock(), queue.Queue()
 
-    @property
-    def device_type(self):  # as train.py sees it: what its small-compute block tests
-        return "cuda" if self.gpus else "cpu"
+    @functools.cached_property
+    def device_type(self):
+        """"cuda" or not, as train.py decides (torch.cuda.is_available() in this same environment), which is what
+        its small-compute block tests: also with ROCm, or an NVIDIA GPU that nvidia-smi does not show."""
+        if self.gpus:
+            return "cuda"
+        import torch  # here: a night that never asks for an edit never pays for it
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def describe(self):
         gpus = f", one GPU each ({', '.join(name for _, name in self.gpus)})" if self.gpus else ""

@@ -204,14 +204,21 @@ def also_writable(env):
 # ssh keys, Ray's cluster token, the claude CLI's login, cloud and registry logins, the Hugging Face token.
 CREDENTIALS = (".ssh", ".ray", ".claude", ".claude.json", ".aws", ".azure", ".config/gcloud", ".kube", ".docker",
                ".netrc", ".git-credentials", ".cache/huggingface/token", ".config/gh")
+# ...and where the variables that move them point: a file, or a folder of the tool's own
+CREDENTIAL_VARIABLES = ("RAY_AUTH_TOKEN_PATH", "HF_TOKEN_PATH", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+                        "KUBECONFIG", "DOCKER_CONFIG", "CLAUDE_CONFIG_DIR", "GH_CONFIG_DIR", "CLOUDSDK_CONFIG",
+                        "AZURE_CONFIG_DIR")
 
 
 def credentials(env):
-    """The credential files and folders of this machine train.py must not read: CREDENTIALS under your home, and
-    the file $RAY_AUTH_TOKEN_PATH names."""
+    """The credential files and folders of this machine train.py must not read: CREDENTIALS under your home,
+    the Hugging Face token under $HF_HOME, gh and gcloud under $XDG_CONFIG_HOME, and what CREDENTIAL_VARIABLES
+    name."""
     paths = [Path.home() / name for name in CREDENTIALS]
-    paths += [Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()] if env.get("RAY_AUTH_TOKEN_PATH") else []
-    return [path for path in paths if path.exists()]
+    paths += [Path(env["HF_HOME"]) / "token"] if env.get("HF_HOME") else []
+    paths += [Path(env["XDG_CONFIG_HOME"]) / name for name in ("gh", "gcloud")] if env.get("XDG_CONFIG_HOME") else []
+    paths += [Path(part) for name in CREDENTIAL_VARIABLES for part in env.get(name, "").split(os.pathsep) if part]
+    return sorted({path.expanduser() for path in paths if path.expanduser().exists()})
 
 
 def policy(work, private_tmp, deny_read, env):
@@ -219,10 +226,14 @@ def policy(work, private_tmp, deny_read, env):
     return {"writable": [str(work), str(private_tmp), *also_writable(env)], "deny_read": [str(p) for p in deny_read]}
 
 
-def caveats(env):
-    """What the user's settings open up (state that can pass from run to run), for the run's record."""
+def caveats(env, deny_read=()):
+    """What the user's settings open up (state that can pass from run to run, and denied paths beneath a folder
+    train.py may write, which Landlock's rules then grant), for the run's record."""
     also = also_writable(env)
-    return [f"train.py may also write {', '.join(also)} (${ALSO_WRITABLE})"] if also else []
+    opened = [str(path) for path in deny_read
+              if any(os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep) for folder in also)]
+    return ([f"train.py may also write {', '.join(also)} (${ALSO_WRITABLE})"] if also else []) + (
+        [f"so it can also read {', '.join(opened)}"] if opened else [])
 
 
 def wrap(argv, run_policy, found=None):

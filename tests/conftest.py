@@ -33,14 +33,21 @@ os.environ["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
 sys.dont_write_bytecode, sys.pycache_prefix = False, str(PYCACHE)
 TINY = ["--vocab-size", "512", "--max-seq-len", "64", "--eval-tokens", "4096", "--time-budget", "2"]
 
-# The user's own caches: every test works in its temp dir, so the suite fails if one of these appears.
+# The user's own caches: every test works in its temp dir, so the suite fails if one of these, or an entry in
+# one, appears.
 USERS_CACHES = [Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch"),
                 Path.home() / ".cache" / "autoresearch-demo"]
-ABSENT_CACHES = [path for path in USERS_CACHES if not path.exists()]
+
+
+def entries(folders):
+    return {str(path) for folder in folders if folder.exists() for path in [folder, *folder.iterdir()]}
+
+
+BEFORE = entries(USERS_CACHES)
 
 
 def pytest_sessionfinish(session):
-    if made := [str(path) for path in ABSENT_CACHES if path.exists()]:
+    if made := sorted(entries(USERS_CACHES) - BEFORE):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print(f"\nFAILED: the tests made {', '.join(made)}, outside their temp dirs", file=sys.stderr)
 

@@ -325,13 +325,15 @@ def test_own_corpora_are_shuffled_by_their_text_whatever_order_their_files_give(
 
 def test_a_corpus_too_big_to_shuffle_in_memory_is_shuffled_through_files_that_are_then_removed(tmp_path,
                                                                                               monkeypatch):
-    monkeypatch.setattr(data_sources, "TOKENS_DIR", tmp_path / "tokens")
+    cache = tmp_path / "cache"  # not made yet: a first prepare of a big corpus
+    monkeypatch.setattr(data_sources, "TOKENS_DIR", cache / "tokens")
     monkeypatch.setattr(data_sources, "SHUFFLE_MEMORY", 100)  # characters: a few documents
+    (tmp_path / "cache" / ".shuffle-killed").mkdir(parents=True)  # a killed prepare's
     documents = [f"document {i} " + "é" * (i % 7) for i in range(300)]
     shuffled = list(data_sources._shuffled(iter(documents)))
     assert sorted(shuffled) == sorted(documents) and shuffled != documents
     assert shuffled == list(data_sources._shuffled(iter(documents[::-1])))  # the same corpus, the same order
-    assert list(tmp_path.iterdir()) == []
+    assert list(cache.iterdir()) == []
 
 
 def test_the_holdout_documents_are_disjoint_from_val_and_train_in_the_token_files(prepare_module, tiny_cache):

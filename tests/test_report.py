@@ -299,6 +299,11 @@ def test_an_experiment_in_flight_when_the_loop_stopped_is_reported_as_undecided(
         report(capsys)[1])
 
 
+def test_while_the_loop_runs_nothing_is_called_undecided(repo, capsys):
+    write_ledger(repo, "t", night()[:6])  # #1 in flight, no stop after the start
+    assert report_json(capsys)["undecided"] == []
+
+
 def test_any_ledger_can_be_reported_by_its_path(repo, tmp_path, capsys):
     kept = write_ledger(repo, "t", night()).rename(tmp_path / "ledger.jsonl")
     summary = report_json(capsys, "--ledger", str(kept))

@@ -89,6 +89,16 @@ def test_train_py_cannot_read_your_credentials(tmp_path, stand_in, monkeypatch):
                                 "try-cache": "done"}, result["log"]
 
 
+def test_a_folder_train_py_may_also_write_that_holds_a_denied_path_is_said_to_open_it(tmp_path, stand_in,
+                                                                                     monkeypatch):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    words = runner.sandbox_words(runner.integrity.cache_dir(), {"AUTORESEARCH_SANDBOX_WRITABLE": str(home)})
+    assert f"train.py may also write {home} ($AUTORESEARCH_SANDBOX_WRITABLE); missing: so it can also read " \
+           f"{home / '.ssh'}" in words
+
+
 @needs_landlock
 def test_train_py_writes_only_its_folder_and_its_own_temp_folder(tmp_path, stand_in):
     outside = tmp_path / "outside.txt"
