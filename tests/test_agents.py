@@ -191,7 +191,8 @@ def test_an_edit_of_a_value_in_effect_on_the_runs_device_is_run(search, replace,
 def test_off_cuda_an_edit_of_a_constant_the_small_compute_block_sets_again_is_sent_back_naming_it():
     said = takes_effect(TOP_DEPTH, TOP_DEPTH.replace("8", "6"), "cpu", "\nASPECT_RATIO = 64", "\nASPECT_RATIO = 96")
     assert said.startswith("Nothing was applied: the runs are on cpu, not CUDA, where the `if DEVICE_TYPE != 'cuda':` "
-                           "block sets ASPECT_RATIO, DEPTH again") and said.endswith("Edit the values in that block instead.")
+                           "block sets ASPECT_RATIO, DEPTH again")
+    assert said.endswith("Edit the values in that block instead.")
 
 
 def test_on_cuda_an_edit_of_the_small_compute_block_alone_is_sent_back():

@@ -68,8 +68,10 @@ SHRINKS_THE_LOGITS = ("model.eval()\n", "model.eval()\nforward = model.forward\n
                       "        try:\n            target = os.readlink(f'/proc/self/fd/{fd}')\n"
                       "        except OSError:\n            continue\n"
                       "        if 'memfd:logits' in target:\n"
-                      "            try:\n                os.ftruncate(int(fd), 0)\n                print('shrink done')\n"
-                      "            except OSError as error:\n                print('shrink refused', type(error).__name__)\n"
+                      "            try:\n                os.ftruncate(int(fd), 0)\n"
+                      "                print('shrink done')\n"
+                      "            except OSError as error:\n"
+                      "                print('shrink refused', type(error).__name__)\n"
                       "    return forward(x, y, reduction)\nmodel.forward = shrinking\n")
 UNSEALED = ("model.eval()\n", "model.eval()\nprepare._SEALS = False\n")
 
