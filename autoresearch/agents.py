@@ -152,13 +152,18 @@ def _assigned(statement):
     return None
 
 
+def _small_compute_block(body):
+    """Where the module's `if DEVICE_TYPE != "cuda":` block is, or None."""
+    return next((i for i, node in enumerate(body)
+                 if isinstance(node, ast.If) and ast.unparse(node.test) == DEVICE_OVERRIDE), None)
+
+
 def as_run(source, device_type):
     """(train.py as it runs on device_type: its syntax tree, without comments or layout, with the small-compute
     block `if DEVICE_TYPE != "cuda":` taken or dropped, and the top-level assignments that block replaces dropped;
     the names it replaces). Two sources a run cannot tell apart give the same tree."""
     body = ast.parse(source).body
-    at = next((i for i, node in enumerate(body)
-               if isinstance(node, ast.If) and ast.unparse(node.test) == DEVICE_OVERRIDE), None)
+    at = _small_compute_block(body)
     if at is None:
         return ast.dump(ast.Module(body, [])), set()
     block = body[at]
@@ -186,7 +191,11 @@ def _top_level_values(source):
 
 
 def check_takes_effect(source, new_source, device_type):
-    """EditError when new_source would run on device_type exactly as source does."""
+    """EditError when new_source would run on device_type exactly as source does. device_type: "cuda", another
+    device, or a function that says which: asked only when either source has the small-compute block."""
+    if callable(device_type):
+        blocks = any(_small_compute_block(ast.parse(text).body) is not None for text in (source, new_source))
+        device_type = device_type() if blocks else "any device"  # without the block, each runs the same
     then, now = as_run(source, device_type), as_run(new_source, device_type)
     if then[0] != now[0]:
         return

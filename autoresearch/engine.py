@@ -355,7 +355,7 @@ class Engine:
         else:  # a conversation of its own, unless the agent asks one thing at a time (Optuna)
             agent = self.make_agent(night.repo) if getattr(night.agent, "in_background", True) else night.agent
         arguments = (agent, prompt, source, self.args.max_edit_retries, self.args.max_tokens, f"#{experiment.number}",
-                     already_run(night), self.executor.device_type)
+                     already_run(night), lambda: self.executor.device_type)  # torch's import only if needed
         future = call(ask_for_change, *arguments, background=getattr(agent, "in_background", True))
         self.asking[future] = (experiment, attempt, time.time(), scratch)
 

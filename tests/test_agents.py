@@ -205,6 +205,17 @@ def test_an_edit_of_comments_or_layout_only_is_sent_back():
     assert said.startswith("Nothing was applied: on cpu this edit changes nothing a run does (only comments")
 
 
+def test_the_runs_device_is_looked_up_only_for_a_train_py_with_the_small_compute_block():
+    asked = []
+    with pytest.raises(EditError, match="on any device this edit changes nothing a run does"):
+        agents.check_takes_effect(SOURCE, SOURCE + "# a comment\n", lambda: asked.append(1) or "cpu")
+    assert asked == []
+    with pytest.raises(EditError, match="sets DEPTH again"):
+        agents.check_takes_effect(TRAIN_PY, TRAIN_PY.replace(TOP_DEPTH, TOP_DEPTH.replace("8", "6")),
+                                  lambda: asked.append(1) or "cpu")
+    assert asked == [1]
+
+
 def test_the_agent_is_told_an_edit_takes_no_effect_and_its_repair_is_taken():
     agent = Scripted(Proposal(description="deeper", edits=[edit(TOP_DEPTH, TOP_DEPTH.replace("8", "6"))]),
                      Proposal(description="deeper", edits=[edit(BLOCK_DEPTH, BLOCK_DEPTH.replace("4 ", "6 ", 1))]))
