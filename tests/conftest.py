@@ -46,6 +46,12 @@ def entries(folders):
 BEFORE = entries(USERS_CACHES)
 
 
+def pytest_collection_modifyitems(items):
+    """The slow end-to-end tests first: each test process starts one at once, instead of the last file's keeping
+    one process busy after the other has finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_sessionfinish(session):
     if made := sorted(entries(USERS_CACHES) - BEFORE):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
