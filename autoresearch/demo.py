@@ -49,7 +49,8 @@ def parse_args(argv):
                         help="end within this many minutes: no experiment starts that this machine's measured runs "
                         "say cannot finish in the time left (default: %(default)s)")
     parser.add_argument("--cache", type=Path, default=DEMO_CACHE,
-                        help="the demo's prepared cache, made if missing (default: %(default)s)")
+                        help="the demo's prepared cache, made if missing and brought up to date (default: "
+                        "%(default)s)")
     args, loop_options = parser.parse_known_args(argv)
     if args.minutes <= 0:
         parser.error(f"--minutes {args.minutes:g}: must be positive")
