@@ -257,12 +257,24 @@ def _shuffled(documents):
     yield from sorted(held, key=_order_key)
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
 def _shuffled_on_disk(documents):
     """Each document into one of SHUFFLE_BUCKETS files by its key, then each file's documents in key order."""
     TOKENS_DIR.parent.mkdir(parents=True, exist_ok=True)  # the cache, which a first prepare has yet to make
-    for stale in TOKENS_DIR.parent.glob(SHUFFLE_FOLDERS):  # a killed prepare's
-        shutil.rmtree(stale, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=SHUFFLE_FOLDERS.rstrip("*"), dir=TOKENS_DIR.parent,
+    for stale in TOKENS_DIR.parent.glob(SHUFFLE_FOLDERS):  # a killed prepare's (not one still running)
+        pid = stale.name.split("-")[1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{SHUFFLE_FOLDERS.rstrip('*')}{os.getpid()}-", dir=TOKENS_DIR.parent,
                                      ignore_cleanup_errors=True) as folder:
         paths = [Path(folder) / str(i) for i in range(SHUFFLE_BUCKETS)]
         with contextlib.ExitStack() as files:

@@ -16,6 +16,7 @@ The scorer: the process that holds the validation tokens and the run's key, and 
   and when the run ends (its socket closes, or its stdin does). The driver takes the last line.
 """
 
+import functools
 import hmac
 import json
 import math
@@ -81,10 +82,19 @@ def _sealed(fd):
     import fcntl
 
     try:
-        return (fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK != 0
-                and os.fstat(fd).st_blksize == mmap.PAGESIZE)
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK != 0 and os.fstat(fd).st_dev == _memfd_device()
     except OSError:  # not a memfd
         return False
+
+
+@functools.cache
+def _memfd_device():
+    """The device of an ordinary memfd (a huge-page one lives on another: hugetlbfs)."""
+    probe = os.memfd_create("probe")
+    try:
+        return os.fstat(probe).st_dev
+    finally:
+        os.close(probe)
 
 
 class Evaluation:

@@ -137,7 +137,7 @@ def typical_seconds(ledger):
 
 def seconds_to_finish(night, asked=False):
     """How long an experiment that starts now takes here, and then the holdout's runs if the night ends with
-    them: the tag's median run times the rounds of runs its median experiment took on the executor's slots, plus
+    them: the tag's median run times the rounds its median experiment's runs take on the executor's slots, plus
     the median agent call (asked: its idea is already in hand). None before the first valid run."""
     run, call = typical_seconds(night.ledger)
     if run is None:
@@ -145,7 +145,8 @@ def seconds_to_finish(night, asked=False):
     per_experiment = [len(r["runs"]) + len(r.get("best_runs_beside", [])) for r in night.ledger.results()[1:]
                       if r["runs"]][-20:]
     slots = night.executor.slots if night.executor else 1
-    rounds = math.ceil((median(per_experiment) if per_experiment else 1) / slots)  # its runs go out at once
+    runs = median(per_experiment) if per_experiment else 1
+    rounds = 1 + math.ceil(max(0, runs - 1) / slots)  # its first run alone, then the others as slots allow
     holdout = run * math.ceil(2 / slots) if holds_out(night) else 0
     return run * rounds + (0 if asked else call or 0) + holdout
 

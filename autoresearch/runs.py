@@ -98,7 +98,7 @@ class LocalExecutor:
     @functools.cached_property
     def device_type(self):
         """"cuda" or not, as train.py decides (torch.cuda.is_available() in this same environment), which is what
-        its small-compute block tests: also with ROCm, or an NVIDIA GPU that nvidia-smi does not show."""
+        its small-compute block tests: also for an NVIDIA GPU that nvidia-smi does not show."""
         if self.gpus:
             return "cuda"
         import torch  # here: a night that never asks for an edit never pays for it

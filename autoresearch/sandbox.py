@@ -216,9 +216,11 @@ def credentials(env):
     name."""
     paths = [Path.home() / name for name in CREDENTIALS]
     paths += [Path(env["HF_HOME"]) / "token"] if env.get("HF_HOME") else []
+    paths += [Path(env["XDG_CACHE_HOME"]) / "huggingface" / "token"] if env.get("XDG_CACHE_HOME") else []
     paths += [Path(env["XDG_CONFIG_HOME"]) / name for name in ("gh", "gcloud")] if env.get("XDG_CONFIG_HOME") else []
     paths += [Path(part) for name in CREDENTIAL_VARIABLES for part in env.get(name, "").split(os.pathsep) if part]
-    return sorted({path.expanduser() for path in paths if path.expanduser().exists()})
+    # absolute: train.py's sandbox resolves them from its own folder; os.path.exists: an unreadable one is False
+    return sorted({path.expanduser().absolute() for path in paths if os.path.exists(path.expanduser())})
 
 
 def policy(work, private_tmp, deny_read, env):

@@ -317,7 +317,7 @@ def a_measured_night(minutes_gone, max_hours=0.1, slots=1, holdout="on"):
 @pytest.mark.parametrize("minutes_gone, slots, holdout, asked, takes", [
     (1.0, 1, "on", False, None),  # 5 minutes left: 2 runs + the call + 2 holdout runs take 4.5
     (2.0, 1, "on", False, 4.5),  # 4 left
-    (2.0, 2, "on", False, None),  # the experiment's two runs at once, then the holdout's: 2.5
+    (2.0, 2, "on", False, None),  # its first run, its second, then the holdout's two at once: 3.5
     (3.0, 1, "off", False, None),  # 3 left: 2.5 without the holdout
     (3.6, 1, "off", False, 2.5),
     (3.6, 1, "off", True, None)])  # its idea is in hand: 2.0, the call is not counted again

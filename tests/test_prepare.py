@@ -328,12 +328,14 @@ def test_a_corpus_too_big_to_shuffle_in_memory_is_shuffled_through_files_that_ar
     cache = tmp_path / "cache"  # not made yet: a first prepare of a big corpus
     monkeypatch.setattr(data_sources, "TOKENS_DIR", cache / "tokens")
     monkeypatch.setattr(data_sources, "SHUFFLE_MEMORY", 100)  # characters: a few documents
-    (tmp_path / "cache" / ".shuffle-killed").mkdir(parents=True)  # a killed prepare's
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "cache" / f".shuffle-{int(dead.stdout)}-x").mkdir(parents=True)  # a killed prepare's
+    (tmp_path / "cache" / f".shuffle-{os.getpid()}-y").mkdir()  # one this process is still using: kept
     documents = [f"document {i} " + "é" * (i % 7) for i in range(300)]
     shuffled = list(data_sources._shuffled(iter(documents)))
     assert sorted(shuffled) == sorted(documents) and shuffled != documents
     assert shuffled == list(data_sources._shuffled(iter(documents[::-1])))  # the same corpus, the same order
-    assert list(cache.iterdir()) == []
+    assert [path.name for path in cache.iterdir()] == [f".shuffle-{os.getpid()}-y"]
 
 
 def test_the_holdout_documents_are_disjoint_from_val_and_train_in_the_token_files(prepare_module, tiny_cache):
