@@ -10,7 +10,6 @@ Optuna in optuna_agent.py. Calls are retried through outages and rate limits (ho
 retry-after) and priced per token. What they are shown is in prompts.py.
 """
 
-import ast
 import hashlib
 import json
 import os
@@ -21,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoresearch import state
+from autoresearch import effect, state
 from autoresearch.console import fail, log
 from autoresearch.prompts import CHANGE_SCHEMA, CHANGE_TOOL_DESCRIPTION, CHANGE_TOOL_NAME, MAX_NOTES
 
@@ -30,7 +29,6 @@ MAX_HYPOTHESIS = 500  # characters of a proposal's hypothesis kept (the history 
 MAX_RETRY_DELAY = 600  # seconds: an API outage is waited out at this pace, never given up on
 DEFAULT_MAX_TOKENS = 16000  # output tokens of one reply, without --max-tokens (openai_agent.py may fit its server)
 UNREACHABLE_LIMIT = 30 * 60  # seconds an agent's endpoint may refuse connections before the night stops
-DEVICE_OVERRIDE = "DEVICE_TYPE != 'cuda'"  # the test of train.py's `if` block of small-compute values
 DEFAULT_MODELS = {"anthropic": "claude-sonnet-4-6", "claude-code": None, "openai": None, "optuna": None}
 
 # Dollars per million input and output tokens. Anthropic bills a write to the 1-hour prompt
@@ -140,74 +138,10 @@ def apply_proposal(proposal, source, max_tokens):
     return new_source
 
 
-def _loads(node):
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-
-
-def _assigned(statement):
-    """The names a plain `NAME = value` (no call in value) binds, else None."""
-    if (isinstance(statement, ast.Assign) and all(isinstance(t, ast.Name) for t in statement.targets)
-            and not any(isinstance(n, ast.Call) for n in ast.walk(statement.value))):
-        return {t.id for t in statement.targets}
-    return None
-
-
-def _small_compute_block(body):
-    """Where the module's `if DEVICE_TYPE != "cuda":` block is, or None."""
-    return next((i for i, node in enumerate(body)
-                 if isinstance(node, ast.If) and ast.unparse(node.test) == DEVICE_OVERRIDE), None)
-
-
-def as_run(source, device_type):
-    """(train.py as it runs on device_type: its syntax tree, without comments or layout, with the small-compute
-    block `if DEVICE_TYPE != "cuda":` taken or dropped, and the top-level assignments that block replaces dropped;
-    the names it replaces). Two sources a run cannot tell apart give the same tree."""
-    body = ast.parse(source).body
-    at = _small_compute_block(body)
-    if at is None:
-        return ast.dump(ast.Module(body, [])), set()
-    block = body[at]
-    if device_type == "cuda":
-        return ast.dump(ast.Module(body[:at] + block.orelse + body[at + 1:], [])), set()
-    replaced, read = set(), set()  # read: names the block reads before it sets them
-    for statement in block.body:
-        read |= _loads(statement) - replaced
-        replaced |= _assigned(statement) or set()
-    before = []
-    for statement in reversed(body[:at]):  # an assignment the block replaces, unread in between, does nothing
-        names = _assigned(statement)
-        if not (names and names <= replaced and not names & read):
-            before.append(statement)
-            read |= _loads(statement)
-    return ast.dump(ast.Module(before[::-1] + block.body + body[at + 1:], [])), replaced
-
-
-def _top_level_values(source):
-    values = {}
-    for statement in ast.parse(source).body:
-        for name in _assigned(statement) or ():
-            values.setdefault(name, ast.dump(statement.value))  # the first: the hyperparameter block's
-    return values
-
-
 def check_takes_effect(source, new_source, device_type):
-    """EditError when new_source would run on device_type exactly as source does. device_type: "cuda", another
-    device, or a function that says which: asked only when either source has the small-compute block."""
-    if callable(device_type):
-        blocks = any(_small_compute_block(ast.parse(text).body) is not None for text in (source, new_source))
-        device_type = device_type() if blocks else "any device"  # without the block, each runs the same
-    then, now = as_run(source, device_type), as_run(new_source, device_type)
-    if then[0] != now[0]:
-        return
-    old, new = _top_level_values(source), _top_level_values(new_source)
-    unseen = sorted(name for name in now[1] if old.get(name) != new.get(name))
-    if unseen:
-        raise EditError(f"Nothing was applied: the runs are on {device_type}, not CUDA, where the `if "
-                        f"{DEVICE_OVERRIDE}:` block sets {', '.join(unseen)} again, so this edit changes nothing a "
-                        "run does. Edit the values in that block instead.")
-    raise EditError(f"Nothing was applied: on {device_type} this edit changes nothing a run does (only comments or "
-                    "layout, or code that does not run there" + (f", such as the `if {DEVICE_OVERRIDE}:` block"
-                                                               if device_type == "cuda" else "") + ").")
+    """EditError when new_source would run on device_type exactly as source does (effect.py)."""
+    if why := effect.no_effect(source, new_source, device_type):
+        raise EditError(why)
 
 
 def ask_for_change(agent, prompt, source, max_edit_retries, max_tokens, label, already_run=None,

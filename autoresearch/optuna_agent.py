@@ -12,8 +12,8 @@ import ast
 import re
 from pathlib import Path
 
-from autoresearch import state
-from autoresearch.agents import DEVICE_OVERRIDE, Proposal
+from autoresearch import effect, state
+from autoresearch.agents import Proposal
 from autoresearch.console import fail
 
 NOT_TUNED = ("SEED", "UNCOUNTED_STEPS")  # a seed only fits noise; UNCOUNTED_STEPS changes what the budget measures
@@ -50,7 +50,7 @@ def tunable_constants(source, device_type):
                     found.pop(name, None)  # re-assigned: only the last assignment counts
                     if value is not None:
                         found[name] = (value, node.lineno, node.value.col_offset, node.value.end_col_offset)
-            elif isinstance(node, ast.If) and ast.unparse(node.test) == DEVICE_OVERRIDE and device_type != "cuda":
+            elif effect.small_compute_block([node]) is not None and device_type != "cuda":
                 scan(node.body)
             elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 return  # the end of the hyperparameter section
@@ -90,8 +90,7 @@ def constant_value(kind, low, high, param):
 
 def train_device(source):
     """"cuda" or not, decided as train.py decides; torch (slow to import) only when train.py has an override."""
-    if not any(isinstance(node, ast.If) and ast.unparse(node.test) == DEVICE_OVERRIDE
-               for node in ast.parse(source).body):
+    if effect.small_compute_block(ast.parse(source).body) is None:
         return "cuda"  # nothing depends on it
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
