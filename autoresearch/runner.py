@@ -62,7 +62,10 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
         # the cache once (its validation tokens are the big part), the harness in both folders
         before = integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/")
         env = env or os.environ
-        confined, words = confinement(work, private_tmp, cache, env), sandbox_words(cache, env)
+        deny, caveats = guarded(cache, env)  # once: it looks at every validation file's links
+        # train.py writes only to work and private_tmp (and where the user's env says)
+        confined = sandbox.wrap([sys.executable, "train.py"], sandbox.policy(work, private_tmp, deny, env))
+        words = sandbox.describe(sandbox.probe(), caveats)
         kept = {k: v for k, v in env.items() if not SECRET.search(k) and k not in ("PWD", "OLDPWD")}
         env = {**kept, "AUTORESEARCH_CACHE": str(cache)}  # train.py is code a model wrote: no key, token, password
         private = {name: str(private_tmp) for name in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "TRITON_CACHE_DIR",
@@ -78,21 +81,17 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
                 sandbox=words)
 
 
-def confinement(work, private_tmp, cache, env):
-    """`python train.py` in the sandbox this machine offers, writing only to work and private_tmp (and where the
-    user's env says), reading no validation data of the cache and no credential of this machine."""
-    return sandbox.wrap([sys.executable, "train.py"], sandbox.policy(work, private_tmp, denied(cache, env), env))
-
-
-def denied(cache, env):
-    """What train.py must not read: the cache's validation data, the driver's .autoresearch, your credentials."""
-    return integrity.validation_files(cache)[0] + [state.STATE_ROOT.resolve()] + sandbox.credentials(env)
+def guarded(cache, env):
+    """(what train.py must not read: the cache's validation data, the driver's .autoresearch, your credentials;
+    what its sandbox then cannot protect, in words)"""
+    paths, caveats = integrity.validation_files(cache)
+    paths += [state.STATE_ROOT.resolve()] + sandbox.credentials(env)
+    return paths, sandbox.caveats(env, paths) + caveats
 
 
 def sandbox_words(cache, env):
     """This machine's sandbox for train.py in words: what it has, then what it lacks."""
-    return sandbox.describe(sandbox.probe(), sandbox.caveats(env, denied(cache, env))
-                            + integrity.validation_files(cache)[1])
+    return sandbox.describe(sandbox.probe(), guarded(cache, env)[1])
 
 
 def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split="val", on_start=None, command=None,
