@@ -149,8 +149,7 @@ def ask_for_change(agent, prompt, source, max_edit_retries, max_tokens, label, a
     """Start a conversation and send each reply that cannot be applied to source back in it, up to
     max_edit_retries times; a Change. A train.py byte-identical to one in already_run ({source_digest(text):
     what became of it}), or one that runs on device_type as source does, is not run: the agent is told so, in the
-    same conversation. Touches no file and no
-    record: with workers it runs beside the night."""
+    same conversation. Touches no file and no record: with workers it runs beside the night."""
     proposal, calls, notes = agent.start(prompt), [], None
     for retry in range(max_edit_retries + 1):
         calls.append(proposal.usage)
