@@ -14,6 +14,7 @@ results.tsv and .autoresearch/<tag>/ (the ledger, every run's log, report.html),
     uv run agent_loop.py --agent optuna                    # no LLM: Optuna tunes train.py's constants
     uv run agent_loop.py report                            # the morning summary and progress.png
     uv run agent_loop.py holdout                           # is the gain real: the holdout check
+    uv run agent_loop.py rescore                           # the best model's weights, scored again
     uv run agent_loop.py demo                              # all of it offline, in one command (~15 min)
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 import filelock
 import git
 
-from autoresearch import demo, holdout, integrity, report, runner, state
+from autoresearch import demo, holdout, integrity, report, runner, state, weights
 from autoresearch.console import fail, log, plural
 from autoresearch.engine import Engine
 from autoresearch.night import Night, time_limit
@@ -63,6 +64,8 @@ def main(argv=None):
         return loop(tag + argv[1:], holdout_only=True)
     if argv[:1] == ["demo"]:
         return demo.demo_main(argv[1:])
+    if argv[:1] == ["rescore"]:
+        return weights.rescore_main(argv[1:])
     return loop(argv)
 
 

@@ -54,6 +54,8 @@ SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
 BOS_TOKEN = SPECIAL_TOKENS[0]
 PACK_BUFFER = 1000                       # documents the best-fit packer chooses from
 CAUSALITY_TOLERANCE = 1e-2               # nats a causal model's past loss may move when the future changes
+SAVE_WEIGHTS = "AUTORESEARCH_SAVE_WEIGHTS"  # where evaluate_bpb saves the model it scored, when the driver asks
+LOAD_WEIGHTS = "AUTORESEARCH_LOAD_WEIGHTS"  # weights evaluate_bpb loads into the model before scoring it
 
 
 def _read_manifest():
@@ -69,7 +71,8 @@ def _read_manifest():
 MANIFEST = _read_manifest()
 _constants = MANIFEST or PRESETS["default"]
 MAX_SEQ_LEN = int(_constants["max_seq_len"])   # context length
-TIME_BUDGET = int(_constants["time_budget"])   # seconds of training wall clock
+# seconds of training wall clock; a run that only scores saved weights (LOAD_WEIGHTS) trains a moment
+TIME_BUDGET = 1 if os.environ.get(LOAD_WEIGHTS) else int(_constants["time_budget"])
 EVAL_TOKENS = int(_constants["eval_tokens"])   # validation tokens scored by evaluate_bpb
 VOCAB_SIZE = int(_constants["vocab_size"])     # including the 4 special tokens
 # {NAME: (value, the reference's value)} for each constant this cache was prepared with differently
@@ -443,6 +446,10 @@ def evaluate_bpb(model, tokenizer, batch_size):
     import torch
 
     device = next(model.parameters()).device
+    if os.environ.get(LOAD_WEIGHTS):
+        from safetensors.torch import load_model
+
+        load_model(_unwrapped(model), os.environ[LOAD_WEIGHTS], strict=True, device=str(device))
     with _scorer() as wire:
         wire.send({"evaluate": batch_size})
         header, payload, _ = wire.receive(1 << 34)
@@ -458,7 +465,29 @@ def evaluate_bpb(model, tokenizer, batch_size):
         raise RuntimeError("evaluate_bpb: the scorer ended without an answer (its errors are in the run's log)")
     if "refused" in header:
         raise (NonCausalModelError if header.get("non_causal") else ValueError)(header["refused"])
+    if os.environ.get(SAVE_WEIGHTS):
+        try:
+            _save_weights(model, os.environ[SAVE_WEIGHTS])
+        except Exception as error:  # noqa: BLE001 -- the run was scored: it is not a crash for want of a copy
+            print(f"evaluate_bpb: the weights were not saved ({type(error).__name__}: {error})", file=sys.stderr)
     return header["val_bpb"]
+
+
+def _unwrapped(model):
+    return getattr(model, "_orig_mod", model)  # torch.compile's wrapper holds the module it compiled
+
+
+def _save_weights(model, path):
+    """The scored model's weights (safetensors), with the constants it was trained with and its config."""
+    import dataclasses
+
+    from safetensors.torch import save_model
+
+    module = _unwrapped(model)
+    metadata = {name: str(_constants[name]) for name in PRESETS["default"]}
+    if dataclasses.is_dataclass(config := getattr(module, "config", None)):
+        metadata["config"] = json.dumps(dataclasses.asdict(config))
+    save_model(module, path, metadata=metadata, force_contiguous=True)
 
 
 if __name__ == "__main__":  # `uv run prepare.py`: the data preparation, which nothing at run time imports

@@ -57,6 +57,19 @@ def parse_args(argv):
     return args, loop_options
 
 
+def temporary_clone(repo, commit, path):
+    """A clone of the repository at `commit` (detached) that can commit: the loop runs in it, never in yours."""
+    copy = repo.clone(str(path), shared=True, no_checkout=True, quiet=True)
+    copy.git.checkout("--quiet", "--detach", commit)
+    try:
+        copy.git.var("GIT_COMMITTER_IDENT")
+    except git.GitCommandError:  # no user.name/email here: its commits never leave the clone
+        with copy.config_writer() as config:
+            config.set_value("user", "name", "autoresearch demo")
+            config.set_value("user", "email", "demo@localhost")
+    return path
+
+
 def keep_results(tag_dir, cache):
     """Copy the demo tag's folder (ledger, results.tsv, report.html, logs) into the cache's runs/; its path, or None
     when the loop ledgered nothing."""
@@ -85,15 +98,7 @@ def demo_main(argv):
     if repo.is_dirty(untracked_files=False):
         print("demo: your uncommitted changes are not part of it: it runs the last commit", flush=True)
     with tempfile.TemporaryDirectory(prefix="autoresearch-demo-") as folder:
-        clone = Path(folder) / "autoresearch"
-        copy = repo.clone(str(clone), shared=True, no_checkout=True, quiet=True)
-        copy.git.checkout("--quiet", "--detach", commit)
-        try:
-            copy.git.var("GIT_COMMITTER_IDENT")
-        except git.GitCommandError:  # no user.name/email here: its commits never leave the clone
-            with copy.config_writer() as config:
-                config.set_value("user", "name", "autoresearch demo")
-                config.set_value("user", "email", "demo@localhost")
+        clone = temporary_clone(repo, commit, Path(folder) / "autoresearch")
         # Every time: nothing to do when the cache is current (a second), else it is brought up to date (a
         # prepare.py that orders or splits documents anew), keeping the constants it was prepared with.
         manifest = args.cache / "manifest.json"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from autoresearch import decisions, integrity, keep_rule, report, runner, state
+from autoresearch import decisions, integrity, keep_rule, report, runner, state, weights
 from autoresearch.agents import Change, ask_for_change, source_digest
 from autoresearch.console import clear_status, fail, log, plural, show_status
 from autoresearch.night import (already_run, before_proposal, record_proposal, record_result, time_limit,
@@ -107,6 +107,14 @@ class Engine:
                     log(f"cleaning up: {type(error).__name__}: {error}")
             self.night.stopping = stopping
 
+    def keep_models(self):
+        """The baseline's and the best's weights kept, the others' removed (weights.tidy); a disk error is said, and
+        the night goes on."""
+        try:
+            weights.tidy(self.night.state_dir, self.ledger, self.night.constants)
+        except OSError as error:
+            log(f"keeping the models in {self.night.state_dir / weights.MODELS}: {type(error).__name__}: {error}")
+
     def stop_agent_processes(self):
         """Kill the claude CLI calls still running in scratch worktrees: their threads cannot be stopped."""
         scratch = self.scratch_root.resolve()
@@ -120,6 +128,7 @@ class Engine:
 
     def resume(self):
         shutil.rmtree(self.scratch_root, ignore_errors=True)  # a killed driver's
+        self.keep_models()  # what a killed driver copied but never recorded goes
         self.night.repo.git.worktree("prune")
         if self.ledger.best() is None and not why_stop(self.night, 0):  # a limit reached: no baseline starts
             commit = self.ledger.base_commit()
@@ -262,6 +271,8 @@ class Engine:
             experiment = self.experiments.get(run["experiment"])
             if experiment and (run.get("beside") or run["commit"]) == experiment.commit:
                 self.advance(experiment)
+        if ended:
+            self.keep_models()
         for future in [future for future in self.asking if future.done()]:
             self.heard = time.time()
             self.proposed(future)

@@ -75,6 +75,12 @@ def undecided_text(cut):
             f"stopped ({cut['stopped'] or 'killed'}); not decided")
 
 
+def model_text(model):
+    """A model the tag keeps, in the report's words."""
+    return (f"{model['path']} (#{model['experiment']} {model['commit']}, its run scored {model['val_bpb']:.6f}; "
+            f"{model['bytes'] / 1e6:.1f} MB)")
+
+
 def summary_html(s):
     e, items = html.escape, []
     if not s["experiments"]:
@@ -97,6 +103,9 @@ def summary_html(s):
         items.append(("holdout", e(holdout.holdout_text(s["holdout"]))))
     items += [("sandbox", e(line)) for line in s.get("sandbox", [])]
     items += [("undecided", e(undecided_text(cut))) for cut in s.get("undecided", [])]
+    items += [(f"{model['role']} model", e(model_text(model))) for model in s.get("models", [])]
+    if s.get("models"):
+        items.append(("to load", e(s["models"][-1]["load"])))
     if s.get("altered"):
         items.append(("warning", f"the ledger was changed after the loop wrote it: {e(s['altered'])}; do not trust "
                                  "this page"))

@@ -13,8 +13,10 @@ the driver's (integrity.portable_fingerprint). Start Ray from the project's envi
 import functools
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,11 +130,13 @@ class NodeMismatch(Exception):
     """A node's prepare.py or prepared cache is not the driver's: its val_bpb would not be comparable."""
 
 
-def run_experiment(train_source, harness, fingerprint, key_hex, timeout, cache=None, split="val"):
+def run_experiment(train_source, harness, fingerprint, key_hex, timeout, cache=None, split="val", weights=False):
     """The task: one run of train.py on this node, in a fresh folder (runner.run_in_folder, as on the driver's
     machine), against this node's cache (cache None: AUTORESEARCH_CACHE of the node, or its default), with
     evaluate_bpb scoring `split`. Raises NodeMismatch unless the node's cache has the driver's portable
-    `fingerprint`. Returns run_in_folder's dict, with the worker: hostname, ip, gpu, worker_pid."""
+    `fingerprint`. Returns run_in_folder's dict, with the worker: hostname, ip, gpu, worker_pid; and when
+    `weights`, the bytes of the model it scored (or None): they come back through Ray's object store, since the
+    node keeps nothing of a run."""
     import ray
 
     from autoresearch import integrity, runner, runs
@@ -140,13 +144,14 @@ def run_experiment(train_source, harness, fingerprint, key_hex, timeout, cache=N
     hostname, ip = socket.gethostname(), ray.util.get_node_ip_address()
     cache = Path(cache).expanduser() if cache else integrity.cache_dir()
     started, done, outcome = [], threading.Event(), {}
+    saved = Path(tempfile.mkdtemp(prefix="autoresearch-weights-")) / "model.safetensors" if weights else None
 
     def target():  # in a thread: the KeyboardInterrupt of ray.cancel arrives in this (main) thread at once
         try:
             outcome["value"] = runner.run_in_folder(
                 train_source, harness, key_hex, timeout, None, split, cache=cache,
                 check=lambda folder, cache: _check_node(fingerprint, folder, cache, f"{hostname} ({ip})"),
-                on_start=lambda process: started.append(process.pid))
+                on_start=lambda process: started.append(process.pid), weights=saved)
         except BaseException as error:  # handed to the main thread
             outcome["error"] = error
         done.set()
@@ -156,13 +161,18 @@ def run_experiment(train_source, harness, fingerprint, key_hex, timeout, cache=N
     try:
         while not done.wait(0.2):
             pass
+        if "error" in outcome:
+            raise outcome["error"]
+        if saved:
+            outcome["value"]["weights"] = saved.read_bytes() if outcome["value"]["weights"] else None
     except BaseException:
         while not done.wait(0.1):  # until the run has started and is dead
             for pid in started:
                 runner.kill_tree(pid)
         raise
-    if "error" in outcome:
-        raise outcome["error"]
+    finally:
+        if saved:
+            shutil.rmtree(saved.parent, ignore_errors=True)
     gpu = runs.local_gpus()[0][1] if ray.get_gpu_ids() else "cpu"  # CUDA_VISIBLE_DEVICES is the task's GPU
     worker = dict(hostname=hostname, ip=ip, gpu=gpu, worker_pid=os.getpid())
     return dict(outcome["value"], worker=worker)
@@ -194,12 +204,12 @@ def _task():
     return ray.remote(max_retries=0)(run_experiment)
 
 
-def submit(cluster, train_source, harness, fingerprint, key_hex, timeout, cache=None, split="val"):
+def submit(cluster, train_source, harness, fingerprint, key_hex, timeout, cache=None, split="val", weights=False):
     """Start one run (run_experiment) on the cluster; returns its ObjectRef. A run takes one GPU (and no CPU
     slot: train.py's CPU use is not Ray's to ration) on a cluster with GPUs, else one CPU slot."""
     resources = dict(num_gpus=1, num_cpus=0) if cluster.gpus else dict(num_cpus=1)
     return _task().options(**resources).remote(train_source, harness, fingerprint, key_hex, timeout, cache,
-                                               split)
+                                               split, weights)
 
 
 def result(ref):
@@ -261,7 +271,7 @@ class RayExecutor:
 
     def submit(self, key, request):
         ref = submit(self.cluster, request.train_source, request.harness, self.fingerprint, request.key_hex,
-                     request.timeout, split=request.split)
+                     request.timeout, split=request.split, weights=request.weights is not None)
         self.pending[ref] = (key, request)
 
     def wait(self, timeout):
@@ -276,6 +286,10 @@ class RayExecutor:
             try:
                 outcome = result(ref)
                 request.log_path.write_text(outcome["log"])
+                if outcome.get("weights"):  # the bytes, from the worker: kept where a local run's go
+                    request.weights.parent.mkdir(parents=True, exist_ok=True)
+                    request.weights.write_bytes(outcome["weights"])
+                    outcome["weights"] = str(request.weights)
             except NodeMismatch as error:  # a node prepared otherwise: the night stops, saying what to run there
                 from autoresearch.console import fail
 

@@ -10,7 +10,7 @@ import datetime
 import json
 from pathlib import Path
 
-from autoresearch import holdout, html_report, state
+from autoresearch import holdout, html_report, state, weights
 from autoresearch.console import fail, plural
 from autoresearch.demo import DEMO_CACHE
 
@@ -102,7 +102,25 @@ def summarize(rows, ledger=None):
         plateaus=[dict(time=r["time"], streak=r["streak"]) for r in ledger.events("plateau")] if ledger else [],
         notes=(notes := ledger and ledger.notes()) and dict(experiment=notes["experiment"], text=notes["notes"]),
         holdout=(ledger.events("holdout") or [None])[-1] if ledger else None,
-        undecided=undecided(ledger) if ledger else [])
+        undecided=undecided(ledger) if ledger else [], models=saved_models(ledger))
+
+
+def saved_models(ledger):
+    """The models the tag keeps (weights.py): [{role, path, commit, experiment, val_bpb, bytes, load}]; the JSON
+    beside each says it, and only the driver writes it, for a run the scorer scored."""
+    if not ledger or not ledger.path:
+        return []
+    folder, models = ledger.path.parent / weights.MODELS, []
+    for role in weights.ROLES:
+        try:
+            about = json.loads((folder / f"{role}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if (folder / f"{role}.safetensors").is_file():
+            models.append(dict(role=role, path=str(folder / f"{role}.safetensors"), commit=about["commit"][:7],
+                               experiment=about["experiment"], val_bpb=about["val_bpb"], bytes=about["bytes"],
+                               load=about["load"]))
+    return models
 
 
 def undecided(ledger):
@@ -195,6 +213,10 @@ def print_report(s, source):
         print(f"sandbox      {line}")
     for cut in s["undecided"]:
         print(f"undecided    {html_report.undecided_text(cut)}")
+    for model in s["models"]:
+        print(f"{model['role'] + ' model':<12} {html_report.model_text(model)}")
+    if s["models"]:
+        print(f"{'':13}load: {s['models'][-1]['load']}")
     if s["altered"]:
         print(f"WARNING      the ledger was changed after the loop wrote it: {s['altered']}; do not trust this report")
     if s["seconds"] is None:

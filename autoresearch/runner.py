@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,8 @@ LOG_TAIL_LINES, LOG_TAIL_CHARS = 50, 4000  # how much of a crashed run's log the
 PROGRESS_EVERY = 30  # seconds between two status lines of a run when the output is not a terminal
 SCORER_FD = "AUTORESEARCH_SCORER_FD"  # names train.py's end of the socket to the scorer (prepare.SCORER_FD)
 SCORER_GRACE = 30  # seconds the scorer may take to write its record once train.py has ended
+SAVE_WEIGHTS, LOAD_WEIGHTS = "AUTORESEARCH_SAVE_WEIGHTS", "AUTORESEARCH_LOAD_WEIGHTS"  # as prepare.py names them
+WEIGHTS_FILE = "model.safetensors"  # where in its folder the harness saves the model it scored, when asked
 EVALUATION_BEGINS = "scorer: the evaluation begins; what the run prints from here on is not shown to the agent"
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)  # kept from a run's env
 
@@ -40,12 +43,14 @@ SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNO
 
 
 def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val", log_path=None, cache=None,
-                  env=None, check=None, on_start=None):
+                  env=None, check=None, on_start=None, weights=None, load=None):
     """One run of train_source in a fresh folder, against the prepared cache (None: this machine's), the scorer
     scoring `split` and signing with key_hex; what the run leaves goes with the folder. harness: {name: source} of
     prepare.py and scorer.py. check(prepare_py, cache) raises when the folder's harness is not the driver's (on a
-    Ray node); on_start(process): the run has started. Returns returncode (None: killed at the limit), seconds,
-    log, record (its text, or None), changed (of the harness)."""
+    Ray node); on_start(process): the run has started. weights: where the weights of the model it scored go (the
+    harness saves them when asked); load: weights the harness loads into the model instead of training it. Returns
+    returncode (None: killed at the limit), seconds, log, record (its text, or None), changed (of the harness),
+    weights (the path, or None when it saved none)."""
     cache, root = Path(cache) if cache else integrity.cache_dir(), Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
     # train.py works in task/ with its own temp folder tmp/; the scorer in scorer/, with the driver's harness
     work, private_tmp, scoring = root / "task", root / "tmp", root / "scorer"
@@ -70,15 +75,40 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
         env = {**kept, "AUTORESEARCH_CACHE": str(cache)}  # train.py is code a model wrote: no key, token, password
         private = {name: str(private_tmp) for name in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "TRITON_CACHE_DIR",
                                                        "TORCHINDUCTOR_CACHE_DIR")}  # where libraries write
+        if weights:
+            private[SAVE_WEIGHTS] = str(work / WEIGHTS_FILE)
+        if load:
+            shutil.copyfile(load, work / "load.safetensors")
+            private[LOAD_WEIGHTS] = str(work / "load.safetensors")
         returncode, seconds, record = run_training(log_path, timeout, pid_path, work, scoring, env, key_hex, split,
                                                    on_start, confined, private)
         changed = integrity.fingerprint_changes(
             before, integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/"))
         log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
+        saved = weights and copy_plain_file(work / WEIGHTS_FILE, Path(weights))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return dict(returncode=returncode, seconds=seconds, log=log_text, record=record, changed=changed,
-                sandbox=words)
+                sandbox=words, weights=str(weights) if saved else None)
+
+
+def copy_plain_file(source, destination):
+    """Copy what train.py's process left at `source` if it is a file of its own: not a link to another file, which
+    it could not read itself (its sandbox denies the validation data, not a link to it). Whether it did."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as file:
+        status = os.fstat(file.fileno())
+        if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+            return False
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        partial = destination.with_name(destination.name + ".tmp")
+        with open(partial, "wb") as copy:
+            shutil.copyfileobj(file, copy, 1 << 20)
+        os.replace(partial, destination)
+    return True
 
 
 def guarded(cache, env):

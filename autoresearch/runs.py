@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoresearch import integrity, runner, state
+from autoresearch import integrity, runner, state, weights
 from autoresearch.console import fail, log
 from autoresearch.night import time_limit
 
@@ -48,6 +48,7 @@ class Request:
     timeout: float
     split: str
     log_path: Path
+    weights: Path | None = None  # where the weights of the model it scored go (weights.py)
 
 
 def role_fields(key):
@@ -123,7 +124,7 @@ class LocalExecutor:
             try:
                 result = runner.run_in_folder(request.train_source, request.harness, request.key_hex,
                                               request.timeout, self.state_dir / f"train-{slot}.pid", request.split,
-                                              request.log_path, env=env,
+                                              request.log_path, env=env, weights=request.weights,
                                               on_start=lambda process: self.started(key, process))
                 outcome = dict(result, worker=worker)
             except BaseException as error:  # handed to the driver's thread
@@ -216,10 +217,15 @@ def assess(night, key, result, problems=()):
                                                   night.constants["time_budget"])
     val_bpb = evaluated["val_bpb"] if evaluated else None
     ok = returncode == 0 and "val_bpb" in metrics and val_bpb is not None and math.isfinite(val_bpb) and not problems
+    saved = Path(result["weights"]) if result.get("weights") else None
+    described = weights.describe(saved, night.state_dir) if saved and ok else None
+    if saved and not described:  # a model the scorer did not score, or not a safetensors file
+        saved.unlink(missing_ok=True)
     run.update(seconds=round(seconds, 1), returncode=returncode, timed_out=returncode is None, ok=ok,
                val_bpb=val_bpb, metrics=metrics, problems=problems,
                log_tail="" if ok else runner.log_tail(result["log"]), attestation=record, worker=result["worker"],
-               sandbox=result.get("sandbox"), limit=result.get("limit"))
+               sandbox=result.get("sandbox"), limit=result.get("limit"),
+               **({"weights": described} if described else {}))
     return night.record(event="run" if key.split == "val" else "holdout_run", **run)
 
 
@@ -248,8 +254,9 @@ class Runs:
             log(f"#{key.experiment} not run, invalid: {'; '.join(problems)}")
             self.refused.append(assess(night, key, None, problems))
             return
-        request = Request(train_source, harness, secrets.token_hex(32), time_limit(night)[0], key.split,
-                          log_path_of(night, key))
+        log_path = log_path_of(night, key)
+        request = Request(train_source, harness, secrets.token_hex(32), time_limit(night)[0], key.split, log_path,
+                          weights.run_file(night.state_dir, log_path) if key.split == "val" else None)
         self.executor.submit(key, request)
         self.out[key] = (request, tries)
         night.record(event="run_started", experiment=key.experiment, attempt=key.attempt, commit=key.commit,

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+from safetensors.numpy import load_file
 
 from autoresearch import integrity, ray_executor, runs
 from conftest import REPO, TINY, run_prepare
@@ -140,6 +141,21 @@ def test_a_remote_run_returns_the_log_and_a_record_that_verifies_with_the_key(ra
     worker = result["worker"]
     assert (worker["hostname"], worker["ip"], worker["gpu"]) == (socket.gethostname(), "127.0.0.1", "cpu")
     assert worker["worker_pid"] != os.getpid() and result["changed"] == []
+
+
+def test_a_remote_run_s_weights_come_back_through_the_object_store_to_where_the_driver_keeps_them(ray_env, tmp_path,
+                                                                                                  monkeypatch):
+    submit = ray_executor.submit  # with the test's cache: the head node was started without it
+    monkeypatch.setattr(ray_executor, "submit", lambda *args, **options: submit(*args, **options, cache=ray_env.cache))
+    executor = ray_executor.RayExecutor(ray_env.cluster, ray_env.fingerprint)
+    kept = tmp_path / "models" / "runs" / "1.safetensors"
+    executor.submit("run 1", runs.Request(FAKE_TRAIN, FAKE_HARNESS, bytes(32).hex(), 30, "val", tmp_path / "1.log", kept))
+    deadline, ended = time.time() + 60, []
+    while not ended and time.time() < deadline:
+        ended = executor.wait(1.0)
+    [(key, outcome)] = ended
+    assert key == "run 1" and outcome["returncode"] == 0 and outcome["weights"] == str(kept)
+    assert load_file(kept)["val_bpb"][0] == 1.0  # the fake harness's model: the val_bpb it was scored with
 
 
 def test_the_run_gets_no_token_of_the_cluster(ray_env):

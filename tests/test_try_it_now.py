@@ -42,8 +42,8 @@ def test_the_demo_runs_the_offline_loop_and_leaves_the_checkout_as_it_was(tmp_pa
     subprocess.run([sys.executable, "prepare.py", "--dataset", "stdlib", "--preset", "small", "--max-seq-len", "64",
                     "--time-budget", "2", "--eval-tokens", "4096"], cwd=repo,
                    env={**env, "AUTORESEARCH_CACHE": str(cache)}, check=True, capture_output=True)
-    out = run(sys.executable, "agent_loop.py", "demo", "--minutes", "4", "--max-experiments", "2", "--noise-runs", "2",
-              "--max-runs", "2")
+    out = run(sys.executable, "agent_loop.py", "demo", "--minutes", "4", "--max-experiments", "2", "--keep-rule",
+              "greedy", "--holdout-at-end", "off")  # a run each: the keep rules and the holdout have tests of their own
 
     assert [run("git", *command) for command in (("status", "--porcelain"), ("branch", "-a"), ("rev-parse", "HEAD"),
                                                  ("for-each-ref",))] == before

@@ -2,7 +2,8 @@
 model (fake_scorer.py is the other side).
 
 `evaluate_bpb(val_bpb)` asks the scorer (the driver's, through $AUTORESEARCH_SCORER_FD) to attest `val_bpb` as if it
-had measured it; run by hand, with no scorer, it returns `val_bpb`.
+had measured it; run by hand, with no scorer, it returns `val_bpb`. Scored, it saves a "model" where
+$AUTORESEARCH_SAVE_WEIGHTS says, as the real harness does: one tensor, the val_bpb.
 """
 import json
 import os
@@ -23,4 +24,9 @@ def evaluate_bpb(val_bpb):
     answer = json.loads(_scorer.readline())
     if "refused" in answer:
         raise ValueError(answer["refused"])
+    if os.environ.get("AUTORESEARCH_SAVE_WEIGHTS"):
+        import numpy
+        from safetensors.numpy import save_file
+
+        save_file({"val_bpb": numpy.array([answer["val_bpb"]])}, os.environ["AUTORESEARCH_SAVE_WEIGHTS"])
     return answer["val_bpb"]
