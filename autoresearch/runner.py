@@ -43,12 +43,14 @@ SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNO
 
 
 def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val", log_path=None, cache=None,
-                  env=None, check=None, on_start=None, weights=None, load=None):
+                  env=None, check=None, on_start=None, weights=None, load=None, compiled=None, keep_compiled=False):
     """One run of train_source in a fresh folder, against the prepared cache (None: this machine's), the scorer
     scoring `split` and signing with key_hex; what the run leaves goes with the folder. harness: {name: source} of
     prepare.py and scorer.py. check(prepare_py, cache) raises when the folder's harness is not the driver's (on a
     Ray node); on_start(process): the run has started. weights: where the weights of the model it scored go (the
-    harness saves them when asked); load: weights the harness loads into the model instead of training it. Returns
+    harness saves them when asked); load: weights the harness loads into the model instead of training it. compiled:
+    the tag's compile cache, which the run starts from, in its own copy; keep_compiled: a run that ends well leaves
+    its cache there when there is none yet (the baseline's: runs of edited train.py add nothing to it). Returns
     returncode (None: killed at the limit), seconds, log, record (its text, or None), changed (of the harness),
     weights (the path, or None when it saved none)."""
     cache, root = Path(cache) if cache else integrity.cache_dir(), Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
@@ -73,8 +75,11 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
         words = sandbox.describe(sandbox.probe(), caveats)
         kept = {k: v for k, v in env.items() if not SECRET.search(k) and k not in ("PWD", "OLDPWD")}
         env = {**kept, "AUTORESEARCH_CACHE": str(cache)}  # train.py is code a model wrote: no key, token, password
-        private = {name: str(private_tmp) for name in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "TRITON_CACHE_DIR",
-                                                       "TORCHINDUCTOR_CACHE_DIR")}  # where libraries write
+        private = {name: str(private_tmp) for name in ("HOME", "TMPDIR", "XDG_CACHE_HOME")}  # where libraries write
+        if compiled and Path(compiled).is_dir():
+            copy_plain_files(Path(compiled), private_tmp / "compiled")
+        private.update(TORCHINDUCTOR_CACHE_DIR=str(private_tmp / "compiled" / "inductor"),
+                       TRITON_CACHE_DIR=str(private_tmp / "compiled" / "triton"))
         if weights:
             private[SAVE_WEIGHTS] = str(work / WEIGHTS_FILE)
         if load:
@@ -86,10 +91,31 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
             before, integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/"))
         log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
         saved = weights and copy_plain_file(work / WEIGHTS_FILE, Path(weights))
+        if keep_compiled and returncode == 0 and not Path(compiled).exists():
+            keep_compile_cache(private_tmp / "compiled", Path(compiled))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return dict(returncode=returncode, seconds=seconds, log=log_text, record=record, changed=changed,
                 sandbox=words, weights=str(weights) if saved else None)
+
+
+def keep_compile_cache(source, destination):
+    """The run's compile cache becomes the tag's, whole or not at all (two baseline runs may end together)."""
+    partial = destination.with_name(f"{destination.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    copy_plain_files(source, partial)
+    try:
+        partial.rename(destination)
+    except OSError:  # another run's is there already
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def copy_plain_files(source, destination):
+    """The plain files under `source` (copy_plain_file: no links), in the same places under `destination`."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for folder, _, names in os.walk(source):  # does not follow links to folders
+        for name in names:
+            path = Path(folder) / name
+            copy_plain_file(path, destination / path.relative_to(source))
 
 
 def copy_plain_file(source, destination):

@@ -25,6 +25,9 @@ from autoresearch.console import fail, log
 from autoresearch.night import time_limit
 
 
+COMPILE_CACHE = "compile-cache"  # in the tag's folder: what torch.compile made in the baseline's first run
+
+
 @dataclass(frozen=True)
 class RunKey:
     """One run: of the experiment's commit (role "candidate") or of the best beside it (role "best", beside the
@@ -49,6 +52,8 @@ class Request:
     split: str
     log_path: Path
     weights: Path | None = None  # where the weights of the model it scored go (weights.py)
+    compiled: Path | None = None  # the tag's compile cache (runner.run_in_folder), on this machine
+    keep_compiled: bool = False  # the baseline's run: its compile cache becomes the tag's
 
 
 def role_fields(key):
@@ -125,6 +130,7 @@ class LocalExecutor:
                 result = runner.run_in_folder(request.train_source, request.harness, request.key_hex,
                                               request.timeout, self.state_dir / f"train-{slot}.pid", request.split,
                                               request.log_path, env=env, weights=request.weights,
+                                              compiled=request.compiled, keep_compiled=request.keep_compiled,
                                               on_start=lambda process: self.started(key, process))
                 outcome = dict(result, worker=worker)
             except BaseException as error:  # handed to the driver's thread
@@ -255,8 +261,10 @@ class Runs:
             self.refused.append(assess(night, key, None, problems))
             return
         log_path = log_path_of(night, key)
+        compiled = None if self.executor.remote else night.state_dir / COMPILE_CACHE  # a node keeps nothing
         request = Request(train_source, harness, secrets.token_hex(32), time_limit(night)[0], key.split, log_path,
-                          weights.run_file(night.state_dir, log_path) if key.split == "val" else None)
+                          weights.run_file(night.state_dir, log_path) if key.split == "val" else None,
+                          compiled, compiled is not None and key.experiment == 0)
         self.executor.submit(key, request)
         self.out[key] = (request, tries)
         night.record(event="run_started", experiment=key.experiment, attempt=key.attempt, commit=key.commit,

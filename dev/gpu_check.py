@@ -123,8 +123,13 @@ def night_rows(state_dir):
     if len(results) != 2 or results[0]["status"] != "keep":
         problems.append(f"the night decided {len(results)} experiments ({outcome or 'none'}), not the baseline kept "
                         "and one idea")
-    seconds = [f"{r['seconds']:.0f}" for r in ledger.events("run")]
-    rows = [("night", f"{outcome}; runs of {', '.join(seconds)} s")]
+    runs = ledger.events("run")
+    start_ups = [f"{evaluated['first_logits'] - r['metrics'].get('training_seconds', 0):.0f}" for r in runs
+                 if (evaluated := ((r.get("attestation") or {}).get("evaluations") or [None])[-1])]
+    seconds = ", ".join(f"{r['seconds']:.0f}" for r in runs)
+    rows = [("night", f"{outcome}; runs of {seconds} s"),
+            ("start-up + compile, each run", f"{', '.join(start_ups)} s (the later ones start from the baseline's "
+             "compile cache)")]
     models = state_dir / "models"
     for role in ("baseline", "best"):
         path = models / f"{role}.safetensors"

@@ -4,6 +4,7 @@ Against accidents, not an adversary. agent_loop.main() in a temp repository, CPU
 import hmac
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -162,6 +163,22 @@ def test_a_checkpoint_a_run_leaves_never_reaches_the_next_run(night):
     [row] = [r for r in night.ledger() if r["event"] == "result" and r["experiment"] == 1]
     assert row["status"] == "keep" and row["runs"] == [0.99] * 4  # each of its runs started from nothing
     assert not (night.repo / "ckpt.pt").exists() and night.is_clean()
+
+
+COMPILES = (  # what torch.compile does with its cache, in a fake train.py: reads what is there, adds its own entry
+    "import pathlib\ncache = pathlib.Path(os.environ['TORCHINDUCTOR_CACHE_DIR'])\n"
+    "print('compile cache:', sorted(p.name for p in cache.glob('*')), flush=True)\n"
+    "cache.mkdir(parents=True, exist_ok=True)\n(cache / f'graph-of-{VAL_BPB}').write_text('kernels')\n")
+
+
+def test_runs_start_from_the_baseline_s_compile_cache_and_leave_nothing_in_it_for_the_next(night):
+    night.repo.joinpath("train.py").write_text(night.train_py().replace(CRASH_THEN, CRASH_THEN + "\n" + COMPILES))
+    night.git("commit", "-qam", "a train.py that compiles")
+    night.llm.script(change("lower val_bpb", BETTER), change("raise val_bpb", ("GAIN_A = 0.0", "GAIN_A = -0.01")))
+    assert night.run("--max-experiments", "3", "--keep-rule", "greedy").returncode == 0
+    seen = [re.search(r"compile cache: (.*)", (night.repo / r["log"]).read_text())[1]
+            for r in night.ledger() if r["event"] == "run"]
+    assert seen == ["[]", "['graph-of-1.0']", "['graph-of-1.0']"]  # the idea's own entry never reached the next run
 
 
 def test_the_number_kept_is_the_harness_s_not_the_printout(night):
