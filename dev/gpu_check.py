@@ -6,11 +6,17 @@ A check of the CUDA path that anyone can run on a GPU machine with no network, i
   checkout's HEAD, scores the best model's saved weights again (`agent_loop.py rescore`), and prints the baseline
   run's numbers: GPU, torch, the attention path and why, tok/s, MFU, peak memory, start-up and compile, the
   evaluation, the integrity verdict, the sandbox, the night and the weights.
+- --reference PATH: also the reference's train.py from a checkout of karpathy/autoresearch, on the same documents
+  (our stdlib splits written as its shards, its tokenizer trained by its prepare.py), with the same budget and
+  evaluation tokens (its two constants changed in a copy), its Flash Attention 3 served by SDPA and FlexAttention
+  as ours is (the kernel hub is offline); then the ratio of the two throughputs.
 - Exits 1 on any failure. Writes nothing outside its temp dir and the cache it names.
-- --dry-run: the same path on the CPU with the tests' tiny constants (the test suite runs it).
+- --dry-run: the same path on the CPU with the tests' tiny constants (the test suite runs it); with --reference,
+  the reference's prepare.py only (its train.py needs CUDA).
 
     uv run dev/gpu_check.py                     # about 6 minutes on an H100/H200 (the first compile is most of it)
     uv run dev/gpu_check.py --budget 60 --cache ~/.cache/autoresearch-gpu-check
+    uv run dev/gpu_check.py --reference ~/src/autoresearch-karpathy
     uv run dev/gpu_check.py --dry-run           # no GPU needed: checks the check
 """
 
@@ -19,6 +25,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,12 +61,17 @@ def parse_args(argv):
     where.add_argument("--prepared", type=Path, help="a prepared cache to use as it is (no prepare.py)")
     parser.add_argument("--budget", type=int, help="TIME_BUDGET of each run, seconds (default: 30; --dry-run: 2)")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, with tiny constants: the check's own path")
+    parser.add_argument("--reference", type=Path, metavar="PATH", help="a checkout of karpathy/autoresearch: its "
+                        "train.py runs too, on the same documents, and the throughputs are compared")
     args = parser.parse_args(argv)
     args.budget = args.budget or (2 if args.dry_run else 30)
     if args.budget < 1:
         parser.error(f"--budget {args.budget}: must be at least 1 second")
     if args.prepared and not (args.prepared / "manifest.json").is_file():
         parser.error(f"--prepared {args.prepared}: no manifest.json there; prepare it (uv run prepare.py), or use --cache")
+    if args.reference and not all((args.reference / name).is_file() for name in ("prepare.py", "train.py")):
+        parser.error(f"--reference {args.reference}: no prepare.py and train.py there (a checkout of "
+                     "karpathy/autoresearch)")
     return args
 
 
@@ -94,10 +106,10 @@ def baseline_table(state_dir):
     log = (state_dir.parent.parent / run["log"]).read_text(errors="replace")  # the ledger's paths: from the root
     first = lambda prefix: next((line.split(":", 1)[1].strip() for line in log.splitlines()  # noqa: E731
                                  if line.startswith(prefix)), "not printed")
-    speeds = [int(found.replace(",", "")) for found in re.findall(r"tok/sec: ([\d,]+)", log)]
+    speed, lines = median_speed(log)
     metrics, evaluated = run["metrics"], (run.get("attestation") or {}).get("evaluations", [{}])[-1]
     rows = [("attention", first("attention:")), ("device", first("device:")),
-            ("tok/s", f"{statistics.median(speeds):,.0f} (median of {len(speeds)} step lines)" if speeds else "none"),
+            ("tok/s", f"{speed:,.0f} (median of {lines} step lines)" if speed else "none"),
             ("MFU", f"{metrics.get('mfu_percent', 0):.1f} % ({first('mfu:')})"),
             ("peak memory", f"{metrics.get('peak_vram_mb', 0) / 1024:.1f} GiB"),
             ("training", f"{metrics.get('training_seconds', 0):.0f} s, {metrics.get('num_steps', 0):.0f} steps")]
@@ -112,7 +124,7 @@ def baseline_table(state_dir):
         verdict += (f" (future influence {evaluated['future_influence']:.2g}, one batch scored twice moved "
                     f"{evaluated['repeat_difference']:.2g} nats)")
     rows += [("integrity", verdict), ("sandbox", run.get("sandbox") or "unknown")]
-    return rows, run["ok"]
+    return rows, run["ok"], speed
 
 
 def night_rows(state_dir):
@@ -141,7 +153,117 @@ def night_rows(state_dir):
 
 
 # -----------------------------------------------------------------------------
+# The reference, side by side
+
+# Its FA3 call, served as our train.py serves attention without FA3: SDPA for full causal layers, FlexAttention
+# (with a block mask built once, outside the compiled graph) for sliding windows.
+KERNELS_STAND_IN = """
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+_masks = {}
+
+
+@torch.compiler.disable
+def _mask(T, window, device):
+    if (T, window) not in _masks:
+        _masks[T, window] = create_block_mask(lambda b, h, q, k: (k <= q) & (q - k <= window), None, None, T, T,
+                                              device=device)
+    return _masks[T, window]
+
+
+def flash_attn_func(q, k, v, causal=True, window_size=(-1, -1)):
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    T, window = q.shape[2], window_size[0]
+    if window < 0 or window >= T - 1:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        y = flex_attention(q, k, v, block_mask=_mask(T, window, q.device))
+    return y.transpose(1, 2)
+
+
+class _Kernel:
+    flash_attn_interface = sys.modules[__name__]
+
+
+def get_kernel(repo):
+    return _Kernel()
+"""
+REFERENCE_CONSTANTS = {"TIME_BUDGET = 300": "TIME_BUDGET = {budget}", "EVAL_TOKENS = 40 * 524288": "EVAL_TOKENS = {eval}"}
+REFERENCE_VAL_SHARD = "shard_06542.parquet"
+
+
+def reference_folder(reference, folder, budget, eval_tokens):
+    """A copy of the reference's two files with its budget and evaluation tokens ours, its `kernels` stood in for,
+    and our stdlib corpus's train and val documents as its shards under a HOME of its own. (folder, env)."""
+    import types
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import data_sources
+
+    work, home = folder / "reference", folder / "reference-home"
+    (work / "kernels").mkdir(parents=True)
+    (work / "kernels" / "__init__.py").write_text(KERNELS_STAND_IN)
+    shutil.copy(reference / "train.py", work / "train.py")
+    source = (reference / "prepare.py").read_text()
+    for line, ours in REFERENCE_CONSTANTS.items():
+        if source.count(line) != 1:
+            sys.exit(f"gpu_check: {reference / 'prepare.py'} has no line `{line}`: not the reference's prepare.py?")
+        source = source.replace(line, ours.format(budget=budget, eval=eval_tokens))
+    (work / "prepare.py").write_text(source)
+    shards = home / ".cache" / "autoresearch" / "data"
+    shards.mkdir(parents=True)
+    stdlib = types.SimpleNamespace(text=None, dataset="stdlib", split_lines=False)
+    for _, split, batches in data_sources.resolve_source(stdlib)[2]:
+        if split in ("train", "val"):
+            texts = [text for batch in batches() for text in batch]
+            pq.write_table(pa.table({"text": texts}), shards / ("shard_00000.parquet" if split == "train"
+                                                                else REFERENCE_VAL_SHARD), row_group_size=1024)
+    return work, {**os.environ, "HOME": str(home), "PYTHONPATH": str(work)}  # its `kernels` before the installed one
+
+
+def median_speed(log):
+    """(the median tok/sec of a log's step lines after step 10, which compile and warm up; how many), as both
+    train.py print them."""
+    speeds = [(int(step), int(speed.replace(",", ""))) for step, speed in re.findall(
+        r"step (\d+) .*?tok/sec: ([\d,]+)", log)]
+    counted = [speed for step, speed in speeds if step > 10] or [speed for _, speed in speeds]
+    return (statistics.median(counted) if counted else None), len(counted)
+
+
+# -----------------------------------------------------------------------------
 # The check
+
+
+def compare_with_reference(args, folder, clone, speed, failed):
+    """The reference's run on the same documents, and the ratio of the throughputs (rows); a failure goes to
+    `failed`."""
+    manifest = json.loads(((args.prepared or args.cache or folder / "cache") / "manifest.json").read_text())
+    work, env = reference_folder(args.reference, folder, manifest["time_budget"], manifest["eval_tokens"])
+    if step("the reference's prepare.py (its tokenizer, on our stdlib documents)",
+            [sys.executable, "prepare.py", "--num-shards", "1"], work, env, folder / "reference-prepare.log"):
+        failed.append("the reference's prepare.py")
+        return []
+    if args.dry_run:
+        return [("reference", "its train.py needs CUDA: not run in a dry run")]
+    log = folder / "reference-train.log"
+    if step("the reference's train.py", [sys.executable, "train.py"], work, env, log):
+        failed.append("the reference's train.py")
+        return []
+    text = log.read_text(errors="replace")
+    summary = dict(re.findall(r"^(\w+):\s+(\S+)$", text, re.MULTILINE))
+    theirs, lines = median_speed(text)
+    rows = [("reference", f"val_bpb {summary.get('val_bpb', '?')}, {theirs or 0:,.0f} tok/s (median of {lines} step "
+             f"lines), MFU {summary.get('mfu_percent', '?')} %, peak {float(summary.get('peak_vram_mb', 0)) / 1024:.1f} "
+             "GiB; its FA3 stood in for by SDPA + FlexAttention")]
+    if speed and theirs:
+        rows.append(("ours / reference", f"{speed / theirs:.2f}x the tokens per second"))
+    return rows
 
 
 def main(argv=None):
@@ -173,14 +295,16 @@ def main(argv=None):
                 failed.append(what)
                 break
         state_dir = clone / state.STATE_ROOT / TAG
-        rows = [("GPU", gpu), ("torch", torch_version)]
+        rows, speed = [("GPU", gpu), ("torch", torch_version)], None
         if (state_dir / "ledger.jsonl").is_file():
-            table, valid = baseline_table(state_dir)
+            table, valid, speed = baseline_table(state_dir)
             rows += table
             failed += [] if valid else ["the baseline's run was not valid"]
             more, problems = night_rows(state_dir)
             rows += more
             failed += problems
+        if args.reference and not failed:
+            rows += compare_with_reference(args, folder, clone, speed, failed)
         rescored = (folder / "rescore.log").read_text() if (folder / "rescore.log").exists() else ""
         if found := re.search(r"^val_bpb (.*?\)); #", rescored, re.MULTILINE):
             rows.append(("best, scored again", found[1]))

@@ -38,3 +38,29 @@ def test_the_gpu_check_s_dry_run_passes_and_prints_its_table(tmp_path, tiny_cach
     assert result.stdout.rstrip().endswith("gpu_check: passed")
     assert sorted(p.name for p in tiny_cache.rglob("*")) == before  # it used the cache as it was
     assert not list(tmp_path.glob("**/gpu-check"))  # its clone, and the tag in it, are gone
+
+
+def test_the_stand_in_for_the_reference_s_flash_attention_is_causal_attention_in_its_window(tmp_path, monkeypatch):
+    import importlib.util
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(REPO / "dev"))
+    import gpu_check
+
+    (tmp_path / "kernels.py").write_text(gpu_check.KERNELS_STAND_IN)
+    spec = importlib.util.spec_from_file_location("kernels", tmp_path / "kernels.py")
+    kernels = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = kernels  # as the reference's import finds it
+    try:
+        spec.loader.exec_module(kernels)
+        attention = kernels.get_kernel("varunneal/flash-attention-3").flash_attn_interface.flash_attn_func
+    finally:
+        del sys.modules["kernels"]
+    q, k, v = (torch.randn(2, 256, 2, 16) for _ in range(3))  # [B, T, heads, head_dim], as Flash Attention takes them
+    distance = torch.arange(256)[:, None] - torch.arange(256)[None, :]
+    for window in (40, 256):
+        allowed = (distance >= 0) & (distance <= window)  # key j seen from query i iff i - window <= j <= i
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=allowed).transpose(1, 2)
+        assert torch.allclose(attention(q, k, v, causal=True, window_size=(window, 0)), expected, atol=1e-5)
