@@ -79,10 +79,16 @@ def _rules(policy, abi):
     grant_beneath("/")
     everything = FS_ACCESS[min(abi, 5)]
     rules += [(path, everything) for path in policy["writable"]]
-    dev = [f"/dev/{name}" for name in DEVICES] + [f"/dev/{name}" for name in _listdir("/dev")
-                                                  if name.startswith("nvidia")]
-    rules += [(path, (READ_FILE | WRITE_FILE | (IOCTL_DEV if abi >= 5 else 0))) for path in dev if os.path.exists(path)]
+    rules += [(path, (READ_FILE | WRITE_FILE | (IOCTL_DEV if abi >= 5 else 0))) for path in device_paths(_listdir("/dev"))
+              if os.path.exists(path)]
     return rules
+
+
+def device_paths(names):
+    """The devices train.py may open and drive, of the names in /dev: the plain ones, and the GPUs' (NVIDIA's
+    /dev/nvidia*; ROCm's /dev/kfd and the render nodes beneath /dev/dri)."""
+    return [f"/dev/{name}" for name in DEVICES] + [f"/dev/{name}" for name in sorted(names)
+                                                  if name.startswith("nvidia") or name in ("kfd", "dri")]
 
 
 def _listdir(folder):

@@ -169,6 +169,12 @@ def test_train_py_has_a_dev_shm_of_its_own_for_multiprocessing(tmp_path, stand_i
     assert not os.path.exists("/dev/shm/x")
 
 
+def test_train_py_may_drive_an_nvidia_or_a_rocm_gpu_and_no_other_device():
+    listed = ["nvidia0", "nvidiactl", "nvidia-uvm", "kfd", "dri", "sda", "kvm", "mem"]
+    gpus = [path for path in sandbox.device_paths(listed) if path.removeprefix("/dev/") not in sandbox.DEVICES]
+    assert gpus == ["/dev/dri", "/dev/kfd", "/dev/nvidia-uvm", "/dev/nvidia0", "/dev/nvidiactl"]
+
+
 def test_the_run_says_which_sandbox_it_had(tmp_path, stand_in):
     result = run_trying(tmp_path, "print('try-nothing done')", harness=stand_in)
     assert result["sandbox"] == sandbox.describe(FOUND) and result["returncode"] == 0
