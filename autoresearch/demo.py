@@ -76,7 +76,7 @@ def keep_results(tag_dir, cache):
     if not (tag_dir / "ledger.jsonl").exists():
         return None
     results = cache / "runs" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    shutil.copytree(tag_dir, results, ignore=shutil.ignore_patterns("lock", "*.pid", "scratch"))
+    shutil.copytree(tag_dir, results, ignore=shutil.ignore_patterns("lock", "*.pid", "scratch", "compile-cache"))
     return results
 
 

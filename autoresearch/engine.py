@@ -29,7 +29,7 @@ from autoresearch.console import clear_status, fail, log, plural, show_status
 from autoresearch.night import (already_run, before_proposal, record_proposal, record_result, time_limit,
                                time_left_text, typical_seconds, why_stop)
 from autoresearch.prompts import fix_prompt, idea_prompt
-from autoresearch.runs import RunKey, Runs
+from autoresearch.runs import COMPILE_CACHE, RunKey, Runs
 
 POLL_SECONDS = 0.2  # how long the driver waits for a run or an agent call to end before it looks again
 HEARTBEAT_SECONDS = 60  # a wait with nothing to show says what it waits for this often
@@ -110,9 +110,10 @@ class Engine:
     def keep_models(self):
         """The baseline's and the best's weights kept, the others' removed (weights.tidy); a disk error is said, and
         the night goes on."""
+        busy = [request.weights for request, _ in self.runs.out.values() if request.weights]
         try:
-            weights.tidy(self.night.state_dir, self.ledger, self.night.constants)
-        except OSError as error:
+            weights.tidy(self.night.state_dir, self.ledger, self.night.constants, busy)
+        except (OSError, ValueError) as error:
             log(f"keeping the models in {self.night.state_dir / weights.MODELS}: {type(error).__name__}: {error}")
 
     def stop_agent_processes(self):
@@ -129,6 +130,8 @@ class Engine:
     def resume(self):
         shutil.rmtree(self.scratch_root, ignore_errors=True)  # a killed driver's
         self.keep_models()  # what a killed driver copied but never recorded goes
+        for partial in self.night.state_dir.glob(f"{COMPILE_CACHE}.*.tmp"):  # and a compile cache it was copying
+            shutil.rmtree(partial, ignore_errors=True)
         self.night.repo.git.worktree("prune")
         if self.ledger.best() is None and not why_stop(self.night, 0):  # a limit reached: no baseline starts
             commit = self.ledger.base_commit()

@@ -162,8 +162,11 @@ def wall_clock_problems(seconds, record, baseline, time_budget):
     return problems
 
 
-def baseline_timings(runs):
-    """(total seconds, seconds until the evaluation request) of the given valid runs of the baseline."""
+def baseline_timings(runs, compile_cache=None):
+    """(total seconds, seconds until the evaluation request) of the given valid runs of the baseline: of those that
+    started as the run being judged did (compile_cache "warm": from the tag's compile cache, "cold"), when there are
+    any, since a cold compilation is no allowance for a warm run."""
+    runs = [r for r in runs if r.get("compile_cache") == compile_cache] or runs
     return [(r["seconds"], (evaluation(r.get("attestation")) or {}).get("first_logits")) for r in runs]
 
 

@@ -144,14 +144,14 @@ def run_experiment(train_source, harness, fingerprint, key_hex, timeout, cache=N
     hostname, ip = socket.gethostname(), ray.util.get_node_ip_address()
     cache = Path(cache).expanduser() if cache else integrity.cache_dir()
     started, done, outcome = [], threading.Event(), {}
-    saved = Path(tempfile.mkdtemp(prefix="autoresearch-weights-")) / "model.safetensors" if weights else None
+    weights_path = Path(tempfile.mkdtemp(prefix="autoresearch-weights-")) / "model.safetensors" if weights else None
 
     def target():  # in a thread: the KeyboardInterrupt of ray.cancel arrives in this (main) thread at once
         try:
             outcome["value"] = runner.run_in_folder(
                 train_source, harness, key_hex, timeout, None, split, cache=cache,
                 check=lambda folder, cache: _check_node(fingerprint, folder, cache, f"{hostname} ({ip})"),
-                on_start=lambda process: started.append(process.pid), weights=saved)
+                on_start=lambda process: started.append(process.pid), weights=weights_path)
         except BaseException as error:  # handed to the main thread
             outcome["error"] = error
         done.set()
@@ -163,16 +163,16 @@ def run_experiment(train_source, harness, fingerprint, key_hex, timeout, cache=N
             pass
         if "error" in outcome:
             raise outcome["error"]
-        if saved:
-            outcome["value"]["weights"] = saved.read_bytes() if outcome["value"]["weights"] else None
+        if weights_path:
+            outcome["value"]["weights"] = weights_path.read_bytes() if outcome["value"]["weights"] else None
     except BaseException:
         while not done.wait(0.1):  # until the run has started and is dead
             for pid in started:
                 runner.kill_tree(pid)
         raise
     finally:
-        if saved:
-            shutil.rmtree(saved.parent, ignore_errors=True)
+        if weights_path:
+            shutil.rmtree(weights_path.parent, ignore_errors=True)
     gpu = runs.local_gpus()[0][1] if ray.get_gpu_ids() else "cpu"  # CUDA_VISIBLE_DEVICES is the task's GPU
     worker = dict(hostname=hostname, ip=ip, gpu=gpu, worker_pid=os.getpid())
     return dict(outcome["value"], worker=worker)

@@ -35,6 +35,7 @@ SCORER_FD = "AUTORESEARCH_SCORER_FD"  # names train.py's end of the socket to th
 SCORER_GRACE = 30  # seconds the scorer may take to write its record once train.py has ended
 SAVE_WEIGHTS, LOAD_WEIGHTS = "AUTORESEARCH_SAVE_WEIGHTS", "AUTORESEARCH_LOAD_WEIGHTS"  # as prepare.py names them
 WEIGHTS_FILE = "model.safetensors"  # where in its folder the harness saves the model it scored, when asked
+WEIGHTS_LIMIT = 16 << 30  # bytes of weights the driver copies (a 4B-parameter model in fp32); a bigger file is not kept
 EVALUATION_BEGINS = "scorer: the evaluation begins; what the run prints from here on is not shown to the agent"
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)  # kept from a run's env
 
@@ -76,7 +77,8 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
         kept = {k: v for k, v in env.items() if not SECRET.search(k) and k not in ("PWD", "OLDPWD")}
         env = {**kept, "AUTORESEARCH_CACHE": str(cache)}  # train.py is code a model wrote: no key, token, password
         private = {name: str(private_tmp) for name in ("HOME", "TMPDIR", "XDG_CACHE_HOME")}  # where libraries write
-        if compiled and Path(compiled).is_dir():
+        warm = bool(compiled) and Path(compiled).is_dir()  # it starts from the tag's compile cache
+        if warm:
             copy_plain_files(Path(compiled), private_tmp / "compiled")
         private.update(TORCHINDUCTOR_CACHE_DIR=str(private_tmp / "compiled" / "inductor"),
                        TRITON_CACHE_DIR=str(private_tmp / "compiled" / "triton"))
@@ -90,50 +92,59 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
         changed = integrity.fingerprint_changes(
             before, integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/"))
         log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
-        saved = weights and copy_plain_file(work / WEIGHTS_FILE, Path(weights))
+        copied = bool(weights) and copy_plain_file(work / WEIGHTS_FILE, Path(weights), WEIGHTS_LIMIT)
         if keep_compiled and returncode == 0 and not Path(compiled).exists():
             keep_compile_cache(private_tmp / "compiled", Path(compiled))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return dict(returncode=returncode, seconds=seconds, log=log_text, record=record, changed=changed,
-                sandbox=words, weights=str(weights) if saved else None)
+                sandbox=words, weights=str(weights) if copied else None, compile_cache="warm" if warm else "cold")
 
 
 def keep_compile_cache(source, destination):
-    """The run's compile cache becomes the tag's, whole or not at all (two baseline runs may end together)."""
+    """The run's compile cache becomes the tag's, whole or not at all (two baseline runs may end together; a full
+    disk leaves no cache, and the night goes on)."""
     partial = destination.with_name(f"{destination.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    copy_plain_files(source, partial)
     try:
+        copy_plain_files(source, partial)
         partial.rename(destination)
-    except OSError:  # another run's is there already
+    except OSError:  # another run's is there already, or the disk is full
         shutil.rmtree(partial, ignore_errors=True)
 
 
 def copy_plain_files(source, destination):
-    """The plain files under `source` (copy_plain_file: no links), in the same places under `destination`."""
+    """The plain files under `source` (copy_plain_file), in the same places under `destination`; nothing when
+    `source` itself is a link (to a folder train.py could not read)."""
     destination.mkdir(parents=True, exist_ok=True)
-    for folder, _, names in os.walk(source):  # does not follow links to folders
+    if source.is_symlink() or not source.is_dir():
+        return
+    for folder, _, names in os.walk(source):  # does not follow links to folders beneath
         for name in names:
             path = Path(folder) / name
             copy_plain_file(path, destination / path.relative_to(source))
 
 
-def copy_plain_file(source, destination):
-    """Copy what train.py's process left at `source` if it is a file of its own: not a link to another file, which
-    it could not read itself (its sandbox denies the validation data, not a link to it). Whether it did."""
+def copy_plain_file(source, destination, limit=None):
+    """Copy what train.py's process left at `source` if it is a file of its own, of at most `limit` bytes: not a
+    link to another file, which it could not read itself (its sandbox denies the validation data, not a link to
+    it), nor a pipe, which would never end. Whether it did (a full disk: it did not)."""
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
+    partial = destination.with_name(destination.name + ".tmp")
     with os.fdopen(fd, "rb") as file:
         status = os.fstat(file.fileno())
-        if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+        if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1 or (limit and status.st_size > limit):
             return False
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        partial = destination.with_name(destination.name + ".tmp")
-        with open(partial, "wb") as copy:
-            shutil.copyfileobj(file, copy, 1 << 20)
-        os.replace(partial, destination)
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as copy:
+                shutil.copyfileobj(file, copy, 1 << 20)
+            os.replace(partial, destination)
+        except OSError:
+            partial.unlink(missing_ok=True)
+            return False
     return True
 
 

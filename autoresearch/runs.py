@@ -219,18 +219,18 @@ def assess(night, key, result, problems=()):
                         "the driver asked for")
     if returncode is not None and key.experiment > 0:  # the baseline's own runs set the limits
         baseline = [r for r in night.ledger.valid_runs() if r["experiment"] == 0]
-        problems += integrity.wall_clock_problems(seconds, record, integrity.baseline_timings(baseline),
-                                                  night.constants["time_budget"])
+        problems += integrity.wall_clock_problems(seconds, record, integrity.baseline_timings(
+            baseline, result.get("compile_cache")), night.constants["time_budget"])
     val_bpb = evaluated["val_bpb"] if evaluated else None
     ok = returncode == 0 and "val_bpb" in metrics and val_bpb is not None and math.isfinite(val_bpb) and not problems
-    saved = Path(result["weights"]) if result.get("weights") else None
-    described = weights.describe(saved, night.state_dir) if saved and ok else None
-    if saved and not described:  # a model the scorer did not score, or not a safetensors file
-        saved.unlink(missing_ok=True)
+    weights_path = Path(result["weights"]) if result.get("weights") else None
+    described = weights.describe(weights_path, night.state_dir) if weights_path and ok else None
+    if weights_path and not described:  # a model the scorer did not score, or not a safetensors file
+        weights_path.unlink(missing_ok=True)
     run.update(seconds=round(seconds, 1), returncode=returncode, timed_out=returncode is None, ok=ok,
                val_bpb=val_bpb, metrics=metrics, problems=problems,
                log_tail="" if ok else runner.log_tail(result["log"]), attestation=record, worker=result["worker"],
-               sandbox=result.get("sandbox"), limit=result.get("limit"),
+               sandbox=result.get("sandbox"), limit=result.get("limit"), compile_cache=result.get("compile_cache"),
                **({"weights": described} if described else {}))
     return night.record(event="run" if key.split == "val" else "holdout_run", **run)
 
@@ -264,7 +264,7 @@ class Runs:
         compiled = None if self.executor.remote else night.state_dir / COMPILE_CACHE  # a node keeps nothing
         request = Request(train_source, harness, secrets.token_hex(32), time_limit(night)[0], key.split, log_path,
                           weights.run_file(night.state_dir, log_path) if key.split == "val" else None,
-                          compiled, compiled is not None and key.experiment == 0)
+                          compiled, compiled is not None and key.experiment == 0 and key.split == "val")
         self.executor.submit(key, request)
         self.out[key] = (request, tries)
         night.record(event="run_started", experiment=key.experiment, attempt=key.attempt, commit=key.commit,

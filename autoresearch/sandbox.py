@@ -79,16 +79,18 @@ def _rules(policy, abi):
     grant_beneath("/")
     everything = FS_ACCESS[min(abi, 5)]
     rules += [(path, everything) for path in policy["writable"]]
-    rules += [(path, (READ_FILE | WRITE_FILE | (IOCTL_DEV if abi >= 5 else 0))) for path in device_paths(_listdir("/dev"))
-              if os.path.exists(path)]
+    drive = READ_FILE | WRITE_FILE | (IOCTL_DEV if abi >= 5 else 0)
+    rules += [(path, drive) for path in device_paths(_listdir("/dev"), _listdir("/dev/dri")) if os.path.exists(path)]
     return rules
 
 
-def device_paths(names):
-    """The devices train.py may open and drive, of the names in /dev: the plain ones, and the GPUs' (NVIDIA's
-    /dev/nvidia*; ROCm's /dev/kfd and the render nodes beneath /dev/dri)."""
-    return [f"/dev/{name}" for name in DEVICES] + [f"/dev/{name}" for name in sorted(names)
-                                                  if name.startswith("nvidia") or name in ("kfd", "dri")]
+def device_paths(names, render_nodes):
+    """The devices train.py may open and drive, of the names in /dev and /dev/dri: the plain ones, and the GPUs'
+    (NVIDIA's /dev/nvidia*; with ROCm's /dev/kfd, its render nodes /dev/dri/renderD*, not the display's cards)."""
+    gpus = [f"/dev/{name}" for name in sorted(names) if name.startswith("nvidia") or name == "kfd"]
+    if "kfd" in names:
+        gpus += [f"/dev/dri/{name}" for name in sorted(render_nodes) if name.startswith("renderD")]
+    return [f"/dev/{name}" for name in DEVICES] + gpus
 
 
 def _listdir(folder):

@@ -19,8 +19,9 @@ import secrets
 import shutil
 from pathlib import Path
 
-from autoresearch import integrity, report, runner, state
+from autoresearch import integrity, runner, state
 from autoresearch.console import fail
+from autoresearch.options import TIMEOUT_MARGIN
 
 MODELS = "models"
 ROLES = ("baseline", "best")
@@ -72,43 +73,57 @@ def kept_files(ledger):
     """The files of models/runs/ still needed: the chosen runs', and every run's of an experiment not decided yet
     (the baseline's before its row, an idea's before its row)."""
     decided = {r["experiment"] for r in ledger.results()}
-    return ({run["weights"]["file"] for run in chosen(ledger).values()}
-            | {r["weights"]["file"] for r in ledger.valid_runs() if r.get("weights") and r["experiment"] not in decided})
+    undecided = [r for r in ledger.valid_runs() if r.get("weights") and r["experiment"] not in decided]
+    return {run["weights"]["file"] for run in [*chosen(ledger).values(), *undecided]}
 
 
 # -----------------------------------------------------------------------------
 # Keeping them
 
 
-def tidy(state_dir, ledger, constants):
-    """Remove the runs' files no longer needed, and point models/<role>.safetensors and its JSON at the chosen."""
-    state_dir, keep = Path(state_dir), kept_files(ledger)
+def tidy(state_dir, ledger, constants, busy=()):
+    """Remove the runs' files no longer needed (not those of `busy`, the runs out, whose ledger records are yet to
+    come), and point models/<role>.safetensors and its JSON at the chosen runs'."""
+    state_dir = Path(state_dir)
     folder = state_dir / MODELS
+    keep = {state_dir / name for name in kept_files(ledger)}
+    keep |= {Path(path) for path in busy} | {Path(f"{path}.tmp") for path in busy}  # their copy may be under way
     for path in (folder / "runs").glob("*"):
-        if str(path.relative_to(state_dir)) not in keep:
+        if path not in keep:
             path.unlink(missing_ok=True)
     picks = chosen(ledger)
-    for role in set(ROLES) - set(picks):  # a best whose runs saved none (a tag begun before weights were kept)
-        for stale in (folder / f"{role}.safetensors", folder / f"{role}.json"):
-            stale.unlink(missing_ok=True)
-    for role, run in picks.items():
-        about = {"role": role, "commit": run["commit"], "experiment": run["experiment"], "val_bpb": run["val_bpb"],
-                 "log": run["log"], **run["weights"], "constants": constants, "load": how_to_load(run["commit"])}
-        sidecar = folder / f"{role}.json"
-        if sidecar.exists() and json.loads(sidecar.read_text()) == about:
+    for role in ROLES:
+        link, sidecar = folder / f"{role}.safetensors", folder / f"{role}.json"
+        run = picks.get(role)
+        if run is None or not (state_dir / run["weights"]["file"]).is_file():  # none saved (a tag begun before
+            link.unlink(missing_ok=True)                                     # weights were kept), or removed
+            sidecar.unlink(missing_ok=True)
             continue
-        link = folder / f"{role}.safetensors"
-        partial = link.with_name(link.name + ".tmp")
-        partial.unlink(missing_ok=True)
-        try:
-            os.link(state_dir / run["weights"]["file"], partial)
-        except OSError:  # a file system without hard links
-            shutil.copyfile(state_dir / run["weights"]["file"], partial)
-        os.replace(partial, link)
-        sidecar.write_text(json.dumps(about, indent=2) + "\n")
+        fields = {"role": role, "commit": run["commit"], "experiment": run["experiment"], "val_bpb": run["val_bpb"],
+                  "seconds": run["seconds"], "log": run["log"], **run["weights"], "constants": constants,
+                  "load": how_to_load(run["commit"])}
+        if link.is_file() and sidecar.is_file() and sidecar.read_text() == json.dumps(fields, indent=2) + "\n":
+            continue
+        replace_with(link, lambda partial: os.link(state_dir / run["weights"]["file"], partial),
+                     lambda partial: shutil.copyfile(state_dir / run["weights"]["file"], partial))
+        replace_with(sidecar, lambda partial: partial.write_text(json.dumps(fields, indent=2) + "\n"))
+
+
+def replace_with(path, write, fallback=None):
+    """Write `path` anew through a partial file and a rename: a driver killed meanwhile leaves the old one whole."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.unlink(missing_ok=True)
+    try:
+        write(partial)
+    except OSError:
+        if fallback is None:
+            raise
+        fallback(partial)  # a file system without hard links
+    os.replace(partial, path)
 
 
 def how_to_load(commit):
+    """How to use a kept model of `commit`, in a line the report and the JSON show."""
     return (f"`git show {commit[:7]}:train.py > train_{commit[:7]}.py`, build its model as its main() does, then "
             "`safetensors.torch.load_model(model, path)` (metadata: the constants and the model's config); or "
             "score it again: `uv run agent_loop.py rescore --tag TAG`")
@@ -126,6 +141,8 @@ def rescore(state_dir, repo, ledger, role, log_path):
         about = json.loads((folder / f"{role}.json").read_text())
     except FileNotFoundError:
         return None, None, f"{folder} holds no {role} model: the tag kept none (yet)"
+    except ValueError:
+        return None, None, f"{folder / (role + '.json')} is not JSON: run the loop again to write it anew"
     path = folder / f"{role}.safetensors"
     if (described := describe(path, state_dir)) is None or described["sha256"] != about["sha256"]:
         return None, about, f"{path} is not the file its run saved (its sha256 differs): it was changed since"
@@ -136,7 +153,9 @@ def rescore(state_dir, repo, ledger, role, log_path):
     train_source = state.file_at(repo, about["commit"], "train.py")
     harness = {name: state.file_at(repo, about["commit"], name) for name in integrity.HARNESS}
     key = secrets.token_hex(32)
-    result = runner.run_in_folder(train_source, harness, key, start["timeout"], None, log_path=log_path, load=path)
+    # it trains a moment: twice its run's time, as the night limits a run once the baseline has measured one
+    limit = start["timeout"] or 2 * about.get("seconds", 300) + TIMEOUT_MARGIN
+    result = runner.run_in_folder(train_source, harness, key, limit, None, log_path=log_path, load=path)
     record, missing = integrity.verify_record(bytes.fromhex(key), result["record"])
     evaluated = None if missing else integrity.evaluation(record)
     if not evaluated or result["returncode"] != 0:
@@ -155,6 +174,8 @@ def rescore_main(argv):
     parser.add_argument("--tag", help="the tag whose model to score (default: the tag whose ledger changed last)")
     parser.add_argument("--model", choices=ROLES, default="best", help="which of its models (default: best)")
     args = parser.parse_args(argv)
+    from autoresearch import report  # here: report imports runs, which imports this module
+
     root, ledgers = report.tag_ledgers()
     tag = args.tag or (ledgers[-1].parent.name if ledgers else None)
     state_dir = root / state.STATE_ROOT / str(tag)

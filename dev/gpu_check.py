@@ -37,7 +37,7 @@ import git
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from autoresearch import state  # noqa: E402 -- after the checkout is on the path
+from autoresearch import state, weights  # noqa: E402 -- after the checkout is on the path
 from autoresearch.demo import temporary_clone  # noqa: E402
 
 TAG = "gpu-check"
@@ -68,7 +68,8 @@ def parse_args(argv):
     if args.budget < 1:
         parser.error(f"--budget {args.budget}: must be at least 1 second")
     if args.prepared and not (args.prepared / "manifest.json").is_file():
-        parser.error(f"--prepared {args.prepared}: no manifest.json there; prepare it (uv run prepare.py), or use --cache")
+        parser.error(f"--prepared {args.prepared}: no manifest.json there; prepare it (uv run prepare.py), or use "
+                     "--cache")
     if args.reference and not all((args.reference / name).is_file() for name in ("prepare.py", "train.py")):
         parser.error(f"--reference {args.reference}: no prepare.py and train.py there (a checkout of "
                      "karpathy/autoresearch)")
@@ -142,8 +143,8 @@ def night_rows(state_dir):
     rows = [("night", f"{outcome}; runs of {seconds} s"),
             ("start-up + compile, each run", f"{', '.join(start_ups)} s (the later ones start from the baseline's "
              "compile cache)")]
-    models = state_dir / "models"
-    for role in ("baseline", "best"):
+    models = state_dir / weights.MODELS
+    for role in weights.ROLES:
         path = models / f"{role}.safetensors"
         if not path.is_file():
             problems.append(f"no {role} model was kept ({path})")
@@ -192,7 +193,8 @@ class _Kernel:
 def get_kernel(repo):
     return _Kernel()
 """
-REFERENCE_CONSTANTS = {"TIME_BUDGET = 300": "TIME_BUDGET = {budget}", "EVAL_TOKENS = 40 * 524288": "EVAL_TOKENS = {eval}"}
+REFERENCE_CONSTANTS = {"TIME_BUDGET = 300": "TIME_BUDGET = {budget}",
+                       "EVAL_TOKENS = 40 * 524288": "EVAL_TOKENS = {eval}"}
 REFERENCE_VAL_SHARD = "shard_06542.parquet"
 
 
@@ -240,7 +242,7 @@ def median_speed(log):
 # The check
 
 
-def compare_with_reference(args, folder, clone, speed, failed):
+def compare_with_reference(args, folder, speed, failed):
     """The reference's run on the same documents, and the ratio of the throughputs (rows); a failure goes to
     `failed`."""
     manifest = json.loads(((args.prepared or args.cache or folder / "cache") / "manifest.json").read_text())
@@ -258,9 +260,10 @@ def compare_with_reference(args, folder, clone, speed, failed):
     text = log.read_text(errors="replace")
     summary = dict(re.findall(r"^(\w+):\s+(\S+)$", text, re.MULTILINE))
     theirs, lines = median_speed(text)
+    peak = float(summary.get("peak_vram_mb", 0)) / 1024
     rows = [("reference", f"val_bpb {summary.get('val_bpb', '?')}, {theirs or 0:,.0f} tok/s (median of {lines} step "
-             f"lines), MFU {summary.get('mfu_percent', '?')} %, peak {float(summary.get('peak_vram_mb', 0)) / 1024:.1f} "
-             "GiB; its FA3 stood in for by SDPA + FlexAttention")]
+             f"lines), MFU {summary.get('mfu_percent', '?')} %, peak {peak:.1f} GiB; its FA3 stood in for by SDPA + "
+             "FlexAttention")]
     if speed and theirs:
         rows.append(("ours / reference", f"{speed / theirs:.2f}x the tokens per second"))
     return rows
@@ -304,7 +307,7 @@ def main(argv=None):
             rows += more
             failed += problems
         if args.reference and not failed:
-            rows += compare_with_reference(args, folder, clone, speed, failed)
+            rows += compare_with_reference(args, folder, speed, failed)
         rescored = (folder / "rescore.log").read_text() if (folder / "rescore.log").exists() else ""
         if found := re.search(r"^val_bpb (.*?\)); #", rescored, re.MULTILINE):
             rows.append(("best, scored again", found[1]))

@@ -290,6 +290,14 @@ def test_a_run_may_ask_for_its_evaluation_5_percent_of_the_budget_after_the_slow
     assert problem.startswith("the run took 436s of wall clock")
 
 
+def test_a_run_from_the_compile_cache_is_timed_against_the_baseline_s_runs_that_started_from_it_too():
+    cold = {"seconds": 400.0, "attestation": attested(first_logits=380.0), "compile_cache": "cold"}
+    warm = {"seconds": 330.0, "attestation": attested(first_logits=315.0), "compile_cache": "warm"}
+    assert integrity.baseline_timings([cold, warm], "warm") == [(330.0, 315.0)]  # its compile is no allowance
+    assert integrity.baseline_timings([cold, warm], "cold") == [(400.0, 380.0)]
+    assert integrity.baseline_timings([cold], "warm") == [(400.0, 380.0)]  # one baseline run: that one
+
+
 def test_a_short_budget_allows_5_seconds_of_start_up_jitter():
     assert integrity.wall_clock_limits([(40.0, 35.0)], 30)[0] == 35 + 5
 

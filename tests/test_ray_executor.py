@@ -149,7 +149,8 @@ def test_a_remote_run_s_weights_come_back_through_the_object_store_to_where_the_
     monkeypatch.setattr(ray_executor, "submit", lambda *args, **options: submit(*args, **options, cache=ray_env.cache))
     executor = ray_executor.RayExecutor(ray_env.cluster, ray_env.fingerprint)
     kept = tmp_path / "models" / "runs" / "1.safetensors"
-    executor.submit("run 1", runs.Request(FAKE_TRAIN, FAKE_HARNESS, bytes(32).hex(), 30, "val", tmp_path / "1.log", kept))
+    request = runs.Request(FAKE_TRAIN, FAKE_HARNESS, bytes(32).hex(), 30, "val", tmp_path / "1.log", kept)
+    executor.submit("run 1", request)
     deadline, ended = time.time() + 60, []
     while not ended and time.time() < deadline:
         ended = executor.wait(1.0)

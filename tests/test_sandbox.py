@@ -170,9 +170,12 @@ def test_train_py_has_a_dev_shm_of_its_own_for_multiprocessing(tmp_path, stand_i
 
 
 def test_train_py_may_drive_an_nvidia_or_a_rocm_gpu_and_no_other_device():
-    listed = ["nvidia0", "nvidiactl", "nvidia-uvm", "kfd", "dri", "sda", "kvm", "mem"]
-    gpus = [path for path in sandbox.device_paths(listed) if path.removeprefix("/dev/") not in sandbox.DEVICES]
-    assert gpus == ["/dev/dri", "/dev/kfd", "/dev/nvidia-uvm", "/dev/nvidia0", "/dev/nvidiactl"]
+    def gpus(names, render_nodes):
+        return [p for p in sandbox.device_paths(names, render_nodes) if p.removeprefix("/dev/") not in sandbox.DEVICES]
+
+    listed, dri = ["nvidia0", "nvidiactl", "nvidia-uvm", "kfd", "dri", "sda", "kvm", "mem"], ["card0", "renderD128"]
+    assert gpus(listed, dri) == ["/dev/kfd", "/dev/nvidia-uvm", "/dev/nvidia0", "/dev/nvidiactl", "/dev/dri/renderD128"]
+    assert gpus(["nvidia0", "dri"], dri) == ["/dev/nvidia0"]  # no ROCm: not even a render node
 
 
 def test_the_run_says_which_sandbox_it_had(tmp_path, stand_in):

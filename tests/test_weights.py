@@ -56,7 +56,8 @@ def test_the_report_says_where_the_models_are_and_how_to_load_them(night, capsys
     capsys.readouterr()
     assert agent_loop.main(["report", "--tag", "t"]) == 0
     printed = capsys.readouterr().out
-    assert f"best model   {models(night) / 'best.safetensors'} (#1 {night.head()[:7]}, its run scored 0.990000" in printed
+    best = f"best model   {models(night) / 'best.safetensors'} (#1 {night.head()[:7]}, its run scored 0.990000"
+    assert best in printed
     assert f"baseline model {models(night) / 'baseline.safetensors'} (#0" in printed
     assert "safetensors.torch.load_model(model, path)" in printed
     page = (night.repo / ".autoresearch" / "t" / "report.html").read_text()
@@ -80,6 +81,22 @@ def test_weights_left_as_a_link_to_another_file_are_not_copied(tmp_path):
     os.link(secret, tmp_path / "linked.safetensors")  # a second name of a file it could not read
     assert not runner.copy_plain_file(tmp_path / "linked.safetensors", tmp_path / "kept" / "a.safetensors")
     assert not (tmp_path / "kept" / "a.safetensors").exists()
+
+
+def test_weights_left_as_a_pipe_or_over_the_limit_are_not_copied(tmp_path):
+    os.mkfifo(tmp_path / "model.safetensors")  # opening it to read would wait for a writer forever
+    assert not runner.copy_plain_file(tmp_path / "model.safetensors", tmp_path / "kept.safetensors")
+    (tmp_path / "big.safetensors").write_bytes(b"x" * 1000)
+    assert not runner.copy_plain_file(tmp_path / "big.safetensors", tmp_path / "kept.safetensors", limit=999)
+    assert runner.copy_plain_file(tmp_path / "big.safetensors", tmp_path / "kept.safetensors", limit=1000)
+
+
+def test_a_compile_cache_left_as_a_link_to_another_folder_is_not_copied(tmp_path):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "val.bin").write_bytes(b"validation tokens")
+    (tmp_path / "compiled").symlink_to(tmp_path / "secrets")
+    runner.copy_plain_files(tmp_path / "compiled", tmp_path / "kept")
+    assert list((tmp_path / "kept").iterdir()) == []
 
 
 def test_the_driver_and_the_harness_name_the_weights_alike():
@@ -123,7 +140,7 @@ def test_a_best_whose_runs_saved_no_weights_is_not_named_by_an_older_best_s_file
     folder = tmp_path / "models"
     (folder / "runs").mkdir(parents=True)
     (folder / "runs" / "1.safetensors").write_bytes(b"baseline")
-    run = dict(event="run", experiment=0, commit="a" * 40, ok=True, val_bpb=1.0, log="logs/1.log",
+    run = dict(event="run", experiment=0, commit="a" * 40, ok=True, val_bpb=1.0, seconds=9.0, log="logs/1.log",
                weights={"file": "models/runs/1.safetensors", "sha256": "0", "bytes": 8})
     records = [run, dict(event="result", experiment=0, commit="a" * 40, status="keep")]
     weights.tidy(tmp_path, state.Ledger(records=records), {})
@@ -133,3 +150,14 @@ def test_a_best_whose_runs_saved_no_weights_is_not_named_by_an_older_best_s_file
     weights.tidy(tmp_path, state.Ledger(records=records), {})
     assert not (folder / "best.safetensors").exists() and not (folder / "best.json").exists()
     assert json.loads((folder / "baseline.json").read_text())["commit"] == "a" * 40
+
+
+def test_tidying_leaves_the_files_of_the_runs_still_out_even_half_copied(tmp_path):
+    from autoresearch import state, weights
+
+    runs = tmp_path / "models" / "runs"
+    runs.mkdir(parents=True)
+    for name in ("3.safetensors", "4.safetensors.tmp", "9.safetensors"):  # 3 and 4: runs out; 9: a killed driver's
+        (runs / name).write_bytes(b"weights")
+    weights.tidy(tmp_path, state.Ledger(records=[]), {}, busy=[runs / "3.safetensors", runs / "4.safetensors"])
+    assert sorted(path.name for path in runs.iterdir()) == ["3.safetensors", "4.safetensors.tmp"]
