@@ -71,12 +71,13 @@ def temporary_clone(repo, commit, path):
 
 
 def keep_results(tag_dir, cache):
-    """Copy the demo tag's folder (ledger, results.tsv, report.html, logs) into the cache's runs/; its path, or None
-    when the loop ledgered nothing."""
+    """Copy the demo tag's folder (ledger, results.tsv, report.html, logs, models) into the cache's runs/; its path,
+    or None when the loop ledgered nothing."""
     if not (tag_dir / "ledger.jsonl").exists():
         return None
     results = cache / "runs" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    shutil.copytree(tag_dir, results, ignore=shutil.ignore_patterns("lock", "*.pid", "scratch", "compile-cache"))
+    # of models/, the baseline's and the best's (runs/ holds them again, and those of undecided experiments)
+    shutil.copytree(tag_dir, results, ignore=shutil.ignore_patterns("lock", "*.pid", "scratch", "compile-cache", "runs"))
     return results
 
 
@@ -142,7 +143,7 @@ def demo_main(argv):
     else:
         ended = f"the demo's {args.minutes:g} minutes are up"
     print(f"\ndemo: {ended} ({(time.time() - started) / 60:.1f} minutes). Kept in {results}: report.html, "
-          f"results.tsv, progress.png, ledger.jsonl, logs/ (the temporary clone the loop ran in, and so its tag, are "
+          f"results.tsv, progress.png, ledger.jsonl, logs/, models/ (the temporary clone the loop ran in, and so its tag, are "
           f"gone: the resume hint above does not apply).\nThe report again: uv run agent_loop.py report --ledger "
           f"{results / 'ledger.jsonl'}   (or with no --ledger where you have no tag of your own)", flush=True)
     return 0

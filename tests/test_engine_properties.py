@@ -111,7 +111,7 @@ def check_branch_and_tree(folder):
     assert git(folder, "status", "--porcelain") == ""
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(night=NIGHT, data=st.data())
 def test_the_night_s_invariants_hold_whatever_the_runs_and_the_kills(stand_in_env, night, data):

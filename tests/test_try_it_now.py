@@ -52,6 +52,8 @@ def test_the_demo_runs_the_offline_loop_and_leaves_the_checkout_as_it_was(tmp_pa
                         out)[1]
     assert os.path.dirname(results) == str(cache / "runs")
     assert "<html" in open(os.path.join(results, "report.html")).read()
+    kept = sorted(os.listdir(os.path.join(results, "models")))
+    assert kept == ["baseline.json", "baseline.safetensors", "best.json", "best.safetensors"]  # the weights
     rows = open(os.path.join(results, "results.tsv")).read().splitlines()[1:]
     assert len(rows) == 2 and rows[0].split("\t")[3:] == ["keep", "baseline"]
     assert " -> " in rows[1].split("\t")[4] and rows[1].split("\t")[3] in ("keep", "discard")  # judged, not invalid
