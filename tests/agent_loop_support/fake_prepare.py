@@ -8,6 +8,7 @@ $AUTORESEARCH_SAVE_WEIGHTS says, as the real harness does: one tensor, the val_b
 import json
 import os
 import socket
+import struct
 
 TIME_BUDGET = 1
 _scorer = None
@@ -24,9 +25,9 @@ def evaluate_bpb(val_bpb):
     answer = json.loads(_scorer.readline())
     if "refused" in answer:
         raise ValueError(answer["refused"])
-    if os.environ.get("AUTORESEARCH_SAVE_WEIGHTS"):
-        import numpy
-        from safetensors.numpy import save_file
-
-        save_file({"val_bpb": numpy.array([answer["val_bpb"]])}, os.environ["AUTORESEARCH_SAVE_WEIGHTS"])
+    if os.environ.get("AUTORESEARCH_SAVE_WEIGHTS"):  # written by hand: importing numpy would add 0.3 s to each run
+        header = json.dumps({"val_bpb": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}).encode()
+        header += b" " * (-len(header) % 8)
+        with open(os.environ["AUTORESEARCH_SAVE_WEIGHTS"], "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header + struct.pack("<d", answer["val_bpb"]))
     return answer["val_bpb"]
