@@ -19,6 +19,7 @@ import hmac
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 from autoresearch.console import fail
@@ -27,6 +28,7 @@ from autoresearch.console import fail
 # train.py as written
 
 HARNESS = ("prepare.py", "scorer.py")  # what the driver runs beside train.py, and nobody edits during research
+HARNESS_LIMIT = 16 << 20  # bytes of a harness file the driver reads to hash it: prepare.py is 20 kB
 PRIVATE_HARNESS_NAME = re.compile(
     r"_loader|_pack|_load_part|_document_batches|_part_paths|_scorer|_DRIVER_SCORER|_Logits|Wire|SCORER_FD|"
     r"CAUSALITY_TOLERANCE|NonCausalModelError")
@@ -162,11 +164,8 @@ def wall_clock_problems(seconds, record, baseline, time_budget):
     return problems
 
 
-def baseline_timings(runs, compile_cache=None):
-    """(total seconds, seconds until the evaluation request) of the given valid runs of the baseline: of those that
-    started as the run being judged did (compile_cache "warm": from the tag's compile cache, "cold"), when there are
-    any, since a cold compilation is no allowance for a warm run."""
-    runs = [r for r in runs if r.get("compile_cache") == compile_cache] or runs
+def baseline_timings(runs):
+    """(total seconds, seconds until the evaluation request) of the given valid runs of the baseline."""
     return [(r["seconds"], (evaluation(r.get("attestation")) or {}).get("first_logits")) for r in runs]
 
 
@@ -217,9 +216,24 @@ def _fingerprint(folder, cache, portable):
 
 
 def harness_files(folder, prefix=""):
-    """sha256 of each file of the harness in folder."""
-    return {prefix + name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in HARNESS
-            if (folder / name).exists()}
+    """sha256 of each file of the harness in folder (a run's folder too, where train.py could have left a pipe
+    that no one writes, or a huge file, in its place: then what it is)."""
+    return {prefix + name: _sha256_of_file(folder / name) for name in HARNESS if os.path.lexists(folder / name)}
+
+
+def _sha256_of_file(path, limit=HARNESS_LIMIT):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        return f"unreadable ({error.strerror})"
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            return "not a plain file"
+        digest, size = hashlib.sha256(), 0
+        while (chunk := file.read(1 << 20)) and size <= limit:
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest() if size <= limit else f"over {limit} bytes"
 
 
 def _portable(value, key=None):

@@ -247,6 +247,20 @@ def cancel_all(refs):
         ray.cancel(ref, force=True)
 
 
+def keep_weights(data, path):
+    """A worker's weights written where the night keeps a run's, whole (through a partial file); their path, or
+    None when the disk refused them (the run goes on without)."""
+    partial = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        return None
+    return str(path)
+
+
 # -----------------------------------------------------------------------------
 # The engine's executor
 
@@ -287,9 +301,7 @@ class RayExecutor:
                 outcome = result(ref)
                 request.log_path.write_text(outcome["log"])
                 if outcome.get("weights"):  # the bytes, from the worker: kept where a local run's go
-                    request.weights.parent.mkdir(parents=True, exist_ok=True)
-                    request.weights.write_bytes(outcome["weights"])
-                    outcome["weights"] = str(request.weights)
+                    outcome["weights"] = keep_weights(outcome["weights"], request.weights)
             except NodeMismatch as error:  # a node prepared otherwise: the night stops, saying what to run there
                 from autoresearch.console import fail
 

@@ -35,6 +35,7 @@ SCORER_FD = "AUTORESEARCH_SCORER_FD"  # names train.py's end of the socket to th
 SCORER_GRACE = 30  # seconds the scorer may take to write its record once train.py has ended
 SAVE_WEIGHTS, LOAD_WEIGHTS = "AUTORESEARCH_SAVE_WEIGHTS", "AUTORESEARCH_LOAD_WEIGHTS"  # as prepare.py names them
 WEIGHTS_FILE = "model.safetensors"  # where in its folder the harness saves the model it scored, when asked
+LOG_READ_LIMIT = 64 << 20  # bytes of a run's log the driver reads: its beginning and its end
 WEIGHTS_LIMIT = 16 << 30  # bytes of weights the driver copies (a 4B-parameter model in fp32); a bigger file is not kept
 EVALUATION_BEGINS = "scorer: the evaluation begins; what the run prints from here on is not shown to the agent"
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)  # kept from a run's env
@@ -78,8 +79,12 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
         env = {**kept, "AUTORESEARCH_CACHE": str(cache)}  # train.py is code a model wrote: no key, token, password
         private = {name: str(private_tmp) for name in ("HOME", "TMPDIR", "XDG_CACHE_HOME")}  # where libraries write
         warm = bool(compiled) and Path(compiled).is_dir()  # it starts from the tag's compile cache
-        if warm:
-            copy_plain_files(Path(compiled), private_tmp / "compiled")
+        try:
+            if warm:
+                copy_plain_files(Path(compiled), private_tmp / "compiled")
+        except OSError:  # a full disk: it compiles from nothing
+            shutil.rmtree(private_tmp / "compiled", ignore_errors=True)
+            warm = False
         private.update(TORCHINDUCTOR_CACHE_DIR=str(private_tmp / "compiled" / "inductor"),
                        TRITON_CACHE_DIR=str(private_tmp / "compiled" / "triton"))
         if weights:
@@ -91,8 +96,11 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
                                                    on_start, confined, private)
         changed = integrity.fingerprint_changes(
             before, integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/"))
-        log_text = log_path.read_bytes().decode(errors="replace")  # keeps the \r of progress lines
-        copied = bool(weights) and copy_plain_file(work / WEIGHTS_FILE, Path(weights), WEIGHTS_LIMIT)
+        log_text = read_log(log_path)
+        try:
+            copied = bool(weights) and copy_plain_file(work / WEIGHTS_FILE, Path(weights), WEIGHTS_LIMIT)
+        except OSError:  # a full disk: the run goes on without its weights
+            copied = False
         if keep_compiled and returncode == 0 and not Path(compiled).exists():
             keep_compile_cache(private_tmp / "compiled", Path(compiled))
     finally:
@@ -114,7 +122,8 @@ def keep_compile_cache(source, destination):
 
 def copy_plain_files(source, destination):
     """The plain files under `source` (copy_plain_file), in the same places under `destination`; nothing when
-    `source` itself is a link (to a folder train.py could not read)."""
+    `source` itself is a link (to a folder train.py could not read). Raises OSError when one could not be
+    written."""
     destination.mkdir(parents=True, exist_ok=True)
     if source.is_symlink() or not source.is_dir():
         return
@@ -127,7 +136,7 @@ def copy_plain_files(source, destination):
 def copy_plain_file(source, destination, limit=None):
     """Copy what train.py's process left at `source` if it is a file of its own, of at most `limit` bytes: not a
     link to another file, which it could not read itself (its sandbox denies the validation data, not a link to
-    it), nor a pipe, which would never end. Whether it did (a full disk: it did not)."""
+    it), nor a pipe, which would never end. Whether it did; raises OSError when the copy could not be written."""
     try:
         fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -135,17 +144,38 @@ def copy_plain_file(source, destination, limit=None):
     partial = destination.with_name(destination.name + ".tmp")
     with os.fdopen(fd, "rb") as file:
         status = os.fstat(file.fileno())
-        if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1 or (limit and status.st_size > limit):
+        if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
             return False
         try:
             destination.parent.mkdir(parents=True, exist_ok=True)
+            size = 0
             with open(partial, "wb") as copy:
-                shutil.copyfileobj(file, copy, 1 << 20)
+                while (chunk := file.read(1 << 20)) and not (limit and size > limit):  # it may still be growing
+                    copy.write(chunk)
+                    size += len(chunk)
+            if limit and size > limit:
+                partial.unlink()
+                return False
             os.replace(partial, destination)
         except OSError:
             partial.unlink(missing_ok=True)
-            return False
+            raise
     return True
+
+
+def read_log(path):
+    """The run's log, its \r kept; of one over LOG_READ_LIMIT, only its beginning and its end, with the
+    evaluation's marker between them: the agent is then shown nothing of the end (log_tail), which could have been
+    printed after the evaluation began."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        if size <= LOG_READ_LIMIT:
+            data = file.read()
+        else:
+            head = file.read(LOG_READ_LIMIT // 2)
+            file.seek(size - LOG_READ_LIMIT // 2)
+            data = head + f"\n[{size - LOG_READ_LIMIT} bytes not read]\n{EVALUATION_BEGINS}\n".encode() + file.read()
+    return data.decode(errors="replace")
 
 
 def guarded(cache, env):

@@ -219,8 +219,8 @@ def assess(night, key, result, problems=()):
                         "the driver asked for")
     if returncode is not None and key.experiment > 0:  # the baseline's own runs set the limits
         baseline = [r for r in night.ledger.valid_runs() if r["experiment"] == 0]
-        problems += integrity.wall_clock_problems(seconds, record, integrity.baseline_timings(
-            baseline, result.get("compile_cache")), night.constants["time_budget"])
+        problems += integrity.wall_clock_problems(seconds, record, integrity.baseline_timings(baseline),
+                                                  night.constants["time_budget"])
     val_bpb = evaluated["val_bpb"] if evaluated else None
     ok = returncode == 0 and "val_bpb" in metrics and val_bpb is not None and math.isfinite(val_bpb) and not problems
     weights_path = Path(result["weights"]) if result.get("weights") else None

@@ -15,8 +15,9 @@ WHEELS="gitpython==3.2.1 gitdb==4.0.12 smmap==5.0.3 optuna==5.0.0 alembic==1.20.
 case "${1:-}" in
   prepare)
     reference="${2:?the path of a karpathy/autoresearch checkout}"
+    exclude="$(git rev-parse --git-path info/exclude)"  # also in a worktree, where .git is a file
     for folder in .whl .reference; do
-      grep -qx "/$folder/" .git/info/exclude 2>/dev/null || echo "/$folder/" >> .git/info/exclude
+      grep -qx "/$folder/" "$exclude" 2>/dev/null || echo "/$folder/" >> "$exclude"
     done
     mkdir -p .whl .reference
     # shellcheck disable=SC2086  # one word per wheel

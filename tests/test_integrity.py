@@ -290,12 +290,10 @@ def test_a_run_may_ask_for_its_evaluation_5_percent_of_the_budget_after_the_slow
     assert problem.startswith("the run took 436s of wall clock")
 
 
-def test_a_run_from_the_compile_cache_is_timed_against_the_baseline_s_runs_that_started_from_it_too():
-    cold = {"seconds": 400.0, "attestation": attested(first_logits=380.0), "compile_cache": "cold"}
-    warm = {"seconds": 330.0, "attestation": attested(first_logits=315.0), "compile_cache": "warm"}
-    assert integrity.baseline_timings([cold, warm], "warm") == [(330.0, 315.0)]  # its compile is no allowance
-    assert integrity.baseline_timings([cold, warm], "cold") == [(400.0, 380.0)]
-    assert integrity.baseline_timings([cold], "warm") == [(400.0, 380.0)]  # one baseline run: that one
+def test_a_pipe_left_in_place_of_the_run_s_prepare_py_is_a_change_not_a_hang(tmp_path):
+    os.mkfifo(tmp_path / "prepare.py")  # no one writes it: reading it would wait forever
+    (tmp_path / "scorer.py").write_text("the scorer")
+    assert integrity.harness_files(tmp_path)["prepare.py"] == "not a plain file"
 
 
 def test_a_short_budget_allows_5_seconds_of_start_up_jitter():

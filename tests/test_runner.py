@@ -299,3 +299,13 @@ def test_a_run_s_environment_holds_no_key_token_or_password_of_the_driver_s(tmp_
     names = eval(result["log"].strip().splitlines()[0])
     assert "AUTORESEARCH_CACHE" in names and "PATH" in names
     assert not {"ANTHROPIC_API_KEY", "HF_TOKEN", "DB_PASSWORD", "RAY_AUTH_TOKEN_PATH", "PWD"} & set(names)
+
+
+def test_a_huge_log_is_read_by_its_beginning_and_end_and_the_agent_sees_only_the_beginning(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "LOG_READ_LIMIT", 1000)
+    log = tmp_path / "run.log"
+    log.write_text("step 1 | loss: 3.0\n" + "validation text\n" * 500 + "---\nval_bpb:          0.500000\n")
+    text = runner.read_log(log)
+    assert runner.parse_summary(text) == {"val_bpb": 0.5}  # the summary, from the end
+    shown = runner.log_tail(text)
+    assert "step 1 | loss: 3.0" in shown and "val_bpb" not in shown and "is not shown" in shown

@@ -99,6 +99,14 @@ def test_a_compile_cache_left_as_a_link_to_another_folder_is_not_copied(tmp_path
     assert list((tmp_path / "kept").iterdir()) == []
 
 
+def test_a_compile_cache_that_cannot_be_written_whole_is_not_kept(tmp_path):
+    (tmp_path / "compiled" / "inductor").mkdir(parents=True)
+    (tmp_path / "compiled" / "inductor" / "kernel.so").write_bytes(b"code")
+    (tmp_path / "full").write_text("a file where the cache's folder would go: every write fails")
+    runner.keep_compile_cache(tmp_path / "compiled", tmp_path / "full" / "compile-cache")
+    assert not (tmp_path / "full" / "compile-cache").exists() and list(tmp_path.glob("full/*")) == []
+
+
 def test_the_driver_and_the_harness_name_the_weights_alike():
     source = (ROOT / "prepare.py").read_text()
     assert f'SAVE_WEIGHTS = "{runner.SAVE_WEIGHTS}"' in source and f'LOAD_WEIGHTS = "{runner.LOAD_WEIGHTS}"' in source
