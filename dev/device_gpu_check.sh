@@ -36,7 +36,7 @@ case "${1:-}" in
       git init -q -b main && git add -A
       git -c user.name=gpu-check -c user.email=gpu-check@localhost commit -qm "the working tree"
     fi
-    python3 dev/gpu_check.py --reference .reference "$@"
+    python3 dev/gpu_check.py --reference .reference --logs "${OUT:-/tmp}/gpu-check-logs.tar.gz" "$@"
     ;;
   *)
     sed -n '2,9p' "$0"

@@ -10,7 +10,7 @@ A check of the CUDA path that anyone can run on a GPU machine with no network, i
   (our stdlib splits written as its shards, its tokenizer trained by its prepare.py), with the same budget and
   evaluation tokens (its two constants changed in a copy), its Flash Attention 3 served by SDPA and FlexAttention
   as ours is (the kernel hub is offline); then the ratio of the two throughputs.
-- Exits 1 on any failure. Writes nothing outside its temp dir and the cache it names.
+- Exits 1 on any failure. Writes nothing outside its temp dir, the cache it names and the logs' archive (--logs).
 - --dry-run: the same path on the CPU with the tests' tiny constants (the test suite runs it); with --reference,
   the reference's prepare.py only (its train.py needs CUDA).
 
@@ -29,6 +29,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +62,8 @@ def parse_args(argv):
     where.add_argument("--prepared", type=Path, help="a prepared cache to use as it is (no prepare.py)")
     parser.add_argument("--budget", type=int, help="TIME_BUDGET of each run, seconds (default: 30; --dry-run: 2)")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, with tiny constants: the check's own path")
+    parser.add_argument("--logs", type=Path, metavar="PATH.tar.gz", help="keep the logs there (the steps', the "
+                        "night's ledger and its runs'), also when the check fails")
     parser.add_argument("--reference", type=Path, metavar="PATH", help="a checkout of karpathy/autoresearch: its "
                         "train.py runs too, on the same documents, and the throughputs are compared")
     args = parser.parse_args(argv)
@@ -269,6 +272,17 @@ def compare_with_reference(args, folder, speed, failed):
     return rows
 
 
+def pack_logs(path, folder, state_dir):
+    """The steps' logs, the night's ledger and its runs' logs, in one .tar.gz (a lent machine returns few files)."""
+    with tarfile.open(path, "w:gz") as archive:
+        for log in sorted(folder.glob("*.log")):
+            archive.add(log, arcname=log.name)
+        for name in ("ledger.jsonl", "logs"):
+            if (state_dir / name).exists():
+                archive.add(state_dir / name, arcname=f"night/{name}")
+    print(f"gpu_check: the logs are in {path}", flush=True)
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     gpu, torch_version = device()
@@ -292,25 +306,28 @@ def main(argv=None):
         steps += [("a night of two experiments", [sys.executable, "agent_loop.py", "--tag", TAG, *NIGHT], "night.log"),
                   ("the best model's weights, scored again", [sys.executable, "agent_loop.py", "rescore", "--tag", TAG],
                    "rescore.log")]
-        failed = []
-        for what, command, log in steps:
-            if step(what, command, clone, env, folder / log):
-                failed.append(what)
-                break
-        state_dir = clone / state.STATE_ROOT / TAG
-        rows, speed = [("GPU", gpu), ("torch", torch_version)], None
-        if (state_dir / "ledger.jsonl").is_file():
-            table, valid, speed = baseline_table(state_dir)
-            rows += table
-            failed += [] if valid else ["the baseline's run was not valid"]
-            more, problems = night_rows(state_dir)
-            rows += more
-            failed += problems
-        if args.reference and not failed:
-            rows += compare_with_reference(args, folder, speed, failed)
-        rescored = (folder / "rescore.log").read_text() if (folder / "rescore.log").exists() else ""
-        if found := re.search(r"^val_bpb (.*?\)); #", rescored, re.MULTILINE):
-            rows.append(("best, scored again", found[1]))
+        failed, state_dir = [], clone / state.STATE_ROOT / TAG
+        try:
+            for what, command, log in steps:
+                if step(what, command, clone, env, folder / log):
+                    failed.append(what)
+                    break
+            rows, speed = [("GPU", gpu), ("torch", torch_version)], None
+            if (state_dir / "ledger.jsonl").is_file():
+                table, valid, speed = baseline_table(state_dir)
+                rows += table
+                failed += [] if valid else ["the baseline's run was not valid"]
+                more, problems = night_rows(state_dir)
+                rows += more
+                failed += problems
+            if args.reference and not failed:
+                rows += compare_with_reference(args, folder, speed, failed)
+            rescored = (folder / "rescore.log").read_text() if (folder / "rescore.log").exists() else ""
+            if found := re.search(r"^val_bpb (.*?\)); #", rescored, re.MULTILINE):
+                rows.append(("best, scored again", found[1]))
+        finally:  # also after an error: the logs are what tells why
+            if args.logs:
+                pack_logs(args.logs, folder, state_dir)
     print(f"\ngpu check, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit[:7]}, "
           f"{time.time() - started:.0f} s\n")
     print("| what | measured |\n|---|---|")

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -24,8 +25,10 @@ def test_the_gpu_check_s_dry_run_passes_and_prints_its_table(tmp_path, tiny_cach
     for command in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-q", "-m", "autoresearch"]):
         subprocess.run(git + command, cwd=repo, check=True)
     before = sorted(p.name for p in tiny_cache.rglob("*"))
-    result = subprocess.run([sys.executable, "dev/gpu_check.py", "--dry-run", "--prepared", str(tiny_cache)], cwd=repo,
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "HOME": str(tmp_path)})
+    logs = tmp_path / "logs.tar.gz"
+    result = subprocess.run([sys.executable, "dev/gpu_check.py", "--dry-run", "--prepared", str(tiny_cache), "--logs",
+                             str(logs)], cwd=repo, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     table = dict(re.findall(r"^\| ([^|]+?) \| (.+) \|$", result.stdout, re.MULTILINE))
     assert table["GPU"] == "cpu" and table["integrity"].startswith("valid (future influence")
@@ -37,6 +40,9 @@ def test_the_gpu_check_s_dry_run_passes_and_prints_its_table(tmp_path, tiny_cach
     assert abs(again - scored) < 1e-4
     assert result.stdout.rstrip().endswith("gpu_check: passed")
     assert sorted(p.name for p in tiny_cache.rglob("*")) == before  # it used the cache as it was
+    with tarfile.open(logs) as archive:
+        names = set(archive.getnames())
+    assert {"night.log", "rescore.log", "night/ledger.jsonl", "night/logs/1.log"} <= names, names
     assert not list(tmp_path.glob("**/gpu-check"))  # its clone, and the tag in it, are gone
 
 
