@@ -51,6 +51,7 @@ def parse_args(argv, started_with=None):
         "  uv run agent_loop.py report          # the morning summary and progress.png (see report --help)\n"
         "  uv run agent_loop.py holdout         # is the gain real? the tag's baseline and best on the holdout split\n"
         "                                       #   (the last tag, or --tag; on --workers N or --ray, as the night)\n"
+        "  uv run agent_loop.py rescore         # the best model's kept weights, scored again (see rescore --help)\n"
         "  uv run agent_loop.py demo            # the offline demo, in one command (see demo --help)\n\n"
         + OPTUNA_RANGES,
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -178,10 +178,13 @@ def rescore_main(argv):
 
     root, ledgers = report.tag_ledgers()
     tag = args.tag or (ledgers[-1].parent.name if ledgers else None)
-    state_dir = root / state.STATE_ROOT / str(tag)
-    if not tag or not (state_dir / "ledger.jsonl").is_file():
-        fail(f"no tag to rescore: {state_dir / 'ledger.jsonl'} does not exist. Run the loop first "
+    if not tag:
+        fail(f"rescore scores a model a tag kept, and {root / state.STATE_ROOT} has no tag: run the loop first "
              "(uv run agent_loop.py), or name a tag with --tag.")
+    state_dir = root / state.STATE_ROOT / tag
+    if not (state_dir / "ledger.jsonl").is_file():
+        fail(f"there is no tag {tag}: {state_dir / 'ledger.jsonl'} does not exist. Tags here: "
+             f"{', '.join(path.parent.name for path in ledgers) or 'none'}.")
     os.chdir(root)  # the harness and the cache as the loop sees them
     log_path = state_dir / "logs" / f"rescore-{args.model}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,14 @@ def test_a_compile_cache_that_cannot_be_written_whole_is_not_kept(tmp_path):
     assert not (tmp_path / "full" / "compile-cache").exists() and list(tmp_path.glob("full/*")) == []
 
 
+def test_rescore_without_a_tag_says_what_to_run_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="has no tag: run the loop first"):
+        agent_loop.main(["rescore"])
+    with pytest.raises(SystemExit, match="there is no tag nov23: .* Tags here: none"):
+        agent_loop.main(["rescore", "--tag", "nov23"])
+
+
 def test_the_driver_and_the_harness_name_the_weights_alike():
     source = (ROOT / "prepare.py").read_text()
     assert f'SAVE_WEIGHTS = "{runner.SAVE_WEIGHTS}"' in source and f'LOAD_WEIGHTS = "{runner.LOAD_WEIGHTS}"' in source
