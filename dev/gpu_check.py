@@ -21,6 +21,7 @@ A check of the CUDA path that anyone can run on a GPU machine with no network, i
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -157,6 +158,37 @@ def night_rows(state_dir):
 
 
 # -----------------------------------------------------------------------------
+# How busy the GPU was: compilation leaves it idle, training does not (data for telling them apart from outside)
+
+GPU_SAMPLER = ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"]
+
+
+def busy_seconds(samples, spans):
+    """For each (start, end) span (datetimes), the seconds nvidia-smi's samples ("YYYY/MM/DD HH:MM:SS.mmm, N" lines,
+    N the utilization in %) show the GPU busy in it; None without two samples."""
+    points = []
+    for line in samples.splitlines():
+        try:
+            stamp, utilization = (field.strip() for field in line.split(","))
+            points.append((datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f"), float(utilization)))
+        except ValueError:  # a header, a partial last line
+            continue
+    if len(points) < 2:
+        return [None for _ in spans]
+    step = statistics.median((b[0] - a[0]).total_seconds() for a, b in zip(points, points[1:]))
+    return [step * sum(1 for when, busy in points if start <= when <= end and busy > 0) for start, end in spans]
+
+
+def run_spans(state_dir):
+    """(start, end) of each run of the night, from its ledger: when it went out, when it was recorded."""
+    ledger = state.Ledger(state_dir / "ledger.jsonl")
+    started = {(r["experiment"], r["repeat"], r["commit"]): r["time"] for r in ledger.events("run_started")}
+    return [(datetime.datetime.fromisoformat(started[(r["experiment"], r["repeat"], r["commit"])]),
+             datetime.datetime.fromisoformat(r["time"])) for r in ledger.events("run")
+            if (r["experiment"], r["repeat"], r["commit"]) in started]
+
+
+# -----------------------------------------------------------------------------
 # The reference, side by side
 
 # Its FA3 call, served as our train.py serves attention without FA3: SDPA for full causal layers, FlexAttention
@@ -275,7 +307,7 @@ def compare_with_reference(args, folder, speed, failed):
 def pack_logs(path, folder, state_dir):
     """The steps' logs, the night's ledger and its runs' logs, in one .tar.gz (a lent machine returns few files)."""
     with tarfile.open(path, "w:gz") as archive:
-        for log in sorted(folder.glob("*.log")):
+        for log in sorted([*folder.glob("*.log"), *folder.glob("gpu-busy.csv")]):
             archive.add(log, arcname=log.name)
         for name in ("ledger.jsonl", "logs"):
             if (state_dir / name).exists():
@@ -308,10 +340,16 @@ def main(argv=None):
                    "rescore.log")]
         failed, state_dir = [], clone / state.STATE_ROOT / TAG
         try:
-            for what, command, log in steps:
-                if step(what, command, clone, env, folder / log):
-                    failed.append(what)
-                    break
+            with contextlib.ExitStack() as sampling:
+                if not args.dry_run and shutil.which(GPU_SAMPLER[0]):
+                    samples = sampling.enter_context(open(folder / "gpu-busy.csv", "w"))
+                    sampler = sampling.enter_context(subprocess.Popen(GPU_SAMPLER, stdout=samples,
+                                                                      stderr=subprocess.DEVNULL))
+                    sampling.callback(sampler.terminate)  # before the Popen's own exit waits for it
+                for what, command, log in steps:
+                    if step(what, command, clone, env, folder / log):
+                        failed.append(what)
+                        break
             rows, speed = [("GPU", gpu), ("torch", torch_version)], None
             if (state_dir / "ledger.jsonl").is_file():
                 table, valid, speed = baseline_table(state_dir)
@@ -320,6 +358,12 @@ def main(argv=None):
                 more, problems = night_rows(state_dir)
                 rows += more
                 failed += problems
+            if (folder / "gpu-busy.csv").exists() and (state_dir / "ledger.jsonl").is_file():
+                spans = run_spans(state_dir)
+                busy = busy_seconds((folder / "gpu-busy.csv").read_text(), spans)
+                rows.append(("GPU busy, each run", ", ".join(
+                    f"{b:.0f} of {(end - start).total_seconds():.0f} s" for b, (start, end) in zip(busy, spans)
+                    if b is not None) + " (nvidia-smi every 0.2 s: compilation leaves the GPU idle)"))
             if args.reference and not failed:
                 rows += compare_with_reference(args, folder, speed, failed)
             rescored = (folder / "rescore.log").read_text() if (folder / "rescore.log").exists() else ""

@@ -71,3 +71,18 @@ def test_the_stand_in_for_the_reference_s_flash_attention_is_causal_attention_in
         expected = torch.nn.functional.scaled_dot_product_attention(
             *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=allowed).transpose(1, 2)
         assert torch.allclose(attention(q, k, v, causal=True, window_size=(window, 0)), expected, atol=1e-5)
+
+
+def test_the_gpu_s_busy_seconds_in_each_run_are_counted_from_nvidia_smi_s_samples(monkeypatch):
+    import datetime
+
+    monkeypatch.syspath_prepend(str(REPO / "dev"))
+    import gpu_check
+
+    # a run from 12:00:00 to 12:00:10: idle for 4 s (compiling), then busy; samples every 0.5 s
+    start = datetime.datetime(2026, 12, 5, 12, 0, 0)
+    samples = "timestamp, utilization.gpu [%]\n" + "".join(
+        f"{start + datetime.timedelta(seconds=0.5 * i):%Y/%m/%d %H:%M:%S.%f}, {0 if i < 8 else 97}\n" for i in range(24))
+    spans = [(start, start + datetime.timedelta(seconds=10)), (start, start + datetime.timedelta(seconds=3))]
+    assert gpu_check.busy_seconds(samples, spans) == [6.5, 0.0]  # samples at 4.0 .. 10.0 s inclusive
+    assert gpu_check.busy_seconds("", spans) == [None, None]
