@@ -261,7 +261,9 @@ def reference_folder(reference, folder, budget, eval_tokens):
             texts = [text for batch in batches() for text in batch]
             pq.write_table(pa.table({"text": texts}), shards / ("shard_00000.parquet" if split == "train"
                                                                 else REFERENCE_VAL_SHARD), row_group_size=1024)
-    return work, {**os.environ, "HOME": str(home), "PYTHONPATH": str(work)}  # its `kernels` before the installed one
+    # its `kernels` before any installed one, and what PYTHONPATH held (a lent machine's carried packages)
+    path = os.pathsep.join(filter(None, [str(work), os.environ.get("PYTHONPATH")]))
+    return work, {**os.environ, "HOME": str(home), "PYTHONPATH": path}
 
 
 def median_speed(log):
