@@ -107,7 +107,9 @@ def step(what, command, cwd, env, log):
 def baseline_table(state_dir):
     """The rows of the baseline's first run: what train.py printed and what the scorer attested."""
     ledger = state.Ledger(state_dir / "ledger.jsonl")
-    run = next(r for r in ledger.events("run") if r["experiment"] == 0)
+    run = next((r for r in ledger.events("run") if r["experiment"] == 0), None)
+    if run is None:
+        return [("baseline", "no run recorded")], False, None
     log = (state_dir.parent.parent / run["log"]).read_text(errors="replace")  # the ledger's paths: from the root
     first = lambda prefix: next((line.split(":", 1)[1].strip() for line in log.splitlines()  # noqa: E731
                                  if line.startswith(prefix)), "not printed")
