@@ -190,11 +190,11 @@ def download_all(files, workers, attempts=5, backoff=2.0):
             except BaseException as e:
                 results.put(e)
 
-    for _ in range(min(workers, len(todo))):
-        threading.Thread(target=worker, daemon=True).start()
-    update = _progress("downloaded")
     failures = []
-    try:
+    try:  # from the first thread's start: a Ctrl-C while the others start must also stop it and remove its .tmp
+        for _ in range(min(workers, len(todo))):
+            threading.Thread(target=worker, daemon=True).start()
+        update = _progress("downloaded")
         for done in range(1, len(todo) + 1):
             error = results.get()
             if isinstance(error, PrepareError):

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import hypothesis
@@ -194,6 +195,30 @@ def test_ctrl_c_during_download_leaves_nothing_half_written(tmp_path, hub):
     assert "Interrupted" in stderr
     assert list((cache / "data").iterdir()) == []
     assert not (cache / "manifest.json").exists()
+
+
+def test_ctrl_c_while_the_download_threads_start_leaves_nothing_half_written(tmp_path, hub, monkeypatch):
+    for name in ("a.parquet", "b.parquet"):
+        hub.add_parquet(name, make_documents(30, seed=1, max_words=40))  # about 2 s each, sent slowly
+    hub.slow.update(hub.files)
+    started, start = [], threading.Thread.start
+
+    def start_then_interrupt(thread):  # Ctrl-C once the first download has its .tmp, as the second thread starts
+        start(thread)
+        started.append(thread)
+        if len(started) == 2:
+            deadline = time.time() + 30
+            while not list(tmp_path.glob("*.tmp")) and time.time() < deadline:
+                time.sleep(0.01)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        data_sources.download_all([(f"{hub.url}/{name}", tmp_path / name) for name in ("a.parquet", "b.parquet")],
+                                  workers=2)
+    monkeypatch.undo()
+    for thread in started:
+        thread.join(timeout=30)  # each sees the stop at its next chunk
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tinystories_holds_out_a_fixed_val_slice(tmp_path, hub):
