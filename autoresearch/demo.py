@@ -25,7 +25,7 @@ from pathlib import Path
 
 import git
 
-from autoresearch import state
+from autoresearch import runs, state, weights
 
 DEMO_CACHE = Path("~/.cache/autoresearch-demo").expanduser()  # beside the default cache, never the same
 PREPARE = ["--dataset", "stdlib", "--preset", "small"]  # the corpus every Python has; a 30 s budget
@@ -77,7 +77,8 @@ def keep_results(tag_dir, cache):
         return None
     results = cache / "runs" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     # of models/, the baseline's and the best's (runs/ holds them again, and those of undecided experiments)
-    shutil.copytree(tag_dir, results, ignore=shutil.ignore_patterns("lock", "*.pid", "scratch", "compile-cache", "runs"))
+    shutil.copytree(tag_dir, results, ignore=shutil.ignore_patterns("lock", "*.pid", "scratch", runs.COMPILE_CACHE,
+                                                                     weights.RUNS))
     return results
 
 

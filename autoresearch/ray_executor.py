@@ -144,7 +144,7 @@ def run_experiment(train_source, harness, fingerprint, key_hex, timeout, cache=N
     hostname, ip = socket.gethostname(), ray.util.get_node_ip_address()
     cache = Path(cache).expanduser() if cache else integrity.cache_dir()
     started, done, outcome = [], threading.Event(), {}
-    weights_path = Path(tempfile.mkdtemp(prefix="autoresearch-weights-")) / "model.safetensors" if weights else None
+    weights_path = Path(tempfile.mkdtemp(prefix="autoresearch-weights-")) / runner.WEIGHTS_FILE if weights else None
 
     def target():  # in a thread: the KeyboardInterrupt of ray.cancel arrives in this (main) thread at once
         try:
@@ -248,15 +248,15 @@ def cancel_all(refs):
 
 
 def keep_weights(data, path):
-    """A worker's weights written where the night keeps a run's, whole (through a partial file); their path, or
-    None when the disk refused them (the run goes on without)."""
-    partial = path.with_name(path.name + ".tmp")
+    """A worker's weights written where the night keeps a run's, whole; their path, or None when the disk refused
+    them (the run goes on without)."""
+    from autoresearch import weights
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_bytes(data)
-        os.replace(partial, path)
+        weights.replace_with(path, lambda partial: partial.write_bytes(data))
     except OSError:
-        partial.unlink(missing_ok=True)
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
         return None
     return str(path)
 

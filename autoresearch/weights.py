@@ -24,6 +24,7 @@ from autoresearch.console import fail
 from autoresearch.options import TIMEOUT_MARGIN
 
 MODELS = "models"
+RUNS = "runs"  # in MODELS: each run's weights, until tidy() removes them
 ROLES = ("baseline", "best")
 # how far a model scored again may be from its run's val_bpb: the scorer shuffles other rows beside each row
 SAME_VAL_BPB = 1e-3
@@ -34,7 +35,7 @@ SAME_VAL_BPB = 1e-3
 
 def run_file(state_dir, log_path):
     """Where a run's weights go: models/runs/, named as its log."""
-    return Path(state_dir) / MODELS / "runs" / (Path(log_path).stem + ".safetensors")
+    return Path(state_dir) / MODELS / RUNS / (Path(log_path).stem + ".safetensors")
 
 
 def describe(path, state_dir):
@@ -44,10 +45,8 @@ def describe(path, state_dir):
     try:
         with safe_open(path, framework="numpy"):  # its header parses, and its tensors fit in the file
             pass
-        digest = hashlib.sha256()
         with open(path, "rb") as file:
-            while chunk := file.read(1 << 20):
-                digest.update(chunk)
+            digest = hashlib.file_digest(file, "sha256")
     except Exception:  # noqa: BLE001 -- whatever train.py's process wrote there, it is not a model we keep
         return None
     return {"file": str(Path(path).relative_to(state_dir)), "sha256": digest.hexdigest(),
@@ -69,12 +68,12 @@ def chosen(ledger):
     return {role: run for role, run in picks.items() if run}
 
 
-def kept_files(ledger):
-    """The files of models/runs/ still needed: the chosen runs', and every run's of an experiment not decided yet
-    (the baseline's before its row, an idea's before its row)."""
+def kept_files(ledger, picks):
+    """The files of models/runs/ still needed: the chosen runs' (picks: chosen()), and every run's of an experiment
+    not decided yet (the baseline's before its row, an idea's before its row)."""
     decided = {r["experiment"] for r in ledger.results()}
     undecided = [r for r in ledger.valid_runs() if r.get("weights") and r["experiment"] not in decided]
-    return {run["weights"]["file"] for run in [*chosen(ledger).values(), *undecided]}
+    return {run["weights"]["file"] for run in [*picks.values(), *undecided]}
 
 
 # -----------------------------------------------------------------------------
@@ -84,14 +83,13 @@ def kept_files(ledger):
 def tidy(state_dir, ledger, constants, busy=()):
     """Remove the runs' files no longer needed (not those of `busy`, the runs out, whose ledger records are yet to
     come), and point models/<role>.safetensors and its JSON at the chosen runs'."""
-    state_dir = Path(state_dir)
+    state_dir, picks = Path(state_dir), chosen(ledger)
     folder = state_dir / MODELS
-    keep = {state_dir / name for name in kept_files(ledger)}
+    keep = {state_dir / name for name in kept_files(ledger, picks)}
     keep |= {Path(path) for path in busy} | {Path(f"{path}.tmp") for path in busy}  # their copy may be under way
-    for path in (folder / "runs").glob("*"):
+    for path in (folder / RUNS).glob("*"):
         if path not in keep:
             path.unlink(missing_ok=True)
-    picks = chosen(ledger)
     for role in ROLES:
         link, sidecar = folder / f"{role}.safetensors", folder / f"{role}.json"
         run = picks.get(role)

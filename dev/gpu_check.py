@@ -39,7 +39,7 @@ import git
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from autoresearch import state, weights  # noqa: E402 -- after the checkout is on the path
+from autoresearch import report, state, weights  # noqa: E402 -- after the checkout is on the path
 from autoresearch.demo import temporary_clone  # noqa: E402
 
 TAG = "gpu-check"
@@ -149,13 +149,12 @@ def night_rows(state_dir):
     rows = [("night", f"{outcome}; runs of {seconds} s"),
             ("start-up + compile, each run", f"{', '.join(start_ups)} s (the later ones start from the baseline's "
              "compile cache)")]
-    models = state_dir / weights.MODELS
+    models = {model["role"]: model for model in report.saved_models(ledger)}
     for role in weights.ROLES:
-        path = models / f"{role}.safetensors"
-        if not path.is_file():
-            problems.append(f"no {role} model was kept ({path})")
+        if role not in models:
+            problems.append(f"no {role} model was kept (in {state_dir / weights.MODELS})")
             continue
-        rows.append((f"{role} weights", f"{path.stat().st_size / 1e6:.1f} MB"))
+        rows.append((f"{role} weights", f"{models[role]['bytes'] / 1e6:.1f} MB"))
     return rows, problems
 
 
