@@ -340,7 +340,7 @@ def test_a_night_under_max_hours_shows_the_time_left(night):
 def test_a_signal_kills_the_run_and_leaves_train_py_at_the_best_commit(night, signum):
     night.llm.script(change("hang", HANG))
     driver = night.start()
-    hung = night.wait_for_runs(5)[4]  # after the four runs of the baseline
+    hung = night.wait_for_runs(5, running=True)[4]  # after the four runs of the baseline
     driver.send_signal(signum)
     assert driver.wait(timeout=20) == 130, driver.stdout.read()
     assert not alive(hung)
@@ -354,7 +354,7 @@ def test_a_signal_kills_the_run_and_leaves_train_py_at_the_best_commit(night, si
 def test_resume_after_sigkill_goes_on_with_the_unfinished_experiment_and_runs_nothing_twice(night, workers):
     night.llm.script(change("slow gain", BETTER, ("SLEEP = 0.0", "SLEEP = 1.0")))
     driver = night.start("--max-experiments", "2", "--workers", workers)
-    orphan = night.wait_for_runs(5, timeout=120)[4]  # the idea's first run, after the four runs of the baseline
+    orphan = night.wait_for_runs(5, timeout=120, running=True)[4]  # the idea's first run, after the baseline's four
     driver.kill()
     driver.wait()
     result = night.run("--max-experiments", "2", "--workers", workers)  # the same command

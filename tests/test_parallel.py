@@ -112,10 +112,10 @@ def test_a_run_whose_ray_worker_dies_goes_out_again_once_and_ctrl_c_then_cancels
     # with the handler Ray's init replaced put back by connect(): test_ray_executor.py)
     night.llm.script(change("hang", HANG))
     driver = night.start("--ray", ray_cluster.address, "--workers", "2", "--max-experiments", "2")
-    first = night.wait_for_runs(5, timeout=120)[4]  # the idea's first run, after the baseline's four
+    first = night.wait_for_runs(5, timeout=120, running=True)[4]  # the idea's first run, after the baseline's four
     [worker] = [p for p in psutil.Process(first).parents() if " ".join(p.cmdline()).startswith("ray::")]
     worker.kill()  # the Ray worker that runs it
-    again = night.wait_for_runs(6, timeout=60)[5]
+    again = night.wait_for_runs(6, timeout=60, running=True)[5]
     driver.send_signal(signal.SIGINT)
     printed = driver.communicate(timeout=60)[0]
     assert driver.returncode == 130, printed

@@ -89,12 +89,13 @@ class Night:
         return subprocess.Popen([sys.executable, str(AGENT_LOOP), *self.arguments(*args)], cwd=self.repo,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
-    def wait_for_runs(self, count, timeout=60):
-        """The pids of the first `count` train.py runs, once that many have started (None: it has ended)."""
+    def wait_for_runs(self, count, timeout=60, running=False):
+        """The pids of the first `count` train.py runs, once that many have started (None: it has ended); running:
+        once the count-th is found running too (a run that has named itself may not have re-executed yet)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             pids = self.train_pids()
-            if len(pids) >= count:
+            if len(pids) >= count and not (running and pids[count - 1] is None):
                 return pids
             time.sleep(0.05)
         raise AssertionError(f"fewer than {count} runs of train.py started")
