@@ -9,6 +9,7 @@ process tree is killed (psutil). The driver reads the summary block after the la
 line while it trains, and a crashed run's log tail (up to where the evaluation began), fenced for the agent.
 """
 
+import functools
 import json
 import os
 import re
@@ -55,7 +56,8 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
     its cache there when there is none yet (the baseline's: runs of edited train.py add nothing to it). Returns
     returncode (None: killed at the limit), seconds, log, record (its text, or None), changed (of the harness),
     weights (the path, or None when it saved none)."""
-    cache, root = Path(cache) if cache else integrity.cache_dir(), Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
+    cache = Path(cache) if cache else integrity.cache_dir()
+    root = Path(tempfile.mkdtemp(prefix="autoresearch-run-", dir=runs_folder()))
     # train.py works in task/ with its own temp folder tmp/; the scorer in scorer/, with the driver's harness
     work, private_tmp, scoring = root / "task", root / "tmp", root / "scorer"
     log_path = Path(log_path or root / "run.log")
@@ -178,11 +180,27 @@ def read_log(path):
     return data.decode(errors="replace")
 
 
+@functools.cache
+def runs_folder():
+    """The folder of every run's folder on this machine, your user's alone: each run's sandbox denies it whole, so no
+    run reads another's folder, also one that runs beside it or starts after it. One of this process's own when the
+    shared one is not a folder of yours that only you can open."""
+    folder = Path(tempfile.gettempdir()) / f"autoresearch-runs-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        status = os.lstat(folder)
+        if stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid() and not status.st_mode & 0o077:
+            return folder
+    except (OSError, AttributeError):
+        pass
+    return Path(tempfile.mkdtemp(prefix="autoresearch-runs-"))
+
+
 def guarded(cache, env):
-    """(what train.py must not read: the cache's validation data, the driver's .autoresearch, your credentials;
-    what its sandbox then cannot protect, in words)"""
+    """(what train.py must not read: the cache's validation data, the driver's .autoresearch, the folders of the
+    runs, your credentials; what its sandbox then cannot protect, in words)"""
     paths, caveats = integrity.validation_files(cache)
-    paths += [state.STATE_ROOT.resolve()] + sandbox.credentials(env)
+    paths += [state.STATE_ROOT.resolve(), runs_folder()] + sandbox.credentials(env)
     return paths, sandbox.caveats(env, paths) + caveats
 
 

@@ -3,9 +3,12 @@ harness, each trying what a model optimising val_bpb might; and the words the ru
 
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
@@ -111,6 +114,22 @@ def test_train_py_writes_only_its_folder_and_its_own_temp_folder(tmp_path, stand
     assert outcomes(result) == {"try-outside": "refused PermissionError", "try-folder": "done", "try-temp": "done",
                                 "try-home": "done"}, result["log"]
     assert not outside.exists()
+
+
+@needs_landlock
+def test_train_py_cannot_read_the_folder_of_another_run_beside_it(tmp_path, stand_in):
+    other = Path(tempfile.mkdtemp(prefix="autoresearch-run-", dir=runner.runs_folder()))  # as a run beside it makes
+    try:
+        (other / "task").mkdir()
+        (other / "task" / "rows.bin").write_bytes(b"validation rows a run saw")
+        lines = (f"attempt('try-other', lambda: open({str(other / 'task' / 'rows.bin')!r}).read())\n"
+                 f"attempt('try-list', lambda: os.listdir({str(runner.runs_folder())!r}))\n"
+                 "attempt('try-own', lambda: open('train.py').read())\n")
+        result = run_trying(tmp_path, lines, harness=stand_in)
+    finally:
+        shutil.rmtree(other)
+    assert outcomes(result) == {"try-other": "refused PermissionError", "try-list": "refused PermissionError",
+                                "try-own": "done"}, result["log"]
 
 
 @needs_namespaces
