@@ -31,6 +31,10 @@ PYCACHE = Path(tempfile.gettempdir()) / f"autoresearch-tests-pycache-{getpass.ge
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 os.environ["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
 sys.dont_write_bytecode, sys.pycache_prefix = False, str(PYCACHE)
+# One thread per process: two test processes share this 2-core machine, each starting train.py, its probe run and the
+# scorer, all importing torch. With a thread per core each, OpenMP's threads spin against each other's: the three
+# end-to-end tests took 186 s side by side, 84 s with this (2026-12-05, dev/LOG.md).
+os.environ["OMP_NUM_THREADS"] = "1"
 TINY = ["--vocab-size", "512", "--max-seq-len", "64", "--eval-tokens", "4096", "--time-budget", "2"]
 
 # The user's own caches: every test works in its temp dir, so the suite fails if one of these, or an entry in
