@@ -54,7 +54,7 @@ SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
 BOS_TOKEN = SPECIAL_TOKENS[0]
 PACK_BUFFER = 1000                       # documents the best-fit packer chooses from
 CAUSALITY_TOLERANCE = 1e-2               # nats a causal model's past loss may move when the future changes
-SAVE_WEIGHTS = "AUTORESEARCH_SAVE_WEIGHTS"  # where evaluate_bpb saves the model it scored, when the driver asks
+SAVE_WEIGHTS = "AUTORESEARCH_SAVE_WEIGHTS"  # where evaluate_bpb saves the model it hands the scorer, when asked
 LOAD_WEIGHTS = "AUTORESEARCH_LOAD_WEIGHTS"  # weights evaluate_bpb loads into the model before scoring it
 
 
@@ -297,8 +297,8 @@ def _pack(batches, B, T, device):
 # evaluate_bpb is the scorer's client. The driver starts the scorer with the run and hands train.py's process one
 # end of a Unix socket (its number in $AUTORESEARCH_SCORER_FD); run by hand, evaluate_bpb starts a scorer itself.
 # The scorer alone reads the validation tokens and their byte lengths and holds the run's key: it sends input rows,
-# evaluate_bpb runs the model and hands back its logits through shared memory (CUDA IPC for a CUDA tensor), and the
-# scorer computes the loss. docs/integrity.md says what it checks.
+# evaluate_bpb runs the model and hands back its logits through shared memory, and the scorer computes the loss.
+# docs/integrity.md says what it checks.
 
 SCORER_FD = "AUTORESEARCH_SCORER_FD"
 MAX_HEADER = 1 << 20  # bytes of one message's JSON header
@@ -438,10 +438,12 @@ def evaluate_bpb(model, tokenizer, batch_size):
     """Cross-entropy of EVAL_TOKENS validation tokens, in bits per byte of the text they encode.
 
     Calls `model(x)` for logits [B, T, vocab] on the rows the scorer sends; the scorer computes the per-token loss
-    (special tokens, 0 bytes, are left out of the sum). About twice EVAL_TOKENS go through the model: beside each
-    scored row, a copy whose later tokens differ, which must not change the loss before them. A model whose
-    outputs depend on future tokens, or that changes while it is evaluated, is refused. The tokens are the val
-    split's, or the holdout's when the driver asked the scorer for that run: train.py cannot tell which.
+    (special tokens, 0 bytes, are left out of the sum). Of each batch, a share of the rows also get a copy whose
+    later tokens differ, which must not change the loss before them: run by the driver, a second run of train.py
+    scores those copies with the weights this one hands over first (the driver asks for them), and by hand this
+    process scores them after the others. A model whose outputs depend on future tokens, or that changes while it
+    is evaluated, is refused. The tokens are the val split's, or the holdout's when the driver asked the scorer for
+    that run: train.py cannot tell which.
     """
     import torch
 
@@ -450,8 +452,13 @@ def evaluate_bpb(model, tokenizer, batch_size):
         from safetensors.torch import load_model
 
         load_model(_unwrapped(model), os.environ[LOAD_WEIGHTS], strict=True, device=str(device))
+    request, fds = _handed_weights(model)
     with _scorer() as wire:
-        wire.send({"evaluate": batch_size})
+        try:
+            wire.send({"evaluate": batch_size, **request}, fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
         header, payload, _ = wire.receive(1 << 34)
         logits = _Logits(wire)
         try:
@@ -465,12 +472,19 @@ def evaluate_bpb(model, tokenizer, batch_size):
         raise RuntimeError("evaluate_bpb: the scorer ended without an answer (its errors are in the run's log)")
     if "refused" in header:
         raise (NonCausalModelError if header.get("non_causal") else ValueError)(header["refused"])
-    if os.environ.get(SAVE_WEIGHTS):
-        try:
-            _save_weights(model, os.environ[SAVE_WEIGHTS])
-        except Exception as error:  # noqa: BLE001 -- the run was scored: it is not a crash for want of a copy
-            print(f"evaluate_bpb: the weights were not saved ({type(error).__name__}: {error})", file=sys.stderr)
     return header["val_bpb"]
+
+
+def _handed_weights(model):
+    """What the evaluation request carries when the driver asks for the model's weights (SAVE_WEIGHTS): the saved
+    file, open, for the scorer to keep before any row goes out; or why it could not be saved."""
+    if not os.environ.get(SAVE_WEIGHTS):
+        return {}, []
+    try:
+        _save_weights(model, os.environ[SAVE_WEIGHTS])
+        return {"weights": True}, [os.open(os.environ[SAVE_WEIGHTS], os.O_RDONLY)]
+    except Exception as error:  # noqa: BLE001 -- the scorer refuses the evaluation and the record says why
+        return {"weights_error": f"{type(error).__name__}: {error}"}, []
 
 
 def _unwrapped(model):

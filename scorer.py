@@ -2,18 +2,23 @@
 The scorer: the process that holds the validation tokens and the run's key, and computes val_bpb.
 
 - The driver starts it beside train.py's process (autoresearch/runner.py), in a folder train.py does not work in,
-  with one JSON line on stdin: {"key": HEX, "fd": N, "split": "val" or "holdout"}. Its clock starts then. fd N is
-  its end of a Unix socket; train.py's process holds the other. By hand, prepare.evaluate_bpb starts one itself.
+  with one JSON line on stdin: {"key": HEX, "fd": N, "split": "val" or "holdout", "started": CLOCK, and with a
+  probe run "probe_fd": M, "weights": {"path": P, "limit": BYTES}}. fd N is its end of a Unix socket to train.py's
+  process; fd M, to the probe run's. By hand, prepare.evaluate_bpb starts one itself, with no probe run.
 - It serves one evaluation and refuses a second. evaluate_bpb (prepare.py) is its client: the scorer sends input
   rows, receives the model's logits through shared memory, and computes the cross-entropy itself. The client
   never sees a target it could not already see in its inputs. Its clock is the driver's: the request's "started"
   is when train.py's process started, and the time that counts is when the first logits came back.
-- Causality on every batch: beside each scored row goes a spliced copy, its tail from a random position replaced
-  by validation text that is never scored, the two shuffled among the others of their step; the loss before the
-  splice must not move. One batch goes twice, the second time last and reordered: a model that changed in between
-  (it learned from the text it was scored on) scores it differently.
-- It prints its record, signed with HMAC-SHA256 under the key, as one JSON line on stdout, after the evaluation
-  and when the run ends (its socket closes, or its stdin does). The driver takes the last line.
+- Causality, with probes the model cannot tell from data nor remember: of every scored batch, a share of the rows
+  get a spliced copy, its tail from a random position replaced by validation text that is never scored; the loss
+  before the splice must not move. With the driver, train.py hands over its model's weights (a file, kept at
+  "weights") before any row goes out, and the copies are scored by the probe run: a second run of train.py that
+  loads those weights and never saw the scored rows. So a model that looks ahead, that remembers the rows it was
+  shown to answer their copies alike, or that changed after it handed its weights over, is refused. By hand, the
+  copies follow the scored rows in the same process.
+- It prints its record, signed with HMAC-SHA256 under the key, as one JSON line on stdout: as it goes, then, once
+  the driver says train.py's run has ended ("ended" on stdin), with "stage" "probe" when it waits for the probe
+  run, and last with "stage" "final" (when its stdin closes). The driver takes the last line.
 """
 
 import functools
@@ -24,13 +29,19 @@ import mmap
 import os
 import secrets
 import socket
+import stat
 import sys
 import threading
 import time
+from pathlib import Path
 
 import prepare  # the copy beside this file (the driver's, never train.py's)
 
-RECORD_FORMAT = 2
+RECORD_FORMAT = 3
+# Of each scored batch, the share of rows that get a spliced copy: the probe run scores them, which costs that share of
+# the evaluation's compute
+PROBE_SHARE = 0.25
+PROBE_ROWS = 64  # and at least this many rows (all of a smaller evaluation): the largest move is over more rows
 # Written into the run's log as the evaluation begins: the driver shows the agent nothing train.py printed after it,
 # which could hold validation text (autoresearch/runner.py has the same line).
 EVALUATION_BEGINS = "scorer: the evaluation begins; what the run prints from here on is not shown to the agent"
@@ -98,12 +109,13 @@ def _memfd_device():
 
 
 class Evaluation:
-    """Serve one evaluation of `batch_size` rows per batch over `wire`; return what the record says of it."""
+    """One evaluation of `batch_size` rows per batch: the scored rows (`score`), then the spliced copies of some
+    (`probe`), each over the wire of the process that runs the model."""
 
-    def __init__(self, wire, rows, token_bytes, batch_size):
+    def __init__(self, rows, token_bytes, batch_size):
         import torch
 
-        self.wire, self.torch = wire, torch
+        self.torch = torch
         T = prepare.MAX_SEQ_LEN
         self.B, self.T = batch_size, T
         self.steps = prepare.EVAL_TOKENS // (batch_size * T) if isinstance(batch_size, int) and batch_size > 0 else 0
@@ -113,57 +125,64 @@ class Evaluation:
         n = self.steps * batch_size
         self.real = rows[:n]
         generator = torch.Generator().manual_seed(secrets.randbits(63))
-        self.spliced, self.cuts = splice(self.real, rows[n:2 * n], generator)
-        self.batches = []  # each: [(spliced?, row)], B of them; a step's real rows and their copies, shuffled
-        for step in range(self.steps):
-            mixed = [(j >= batch_size, step * batch_size + j % batch_size)
-                     for j in torch.randperm(2 * batch_size, generator=generator).tolist()]
-            self.batches += [mixed[:batch_size], mixed[batch_size:]]
-        self.repeated = int(torch.randint(len(self.batches), (1,), generator=generator))
-        again = self.batches[self.repeated]
-        self.batches.append([again[i] for i in torch.randperm(batch_size, generator=generator).tolist()])
+        # rows of every batch, then more to fill the probe run's last batch
+        share = min(batch_size, math.ceil(max(PROBE_SHARE * n, PROBE_ROWS) / self.steps))
+        probed = [step * batch_size + j for step in range(self.steps)
+                  for j in torch.randperm(batch_size, generator=generator)[:share].tolist()]
+        others = sorted(set(range(n)) - set(probed))
+        fill = -len(probed) % batch_size
+        probed += [others[i] for i in torch.randperm(len(others), generator=generator)[:fill].tolist()]
+        self.probed = torch.tensor(probed)[torch.randperm(len(probed), generator=generator)]  # in the probes' order
+        self.spliced, self.cuts = splice(self.real[self.probed], rows[n:n + len(probed)], generator)
         self.token_bytes = token_bytes
-        self.memory, self.first_logits = None, None
-        self.seen, self.first_losses = {}, {}  # row: (loss, batch) of its first half, until the other is compared
-        self.moved, self.repeat_difference, self.nats, self.bytes = 0.0, None, 0.0, 0
+        self.memory, self.memory_wire, self.first_logits = None, None, None
+        self.kept = dict.fromkeys(probed)  # a probed row: its loss, once scored
+        self.moved, self.nats, self.bytes = 0.0, 0.0, 0
 
-    def run(self):
+    def score(self, wire):
+        """The scored rows, in order: val_bpb's sums, and the losses of the rows to be probed."""
         print(EVALUATION_BEGINS, file=sys.stderr, flush=True)
-        for number, batch in enumerate(self.batches):
-            rows = self.torch.stack([(self.spliced if spliced else self.real)[row] for spliced, row in batch])
-            targets = self.torch.stack([self.real[row, 1:] for _, row in batch])  # the scored row's, for both
-            self.wire.send({"inputs": [self.B, self.T]}, rows[:, :-1].contiguous().numpy().tobytes())
-            losses = self.losses(targets)
-            if (number + 1) * 10 // len(self.batches) > number * 10 // len(self.batches):  # each tenth
-                print(f"scorer: evaluated {number + 1} of {len(self.batches)} batches", file=sys.stderr, flush=True)
-            if number == self.repeated:
-                self.first_losses = {key: loss for key, loss in zip(batch, losses)}
-            if number == len(self.batches) - 1:
-                self.repeat_difference = max((loss - self.first_losses[key]).abs().max().item()
-                                             for key, loss in zip(batch, losses))
-                if not self.repeat_difference <= prepare.CAUSALITY_TOLERANCE:
-                    raise Refused(f"evaluate_bpb refuses this model: one batch scored twice, at step {self.repeated} "
-                                  f"and at the end, moved by {self.repeat_difference:.3g} nats: the model changed "
-                                  "while it was evaluated (it must not learn from the text it is scored on, nor "
-                                  "carry state from one batch to the next)")
-                break
-            for (spliced, row), loss in zip(batch, losses):
-                self.compare(spliced, row, loss, number)
-        return self.result()
+        for step in range(self.steps):
+            rows = self.real[step * self.B:(step + 1) * self.B]
+            losses = self.losses(wire, rows)
+            nbytes = self.token_bytes[rows[:, 1:]]
+            self.nats += (losses.double() * (nbytes > 0)).sum().item()
+            self.bytes += nbytes.sum().item()
+            for j, loss in enumerate(losses):
+                if step * self.B + j in self.kept:
+                    self.kept[step * self.B + j] = loss
+            self.progress("evaluated", step, self.steps)
 
-    def losses(self, targets):
-        """Per-row cross-entropy (nats) of the logits the client sends back, against `targets`."""
+    def probe(self, wire):
+        """The spliced copies, compared before their splice with the rows they were made from."""
+        batches = len(self.probed) // self.B
+        for number in range(batches):
+            picks = range(number * self.B, (number + 1) * self.B)
+            rows = self.probed[picks.start:picks.stop]
+            losses = self.losses(wire, self.spliced[picks.start:picks.stop], self.real[rows, 1:])
+            for i, loss in zip(picks, losses):
+                self.compare(int(self.probed[i]), int(self.cuts[i]), loss)
+            self.progress("probed", number, batches)
+
+    def progress(self, done, number, count):
+        if (number + 1) * 10 // count > number * 10 // count:  # each tenth
+            print(f"scorer: {done} {number + 1} of {count} batches", file=sys.stderr, flush=True)
+
+    def losses(self, wire, rows, targets=None):
+        """Per-row cross-entropy (nats) of the logits the client sends back for rows[:, :-1], against `targets`
+        (by default the rows' own next tokens)."""
         F = self.torch.nn.functional
-        logits = self.receive_logits()
-        targets = targets.to(logits.device)
+        wire.send({"inputs": [self.B, self.T]}, rows[:, :-1].contiguous().numpy().tobytes())
+        logits = self.receive_logits(wire)
+        targets = (rows[:, 1:] if targets is None else targets).to(logits.device)
         with self.torch.no_grad():
             return self.torch.cat([F.cross_entropy(chunk.float().flatten(0, 1), goal.flatten(), reduction="none")
                                    .view(goal.shape).cpu() for chunk, goal in zip(logits.split(CHUNK_ROWS),
                                                                                   targets.split(CHUNK_ROWS))])
 
-    def receive_logits(self):
+    def receive_logits(self, wire):
         torch = self.torch
-        header, _, fds = self.wire.receive(0)
+        header, _, fds = wire.receive(0)
         if header is None:
             raise EOFError
         described = header.get("logits")
@@ -177,43 +196,44 @@ class Evaluation:
         dtype, count = getattr(torch, described["dtype"]), math.prod(shape)
         if self.first_logits is None:
             self.first_logits = time.monotonic()
+        if wire is not self.memory_wire:  # the probe run maps memory of its own
+            self.close()
         if fds:
             if prepare._SEALS and not _sealed(fds[0]):
                 raise Refused("evaluate_bpb: the logits' shared memory must be a memfd sealed against resizing")
-            if self.memory is not None:
-                self.memory.close()
-            self.memory = mmap.mmap(fds[0], os.fstat(fds[0]).st_size)
+            self.close()
+            self.memory, self.memory_wire = mmap.mmap(fds[0], os.fstat(fds[0]).st_size), wire
             for fd in fds:
                 os.close(fd)
         if self.memory is None or len(self.memory) < count * dtype.itemsize:
             raise Refused("evaluate_bpb: the logits' shared memory is smaller than the logits")
         return torch.frombuffer(self.memory, dtype=dtype, count=count).view(shape)
 
-    def compare(self, spliced, row, loss, number):
-        """A scored row and its spliced copy agree before the splice, or the model looks ahead."""
-        if not spliced:
-            nbytes = self.token_bytes[self.real[row, 1:]]
-            self.nats += (loss.double() * (nbytes > 0)).sum().item()
-            self.bytes += nbytes.sum().item()
-        if row not in self.seen:
-            self.seen[row] = loss, number
-            return
-        other, other_number = self.seen.pop(row)
-        cut = int(self.cuts[row])
-        moved = (loss[:cut] - other[:cut]).abs().max().item()
+    def close(self):
+        if self.memory is not None:
+            self.memory.close()
+        self.memory, self.memory_wire = None, None
+
+    def compare(self, row, cut, loss):
+        """A scored row and its spliced copy agree before the splice, or the model looks ahead (or changed)."""
+        moved = (loss[:cut] - self.kept[row][:cut]).abs().max().item()
         self.moved = max(self.moved, moved)
         if not moved <= prepare.CAUSALITY_TOLERANCE:
             raise Refused(f"evaluate_bpb refuses to score this model: on a row whose tokens from position {cut} on "
                           f"were replaced by other text, its loss at earlier positions moved by {moved:.3g} nats, "
-                          "so it looks at future tokens" + (" (or it changed between two batches: it must not "
-                          "learn from the text it is scored on)" if number != other_number else "")
-                          + " and its val_bpb would be meaningless. Keep attention causal (and nothing else mixing "
-                          "positions forward)", non_causal=True)
+                          "so it looks at future tokens (or it changed while it was evaluated: it must not learn "
+                          "from the text it is scored on, nor differ from the weights it handed over) and its "
+                          "val_bpb would be meaningless. Keep attention causal (and nothing else mixing positions "
+                          "forward)", non_causal=True)
 
     def result(self):
         return {"batch_size": self.B, "seq_len": self.T, "tokens": self.steps * self.B * self.T, "bytes": self.bytes,
-                "val_bpb": self.nats / (math.log(2) * self.bytes) if self.bytes else None,
-                "future_influence": self.moved, "probes": len(self.real), "repeat_difference": self.repeat_difference}
+                "val_bpb": self.nats / (math.log(2) * self.bytes) if self.bytes else None, "probe": None}
+
+    def probe_result(self, seconds, apart):
+        """What the record says of the probes: how many rows, the largest move before a splice, in which run."""
+        return {"rows": len(self.probed), "future_influence": self.moved, "seconds": seconds,
+                "run": "apart" if apart else "same process"}
 
 
 # -----------------------------------------------------------------------------
@@ -224,9 +244,10 @@ class Scorer:
     def __init__(self, request):
         self.key, self.split = bytes.fromhex(request["key"]), request.get("split", "val")
         self.started = float(request.get("started", time.monotonic()))  # the driver's clock: train.py's start
+        self.weights = request.get("weights")  # with a probe run: where the weights handed over are kept
         self.record = {"format": RECORD_FORMAT, "split": self.split, "evaluations": [], "problems": [],
-                       "unfinished": None}
-        self.ready, self.prepared, self.error = threading.Event(), None, None
+                       "unfinished": None, "stage": "scoring"}
+        self.ready, self.prepared, self.error, self.pending = threading.Event(), None, None, None
         threading.Thread(target=self.prepare_rows, daemon=True).start()  # while train.py trains
 
     def prepare_rows(self):
@@ -240,12 +261,12 @@ class Scorer:
     def serve(self, wire):
         """One evaluation. A second request is refused, and then nothing more is read: whatever train.py does next
         cannot grow the record."""
-        header = self.receive(wire)
+        header, fds = self.receive(wire)
         if header is None:
             return
         if "evaluate" not in header:
             return self.problem("evaluate_bpb sent the scorer a message out of turn")
-        if self.evaluate(wire, header["evaluate"]) and self.receive(wire) is not None:
+        if self.evaluate(wire, header, fds) and self.receive(wire)[0] is not None:
             self.problem("evaluate_bpb was called again: one evaluation, of the final model, is allowed (more would "
                          "select on the validation data)")
             try:
@@ -254,26 +275,33 @@ class Scorer:
                 pass
 
     def receive(self, wire):
-        """The client's next request (None: it has gone, or broke the protocol, which the record says)."""
+        """The client's next request and the file descriptors with it ((None, []): it has gone, or broke the
+        protocol, which the record says)."""
         try:
             header, _, fds = wire.receive(0)
         except Exception as error:  # noqa: BLE001 -- whatever the bytes, the record says so
             self.problem(f"evaluate_bpb's messages to the scorer were malformed ({type(error).__name__})")
-            return None
-        for fd in fds:
-            os.close(fd)
-        return header
+            return None, []
+        return header, fds
 
-    def evaluate(self, wire, batch_size):
-        """Serve the evaluation; whether it finished."""
+    def evaluate(self, wire, header, fds):
+        """Serve the evaluation (with no probe run, its probes too); whether it finished."""
         self.ready.wait()
         if self.error is not None:
             raise self.error
         rows, token_bytes = self.prepared
         started = time.monotonic()
+        evaluation = None
         try:
-            evaluation = Evaluation(wire, rows, token_bytes, batch_size)
-            result = evaluation.run()
+            if self.weights is not None:
+                self.keep_weights(header, fds)
+            evaluation = Evaluation(rows, token_bytes, header["evaluate"])
+            evaluation.score(wire)
+            result = evaluation.result()
+            if self.weights is None:
+                probing = time.monotonic()
+                evaluation.probe(wire)
+                result["probe"] = evaluation.probe_result(time.monotonic() - probing, apart=False)
         except Refused as refused:
             self.problem(str(refused))
             wire.send({"refused": str(refused), "non_causal": refused.non_causal})
@@ -282,11 +310,63 @@ class Scorer:
             self.record["unfinished"] = f"{type(error).__name__}: {str(error)[:200]}"
             self.write()
             return False
-        self.record["evaluations"].append({"split": self.split, "first_logits": evaluation.first_logits - self.started,
-                                           "seconds": time.monotonic() - started, **result})
+        finally:
+            for fd in fds:
+                os.close(fd)
+            if evaluation is not None:
+                evaluation.close()
+        entry = {"split": self.split, "first_logits": evaluation.first_logits - self.started,
+                 "seconds": time.monotonic() - started, **result}
+        self.record["evaluations"].append(entry)
+        self.pending = (evaluation, entry) if self.weights is not None else None
         self.write()
         wire.send({"val_bpb": result["val_bpb"]})
         return True
+
+    def keep_weights(self, header, fds):
+        """Keep a copy of the weights train.py's process handed over with its request, before any row goes out: the
+        probe run scores the spliced copies with them. A regular file of at most the limit, or the run is refused."""
+        if not fds or not stat.S_ISREG(os.fstat(fds[0]).st_mode):
+            raise Refused("evaluate_bpb must hand the scorer the model's weights (a file) before the evaluation, "
+                          "for the probe run to load; it handed none" + (f" ({str(header['weights_error'])[:200]})"
+                                                                         if header.get("weights_error") else ""))
+        path, limit = Path(self.weights["path"]), int(self.weights["limit"])
+        partial, offset = path.with_name(path.name + ".tmp"), 0
+        with open(partial, "wb") as copy:
+            while chunk := os.pread(fds[0], 1 << 20, offset):
+                offset += len(chunk)
+                if offset > limit:
+                    break
+                copy.write(chunk)
+        if offset > limit:
+            partial.unlink()
+            raise Refused(f"evaluate_bpb: the model's weights are over {limit} bytes, which the scorer keeps at most")
+        partial.rename(path)
+
+    def serve_probe(self, wire):
+        """The probe run: the spliced copies, scored by a second run of train.py with the weights handed over."""
+        evaluation, entry = self.pending
+        header, fds = self.receive(wire)
+        for fd in fds:
+            os.close(fd)
+        if header is None or "evaluate" not in header:
+            self.record["unfinished"] = "the probe run ended before it asked for the rows to score"
+            return
+        started = time.monotonic()
+        try:
+            evaluation.probe(wire)
+        except Refused as refused:
+            self.problem(str(refused))
+            wire.send({"refused": str(refused), "non_causal": refused.non_causal})
+            return
+        except Exception as error:  # noqa: BLE001 -- the probe run crashed, was killed, or sent what cannot be read
+            self.record["unfinished"] = f"the probe run: {type(error).__name__}: {str(error)[:200]}"
+            return
+        finally:
+            evaluation.close()
+        entry["probe"] = evaluation.probe_result(time.monotonic() - started, apart=True)
+        self.write()
+        wire.send({"val_bpb": entry["val_bpb"]})
 
     def problem(self, why):
         self.record["problems"].append(why)
@@ -298,16 +378,38 @@ class Scorer:
         sys.stdout.flush()
 
 
+def _shut(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def main():
     request = json.loads(sys.stdin.readline())
     scorer = Scorer(request)
     sock = socket.socket(fileno=int(request["fd"]))
-    # the run ends when train.py's end of the socket closes, or when the driver closes our stdin (something train.py
-    # started may still hold its end)
-    threading.Thread(target=lambda: (sys.stdin.read(), sock.shutdown(socket.SHUT_RDWR)), daemon=True).start()
+    probe = socket.socket(fileno=int(request["probe_fd"])) if "probe_fd" in request else None
+
+    def listen():  # "ended": train.py's run is over (something it started may still hold its end); EOF: the run is
+        for line in sys.stdin:
+            if line.strip() == "ended":
+                _shut(sock)
+        for each in (sock, probe):
+            if each is not None:
+                _shut(each)
+
+    threading.Thread(target=listen, daemon=True).start()
     try:
         scorer.serve(prepare.Wire(sock))
+        _shut(sock)  # train.py's process reads nothing more from us, whatever it asks
+        if probe is not None and scorer.pending and not scorer.record["problems"]:  # a refused run needs none
+            scorer.record["stage"] = "probe"
+            scorer.write()
+            print("scorer: the probe run begins", file=sys.stderr, flush=True)
+            scorer.serve_probe(prepare.Wire(probe))
     finally:
+        scorer.record["stage"] = "final"
         scorer.write()
 
 

@@ -7,7 +7,7 @@ Three layers, each on plain values (docs/integrity.md explains them and their li
 - before a run, `static_problems`: train.py's source must call prepare's evaluate_bpb and leave the
   harness alone;
 - during it, the scorer (scorer.py, a process beside train.py's) computes val_bpb and signs its record: the
-  score, the tokens, the causality probes, the repeated batch, when the evaluation was asked for;
+  score, the tokens, the causality probes of the probe run, when the evaluation was asked for;
   `verify_record` checks its signature with the run's key, `record_problems` and `wall_clock_problems` read it;
 - around it, `harness_fingerprint`: the harness and the prepared cache must not change (and
   `portable_fingerprint`: a node that runs experiments for the driver must have the same cache).
@@ -121,6 +121,10 @@ def record_problems(record, missing, returncode, printed_val_bpb, constants):
         if printed_val_bpb is not None and abs(printed_val_bpb - final["val_bpb"]) > 1e-6:
             problems.append(f"train.py printed val_bpb {printed_val_bpb:.6f}, but the scorer measured "
                             f"{final['val_bpb']:.6f}")
+        if claims and not final.get("probe") and not problems:
+            problems.append("the scorer never probed the model it scored: the probe run, train.py again with the "
+                            "weights it handed over, did not score the spliced copies of its rows"
+                            + (f" ({record['unfinished']})" if record.get("unfinished") else ""))
     elif claims and not problems:
         problems.append("train.py printed a val_bpb, but the scorer never finished an evaluation"
                         + (f" ({record['unfinished']})" if record.get("unfinished") else ""))
@@ -141,7 +145,7 @@ def wall_clock_limits(baseline, time_budget):
     evaluation, and in all. `baseline` holds (total seconds, seconds until evaluation) of the unmodified
     train.py's runs on this machine. The first is the slowest baseline run's (its compilation counted) plus
     allowance(); the time after it may double the baseline's (a bigger model's evaluation takes longer; the
-    evaluation cannot hide training: the scorer's repeated batch sees a model that changes)."""
+    evaluation cannot hide training: the probe run sees a model that changes)."""
     until = max(first for _, first in baseline) + allowance(time_budget)
     return until, until + 2 * max(total - first for total, first in baseline)
 

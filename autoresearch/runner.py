@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 from pathlib import Path
 
 import psutil
@@ -48,67 +49,99 @@ SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNO
 def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val", log_path=None, cache=None,
                   env=None, check=None, on_start=None, weights=None, load=None, compiled=None, keep_compiled=False):
     """One run of train_source in a fresh folder, against the prepared cache (None: this machine's), the scorer
-    scoring `split` and signing with key_hex; what the run leaves goes with the folder. harness: {name: source} of
-    prepare.py and scorer.py. check(prepare_py, cache) raises when the folder's harness is not the driver's (on a
-    Ray node); on_start(process): the run has started. weights: where the weights of the model it scored go (the
-    harness saves them when asked); load: weights the harness loads into the model instead of training it. compiled:
-    the tag's compile cache, which the run starts from, in its own copy; keep_compiled: a run that ends well leaves
-    its cache there when there is none yet (the baseline's: runs of edited train.py add nothing to it). Returns
-    returncode (None: killed at the limit), seconds, log, record (its text, or None), changed (of the harness),
-    weights (the path, or None when it saved none)."""
+    scoring `split` and signing with key_hex; then, when the scorer asks, the probe run: train_source again, in a
+    folder made anew, loading the weights the first run handed over and scoring the spliced copies of its rows.
+    What the runs leave goes with the folder. harness: {name: source} of prepare.py and scorer.py.
+    check(prepare_py, cache) raises when the folder's harness is not the driver's (on a Ray node); on_start(process):
+    the run has started. weights: where the weights of the model it scored go; load: weights the harness loads into
+    the model instead of training it. compiled: the tag's compile cache, which each run starts from, in its own
+    copy; keep_compiled: a run that ends well leaves its cache there when there is none yet (the baseline's: runs of
+    edited train.py add nothing to it). Returns returncode (None: killed at the limit), seconds, log, record (its
+    text, or None), changed (of the harness), weights (the path, or None when it handed over none),
+    probe_seconds (None: no probe run)."""
     cache = Path(cache) if cache else integrity.cache_dir()
     root = Path(tempfile.mkdtemp(prefix="autoresearch-run-", dir=runs_folder()))
     # train.py works in task/ with its own temp folder tmp/; the scorer in scorer/, with the driver's harness
     work, private_tmp, scoring = root / "task", root / "tmp", root / "scorer"
     log_path = Path(log_path or root / "run.log")
+    handed = root / WEIGHTS_FILE  # the scorer's copy of the weights train.py handed over
     try:
-        private_tmp.mkdir()
-        for folder, names in ((work, ("prepare.py",)), (scoring, integrity.HARNESS)):
-            folder.mkdir()
-            for name in names:
-                (folder / name).write_text(harness[name])
-        (work / "train.py").write_text(train_source)
+        scoring.mkdir()
+        for name in integrity.HARNESS:
+            (scoring / name).write_text(harness[name])
         if check:
             check(scoring, cache)
-        # the cache once (its validation tokens are the big part), the harness in both folders
-        before = integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/")
         env = env or os.environ
         deny, caveats = guarded(cache, env)  # once: it looks at every validation file's links
-        # train.py writes only to work and private_tmp (and where the user's env says)
-        confined = sandbox.wrap([sys.executable, "train.py"], sandbox.policy(work, private_tmp, deny, env))
         words = sandbox.describe(sandbox.probe(), caveats)
         kept = {k: v for k, v in env.items() if not SECRET.search(k) and k not in ("PWD", "OLDPWD")}
         env = {**kept, "AUTORESEARCH_CACHE": str(cache)}  # train.py is code a model wrote: no key, token, password
-        private = {name: str(private_tmp) for name in ("HOME", "TMPDIR", "XDG_CACHE_HOME")}  # where libraries write
+        probe_log = log_path.with_name(log_path.stem + ".probe.log")
+        # train.py writes only to work and private_tmp (and where the user's env says); the probe run cannot read
+        # the first run's log either
+        confined = sandbox.wrap([sys.executable, "train.py"],
+                                sandbox.policy(work, private_tmp, [*deny, log_path, probe_log], env))
         warm = bool(compiled) and Path(compiled).is_dir()  # it starts from the tag's compile cache
-        try:
-            if warm:
-                copy_plain_files(Path(compiled), private_tmp / "compiled")
-        except OSError:  # a full disk: it compiles from nothing
-            shutil.rmtree(private_tmp / "compiled", ignore_errors=True)
-            warm = False
-        private.update(TORCHINDUCTOR_CACHE_DIR=str(private_tmp / "compiled" / "inductor"),
-                       TRITON_CACHE_DIR=str(private_tmp / "compiled" / "triton"))
-        if weights:
-            private[SAVE_WEIGHTS] = str(work / WEIGHTS_FILE)
-        if load:
-            shutil.copyfile(load, work / "load.safetensors")
-            private[LOAD_WEIGHTS] = str(work / "load.safetensors")
-        returncode, seconds, record = run_training(log_path, timeout, pid_path, work, scoring, env, key_hex, split,
-                                                   on_start, confined, private)
-        changed = integrity.fingerprint_changes(
+
+        def fresh_folder(loaded):
+            """task/ and tmp/ made anew (nothing of a run before reaches the next); their variables for train.py."""
+            for folder in (work, private_tmp):
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir()
+            (work / "prepare.py").write_text(harness["prepare.py"])
+            (work / "train.py").write_text(train_source)
+            private = {name: str(private_tmp) for name in ("HOME", "TMPDIR", "XDG_CACHE_HOME")}  # libraries write
+            private.update(TORCHINDUCTOR_CACHE_DIR=str(private_tmp / "compiled" / "inductor"),
+                           TRITON_CACHE_DIR=str(private_tmp / "compiled" / "triton"))
+            try:
+                if warm:
+                    copy_plain_files(Path(compiled), private_tmp / "compiled")
+            except OSError:  # a full disk: it compiles from nothing
+                shutil.rmtree(private_tmp / "compiled", ignore_errors=True)
+            if loaded:
+                shutil.copyfile(loaded, work / "load.safetensors")
+                private[LOAD_WEIGHTS] = str(work / "load.safetensors")
+            return private
+
+        private = fresh_folder(load)
+        private[SAVE_WEIGHTS] = str(work / WEIGHTS_FILE)  # handed to the scorer before the evaluation
+        before = integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/")
+        changes, first_run = [], []
+
+        def first_run_ended(returncode):
+            """What the first run did to the harness, and its compile cache when it is the tag's first."""
+            if first_run:
+                return
+            first_run.append(returncode)
+            changes.extend(integrity.fingerprint_changes(
+                before, integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/")))
+            if keep_compiled and returncode == 0 and not Path(compiled).exists():
+                keep_compile_cache(private_tmp / "compiled", Path(compiled))
+
+        def probe_run(returncode):
+            first_run_ended(returncode)
+            return confined, fresh_folder(handed), probe_log
+
+        returncode, seconds, record, probe_seconds = run_training(
+            log_path, timeout, pid_path, work, scoring, env, key_hex, split, on_start, confined, private,
+            probe=Probe(handed, WEIGHTS_LIMIT, probe_run))
+        first_run_ended(returncode)
+        changes += integrity.fingerprint_changes(  # and the probe run's, if there was one
             before, integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/"))
         log_text = read_log(log_path)
-        try:
-            copied = bool(weights) and copy_plain_file(work / WEIGHTS_FILE, Path(weights), WEIGHTS_LIMIT)
-        except OSError:  # a full disk: the run goes on without its weights
-            copied = False
-        if keep_compiled and returncode == 0 and not Path(compiled).exists():
-            keep_compile_cache(private_tmp / "compiled", Path(compiled))
+        copied = False
+        if weights and handed.exists():
+            try:
+                Path(weights).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(handed, weights)
+                copied = True
+            except OSError:  # a full disk: the run goes on without its weights
+                pass
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return dict(returncode=returncode, seconds=seconds, log=log_text, record=record, changed=changed,
-                sandbox=words, weights=str(weights) if copied else None, compile_cache="warm" if warm else "cold")
+    return dict(returncode=returncode, seconds=seconds, log=log_text, record=record, changed=sorted(set(changes)),
+                sandbox=words, weights=str(weights) if copied else None, compile_cache="warm" if warm else "cold",
+                probe_seconds=probe_seconds)
 
 
 def keep_compile_cache(source, destination):
@@ -209,33 +242,39 @@ def sandbox_words(cache, env):
     return sandbox.describe(sandbox.probe(), guarded(cache, env)[1])
 
 
+class Probe(typing.NamedTuple):
+    """The probe run run_training makes when the scorer asks for it: where the scorer keeps the weights handed over
+    (at most `limit` bytes), and start(returncode of the first run) -> (command, train_env, log path) of the
+    second, its folder made anew."""
+    weights: Path
+    limit: int
+    start: typing.Callable
+
+
 def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split="val", on_start=None, command=None,
-                 train_env=None):
+                 train_env=None, probe=None):
     """Run train.py in cwd (`command`, by default `python train.py`, with `train_env` added to env) and the scorer
     (scorer.py in `scoring`) beside it, both writing to log_path; kill the run's process tree on timeout or
-    interrupt. Returns (exit code, or None when killed at the limit; seconds; the scorer's last record line or
-    None). pid_path (if any) names the run and its folder while it goes, for kill_leftover_training."""
+    interrupt. With `probe`, the scorer may then ask for the probe run (Probe), which gets the same time limit.
+    Returns (exit code, or None when killed at the limit; seconds; the scorer's last record line or None; seconds
+    of the probe run or None). pid_path (if any) names the run and its folder while it goes, for
+    kill_leftover_training."""
     ours, theirs = socket.socketpair()
+    probe_ours, probe_theirs = socket.socketpair() if probe else (None, None)
     started, clock = time.time(), time.monotonic()
-    own_group = {"start_new_session": True} if os.name == "posix" else {
-        "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-    last = [None]  # the scorer's last record line: each one it writes is whole
-
-    def read_records(stream):
-        for line in stream:
-            last[0] = line if line.strip() else last[0]
-
+    records = _Records()
+    request = {"key": key_hex, "fd": ours.fileno(), "split": split, "started": clock}
+    if probe:
+        request.update(probe_fd=probe_ours.fileno(), weights={"path": str(probe.weights), "limit": probe.limit})
     with open(log_path, "wb") as log_file:  # one log per run: a run again after a resume starts it anew
         scorer = subprocess.Popen([sys.executable, "scorer.py"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=log_file, cwd=scoring, env=env, pass_fds=[ours.fileno()], **own_group)
+                                  stderr=log_file, cwd=scoring, env=env, pass_fds=[ours.fileno()] + (
+                                      [probe_ours.fileno()] if probe else []), **OWN_GROUP)
         process = None
         try:
-            process = subprocess.Popen(command or [sys.executable, "train.py"], stdout=log_file,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
-                                       pass_fds=[theirs.fileno()],
-                                       env={**env, **(train_env or {}), SCORER_FD: str(theirs.fileno())}, **own_group)
-            scorer.stdin.write(json.dumps({"key": key_hex, "fd": ours.fileno(), "split": split,
-                                           "started": clock}).encode() + b"\n")
+            process = _start(command or [sys.executable, "train.py"], cwd, {**env, **(train_env or {})}, theirs,
+                             log_file)
+            scorer.stdin.write(json.dumps(request).encode() + b"\n")
             scorer.stdin.flush()
         except BaseException:
             for child in (process, scorer):
@@ -244,19 +283,66 @@ def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split=
                     child.wait()
             raise
         finally:
-            ours.close()
-            theirs.close()
-    reader = threading.Thread(target=read_records, args=(scorer.stdout,), daemon=True)
-    reader.start()
-    timed_out = threading.Event()
-    # A timer, not wait(timeout): that polls, and returns up to 50 ms after the run ends
-    timer = threading.Timer(timeout, lambda: (timed_out.set(), kill_tree(process.pid)))
-    timer.start()
+            for end in (ours, theirs, probe_ours):
+                if end is not None:
+                    end.close()
+    threading.Thread(target=records.read, args=(scorer.stdout,), daemon=True).start()
+    probe_seconds = None
     try:
         if pid_path:
             pid_path.write_text(f"{process.pid}\n{cwd}\n{scorer.pid}")
         if on_start:
             on_start(process)
+        returncode = _supervise(process, timeout)
+        seconds = time.time() - started
+        _tell(scorer, b"ended\n")  # what train.py started may still hold its end of the socket
+        if probe and returncode == 0 and records.wait_for_stage(SCORER_GRACE) == "probe":
+            probe_command, probe_env, probe_log = probe.start(returncode)
+            probe_started = time.time()
+            with open(probe_log, "wb") as probe_file:
+                second = _start(probe_command, cwd, {**env, **probe_env}, probe_theirs, probe_file)
+            probe_theirs.close()
+            if pid_path:
+                pid_path.write_text(f"{second.pid}\n{cwd}\n{scorer.pid}")
+            _supervise(second, timeout)
+            probe_seconds = time.time() - probe_started
+    finally:
+        if probe_theirs is not None:
+            probe_theirs.close()
+        try:
+            scorer.stdin.close()  # the run is over: the scorer writes its record and ends
+        except OSError:  # it has ended
+            pass
+        try:
+            scorer.wait(SCORER_GRACE)
+        except subprocess.TimeoutExpired:
+            kill_tree(scorer.pid)
+            scorer.wait()
+        records.done.wait(SCORER_GRACE)
+        if pid_path:
+            pid_path.unlink(missing_ok=True)
+    return returncode, seconds, records.last, probe_seconds
+
+
+OWN_GROUP = {"start_new_session": True} if os.name == "posix" else {
+    "creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+
+
+def _start(command, cwd, env, scorer_end, log_file):
+    """train.py's process, in its own process group, holding its end of the socket to the scorer."""
+    return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
+                            pass_fds=[scorer_end.fileno()], env={**env, SCORER_FD: str(scorer_end.fileno())},
+                            **OWN_GROUP)
+
+
+def _supervise(process, timeout):
+    """Wait for the process; kill its tree at the time limit (then None), on an interrupt, and what it left running
+    in its group when it ends. Its exit code."""
+    timed_out = threading.Event()
+    # A timer, not wait(timeout): that polls, and returns up to 50 ms after the run ends
+    timer = threading.Timer(timeout, lambda: (timed_out.set(), kill_tree(process.pid)))
+    timer.start()
+    try:
         returncode = process.wait()
     finally:
         timer.cancel()
@@ -264,17 +350,44 @@ def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split=
             kill_tree(process.pid)
             process.wait()
         kill_tree(process.pid)  # what it left running in its group
-        scorer.stdin.close()  # the run is over: the scorer writes its record and ends
-        try:
-            scorer.wait(SCORER_GRACE)
-        except subprocess.TimeoutExpired:
-            kill_tree(scorer.pid)
-            scorer.wait()
-        reader.join(SCORER_GRACE)
-        if pid_path:
-            pid_path.unlink(missing_ok=True)
-    return (None if timed_out.is_set() else returncode), time.time() - started, (
-        last[0].decode(errors="replace") if last[0] else None)
+    return None if timed_out.is_set() else returncode
+
+
+def _tell(scorer, line):
+    try:
+        scorer.stdin.write(line)
+        scorer.stdin.flush()
+    except OSError:  # it has ended
+        pass
+
+
+class _Records:
+    """The scorer's record lines as they come: the last one (each is whole), and its stage."""
+
+    def __init__(self):
+        self.last, self.stage = None, None
+        self.changed, self.done = threading.Condition(), threading.Event()
+
+    def read(self, stream):
+        for line in stream:
+            if not line.strip():
+                continue
+            try:
+                stage = json.loads(line)["record"].get("stage")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                stage = None
+            with self.changed:
+                self.last, self.stage = line.decode(errors="replace"), stage
+                self.changed.notify_all()
+        with self.changed:
+            self.done.set()
+            self.changed.notify_all()
+
+    def wait_for_stage(self, timeout):
+        """Once train.py's run has ended: "probe" when the scorer waits for the probe run, else its stage."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.stage in ("probe", "final") or self.done.is_set(), timeout)
+            return self.stage
 
 
 def kill_tree(pid):
@@ -362,7 +475,7 @@ def log_tail(log_text):
 
 def run_status(log_path):
     """The run's latest progress line, shortened: "step 42 (45.1%), loss 4.1234, 16s left", then "evaluating: 3 of
-    11 batches" from the scorer's lines; or None."""
+    11 batches" and "probing: 1 of 3 batches" from the scorer's lines; or None."""
     try:
         with open(log_path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
@@ -373,8 +486,10 @@ def run_status(log_path):
     if not steps:
         return None
     if steps[-1].startswith("scorer: "):  # its own lines, after train.py's last step line
-        evaluated = re.match(r"scorer: evaluated (\d+) of (\d+) batches", steps[-1])
-        return "evaluating" + (": {} of {} batches".format(*evaluated.groups()) if evaluated else "")
+        done = re.match(r"scorer: (evaluated|probed) (\d+) of (\d+) batches", steps[-1])
+        if not done:
+            return "probing" if "probe run" in steps[-1] else "evaluating"
+        return "{}: {} of {} batches".format("evaluating" if done[1] == "evaluated" else "probing", *done.groups()[1:])
     found = re.match(r"step (\d+) \(([\d.]+)%\) \| loss: ([\d.]+)(?:.*remaining: (\d+)s)?", steps[-1])
     if not found:  # train.py was edited: its own words, cut short
         return " ".join(steps[-1].split())[:100]

@@ -227,7 +227,9 @@ def assess(night, key, result, problems=()):
     described = weights.describe(weights_path, night.state_dir) if weights_path and ok else None
     if weights_path and not described:  # a model the scorer did not score, or not a safetensors file
         weights_path.unlink(missing_ok=True)
-    run.update(seconds=round(seconds, 1), returncode=returncode, timed_out=returncode is None, ok=ok,
+    probe_seconds = result.get("probe_seconds")  # the probe run's, after the run's own
+    run.update(seconds=round(seconds, 1), probe_seconds=None if probe_seconds is None else round(probe_seconds, 1),
+               returncode=returncode, timed_out=returncode is None, ok=ok,
                val_bpb=val_bpb, metrics=metrics, problems=problems,
                log_tail="" if ok else runner.log_tail(result["log"]), attestation=record, worker=result["worker"],
                sandbox=result.get("sandbox"), limit=result.get("limit"), compile_cache=result.get("compile_cache"),

@@ -124,12 +124,14 @@ def baseline_table(state_dir):
         start_up = evaluated["first_logits"] - metrics.get("training_seconds", 0)
         rows += [("start-up + compile", f"{start_up:.0f} s (from the start to the first logits scored, less the "
                   "training)"),
-                 ("evaluation", f"{evaluated['seconds']:.1f} s for {evaluated['tokens']:,} tokens and their spliced "
-                  "copies")]
+                 ("evaluation", f"{evaluated['seconds']:.1f} s for {evaluated['tokens']:,} tokens")]
+    probe = evaluated.get("probe") if evaluated else None
+    if probe:
+        rows.append(("probe run", f"{run.get('probe_seconds') or 0:.0f} s in all (train.py again, loading the weights "
+                     f"it handed over), {probe['seconds']:.1f} s of it scoring {probe['rows']:,} spliced rows"))
     verdict = "valid" if run["ok"] else "INVALID: " + "; ".join(run["problems"] or ["no val_bpb"])
-    if evaluated:
-        verdict += (f" (future influence {evaluated['future_influence']:.2g}, one batch scored twice moved "
-                    f"{evaluated['repeat_difference']:.2g} nats)")
+    if probe:
+        verdict += f" (future influence {probe['future_influence']:.2g} nats, the largest over the spliced rows)"
     rows += [("integrity", verdict), ("sandbox", run.get("sandbox") or "unknown")]
     return rows, run["ok"], speed
 
@@ -145,8 +147,9 @@ def night_rows(state_dir):
     runs = ledger.events("run")
     start_ups = [f"{evaluated['first_logits'] - r['metrics'].get('training_seconds', 0):.0f}" for r in runs
                  if (evaluated := ((r.get("attestation") or {}).get("evaluations") or [None])[-1])]
-    seconds = ", ".join(f"{r['seconds']:.0f}" for r in runs)
-    rows = [("night", f"{outcome}; runs of {seconds} s"),
+    seconds = ", ".join(f"{r['seconds']:.0f}" + (f" + {r['probe_seconds']:.0f}" if r.get("probe_seconds") else "")
+                        for r in runs)
+    rows = [("night", f"{outcome}; runs of {seconds} s (+ the probe run)"),
             ("start-up + compile, each run", f"{', '.join(start_ups)} s (the later ones start from the baseline's "
              "compile cache)")]
     models = {model["role"]: model for model in report.saved_models(ledger)}

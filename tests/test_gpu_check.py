@@ -32,6 +32,7 @@ def test_the_gpu_check_s_dry_run_passes_and_prints_its_table(tmp_path, tiny_cach
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     table = dict(re.findall(r"^\| ([^|]+?) \| (.+) \|$", result.stdout, re.MULTILINE))
     assert table["GPU"] == "cpu" and table["integrity"].startswith("valid (future influence")
+    assert "scoring 64 spliced rows" in table["probe run"]
     assert table["attention"] != "not printed" and float(table["tok/s"].split()[0].replace(",", "")) > 0
     assert table["night"].startswith("#0 keep") and "#1 " in table["night"]
     assert table["best weights"].endswith("MB")

@@ -254,9 +254,9 @@ CONSTANTS = {"max_seq_len": 64, "eval_tokens": 4096}
 
 def attested(val_bpb=1.0, batch_size=8, tokens=4096, first_logits=3.0):
     evaluation = {"split": "val", "first_logits": first_logits, "seconds": 0.1, "val_bpb": val_bpb, "batch_size": batch_size,
-                  "seq_len": 64, "tokens": tokens, "bytes": 9000, "future_influence": 0.0, "probes": 64,
-                  "repeat_difference": 0.0}
-    return {"format": 2, "split": "val", "evaluations": [evaluation], "problems": []}
+                  "seq_len": 64, "tokens": tokens, "bytes": 9000,
+                  "probe": {"rows": 16, "future_influence": 0.0, "seconds": 0.1, "run": "apart"}}
+    return {"format": 3, "split": "val", "evaluations": [evaluation], "problems": []}
 
 
 def test_a_record_changed_after_the_scorer_signed_it_does_not_verify():
@@ -271,6 +271,14 @@ def test_an_evaluation_of_fewer_tokens_than_eval_tokens_gives_is_a_changed_harne
     assert integrity.record_problems(attested(batch_size=3, tokens=4032), None, 0, 1.0, CONSTANTS) == []  # 21 x 3 rows
     [problem] = integrity.record_problems(attested(tokens=512), None, 0, 1.0, CONSTANTS)
     assert "scored 512 tokens" in problem and "the harness's constants were changed" in problem
+
+
+def test_a_score_whose_probe_run_never_finished_is_invalid_and_says_why():
+    record = attested()
+    record["evaluations"][0]["probe"], record["unfinished"] = None, "the probe run: RuntimeError: out of memory"
+    [problem] = integrity.record_problems(record, None, 0, 1.0, CONSTANTS)
+    assert "never probed the model it scored" in problem and "RuntimeError: out of memory" in problem
+    assert integrity.record_problems(record, None, 1, None, CONSTANTS) == []  # a crash claims nothing
 
 
 def test_a_crash_claims_nothing_and_breaks_no_rule_even_without_a_record():

@@ -69,8 +69,8 @@ def test_run_training_runs_train_py_beside_the_scorer_and_returns_its_exit_code_
     (harness["cwd"] / "train.py").write_text(
         "import sys\nfrom prepare import evaluate_bpb\nprint('stdin', repr(sys.stdin.read()), 'val_bpb', "
         "evaluate_bpb(0.5))\nprint('an error', file=sys.stderr)\nsys.exit(3)\n")
-    returncode, seconds, record = runner.run_training(timeout=30, **harness)
-    assert returncode == 3 and 0 < seconds < 30
+    returncode, seconds, record, probe_seconds = runner.run_training(timeout=30, **harness)
+    assert returncode == 3 and 0 < seconds < 30 and probe_seconds is None
     assert harness["log_path"].read_text().splitlines() == ["stdin '' val_bpb 0.5", "an error"]
     verified, missing = integrity.verify_record(bytes(32), record)
     assert missing is None and integrity.evaluation(verified)["val_bpb"] == 0.5
@@ -79,7 +79,7 @@ def test_run_training_runs_train_py_beside_the_scorer_and_returns_its_exit_code_
 
 def test_run_training_returns_none_at_the_time_limit_and_kills_the_run_s_process_tree(harness, leftovers):
     (harness["cwd"] / "train.py").write_text(TREE)
-    returncode, seconds, record = runner.run_training(timeout=2, **harness)
+    returncode, seconds, record, _ = runner.run_training(timeout=2, **harness)
     pids = [int(pid) for pid in harness["log_path"].read_text().split()]
     leftovers.extend(pids)
     assert returncode is None and 2 <= seconds < 10 and not integrity.verify_record(bytes(32), record)[0]["evaluations"]
@@ -111,6 +111,40 @@ def test_run_in_folder_says_what_the_run_changed_of_the_harness(tmp_path, stand_
     result = runner.run_in_folder(WHERE.replace("TAMPER = False", "TAMPER = True"), stand_in, "00" * 32, 30,
                                   tmp_path / "train.pid")
     assert result["changed"] == ["prepare.py"]
+
+
+# A train.py the stand-in scorer asks a probe run of: each run says what its folder holds and which run it is,
+# and leaves a file there; its probe run may hang
+PROBED = ("import os, time\nfrom prepare import evaluate_bpb\nloaded = os.environ.get('AUTORESEARCH_LOAD_WEIGHTS')\n"
+          "print('in', sorted(os.listdir('.')), 'probe run' if loaded else 'run', flush=True)\n"
+          "open('memory.txt', 'w').write('rows')\nHANG = False\n"
+          "if loaded and HANG:\n    time.sleep(600)\nprint('---')\nprint('val_bpb:', evaluate_bpb(0.9, probe=True))\n")
+
+
+def test_the_probe_run_is_train_py_again_in_a_folder_made_anew_loading_the_weights_the_run_handed_over(
+        tmp_path, stand_in):
+    key = secrets.token_bytes(32)
+    result = runner.run_in_folder(PROBED, stand_in, key.hex(), 30, tmp_path / "train.pid",
+                                  log_path=tmp_path / "run.log")
+    assert result["returncode"] == 0 and "in ['prepare.py', 'train.py'] run" in result["log"]
+    probe_log = (tmp_path / "run.probe.log").read_text()  # beside the run's log, which shows the agent none of it
+    assert "in ['load.safetensors', 'prepare.py', 'train.py'] probe run" in probe_log and "probe" not in result["log"]
+    record, missing = integrity.verify_record(key, result["record"])
+    assert missing is None and record["stage"] == "final" and integrity.evaluation(record)["probe"]["rows"] == 8
+    assert 0 < result["probe_seconds"] < 30 and not (tmp_path / "train.pid").exists()
+
+
+def test_a_probe_run_that_hangs_is_killed_at_the_time_limit_and_leaves_the_score_unprobed(tmp_path, stand_in):
+    key = secrets.token_bytes(32)
+    result = runner.run_in_folder(PROBED.replace("HANG = False", "HANG = True"), stand_in, key.hex(), 3,
+                                  tmp_path / "train.pid", log_path=tmp_path / "run.log")
+    record, missing = integrity.verify_record(key, result["record"])
+    assert result["returncode"] == 0 and integrity.evaluation(record)["probe"] is None
+    assert 3 <= result["probe_seconds"] < 10 and record["unfinished"].startswith("the probe run ended before it asked")
+    scored = integrity.evaluation(record)
+    [problem] = integrity.record_problems(record, missing, 0, 0.9,
+                                          {"max_seq_len": scored["seq_len"], "eval_tokens": scored["tokens"]})
+    assert problem.startswith("the scorer never probed the model it scored")
 
 
 def test_a_run_s_pid_file_names_its_processes_and_folder_and_kill_leftover_training_removes_them(tmp_path, leftovers):
@@ -264,6 +298,15 @@ def test_run_status_says_evaluating_once_the_scorer_has_begun_then_how_far_it_is
     with open(tmp_path / "run.log", "a") as log:
         log.write("scorer: evaluated 3 of 11 batches\n")
     assert runner.run_status(tmp_path / "run.log") == "evaluating: 3 of 11 batches"
+
+
+def test_run_status_says_probing_once_the_probe_run_begins_then_how_far_it_is(tmp_path):
+    (tmp_path / "run.log").write_text("scorer: evaluated 11 of 11 batches\n---\nval_bpb: 1.0\n"
+                                      "scorer: the probe run begins\n")
+    assert runner.run_status(tmp_path / "run.log") == "probing"
+    with open(tmp_path / "run.log", "a") as log:
+        log.write("scorer: probed 1 of 3 batches\n")
+    assert runner.run_status(tmp_path / "run.log") == "probing: 1 of 3 batches"
 
 
 @pytest.mark.parametrize("log", [None, "", "compiling\nwarming up\n"])

@@ -52,10 +52,11 @@ PATCHES = (EVALUATE, "import torch.nn.functional as F\n"
 AGAIN_AND_AGAIN = (EVALUATE, EVALUATE + "for _ in range(5):\n    try:\n        evaluate_bpb(model, tokenizer, 8)\n"
                    "    except Exception as error:\n        print('refused:', type(error).__name__, error)\n")
 # evaluate_bpb asked for early (in a thread, say), with a model that answers only once training is over
-ASKS_EARLY = ("model.eval()\n", "model.eval()\nimport time\nforward = model.forward\nanswered = []\n"
+ASKS_EARLY = ("model.eval()\n", "model.eval()\nimport time\nanswer = model.forward\nanswered = []\n"
               "def later(x, y=None, reduction='mean'):\n"
-              "    if not answered:\n        time.sleep(4)\n        answered.append(1)\n"
-              "    return forward(x, y, reduction)\nmodel.forward = later\n")
+              "    if not answered and not os.environ.get('AUTORESEARCH_LOAD_WEIGHTS'):  # not in the probe run\n"
+              "        time.sleep(4)\n    answered.append(1)\n"
+              "    return answer(x, y, reduction)\nmodel.forward = later\n")
 CRASHES_WHILE_EVALUATED = ("model.eval()\n", "model.eval()\nforward = model.forward\ncalls = []\n"
                            "def failing(x, y=None, reduction='mean'):\n    calls.append(1)\n"
                            "    if len(calls) == 3:\n        raise RuntimeError('out of memory')\n"
@@ -74,6 +75,46 @@ SHRINKS_THE_LOGITS = ("model.eval()\n", "model.eval()\nforward = model.forward\n
                       "                print('shrink refused', type(error).__name__)\n"
                       "    return forward(x, y, reduction)\nmodel.forward = shrinking\n")
 UNSEALED = ("model.eval()\n", "model.eval()\nprepare._SEALS = False\n")
+# A model that remembers each row it was shown and looks one token ahead from position 8 on: a row that begins as one
+# it has seen, for 8 tokens or more, gets the answers that one got up to where the two part, so a spliced copy agrees
+# with its row before the splice (and a splice before position 8 finds it causal there). It keeps its memory in its
+# folder and its temp folder too, for a second run of itself to find. The scorer of 536b425, which scored the copies
+# in the same process, found it valid (dev/LOG.md).
+REMEMBERS = ("model.eval()\n", """model.eval()
+import pickle, tempfile
+places = ['memory.pkl', os.path.join(tempfile.gettempdir(), 'memory.pkl')]
+memory = []
+for place in places:
+    if os.path.exists(place):
+        memory += pickle.load(open(place, 'rb'))
+class Remembers(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+    def forward(self, x):
+        ahead = 50.0 * torch.nn.functional.one_hot(torch.roll(x, -1, 1), self.inner.table.num_embeddings).float()
+        ahead[:, :8] = self.inner(x)[:, :8]
+        for i, row in enumerate(x):
+            parts = [int(torch.cat([seen != row, torch.tensor([True])]).nonzero()[0]) for seen, _ in memory]
+            best = max(range(len(parts)), key=parts.__getitem__, default=None)
+            if best is not None and parts[best] >= 8:
+                ahead[i, :parts[best]] = memory[best][1][:parts[best]]
+            else:
+                memory.append((row.clone(), ahead[i].clone()))
+        for place in places:
+            pickle.dump(memory, open(place, 'wb'))
+        return ahead
+model = Remembers(model)
+""")
+# A model that changes once it has handed its weights over: it is scored with other weights than those
+CHANGES_AFTER_HANDING_OVER = ("model.eval()\n", "model.eval()\nforward = model.forward\n"
+                              "def changed(x, y=None, reduction='mean'):\n"
+                              "    with torch.no_grad():\n        model.table.weight.add_(0.01 * torch.randn_like("
+                              "model.table.weight))\n"
+                              "    return forward(x, y, reduction)\nmodel.forward = changed\n")
+# evaluate_bpb patched to hand the scorer a pipe for its weights: the scorer must neither hang nor keep it
+HANDS_A_PIPE = ("model.eval()\n", "model.eval()\nread_end, _ = os.pipe()\n"
+                "prepare._handed_weights = lambda model: ({'weights': True}, [read_end])\n")
 
 
 def run_scored(tmp_path, cache, script, split="val"):
@@ -90,6 +131,16 @@ def honest(tmp_path_factory, _tiny_cache_dir):
     return run_scored(tmp_path_factory.mktemp("honest"), _tiny_cache_dir, HONEST)
 
 
+@pytest.fixture(scope="module")
+def meddling(tmp_path_factory, _tiny_cache_dir):
+    """One run of a train.py that patches the harness and torch, tries to shrink the logits' memory under the scorer,
+    and asks for its evaluation before its model answers: each test below looks at one of these."""
+    script = HONEST
+    for meddle in (PATCHES, SHRINKS_THE_LOGITS, ASKS_EARLY):
+        script = script.replace(*meddle)
+    return run_scored(tmp_path_factory.mktemp("meddling"), _tiny_cache_dir, script)
+
+
 def test_an_honest_run_is_scored_by_the_scorer_and_train_py_gets_its_number(honest):
     code, output, record, missing = honest
     assert code == 0, output
@@ -97,8 +148,10 @@ def test_an_honest_run_is_scored_by_the_scorer_and_train_py_gets_its_number(hone
     [evaluation] = record["evaluations"]
     assert f"val_bpb: {evaluation['val_bpb']}" in output  # the number train.py got is the one attested
     assert (evaluation["tokens"], evaluation["seq_len"], evaluation["split"]) == (4096, 64, "val")
-    assert evaluation["future_influence"] <= 1e-5 and evaluation["repeat_difference"] <= 1e-5
-    assert evaluation["probes"] == 64 and 0 < evaluation["first_logits"] < 120  # a spliced copy of each row
+    assert 0 < evaluation["first_logits"] < 120
+    # each row got a spliced copy (at least 64 rows do), which the probe run scored with the weights handed over
+    assert evaluation["probe"]["run"] == "apart" and evaluation["probe"]["rows"] == 64
+    assert evaluation["probe"]["future_influence"] <= 1e-5
     assert integrity.record_problems(record, missing, code, evaluation["val_bpb"],
                                      {"max_seq_len": 64, "eval_tokens": 4096}) == []
 
@@ -115,8 +168,8 @@ def test_a_run_the_driver_asks_to_score_the_holdout_is_scored_on_it_and_train_py
 
 def test_the_scorer_s_progress_reaches_the_run_s_status_line(tmp_path, honest):
     (tmp_path / "run.log").write_text(honest[1])
-    batches = 2 * honest[2]["evaluations"][0]["probes"] // 8 + 1  # each row and its copy, 8 a batch; the repeat
-    assert runner.run_status(tmp_path / "run.log") == f"evaluating: {batches} of {batches} batches"
+    assert "scorer: evaluated 8 of 8 batches" in honest[1]  # 64 rows, 8 a batch; then the probe run's 64 copies
+    assert runner.run_status(tmp_path / "run.log") == "probing: 8 of 8 batches"
 
 
 def test_the_key_never_reaches_train_py(honest):
@@ -124,9 +177,8 @@ def test_the_key_never_reaches_train_py(honest):
     assert "stdin: '' env: []" in output and record is not None
 
 
-def test_patching_the_harness_or_torch_in_train_py_s_process_changes_nothing_of_the_score(tmp_path, tiny_cache,
-                                                                                          honest):
-    code, output, record, missing = run_scored(tmp_path, tiny_cache, HONEST.replace(*PATCHES))
+def test_patching_the_harness_or_torch_in_train_py_s_process_changes_nothing_of_the_score(meddling, honest):
+    code, output, record, missing = meddling
     assert code == 0 and missing is None and record["problems"] == [], output
     assert record["evaluations"][0]["val_bpb"] == honest[2]["evaluations"][0]["val_bpb"]
 
@@ -141,14 +193,14 @@ def test_a_second_evaluation_is_refused_once_and_makes_the_run_invalid(tmp_path,
 
 
 def test_the_clock_that_counts_stops_when_the_first_logits_come_back_not_when_the_evaluation_is_asked_for(
-        tmp_path, tiny_cache):
-    code, output, record, _ = run_scored(tmp_path, tiny_cache, HONEST.replace(*ASKS_EARLY))
+        meddling):
+    code, output, record, _ = meddling
     assert code == 0 and record["problems"] == [], output
     assert record["evaluations"][0]["first_logits"] >= 4  # the start, the import of torch and training, then 4 s
 
 
-def test_train_py_cannot_shrink_the_logits_memory_under_the_scorer(tmp_path, tiny_cache):
-    code, output, record, missing = run_scored(tmp_path, tiny_cache, HONEST.replace(*SHRINKS_THE_LOGITS))
+def test_train_py_cannot_shrink_the_logits_memory_under_the_scorer(meddling):
+    code, output, record, missing = meddling
     assert code == 0 and missing is None and record["problems"] == [], output
     assert "shrink refused PermissionError" in output and "shrink done" not in output
 
@@ -171,3 +223,20 @@ def test_a_crash_is_recorded_with_no_evaluation(tmp_path, tiny_cache):
     assert code == 1 and "ZeroDivisionError" in output
     assert record["evaluations"] == [] and record["problems"] == []
     assert integrity.record_problems(record, missing, code, None, {"max_seq_len": 64, "eval_tokens": 4096}) == []
+
+
+@pytest.mark.parametrize("attack", [REMEMBERS, CHANGES_AFTER_HANDING_OVER], ids=["remembers", "changes"])
+def test_a_model_that_remembers_the_rows_or_changes_after_handing_its_weights_over_is_refused(tmp_path, tiny_cache,
+                                                                                               attack):
+    code, output, record, missing = run_scored(tmp_path, tiny_cache, HONEST.replace(*attack))
+    assert code == 0 and missing is None and record["evaluations"][0]["probe"] is None, output
+    [problem] = integrity.record_problems(record, missing, code, record["evaluations"][0]["val_bpb"],
+                                          {"max_seq_len": 64, "eval_tokens": 4096})
+    assert "looks at future tokens (or it changed while it was evaluated" in problem
+
+
+def test_weights_handed_over_as_a_pipe_are_refused_before_any_row_goes_out(tmp_path, tiny_cache):
+    code, output, record, missing = run_scored(tmp_path, tiny_cache, HONEST.replace(*HANDS_A_PIPE))
+    assert code == 1 and record["evaluations"] == [] and "scorer: the evaluation begins" not in output, output
+    assert record["problems"][0].startswith("evaluate_bpb must hand the scorer the model's weights (a file)")
+

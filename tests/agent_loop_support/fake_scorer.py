@@ -3,10 +3,13 @@
 It attests the val_bpb its client (fake_prepare.evaluate_bpb) names, on the token count the prepared cache's
 constants give; asked for the holdout split, half of its distance from 1.0 (half of a gain on val holds there).
 Its clock starts when it reads its request, so a fake train.py that sleeps before evaluating "trains" that long.
+It keeps the weights its client hands over; when its client asks for it ("probe": true), it then waits for the probe
+run, as the real scorer always does, and answers its one request.
 """
 import hmac
 import json
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -15,9 +18,18 @@ import time
 request = json.loads(sys.stdin.readline())
 started = float(request.get("started", time.monotonic()))  # the driver's clock, as the real scorer's
 split = request.get("split", "val")
-record = {"format": 2, "split": split, "evaluations": [], "problems": []}
+record = {"format": 3, "split": split, "evaluations": [], "problems": [], "stage": "scoring"}
 sock = socket.socket(fileno=int(request["fd"]))
-threading.Thread(target=lambda: (sys.stdin.read(), sock.shutdown(socket.SHUT_RDWR)), daemon=True).start()
+
+
+def listen():  # "ended": train.py's run is over; EOF: the whole run is
+    for line in sys.stdin:
+        if line.strip() == "ended":
+            break
+    sock.shutdown(socket.SHUT_RDWR)
+
+
+threading.Thread(target=listen, daemon=True).start()
 
 
 def write():
@@ -39,13 +51,30 @@ try:
             record["evaluations"].append({
                 "split": split, "first_logits": time.monotonic() - started, "seconds": 0.0, "val_bpb": val_bpb,
                 "batch_size": asked["evaluate"], "seq_len": manifest["max_seq_len"],
-                "tokens": manifest["eval_tokens"] // rows * rows, "bytes": 1, "future_influence": 0.0, "probes": 1,
-                "repeat_difference": 0.0})
+                "tokens": manifest["eval_tokens"] // rows * rows, "bytes": 1,
+                "probe": {"rows": 8, "future_influence": 0.0, "seconds": 0.0, "run": "apart"}})
+            if asked.get("weights") and request.get("weights"):  # kept as the real scorer keeps them
+                shutil.copyfile(asked["weights"], request["weights"]["path"])
+            if asked.get("probe") and request.get("probe_fd"):
+                record["evaluations"][-1]["probe"] = None  # until the probe run has asked
             answer = {"val_bpb": val_bpb}
         write()
         wire.write(json.dumps(answer).encode() + b"\n")
         wire.flush()
+    if record["evaluations"] and record["evaluations"][-1]["probe"] is None:
+        record["stage"] = "probe"
+        write()
+        probe = socket.socket(fileno=int(request["probe_fd"])).makefile("rwb")
+        line = probe.readline()
+        if line:
+            record["evaluations"][-1]["probe"] = {"rows": 8, "future_influence": 0.0, "seconds": 0.0, "run": "apart"}
+            write()
+            probe.write(json.dumps({"val_bpb": record["evaluations"][-1]["val_bpb"]}).encode() + b"\n")
+            probe.flush()
+        else:
+            record["unfinished"] = "the probe run ended before it asked for the rows to score"
 except OSError:
     pass
 finally:
+    record["stage"] = "final"
     write()

@@ -111,9 +111,9 @@ class StandInExecutor:
     def result(self, request, outcome):
         val_bpb = round(true_val_bpb(request.train_source) + self.noise(), 6)
         evaluation = {"split": request.split, "first_logits": 0.5, "seconds": 0.1, "val_bpb": val_bpb, "batch_size": 8,
-                      "seq_len": 64, "tokens": 4096, "bytes": 1, "future_influence": 0.0, "probes": 64,
-                      "repeat_difference": 0.0}
-        record = {"format": 2, "split": request.split, "evaluations": [evaluation] if outcome == "ok" else [],
+                      "seq_len": 64, "tokens": 4096, "bytes": 1,
+                      "probe": {"rows": 16, "future_influence": 0.0, "seconds": 0.1, "run": "apart"}}
+        record = {"format": 3, "split": request.split, "evaluations": [evaluation] if outcome == "ok" else [],
                   "problems": ["evaluate_bpb refuses to score this model: it looks ahead"] if outcome == "invalid"
                   else []}
         mac = hmac.new(bytes.fromhex(request.key_hex), json.dumps(record, sort_keys=True).encode(),
