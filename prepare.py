@@ -453,21 +453,24 @@ def evaluate_bpb(model, tokenizer, batch_size):
 
         load_model(_unwrapped(model), os.environ[LOAD_WEIGHTS], strict=True, device=str(device))
     request, fds = _handed_weights(model)
-    with _scorer() as wire:
-        try:
+    try:
+        with _scorer() as wire:
             wire.send({"evaluate": batch_size, **request}, fds=fds)
-        finally:
             for fd in fds:
                 os.close(fd)
-        header, payload, _ = wire.receive(1 << 34)
-        logits = _Logits(wire)
-        try:
-            with torch.no_grad():
-                while header is not None and "inputs" in header:
-                    x = torch.frombuffer(bytearray(payload), dtype=torch.int64).view(header["inputs"]).to(device)
-                    header, payload = logits.send(model(x))
-        finally:
-            logits.close()
+            fds = []
+            header, payload, _ = wire.receive(1 << 34)
+            logits = _Logits(wire)
+            try:
+                with torch.no_grad():
+                    while header is not None and "inputs" in header:
+                        x = torch.frombuffer(bytearray(payload), dtype=torch.int64).view(header["inputs"]).to(device)
+                        header, payload = logits.send(model(x))
+            finally:
+                logits.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
     if header is None:
         raise RuntimeError("evaluate_bpb: the scorer ended without an answer (its errors are in the run's log)")
     if "refused" in header:

@@ -77,36 +77,37 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
         kept = {k: v for k, v in env.items() if not SECRET.search(k) and k not in ("PWD", "OLDPWD")}
         env = {**kept, "AUTORESEARCH_CACHE": str(cache)}  # train.py is code a model wrote: no key, token, password
         probe_log = log_path.with_name(log_path.stem + ".probe.log")
-        # train.py writes only to work and private_tmp (and where the user's env says); the probe run cannot read
-        # the first run's log either
-        confined = sandbox.wrap([sys.executable, "train.py"],
-                                sandbox.policy(work, private_tmp, [*deny, log_path, probe_log], env))
         warm = bool(compiled) and Path(compiled).is_dir()  # it starts from the tag's compile cache
 
-        def fresh_folder(loaded):
-            """task/ and tmp/ made anew (nothing of a run before reaches the next); their variables for train.py."""
-            for folder in (work, private_tmp):
-                shutil.rmtree(folder, ignore_errors=True)
+        def folders(task, tmp, loaded):
+            """A run of train.py: its folder and its temp folder, new; the command that runs it in its sandbox
+            (writing only there, and where the user's env says; reading neither the run's log nor the probe run's)
+            and its variables."""
+            nonlocal warm
+            for folder in (task, tmp):
                 folder.mkdir()
-            (work / "prepare.py").write_text(harness["prepare.py"])
-            (work / "train.py").write_text(train_source)
-            private = {name: str(private_tmp) for name in ("HOME", "TMPDIR", "XDG_CACHE_HOME")}  # libraries write
-            private.update(TORCHINDUCTOR_CACHE_DIR=str(private_tmp / "compiled" / "inductor"),
-                           TRITON_CACHE_DIR=str(private_tmp / "compiled" / "triton"))
+            (task / "prepare.py").write_text(harness["prepare.py"])
+            (task / "train.py").write_text(train_source)
+            private = {name: str(tmp) for name in ("HOME", "TMPDIR", "XDG_CACHE_HOME")}  # where libraries write
+            private.update(TORCHINDUCTOR_CACHE_DIR=str(tmp / "compiled" / "inductor"),
+                           TRITON_CACHE_DIR=str(tmp / "compiled" / "triton"))
             try:
                 if warm:
-                    copy_plain_files(Path(compiled), private_tmp / "compiled")
+                    copy_plain_files(Path(compiled), tmp / "compiled")
             except OSError:  # a full disk: it compiles from nothing
-                shutil.rmtree(private_tmp / "compiled", ignore_errors=True)
+                remove_folder(tmp / "compiled")
+                warm = False
             if loaded:
-                shutil.copyfile(loaded, work / "load.safetensors")
-                private[LOAD_WEIGHTS] = str(work / "load.safetensors")
-            return private
+                shutil.copyfile(loaded, task / "load.safetensors")
+                private[LOAD_WEIGHTS] = str(task / "load.safetensors")
+            command = sandbox.wrap([sys.executable, "train.py"],
+                                   sandbox.policy(task, tmp, [*deny, log_path, probe_log], env))
+            return command, private
 
-        private = fresh_folder(load)
+        confined, private = folders(work, private_tmp, load)
         private[SAVE_WEIGHTS] = str(work / WEIGHTS_FILE)  # handed to the scorer before the evaluation
         before = integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/")
-        changes, first_run = [], []
+        changes, first_run, probe_work = [], [], root / "probe-task"
 
         def first_run_ended(returncode):
             """What the first run did to the harness, and its compile cache when it is the tag's first."""
@@ -119,15 +120,17 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
                 keep_compile_cache(private_tmp / "compiled", Path(compiled))
 
         def probe_run(returncode):
+            """The probe run's folders, new ones beside the first run's (which it cannot read)."""
             first_run_ended(returncode)
-            return confined, fresh_folder(handed), probe_log
+            return *folders(probe_work, root / "probe-tmp", handed), probe_work, probe_log
 
         returncode, seconds, record, probe_seconds = run_training(
             log_path, timeout, pid_path, work, scoring, env, key_hex, split, on_start, confined, private,
             probe=Probe(handed, WEIGHTS_LIMIT, probe_run))
         first_run_ended(returncode)
-        changes += integrity.fingerprint_changes(  # and the probe run's, if there was one
-            before, integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/"))
+        if probe_work.exists():  # what the probe run did to the harness
+            changes += integrity.fingerprint_changes(
+                before, integrity.harness_fingerprint(probe_work, cache) | integrity.harness_files(scoring, "scorer/"))
         log_text = read_log(log_path)
         copied = False
         if weights and handed.exists():
@@ -138,10 +141,31 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
             except OSError:  # a full disk: the run goes on without its weights
                 pass
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        remove_folder(root)
     return dict(returncode=returncode, seconds=seconds, log=log_text, record=record, changed=sorted(set(changes)),
                 sandbox=words, weights=str(weights) if copied else None, compile_cache="warm" if warm else "cold",
                 probe_seconds=probe_seconds)
+
+
+def remove_folder(path):
+    """Remove what a run left, also what it made unwritable (Landlock does not govern chmod) or nested past Python's
+    recursion limit: never raises, a folder left behind is not worth a night."""
+    def writable_again(function, name, _):
+        for folder in (os.path.dirname(name), name):
+            try:
+                if not os.path.islink(folder):  # never what a link names
+                    os.chmod(folder, 0o700)
+            except OSError:
+                pass
+        try:
+            function(name) if function in (os.unlink, os.rmdir) else shutil.rmtree(name, ignore_errors=True)
+        except (OSError, RecursionError):
+            pass
+
+    try:
+        shutil.rmtree(path, onerror=writable_again)
+    except (OSError, RecursionError):
+        pass
 
 
 def keep_compile_cache(source, destination):
@@ -244,8 +268,8 @@ def sandbox_words(cache, env):
 
 class Probe(typing.NamedTuple):
     """The probe run run_training makes when the scorer asks for it: where the scorer keeps the weights handed over
-    (at most `limit` bytes), and start(returncode of the first run) -> (command, train_env, log path) of the
-    second, its folder made anew."""
+    (at most `limit` bytes), and start(returncode of the first run) -> (command, train_env, folder, log path) of
+    the second, in a folder of its own."""
     weights: Path
     limit: int
     start: typing.Callable
@@ -281,6 +305,8 @@ def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split=
                 if child is not None:
                     kill_tree(child.pid)
                     child.wait()
+            if probe_theirs is not None:
+                probe_theirs.close()
             raise
         finally:
             for end in (ours, theirs, probe_ours):
@@ -288,23 +314,24 @@ def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split=
                     end.close()
     threading.Thread(target=records.read, args=(scorer.stdout,), daemon=True).start()
     probe_seconds = None
-    try:
+
+    def started_in(folder, process):  # for kill_leftover_training, and for whoever may cancel the run
         if pid_path:
-            pid_path.write_text(f"{process.pid}\n{cwd}\n{scorer.pid}")
+            pid_path.write_text(f"{process.pid}\n{folder}\n{scorer.pid}")
         if on_start:
             on_start(process)
-        returncode = _supervise(process, timeout)
+
+    try:
+        returncode = _supervise(process, timeout, lambda: started_in(cwd, process))
         seconds = time.time() - started
         _tell(scorer, b"ended\n")  # what train.py started may still hold its end of the socket
         if probe and returncode == 0 and records.wait_for_stage(SCORER_GRACE) == "probe":
-            probe_command, probe_env, probe_log = probe.start(returncode)
+            probe_command, probe_env, probe_cwd, probe_log = probe.start(returncode)
             probe_started = time.time()
             with open(probe_log, "wb") as probe_file:
-                second = _start(probe_command, cwd, {**env, **probe_env}, probe_theirs, probe_file)
-            probe_theirs.close()
-            if pid_path:
-                pid_path.write_text(f"{second.pid}\n{cwd}\n{scorer.pid}")
-            _supervise(second, timeout)
+                second = _start(probe_command, probe_cwd, {**env, **probe_env}, probe_theirs, probe_file)
+            probe_theirs.close()  # its end is the probe run's alone: the scorer sees when it has gone
+            _supervise(second, timeout, lambda: started_in(probe_cwd, second))
             probe_seconds = time.time() - probe_started
     finally:
         if probe_theirs is not None:
@@ -335,14 +362,15 @@ def _start(command, cwd, env, scorer_end, log_file):
                             **OWN_GROUP)
 
 
-def _supervise(process, timeout):
-    """Wait for the process; kill its tree at the time limit (then None), on an interrupt, and what it left running
-    in its group when it ends. Its exit code."""
+def _supervise(process, timeout, started):
+    """Call started(), then wait for the process; kill its tree at the time limit (then None), on an interrupt or
+    an error, and what it left running in its group when it ends. Its exit code."""
     timed_out = threading.Event()
     # A timer, not wait(timeout): that polls, and returns up to 50 ms after the run ends
     timer = threading.Timer(timeout, lambda: (timed_out.set(), kill_tree(process.pid)))
     timer.start()
     try:
+        started()
         returncode = process.wait()
     finally:
         timer.cancel()

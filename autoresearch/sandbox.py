@@ -176,8 +176,9 @@ def probe():
     """{"landlock": ABI or 0, "namespaces": bool, "missing": [what is missing, and why]}, on this machine."""
     abi = landlock_abi()
     missing = [] if abi else ["Landlock (not in this kernel, or not Linux): train.py can read the validation data, "
-                              "write anywhere your user can, keep state between runs, and ask your user's "
-                              "services (tmux, systemd, D-Bus) to run commands"]
+                              "write anywhere your user can, keep state between runs (also for its probe run, which "
+                              "can then replay what the run was shown), and ask your user's services (tmux, "
+                              "systemd, D-Bus) to run commands"]
     if abi and abi < 6:
         missing.append(f"Landlock scopes (ABI {abi} < 6): train.py can signal other processes of your user")
     unshare = shutil.which("unshare")
@@ -190,7 +191,8 @@ def probe():
     if not namespaces:
         missing.append("user namespaces (`unshare --user` " + ("failed" if unshare else "is not installed") + "): "
                        "train.py has the network, what it starts in a new session can outlive it, and /dev/shm, "
-                       "which it may write, is shared from run to run")
+                       "which it may write, is shared from run to run (also with its probe run, which can then "
+                       "replay what the run was shown)")
     return {"landlock": abi, "namespaces": namespaces, "missing": missing}
 
 
@@ -242,7 +244,8 @@ def caveats(env, deny_read=()):
     also = also_writable(env)
     opened = [str(path) for path in deny_read
               if any(os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep) for folder in also)]
-    return ([f"train.py may also write {', '.join(also)} (${ALSO_WRITABLE})"] if also else []) + (
+    return ([f"train.py may also write {', '.join(also)} (${ALSO_WRITABLE}): state can pass from run to run, and "
+             "to its probe run, which can then replay what the run was shown"] if also else []) + (
         [f"so it can also read {', '.join(opened)}"] if opened else [])
 
 

@@ -116,19 +116,22 @@ def test_run_in_folder_says_what_the_run_changed_of_the_harness(tmp_path, stand_
 # A train.py the stand-in scorer asks a probe run of: each run says what its folder holds and which run it is,
 # and leaves a file there; its probe run may hang
 PROBED = ("import os, time\nfrom prepare import evaluate_bpb\nloaded = os.environ.get('AUTORESEARCH_LOAD_WEIGHTS')\n"
-          "print('in', sorted(os.listdir('.')), 'probe run' if loaded else 'run', flush=True)\n"
+          "print('in', os.path.basename(os.getcwd()), sorted(os.listdir('.')), 'probe run' if loaded else 'run',\n"
+          "      flush=True)\n"
           "open('memory.txt', 'w').write('rows')\nHANG = False\n"
           "if loaded and HANG:\n    time.sleep(600)\nprint('---')\nprint('val_bpb:', evaluate_bpb(0.9, probe=True))\n")
 
 
-def test_the_probe_run_is_train_py_again_in_a_folder_made_anew_loading_the_weights_the_run_handed_over(
+def test_the_probe_run_is_train_py_again_in_a_new_folder_of_its_own_loading_the_weights_the_run_handed_over(
         tmp_path, stand_in):
     key = secrets.token_bytes(32)
     result = runner.run_in_folder(PROBED, stand_in, key.hex(), 30, tmp_path / "train.pid",
                                   log_path=tmp_path / "run.log")
-    assert result["returncode"] == 0 and "in ['prepare.py', 'train.py'] run" in result["log"]
+    assert result["returncode"] == 0 and "in task ['prepare.py', 'train.py'] run" in result["log"]
     probe_log = (tmp_path / "run.probe.log").read_text()  # beside the run's log, which shows the agent none of it
-    assert "in ['load.safetensors', 'prepare.py', 'train.py'] probe run" in probe_log and "probe" not in result["log"]
+    # not the first run's folder, which it left memory.txt in
+    assert "in probe-task ['load.safetensors', 'prepare.py', 'train.py'] probe run" in probe_log
+    assert "probe" not in result["log"]
     record, missing = integrity.verify_record(key, result["record"])
     assert missing is None and record["stage"] == "final" and integrity.evaluation(record)["probe"]["rows"] == 8
     assert 0 < result["probe_seconds"] < 30 and not (tmp_path / "train.pid").exists()
@@ -136,11 +139,11 @@ def test_the_probe_run_is_train_py_again_in_a_folder_made_anew_loading_the_weigh
 
 def test_a_probe_run_that_hangs_is_killed_at_the_time_limit_and_leaves_the_score_unprobed(tmp_path, stand_in):
     key = secrets.token_bytes(32)
-    result = runner.run_in_folder(PROBED.replace("HANG = False", "HANG = True"), stand_in, key.hex(), 3,
+    result = runner.run_in_folder(PROBED.replace("HANG = False", "HANG = True"), stand_in, key.hex(), 6,
                                   tmp_path / "train.pid", log_path=tmp_path / "run.log")
     record, missing = integrity.verify_record(key, result["record"])
     assert result["returncode"] == 0 and integrity.evaluation(record)["probe"] is None
-    assert 3 <= result["probe_seconds"] < 10 and record["unfinished"].startswith("the probe run ended before it asked")
+    assert 6 <= result["probe_seconds"] < 15 and record["unfinished"].startswith("the probe run ended before it asked")
     scored = integrity.evaluation(record)
     [problem] = integrity.record_problems(record, missing, 0, 0.9,
                                           {"max_seq_len": scored["seq_len"], "eval_tokens": scored["tokens"]})

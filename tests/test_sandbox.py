@@ -98,7 +98,8 @@ def test_a_folder_train_py_may_also_write_that_holds_a_denied_path_is_said_to_op
     (home / ".ssh").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
     words = runner.sandbox_words(runner.integrity.cache_dir(), {"AUTORESEARCH_SANDBOX_WRITABLE": str(home)})
-    assert f"train.py may also write {home} ($AUTORESEARCH_SANDBOX_WRITABLE); missing: so it can also read " \
+    assert f"train.py may also write {home} ($AUTORESEARCH_SANDBOX_WRITABLE): state can pass from run to run, " \
+           f"and to its probe run, which can then replay what the run was shown; missing: so it can also read " \
            f"{home / '.ssh'}" in words
 
 
@@ -223,7 +224,8 @@ def test_a_night_without_a_sandbox_says_so_in_its_first_lines_its_runs_and_its_r
     assert any("train.py's sandbox: none; missing: a sandbox (this test runs without one)" in line
                for line in first_lines), first_lines
     words = ("none; missing: a sandbox (this test runs without one); missing: train.py may also write "
-             f"{night.tmp / 'shared'} ($AUTORESEARCH_SANDBOX_WRITABLE)")  # where the tests keep their bookkeeping
+             f"{night.tmp / 'shared'} ($AUTORESEARCH_SANDBOX_WRITABLE): state can pass from run to run, and to its "
+             "probe run, which can then replay what the run was shown")  # where the tests keep their bookkeeping
     assert {r["sandbox"] for r in night.ledger() if r["event"] == "run"} == {words}
     capsys.readouterr()
     assert agent_loop.main(["report", "--tag", "t"]) == 0

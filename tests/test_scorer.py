@@ -75,6 +75,13 @@ SHRINKS_THE_LOGITS = ("model.eval()\n", "model.eval()\nforward = model.forward\n
                       "                print('shrink refused', type(error).__name__)\n"
                       "    return forward(x, y, reduction)\nmodel.forward = shrinking\n")
 UNSEALED = ("model.eval()\n", "model.eval()\nprepare._SEALS = False\n")
+# Once its first rows have come, it writes over the weights file it handed over: the scorer's copy, made before any
+# row went out, is what the probe run loads
+REWRITES_ITS_WEIGHTS = ("model.eval()\n", "model.eval()\nrows_forward = model.forward\n"
+                        "def rewriting(x, y=None, reduction='mean'):\n"
+                        "    if os.environ.get('AUTORESEARCH_SAVE_WEIGHTS'):\n"
+                        "        open(os.environ['AUTORESEARCH_SAVE_WEIGHTS'], 'wb').write(b'not weights')\n"
+                        "    return rows_forward(x, y, reduction)\nmodel.forward = rewriting\n")
 # A model that remembers each row it was shown and looks one token ahead from position 8 on: a row that begins as one
 # it has seen, for 8 tokens or more, gets the answers that one got up to where the two part, so a spliced copy agrees
 # with its row before the splice (and a splice before position 8 finds it causal there). It keeps its memory in its
@@ -134,9 +141,10 @@ def honest(tmp_path_factory, _tiny_cache_dir):
 @pytest.fixture(scope="module")
 def meddling(tmp_path_factory, _tiny_cache_dir):
     """One run of a train.py that patches the harness and torch, tries to shrink the logits' memory under the scorer,
-    and asks for its evaluation before its model answers: each test below looks at one of these."""
+    asks for its evaluation before its model answers, and writes over the weights it handed over: each test below
+    looks at one of these."""
     script = HONEST
-    for meddle in (PATCHES, SHRINKS_THE_LOGITS, ASKS_EARLY):
+    for meddle in (PATCHES, SHRINKS_THE_LOGITS, ASKS_EARLY, REWRITES_ITS_WEIGHTS):
         script = script.replace(*meddle)
     return run_scored(tmp_path_factory.mktemp("meddling"), _tiny_cache_dir, script)
 
@@ -197,6 +205,12 @@ def test_the_clock_that_counts_stops_when_the_first_logits_come_back_not_when_th
     code, output, record, _ = meddling
     assert code == 0 and record["problems"] == [], output
     assert record["evaluations"][0]["first_logits"] >= 4  # the start, the import of torch and training, then 4 s
+
+
+def test_the_weights_the_probe_run_loads_are_those_handed_over_before_any_row_went_out(meddling, honest):
+    code, output, record, missing = meddling
+    assert code == 0 and record["problems"] == [] and record["unfinished"] is None, output
+    assert record["evaluations"][0]["probe"]["rows"] == honest[2]["evaluations"][0]["probe"]["rows"] == 64
 
 
 def test_train_py_cannot_shrink_the_logits_memory_under_the_scorer(meddling):
