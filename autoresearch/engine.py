@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from autoresearch import decisions, integrity, keep_rule, report, runner, state, weights
+from autoresearch import decisions, integrity, keep_rule, report, run_log, runner, state, weights
 from autoresearch.agents import Change, ask_for_change, source_digest
 from autoresearch.console import clear_status, fail, log, plural, show_status
 from autoresearch.night import (already_run, before_proposal, record_proposal, record_result, time_limit,
@@ -287,7 +287,7 @@ class Engine:
         now, tty = time.time(), sys.stdout.isatty()
         due = not self.executor.remote and (tty or now - self.progress_shown >= runner.PROGRESS_EVERY)
         statuses = [(key, status) for key, (request, _) in self.runs.out.items()
-                    if due and (status := runner.run_status(request.log_path))]
+                    if due and (status := run_log.run_status(request.log_path))]
         if statuses and tty:
             show_status(" | ".join(f"#{key.experiment} {status}" for key, status in statuses)
                         + time_left_text(self.night).replace(",", " |", 1))

@@ -8,7 +8,7 @@ Plain functions of the ledger and the source text, which the engine builds them 
 
 from pathlib import Path
 
-from autoresearch.runner import fence_untrusted
+from autoresearch.run_log import fence_untrusted
 from autoresearch.state import near_misses, plateau_streak
 
 MAX_NOTES = 2000  # characters of the agent's lab notes kept (every prompt shows them)

@@ -1,19 +1,18 @@
 """
-One run of train.py under the harness, and what its log says.
+One run of train.py under the harness.
 
 The run is `python train.py` in a fresh folder holding only train.py and prepare.py, and beside it the scorer
 (scorer.py, in a folder of its own with the driver's harness), which alone reads the validation data, computes
-val_bpb and signs its record (run_in_folder, here and on a Ray node alike); train.py runs in this machine's sandbox
-(sandbox.py). Both run in their own process group with a hard time limit; on timeout or interrupt the run's whole
-process tree is killed (psutil). The driver reads the summary block after the last `---` line, the latest progress
-line while it trains, and a crashed run's log tail (up to where the evaluation began), fenced for the agent.
+val_bpb and signs its record (run_in_folder, here and on a Ray node alike); then, when the scorer asks, the probe
+run, train.py again in a folder of its own. train.py runs in this machine's sandbox (sandbox.py). Each process
+runs in its own process group with a hard time limit; on timeout or interrupt the run's whole process tree is
+killed (psutil). What its log says is run_log.py's.
 """
 
 import functools
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -28,18 +27,15 @@ from pathlib import Path
 
 import psutil
 
-from autoresearch import integrity, sandbox, state
+from autoresearch import integrity, run_log, sandbox, state
 from autoresearch.console import log
 
-LOG_TAIL_LINES, LOG_TAIL_CHARS = 50, 4000  # how much of a crashed run's log the agent sees
 PROGRESS_EVERY = 30  # seconds between two status lines of a run when the output is not a terminal
 SCORER_FD = "AUTORESEARCH_SCORER_FD"  # names train.py's end of the socket to the scorer (prepare.SCORER_FD)
 SCORER_GRACE = 30  # seconds the scorer may take to write its record once train.py has ended
 SAVE_WEIGHTS, LOAD_WEIGHTS = "AUTORESEARCH_SAVE_WEIGHTS", "AUTORESEARCH_LOAD_WEIGHTS"  # as prepare.py names them
 WEIGHTS_FILE = "model.safetensors"  # where in its folder the harness saves the model it scored, when asked
-LOG_READ_LIMIT = 64 << 20  # bytes of a run's log the driver reads: its beginning and its end
 WEIGHTS_LIMIT = 16 << 30  # bytes of weights the driver copies (a 4B-parameter model in fp32); a bigger file is not kept
-EVALUATION_BEGINS = "scorer: the evaluation begins; what the run prints from here on is not shown to the agent"
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)  # kept from a run's env
 
 # -----------------------------------------------------------------------------
@@ -131,7 +127,7 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
         if probe_work.exists():  # what the probe run did to the harness
             changes += integrity.fingerprint_changes(
                 before, integrity.harness_fingerprint(probe_work, cache) | integrity.harness_files(scoring, "scorer/"))
-        log_text = read_log(log_path)
+        log_text = run_log.read_log(log_path)
         copied = False
         if weights and handed.exists():
             try:
@@ -192,10 +188,10 @@ def copy_plain_files(source, destination):
             copy_plain_file(path, destination / path.relative_to(source))
 
 
-def copy_plain_file(source, destination, limit=None):
-    """Copy what train.py's process left at `source` if it is a file of its own, of at most `limit` bytes: not a
-    link to another file, which it could not read itself (its sandbox denies the validation data, not a link to
-    it), nor a pipe, which would never end. Whether it did; raises OSError when the copy could not be written."""
+def copy_plain_file(source, destination):
+    """Copy what train.py's process left at `source` if it is a file of its own: not a link to another file, which it
+    could not read itself (its sandbox denies the validation data, not a link to it), nor a pipe, which would never
+    end. Whether it did; raises OSError when the copy could not be written."""
     try:
         fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -207,34 +203,13 @@ def copy_plain_file(source, destination, limit=None):
             return False
         try:
             destination.parent.mkdir(parents=True, exist_ok=True)
-            size = 0
             with open(partial, "wb") as copy:
-                while (chunk := file.read(1 << 20)) and not (limit and size > limit):  # it may still be growing
-                    copy.write(chunk)
-                    size += len(chunk)
-            if limit and size > limit:
-                partial.unlink()
-                return False
+                shutil.copyfileobj(file, copy)
             os.replace(partial, destination)
         except OSError:
             partial.unlink(missing_ok=True)
             raise
     return True
-
-
-def read_log(path):
-    """The run's log, its \r kept; of one over LOG_READ_LIMIT, only its beginning and its end, with the
-    evaluation's marker between them: the agent is then shown nothing of the end (log_tail), which could have been
-    printed after the evaluation began."""
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        if size <= LOG_READ_LIMIT:
-            data = file.read()
-        else:
-            head = file.read(LOG_READ_LIMIT // 2)
-            file.seek(size - LOG_READ_LIMIT // 2)
-            data = head + f"\n[{size - LOG_READ_LIMIT} bytes not read]\n{EVALUATION_BEGINS}\n".encode() + file.read()
-    return data.decode(errors="replace")
 
 
 @functools.cache
@@ -460,72 +435,3 @@ def kill_leftover_training(pid_path):
     if root.name.startswith("autoresearch-run-"):  # its folders, log and record
         shutil.rmtree(root, ignore_errors=True)
     pid_path.unlink(missing_ok=True)
-
-
-# -----------------------------------------------------------------------------
-# Reading the log
-
-
-def visible_lines(log_text):
-    """The log's lines as a terminal shows them: of a line rewritten with \\r, only its last version."""
-    return [line.rstrip("\r").rsplit("\r", 1)[-1] for line in log_text.split("\n")]
-
-
-def parse_summary(log_text):
-    """The `key: number` lines after the last `---` line of the log."""
-    lines = visible_lines(log_text)
-    if "---" not in lines:
-        return {}
-    block = lines[len(lines) - lines[::-1].index("---"):]
-    metrics = {}
-    for line in block:
-        match = re.fullmatch(r"(\w+):\s+(\S+)\s*", line)
-        if match:
-            try:
-                metrics[match[1]] = float(match[2])
-            except ValueError:
-                pass
-    return metrics
-
-
-def log_tail(log_text):
-    """The last lines of a log as the agent sees them: progress lines collapsed, size-capped, and nothing printed
-    after the evaluation began (train.py saw validation text then, and could print it), but the name of the error
-    it ended with."""
-    shown, began, after = log_text.partition(EVALUATION_BEGINS)
-    lines = visible_lines(shown.rstrip("\n"))
-    if began:
-        errors = re.findall(r"^(\w+(?:Error|Exception|Interrupt))\b", after, re.MULTILINE)
-        lines.append("[what it printed after its evaluation began is not shown: it could hold validation text"
-                     + (f"; it ended with {errors[-1]}]" if errors else "]"))
-    return "\n".join(lines[-LOG_TAIL_LINES:])[-LOG_TAIL_CHARS:]
-
-
-def run_status(log_path):
-    """The run's latest progress line, shortened: "step 42 (45.1%), loss 4.1234, 16s left", then "evaluating: 3 of
-    11 batches" and "probing: 1 of 3 batches" from the scorer's lines; or None."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            tail = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    steps = [line for line in visible_lines(tail) if line.startswith(("step ", "scorer: "))]
-    if not steps:
-        return None
-    if steps[-1].startswith("scorer: "):  # its own lines, after train.py's last step line
-        done = re.match(r"scorer: (evaluated|probed) (\d+) of (\d+) batches", steps[-1])
-        if not done:
-            return "probing" if "probe run" in steps[-1] else "evaluating"
-        return "{}: {} of {} batches".format("evaluating" if done[1] == "evaluated" else "probing", *done.groups()[1:])
-    found = re.match(r"step (\d+) \(([\d.]+)%\) \| loss: ([\d.]+)(?:.*remaining: (\d+)s)?", steps[-1])
-    if not found:  # train.py was edited: its own words, cut short
-        return " ".join(steps[-1].split())[:100]
-    step, percent, loss, left = found.groups()
-    return f"step {int(step)} ({percent}%), loss {float(loss):.4f}" + (f", {left}s left" if left else "")
-
-
-def fence_untrusted(text, kind="program-output"):
-    # A random tag the text cannot know, so it cannot close the fence early.
-    tag = f"untrusted-{kind}-{secrets.token_hex(4)}"
-    return f"<{tag}>\n{text}\n</{tag}>"

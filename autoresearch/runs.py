@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoresearch import integrity, runner, state, weights
+from autoresearch import integrity, run_log, runner, state, weights
 from autoresearch.console import fail, log
 from autoresearch.night import time_limit
 
@@ -210,7 +210,7 @@ def assess(night, key, result, problems=()):
                    problems=problems, log_tail="", attestation=None)
         return night.record(event="run" if key.split == "val" else "holdout_run", **run)
     record, missing = integrity.verify_record(bytes.fromhex(result["key_hex"]), result["record"])
-    metrics, returncode, seconds = runner.parse_summary(result["log"]), result["returncode"], result["seconds"]
+    metrics, returncode, seconds = run_log.parse_summary(result["log"]), result["returncode"], result["seconds"]
     problems += [f"the run changed {', '.join(result['changed'])}"] if result["changed"] else []
     problems += integrity.record_problems(record, missing, returncode, metrics.get("val_bpb"), night.constants)
     evaluated = integrity.evaluation(record)
@@ -231,7 +231,7 @@ def assess(night, key, result, problems=()):
     run.update(seconds=round(seconds, 1), probe_seconds=None if probe_seconds is None else round(probe_seconds, 1),
                returncode=returncode, timed_out=returncode is None, ok=ok,
                val_bpb=val_bpb, metrics=metrics, problems=problems,
-               log_tail="" if ok else runner.log_tail(result["log"]), attestation=record, worker=result["worker"],
+               log_tail="" if ok else run_log.log_tail(result["log"]), attestation=record, worker=result["worker"],
                sandbox=result.get("sandbox"), limit=result.get("limit"), compile_cache=result.get("compile_cache"),
                **({"weights": described} if described else {}))
     return night.record(event="run" if key.split == "val" else "holdout_run", **run)

@@ -18,7 +18,7 @@ from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from autoresearch import integrity, runner  # noqa: E402
+from autoresearch import integrity, run_log, runner  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--runs", type=int, default=3)
@@ -36,7 +36,7 @@ for run in range(1, args.runs + 1):
     if result["returncode"] != 0 or evaluated is None or not evaluated["probe"]:
         sys.exit(f"run {run} failed ({missing or record['problems'] or record['unfinished']}):\n"
                  f"{result['log'][-4000:]}")
-    printed, probe = runner.parse_summary(result["log"]), evaluated["probe"]
+    printed, probe = run_log.parse_summary(result["log"]), evaluated["probe"]
     timings.append((result["seconds"], evaluated["first_logits"]))
     evaluations.append(evaluated["seconds"])
     probes.append(result["probe_seconds"])

@@ -7,7 +7,7 @@ import secrets
 
 import pytest
 
-from autoresearch import integrity, runner
+from autoresearch import integrity, run_log, runner
 from conftest import REPO
 
 # A bigram model trained for a few batches, seeded: small enough to start, train and evaluate in seconds.
@@ -177,7 +177,7 @@ def test_a_run_the_driver_asks_to_score_the_holdout_is_scored_on_it_and_train_py
 def test_the_scorer_s_progress_reaches_the_run_s_status_line(tmp_path, honest):
     (tmp_path / "run.log").write_text(honest[1])
     assert "scorer: evaluated 8 of 8 batches" in honest[1]  # 64 rows, 8 a batch; then the probe run's 64 copies
-    assert runner.run_status(tmp_path / "run.log") == "probing: 8 of 8 batches"
+    assert run_log.run_status(tmp_path / "run.log") == "probing: 8 of 8 batches"
 
 
 def test_the_key_never_reaches_train_py(honest):

@@ -73,22 +73,22 @@ def test_a_model_saved_by_a_run_that_never_ended_is_removed_on_resume(night):
     assert not orphan.exists() and (models(night) / "best.safetensors").exists()
 
 
-def test_weights_left_as_a_link_to_another_file_are_not_copied(tmp_path):
+def test_a_compiled_file_left_as_a_link_to_another_file_is_not_copied(tmp_path):
     secret = tmp_path / "val.bin"
     secret.write_bytes(b"validation tokens")
-    (tmp_path / "model.safetensors").symlink_to(secret)
-    assert not runner.copy_plain_file(tmp_path / "model.safetensors", tmp_path / "kept" / "a.safetensors")
-    os.link(secret, tmp_path / "linked.safetensors")  # a second name of a file it could not read
-    assert not runner.copy_plain_file(tmp_path / "linked.safetensors", tmp_path / "kept" / "a.safetensors")
-    assert not (tmp_path / "kept" / "a.safetensors").exists()
+    (tmp_path / "kernel.so").symlink_to(secret)
+    assert not runner.copy_plain_file(tmp_path / "kernel.so", tmp_path / "kept" / "kernel.so")
+    os.link(secret, tmp_path / "linked.so")  # a second name of a file it could not read
+    assert not runner.copy_plain_file(tmp_path / "linked.so", tmp_path / "kept" / "kernel.so")
+    assert not (tmp_path / "kept" / "kernel.so").exists()
 
 
-def test_weights_left_as_a_pipe_or_over_the_limit_are_not_copied(tmp_path):
-    os.mkfifo(tmp_path / "model.safetensors")  # opening it to read would wait for a writer forever
-    assert not runner.copy_plain_file(tmp_path / "model.safetensors", tmp_path / "kept.safetensors")
-    (tmp_path / "big.safetensors").write_bytes(b"x" * 1000)
-    assert not runner.copy_plain_file(tmp_path / "big.safetensors", tmp_path / "kept.safetensors", limit=999)
-    assert runner.copy_plain_file(tmp_path / "big.safetensors", tmp_path / "kept.safetensors", limit=1000)
+def test_a_compiled_file_left_as_a_pipe_is_not_copied_and_a_plain_one_is(tmp_path):
+    os.mkfifo(tmp_path / "kernel.so")  # opening it to read would wait for a writer forever
+    assert not runner.copy_plain_file(tmp_path / "kernel.so", tmp_path / "kept.so")
+    (tmp_path / "plain.so").write_bytes(b"x" * 1000)
+    assert runner.copy_plain_file(tmp_path / "plain.so", tmp_path / "kept.so")
+    assert (tmp_path / "kept.so").read_bytes() == b"x" * 1000
 
 
 def test_a_compile_cache_left_as_a_link_to_another_folder_is_not_copied(tmp_path):
