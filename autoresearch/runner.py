@@ -36,6 +36,7 @@ SCORER_GRACE = 30  # seconds the scorer may take to write its record once train.
 SAVE_WEIGHTS, LOAD_WEIGHTS = "AUTORESEARCH_SAVE_WEIGHTS", "AUTORESEARCH_LOAD_WEIGHTS"  # as prepare.py names them
 WEIGHTS_FILE = "model.safetensors"  # where in its folder the harness saves the model it scored, when asked
 WEIGHTS_LIMIT = 16 << 30  # bytes of weights the driver copies (a 4B-parameter model in fp32); a bigger file is not kept
+RUN_LOCK = ".driver.lock"  # in each run's folder, held by the process that runs it
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)  # kept from a run's env
 
 # -----------------------------------------------------------------------------
@@ -56,7 +57,7 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
     text, or None), changed (of the harness), weights (the path, or None when it handed over none),
     probe_seconds (None: no probe run)."""
     cache = Path(cache) if cache else integrity.cache_dir()
-    root = Path(tempfile.mkdtemp(prefix="autoresearch-run-", dir=runs_folder()))
+    root, lock = new_run_folder()
     # train.py works in task/ with its own temp folder tmp/; the scorer in scorer/, with the driver's harness
     work, private_tmp, scoring = root / "task", root / "tmp", root / "scorer"
     log_path = Path(log_path or root / "run.log")
@@ -138,6 +139,7 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
                 pass
     finally:
         remove_folder(root)
+        lock.close()
     return dict(returncode=returncode, seconds=seconds, log=log_text, record=record, changed=sorted(set(changes)),
                 sandbox=words, weights=str(weights) if copied else None, compile_cache="warm" if warm else "cold",
                 probe_seconds=probe_seconds)
@@ -226,6 +228,43 @@ def runs_folder():
     except (OSError, AttributeError):
         pass
     return Path(tempfile.mkdtemp(prefix="autoresearch-runs-"))
+
+
+def new_run_folder():
+    """A run's folder in runs_folder(), and the lock this process holds on it while the run goes (flock: it dies
+    with the process). The folders of a driver that was killed (or of a Ray worker) are found so and removed first,
+    with what still runs in them (remove_abandoned)."""
+    import fcntl  # POSIX: the loop does not run on Windows (agent_loop.py says so)
+
+    remove_abandoned()
+    root = Path(tempfile.mkdtemp(prefix="autoresearch-run-", dir=runs_folder()))
+    lock = open(root / f"{RUN_LOCK}.new", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    os.rename(root / f"{RUN_LOCK}.new", root / RUN_LOCK)  # only once held: a lock found free is one of the dead
+    return root, lock
+
+
+def remove_abandoned():
+    """Kill what runs in a run folder whose lock no process holds, and remove the folder."""
+    import fcntl
+
+    abandoned = []
+    for folder in runs_folder().glob("autoresearch-run-*"):
+        try:
+            with open(folder / RUN_LOCK) as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held (its driver lives), or none yet
+            continue
+        abandoned.append(str(folder))
+    if not abandoned:
+        return
+    for process in psutil.process_iter(["cwd"]):
+        cwd = process.info["cwd"] or ""
+        if any(cwd == folder or cwd.startswith(folder + os.sep) for folder in abandoned):
+            log(f"killing pid {process.pid}, left running in {cwd} by a driver that was killed")
+            kill_tree(process.pid)
+    for folder in abandoned:
+        remove_folder(Path(folder))
 
 
 def guarded(cache, env):

@@ -8,6 +8,7 @@ import secrets
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -144,6 +145,41 @@ def test_a_probe_run_that_hangs_is_killed_at_the_time_limit_and_leaves_the_score
     [problem] = integrity.record_problems(record, missing, 0, 0.9,
                                           {"max_seq_len": scored["seq_len"], "eval_tokens": scored["tokens"]})
     assert problem.startswith("the scorer never probed the model it scored")
+
+
+# A driver: it makes a run folder as run_in_folder does, starts a run there, says its folder and the run's pid, and
+# waits (to be killed)
+DRIVER = ("import subprocess, sys, time\nfrom autoresearch import runner\nroot, lock = runner.new_run_folder()\n"
+          f"run = subprocess.Popen([sys.executable, '-c', {SLEEP!r}], cwd=root)\n"
+          "print(root, run.pid, flush=True)\ntime.sleep(60)\n")
+
+
+def start_driver(leftovers):
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    leftovers.append(driver.pid)
+    folder, run = driver.stdout.readline().split()
+    leftovers.append(int(run))
+    return driver, Path(folder), int(run)
+
+
+def test_the_run_folder_of_a_killed_driver_goes_with_what_runs_in_it_when_a_run_starts(leftovers):
+    driver, folder, run = start_driver(leftovers)
+    driver.kill()
+    driver.wait()
+    assert folder.exists() and alive(run, wait=0)
+    runner.remove_abandoned()
+    assert not folder.exists() and not alive(run)
+
+
+def test_the_run_folder_of_a_live_driver_is_left_alone(leftovers):
+    driver, folder, run = start_driver(leftovers)
+    try:
+        runner.remove_abandoned()
+        assert folder.exists() and alive(run, wait=0)
+    finally:
+        driver.kill()
+        driver.wait()
+        runner.remove_abandoned()
 
 
 def test_a_run_s_pid_file_names_its_processes_and_folder_and_kill_leftover_training_removes_them(tmp_path, leftovers):
