@@ -28,7 +28,7 @@ from pathlib import Path
 import filelock
 import git
 
-from autoresearch import demo, holdout, integrity, report, runner, state, weights
+from autoresearch import demo, holdout, integrity, report, run_folders, runner, state, weights
 from autoresearch.console import fail, log, plural
 from autoresearch.engine import Engine
 from autoresearch.night import Night, time_limit
@@ -136,7 +136,7 @@ def run_night(repo, args, argv, constants, state_dir, holdout_only=False, execut
     night = Night(args, agent, repo, state_dir, ledger, args.timeout,
                   constants, fingerprint, branch)
     for pid_path in state_dir.glob("train*.pid"):
-        runner.kill_leftover_training(pid_path)
+        run_folders.kill_leftover_training(pid_path)
     night.record(event="start", tag=args.tag, branch=branch, base_commit=state.head_commit(repo), agent=args.agent,
                  model=args.model, time_budget=constants["time_budget"], timeout=night.timeout, keep_rule=args.keep_rule,
                  fingerprint=fingerprint, argv=argv, options={name: getattr(args, name) for name in TAG_OPTIONS})

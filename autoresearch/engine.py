@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from autoresearch import decisions, integrity, keep_rule, report, run_log, runner, state, weights
+from autoresearch import decisions, integrity, keep_rule, report, run_folders, run_log, runner, state, weights
 from autoresearch.agents import Change, ask_for_change, source_digest
 from autoresearch.console import clear_status, fail, log, plural, show_status
 from autoresearch.night import (already_run, before_proposal, record_proposal, record_result, time_limit,
@@ -122,7 +122,7 @@ class Engine:
         for process in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):  # ended meanwhile, or not ours to look at
                 if Path(process.cwd()).is_relative_to(scratch):
-                    runner.kill_tree(process.pid)
+                    run_folders.kill_tree(process.pid)
 
     # -------------------------------------------------------------------------
     # Starting and resuming: every experiment the ledger leaves undecided goes on from its runs

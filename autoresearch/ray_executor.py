@@ -139,7 +139,7 @@ def run_experiment(train_source, harness, fingerprint, key_hex, timeout, cache=N
     node keeps nothing of a run."""
     import ray
 
-    from autoresearch import integrity, runner, runs
+    from autoresearch import integrity, run_folders, runner, runs
 
     hostname, ip = socket.gethostname(), ray.util.get_node_ip_address()
     cache = Path(cache).expanduser() if cache else integrity.cache_dir()
@@ -168,7 +168,7 @@ def run_experiment(train_source, harness, fingerprint, key_hex, timeout, cache=N
     except BaseException:
         while not done.wait(0.1):  # until the run has started and is dead
             for pid in started:
-                runner.kill_tree(pid)
+                run_folders.kill_tree(pid)
         raise
     finally:
         if weights_path:

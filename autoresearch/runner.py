@@ -6,29 +6,23 @@ The run is `python train.py` in a fresh folder holding only train.py and prepare
 val_bpb and signs its record (run_in_folder, here and on a Ray node alike); then, when the scorer asks, the probe
 run, train.py again in a folder of its own. train.py runs in this machine's sandbox (sandbox.py). Each process
 runs in its own process group with a hard time limit; on timeout or interrupt the run's whole process tree is
-killed (psutil). What its log says is run_log.py's.
+killed (psutil). Where runs work is run_folders.py's, what their log says run_log.py's.
 """
 
-import functools
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import typing
 from pathlib import Path
 
-import psutil
-
-from autoresearch import integrity, run_log, sandbox, state
-from autoresearch.console import log
+from autoresearch import integrity, run_folders, run_log, sandbox, state
 
 PROGRESS_EVERY = 30  # seconds between two status lines of a run when the output is not a terminal
 SCORER_FD = "AUTORESEARCH_SCORER_FD"  # names train.py's end of the socket to the scorer (prepare.SCORER_FD)
@@ -36,7 +30,6 @@ SCORER_GRACE = 30  # seconds the scorer may take to write its record once train.
 SAVE_WEIGHTS, LOAD_WEIGHTS = "AUTORESEARCH_SAVE_WEIGHTS", "AUTORESEARCH_LOAD_WEIGHTS"  # as prepare.py names them
 WEIGHTS_FILE = "model.safetensors"  # where in its folder the harness saves the model it scored, when asked
 WEIGHTS_LIMIT = 16 << 30  # bytes of weights the driver copies (a 4B-parameter model in fp32); a bigger file is not kept
-RUN_LOCK = ".driver.lock"  # in each run's folder, held by the process that runs it
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)  # kept from a run's env
 
 # -----------------------------------------------------------------------------
@@ -57,7 +50,7 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
     text, or None), changed (of the harness), weights (the path, or None when it handed over none),
     probe_seconds (None: no probe run)."""
     cache = Path(cache) if cache else integrity.cache_dir()
-    root, lock = new_run_folder()
+    root, lock = run_folders.new_run_folder()
     # train.py works in task/ with its own temp folder tmp/; the scorer in scorer/, with the driver's harness
     work, private_tmp, scoring = root / "task", root / "tmp", root / "scorer"
     log_path = Path(log_path or root / "run.log")
@@ -92,7 +85,7 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
                 if warm:
                     copy_plain_files(Path(compiled), tmp / "compiled")
             except OSError:  # a full disk: it compiles from nothing
-                remove_folder(tmp / "compiled")
+                run_folders.remove_folder(tmp / "compiled")
                 warm = False
             if loaded:
                 shutil.copyfile(loaded, task / "load.safetensors")
@@ -138,32 +131,11 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
             except OSError:  # a full disk: the run goes on without its weights
                 pass
     finally:
-        remove_folder(root)
+        run_folders.remove_folder(root)
         lock.close()
     return dict(returncode=returncode, seconds=seconds, log=log_text, record=record, changed=sorted(set(changes)),
                 sandbox=words, weights=str(weights) if copied else None, compile_cache="warm" if warm else "cold",
                 probe_seconds=probe_seconds)
-
-
-def remove_folder(path):
-    """Remove what a run left, also what it made unwritable (Landlock does not govern chmod) or nested past Python's
-    recursion limit: never raises, a folder left behind is not worth a night."""
-    def writable_again(function, name, _):
-        for folder in (os.path.dirname(name), name):
-            try:
-                if not os.path.islink(folder):  # never what a link names
-                    os.chmod(folder, 0o700)
-            except OSError:
-                pass
-        try:
-            function(name) if function in (os.unlink, os.rmdir) else shutil.rmtree(name, ignore_errors=True)
-        except (OSError, RecursionError):
-            pass
-
-    try:
-        shutil.rmtree(path, onerror=writable_again)
-    except (OSError, RecursionError):
-        pass
 
 
 def keep_compile_cache(source, destination):
@@ -214,64 +186,11 @@ def copy_plain_file(source, destination):
     return True
 
 
-@functools.cache
-def runs_folder():
-    """The folder of every run's folder on this machine, your user's alone: each run's sandbox denies it whole, so no
-    run reads another's folder, also one that runs beside it or starts after it. One of this process's own when the
-    shared one is not a folder of yours that only you can open."""
-    folder = Path(tempfile.gettempdir()) / f"autoresearch-runs-{os.getuid() if hasattr(os, 'getuid') else 0}"
-    try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        status = os.lstat(folder)
-        if stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid() and not status.st_mode & 0o077:
-            return folder
-    except (OSError, AttributeError):
-        pass
-    return Path(tempfile.mkdtemp(prefix="autoresearch-runs-"))
-
-
-def new_run_folder():
-    """A run's folder in runs_folder(), and the lock this process holds on it while the run goes (flock: it dies
-    with the process). The folders of a driver that was killed (or of a Ray worker) are found so and removed first,
-    with what still runs in them (remove_abandoned)."""
-    import fcntl  # POSIX: the loop does not run on Windows (agent_loop.py says so)
-
-    remove_abandoned()
-    root = Path(tempfile.mkdtemp(prefix="autoresearch-run-", dir=runs_folder()))
-    lock = open(root / f"{RUN_LOCK}.new", "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    os.rename(root / f"{RUN_LOCK}.new", root / RUN_LOCK)  # only once held: a lock found free is one of the dead
-    return root, lock
-
-
-def remove_abandoned():
-    """Kill what runs in a run folder whose lock no process holds, and remove the folder."""
-    import fcntl
-
-    abandoned = []
-    for folder in runs_folder().glob("autoresearch-run-*"):
-        try:
-            with open(folder / RUN_LOCK) as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held (its driver lives), or none yet
-            continue
-        abandoned.append(str(folder))
-    if not abandoned:
-        return
-    for process in psutil.process_iter(["cwd"]):
-        cwd = process.info["cwd"] or ""
-        if any(cwd == folder or cwd.startswith(folder + os.sep) for folder in abandoned):
-            log(f"killing pid {process.pid}, left running in {cwd} by a driver that was killed")
-            kill_tree(process.pid)
-    for folder in abandoned:
-        remove_folder(Path(folder))
-
-
 def guarded(cache, env):
     """(what train.py must not read: the cache's validation data, the driver's .autoresearch, the folders of the
     runs, your credentials; what its sandbox then cannot protect, in words)"""
     paths, caveats = integrity.validation_files(cache)
-    paths += [state.STATE_ROOT.resolve(), runs_folder()] + sandbox.credentials(env)
+    paths += [state.STATE_ROOT.resolve(), run_folders.runs_folder()] + sandbox.credentials(env)
     return paths, sandbox.caveats(env, paths) + caveats
 
 
@@ -317,7 +236,7 @@ def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split=
         except BaseException:
             for child in (process, scorer):
                 if child is not None:
-                    kill_tree(child.pid)
+                    run_folders.kill_tree(child.pid)
                     child.wait()
             if probe_theirs is not None:
                 probe_theirs.close()
@@ -357,7 +276,7 @@ def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split=
         try:
             scorer.wait(SCORER_GRACE)
         except subprocess.TimeoutExpired:
-            kill_tree(scorer.pid)
+            run_folders.kill_tree(scorer.pid)
             scorer.wait()
         records.done.wait(SCORER_GRACE)
         if pid_path:
@@ -381,7 +300,7 @@ def _supervise(process, timeout, started):
     an error, and what it left running in its group when it ends. Its exit code."""
     timed_out = threading.Event()
     # A timer, not wait(timeout): that polls, and returns up to 50 ms after the run ends
-    timer = threading.Timer(timeout, lambda: (timed_out.set(), kill_tree(process.pid)))
+    timer = threading.Timer(timeout, lambda: (timed_out.set(), run_folders.kill_tree(process.pid)))
     timer.start()
     try:
         started()
@@ -389,9 +308,9 @@ def _supervise(process, timeout, started):
     finally:
         timer.cancel()
         if process.poll() is None:  # interrupted: Ctrl-C, SIGTERM
-            kill_tree(process.pid)
+            run_folders.kill_tree(process.pid)
             process.wait()
-        kill_tree(process.pid)  # what it left running in its group
+        run_folders.kill_tree(process.pid)  # what it left running in its group
     return None if timed_out.is_set() else returncode
 
 
@@ -430,47 +349,3 @@ class _Records:
         with self.changed:
             self.changed.wait_for(lambda: self.stage in ("probe", "final") or self.done.is_set(), timeout)
             return self.stage
-
-
-def kill_tree(pid):
-    """Kill a process and every process it started (data loader workers, compile workers), at once: also those
-    left in its process group after it ended."""
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    if os.name == "posix":  # also what left the tree but kept the run's process group
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    for process in tree:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=5)
-
-
-def kill_leftover_training(pid_path):
-    """A driver killed with SIGKILL leaves its train.py and scorer running, and their folder: stop them, remove it."""
-    try:
-        train_pid, folder, scorer_pid = (pid_path.read_text().splitlines() + ["", "", ""])[:3]
-    except FileNotFoundError:
-        return
-    root = Path(folder).parent
-    for pid in (train_pid, scorer_pid):
-        try:
-            process = psutil.Process(int(pid))
-            # the run this file names: started before the file was written (a recycled pid is younger), in its folder
-            if (process.create_time() <= pid_path.stat().st_mtime + 1
-                    and Path(process.cwd()).parent == root and root.name.startswith("autoresearch-run-")):
-                log(f"killing {'train.py' if pid == train_pid else 'the scorer'} (pid {pid}) left running by the "
-                    "previous driver")
-                kill_tree(int(pid))
-        except (ValueError, psutil.Error, OSError):
-            pass
-    if root.name.startswith("autoresearch-run-"):  # its folders, log and record
-        shutil.rmtree(root, ignore_errors=True)
-    pid_path.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoresearch import integrity, run_log, runner, state, weights
+from autoresearch import integrity, run_folders, run_log, runner, state, weights
 from autoresearch.console import fail, log
 from autoresearch.night import time_limit
 
@@ -151,7 +151,7 @@ class LocalExecutor:
         with self.lock:
             self.processes[key] = process
             if key in self.cancelled:
-                runner.kill_tree(process.pid)
+                run_folders.kill_tree(process.pid)
 
     def wait(self, timeout):
         try:
@@ -167,7 +167,7 @@ class LocalExecutor:
             if key in self.threads:
                 self.cancelled.add(key)
                 if (process := self.processes.get(key)) and process.poll() is None:  # never a pid reused since
-                    runner.kill_tree(process.pid)
+                    run_folders.kill_tree(process.pid)
 
     def cancel_all(self):
         threads = list(self.threads.values())

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from autoresearch import integrity, runner
+from autoresearch import integrity, run_folders, runner
 from night_repo import ROOT
 from processes import alive
 
@@ -149,7 +149,7 @@ def test_a_probe_run_that_hangs_is_killed_at_the_time_limit_and_leaves_the_score
 
 # A driver: it makes a run folder as run_in_folder does, starts a run there, says its folder and the run's pid, and
 # waits (to be killed)
-DRIVER = ("import subprocess, sys, time\nfrom autoresearch import runner\nroot, lock = runner.new_run_folder()\n"
+DRIVER = ("import subprocess, sys, time\nfrom autoresearch import run_folders\nroot, lock = run_folders.new_run_folder()\n"
           f"run = subprocess.Popen([sys.executable, '-c', {SLEEP!r}], cwd=root)\n"
           "print(root, run.pid, flush=True)\ntime.sleep(60)\n")
 
@@ -167,19 +167,19 @@ def test_the_run_folder_of_a_killed_driver_goes_with_what_runs_in_it_when_a_run_
     driver.kill()
     driver.wait()
     assert folder.exists() and alive(run, wait=0)
-    runner.remove_abandoned()
+    run_folders.remove_abandoned()
     assert not folder.exists() and not alive(run)
 
 
 def test_the_run_folder_of_a_live_driver_is_left_alone(leftovers):
     driver, folder, run = start_driver(leftovers)
     try:
-        runner.remove_abandoned()
+        run_folders.remove_abandoned()
         assert folder.exists() and alive(run, wait=0)
     finally:
         driver.kill()
         driver.wait()
-        runner.remove_abandoned()
+        run_folders.remove_abandoned()
 
 
 def test_a_run_s_pid_file_names_its_processes_and_folder_and_kill_leftover_training_removes_them(tmp_path, leftovers):
@@ -190,7 +190,7 @@ def test_a_run_s_pid_file_names_its_processes_and_folder_and_kill_leftover_train
                                for name in ("task", "scorer"))
     pid_path = tmp_path / "train.pid"
     pid_path.write_text(f"{train.pid}\n{root / 'task'}\n{scorer.pid}")
-    runner.kill_leftover_training(pid_path)
+    run_folders.kill_leftover_training(pid_path)
     assert not alive(train.pid) and not alive(scorer.pid) and not root.exists() and not pid_path.exists()
 
 
@@ -199,7 +199,7 @@ def test_kill_tree_kills_a_process_its_child_and_its_grandchild(leftovers):
            f"child = subprocess.Popen([sys.executable, '-c', {TREE!r}], stdout=sys.stdout)\ntime.sleep(60)\n"
     process, (child, grandchild) = start_tree(leftovers, tree)
     assert alive(grandchild, wait=0)
-    runner.kill_tree(process.pid)
+    run_folders.kill_tree(process.pid)
     assert not alive(process.pid) and not alive(child) and not alive(grandchild)
 
 
@@ -212,7 +212,7 @@ def test_kill_tree_also_kills_what_left_the_tree_but_kept_the_run_s_process_grou
     while psutil.Process(process.pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
         time.sleep(0.02)
     assert orphan not in [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
-    runner.kill_tree(process.pid)
+    run_folders.kill_tree(process.pid)
     assert not alive(orphan)
 
 
@@ -220,7 +220,7 @@ def test_kill_leftover_training_leaves_a_process_that_is_not_a_training_run_alon
     other = subprocess.Popen([sys.executable, "-c", SLEEP])
     leftovers.append(other.pid)
     harness["pid_path"].write_text(str(other.pid))
-    runner.kill_leftover_training(harness["pid_path"])
+    run_folders.kill_leftover_training(harness["pid_path"])
     assert alive(other.pid, wait=0)
     assert not harness["pid_path"].exists()
 
@@ -233,7 +233,7 @@ def test_kill_leftover_training_leaves_a_run_younger_than_its_pid_file_alone(tmp
     harness["pid_path"].write_text(f"{process.pid}\n{folder}")
     an_hour_ago = time.time() - 3600
     os.utime(harness["pid_path"], (an_hour_ago, an_hour_ago))
-    runner.kill_leftover_training(harness["pid_path"])
+    run_folders.kill_leftover_training(harness["pid_path"])
     assert alive(process.pid, wait=0)
 
 
@@ -241,7 +241,7 @@ def test_kill_leftover_training_leaves_a_run_younger_than_its_pid_file_alone(tmp
 def test_kill_leftover_training_with_no_usable_pid_file_removes_it_and_kills_nothing(harness, content):
     if content is not None:
         harness["pid_path"].write_text(content)
-    runner.kill_leftover_training(harness["pid_path"])
+    run_folders.kill_leftover_training(harness["pid_path"])
     assert not harness["pid_path"].exists()
 
 

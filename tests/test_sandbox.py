@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import agent_loop
-from autoresearch import runner, sandbox
+from autoresearch import run_folders, runner, sandbox
 
 FOUND = sandbox.probe()
 needs_landlock = pytest.mark.skipif(not FOUND["landlock"], reason="no Landlock on this machine")
@@ -119,12 +119,12 @@ def test_train_py_writes_only_its_folder_and_its_own_temp_folder(tmp_path, stand
 
 @needs_landlock
 def test_train_py_cannot_read_the_folder_of_another_run_beside_it(tmp_path, stand_in):
-    other = Path(tempfile.mkdtemp(prefix="autoresearch-run-", dir=runner.runs_folder()))  # as a run beside it makes
+    other = Path(tempfile.mkdtemp(prefix="autoresearch-run-", dir=run_folders.runs_folder()))  # as a run beside it makes
     try:
         (other / "task").mkdir()
         (other / "task" / "rows.bin").write_bytes(b"validation rows a run saw")
         lines = (f"attempt('try-other', lambda: open({str(other / 'task' / 'rows.bin')!r}).read())\n"
-                 f"attempt('try-list', lambda: os.listdir({str(runner.runs_folder())!r}))\n"
+                 f"attempt('try-list', lambda: os.listdir({str(run_folders.runs_folder())!r}))\n"
                  "attempt('try-own', lambda: open('train.py').read())\n")
         result = run_trying(tmp_path, lines, harness=stand_in)
     finally:
