@@ -485,7 +485,7 @@ def _handed_weights(model):
         return {}, []
     try:
         _save_weights(model, os.environ[SAVE_WEIGHTS])
-        return {"weights": True}, [os.open(os.environ[SAVE_WEIGHTS], os.O_RDONLY)]
+        return {}, [os.open(os.environ[SAVE_WEIGHTS], os.O_RDONLY)]
     except Exception as error:  # noqa: BLE001 -- the scorer refuses the evaluation and the record says why
         return {"weights_error": f"{type(error).__name__}: {error}"}, []
 

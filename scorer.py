@@ -135,7 +135,7 @@ class Evaluation:
         self.probed = torch.tensor(probed)[torch.randperm(len(probed), generator=generator)]  # in the probes' order
         self.spliced, self.cuts = splice(self.real[self.probed], rows[n:n + len(probed)], generator)
         self.token_bytes = token_bytes
-        self.memory, self.memory_wire, self.first_logits = None, None, None
+        self.memory, self.first_logits = None, None
         self.kept = dict.fromkeys(probed)  # a probed row: its loss, once scored
         self.moved, self.nats, self.bytes = 0.0, 0.0, 0
 
@@ -196,13 +196,11 @@ class Evaluation:
         dtype, count = getattr(torch, described["dtype"]), math.prod(shape)
         if self.first_logits is None:
             self.first_logits = time.monotonic()
-        if wire is not self.memory_wire:  # the probe run maps memory of its own
-            self.close()
         if fds:
             if prepare._SEALS and not _sealed(fds[0]):
                 raise Refused("evaluate_bpb: the logits' shared memory must be a memfd sealed against resizing")
             self.close()
-            self.memory, self.memory_wire = mmap.mmap(fds[0], os.fstat(fds[0]).st_size), wire
+            self.memory = mmap.mmap(fds[0], os.fstat(fds[0]).st_size)
             for fd in fds:
                 os.close(fd)
         if self.memory is None or len(self.memory) < count * dtype.itemsize:
@@ -212,7 +210,7 @@ class Evaluation:
     def close(self):
         if self.memory is not None:
             self.memory.close()
-        self.memory, self.memory_wire = None, None
+        self.memory = None
 
     def compare(self, row, cut, loss):
         """A scored row and its spliced copy agree before the splice, or the model looks ahead (or changed)."""
@@ -290,31 +288,29 @@ class Scorer:
         if self.error is not None:
             raise self.error
         rows, token_bytes = self.prepared
-        started = time.monotonic()
-        evaluation = None
-        try:
+        started, evaluation, result = time.monotonic(), None, {}
+
+        def scored():
+            nonlocal evaluation
             if self.weights is not None:
                 self.keep_weights(header, fds)
             evaluation = Evaluation(rows, token_bytes, header["evaluate"])
             evaluation.score(wire)
-            result = evaluation.result()
+            result.update(evaluation.result())
             if self.weights is None:
                 probing = time.monotonic()
                 evaluation.probe(wire)
                 result["probe"] = evaluation.probe_result(time.monotonic() - probing, apart=False)
-        except Refused as refused:
-            self.problem(str(refused))
-            wire.send({"refused": str(refused), "non_causal": refused.non_causal})
-            return False
-        except Exception as error:  # noqa: BLE001 -- train.py crashed, was killed, or sent what cannot be read
-            self.record["unfinished"] = f"{type(error).__name__}: {str(error)[:200]}"
-            self.write()
-            return False
+
+        try:
+            finished = self.attempt(wire, scored)
         finally:
             for fd in fds:
                 os.close(fd)
             if evaluation is not None:
                 evaluation.close()
+        if not finished:
+            return False
         entry = {"split": self.split, "first_logits": evaluation.first_logits - self.started,
                  "seconds": time.monotonic() - started, **result}
         self.record["evaluations"].append(entry)
@@ -322,6 +318,20 @@ class Scorer:
         self.write()
         wire.send({"val_bpb": result["val_bpb"]})
         return True
+
+    def attempt(self, wire, step, whose=""):
+        """step(); whether it finished. A refusal goes into the record's problems and back to the client; any other
+        error (the client crashed, was killed, or sent what cannot be read) is the record's `unfinished`."""
+        try:
+            step()
+            return True
+        except Refused as refused:
+            self.problem(str(refused))
+            wire.send({"refused": str(refused), "non_causal": refused.non_causal})
+        except Exception as error:  # noqa: BLE001 -- whatever the client did, the record says so
+            self.record["unfinished"] = f"{whose}{type(error).__name__}: {str(error)[:200]}"
+            self.write()
+        return False
 
     def keep_weights(self, header, fds):
         """Keep a copy of the weights train.py's process handed over with its request, before any row goes out: the
@@ -354,14 +364,8 @@ class Scorer:
             return
         started = time.monotonic()
         try:
-            evaluation.probe(wire)
-        except Refused as refused:
-            self.problem(str(refused))
-            wire.send({"refused": str(refused), "non_causal": refused.non_causal})
-            return
-        except Exception as error:  # noqa: BLE001 -- the probe run crashed, was killed, or sent what cannot be read
-            self.record["unfinished"] = f"the probe run: {type(error).__name__}: {str(error)[:200]}"
-            return
+            if not self.attempt(wire, lambda: evaluation.probe(wire), "the probe run: "):
+                return
         finally:
             evaluation.close()
         entry["probe"] = evaluation.probe_result(time.monotonic() - started, apart=True)

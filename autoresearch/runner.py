@@ -29,7 +29,7 @@ SCORER_FD = "AUTORESEARCH_SCORER_FD"  # names train.py's end of the socket to th
 SCORER_GRACE = 30  # seconds the scorer may take to write its record once train.py has ended
 SAVE_WEIGHTS, LOAD_WEIGHTS = "AUTORESEARCH_SAVE_WEIGHTS", "AUTORESEARCH_LOAD_WEIGHTS"  # as prepare.py names them
 WEIGHTS_FILE = "model.safetensors"  # where in its folder the harness saves the model it scored, when asked
-WEIGHTS_LIMIT = 16 << 30  # bytes of weights the driver copies (a 4B-parameter model in fp32); a bigger file is not kept
+WEIGHTS_LIMIT = 16 << 30  # bytes of weights the scorer keeps (a 4B-parameter model in fp32); a bigger file is refused
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)  # kept from a run's env
 
 # -----------------------------------------------------------------------------
@@ -97,36 +97,28 @@ def run_in_folder(train_source, harness, key_hex, timeout, pid_path, split="val"
         confined, private = folders(work, private_tmp, load)
         private[SAVE_WEIGHTS] = str(work / WEIGHTS_FILE)  # handed to the scorer before the evaluation
         before = integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/")
-        changes, first_run, probe_work = [], [], root / "probe-task"
+        probe_work = root / "probe-task"
 
-        def first_run_ended(returncode):
-            """What the first run did to the harness, and its compile cache when it is the tag's first."""
-            if first_run:
-                return
-            first_run.append(returncode)
-            changes.extend(integrity.fingerprint_changes(
-                before, integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/")))
-            if keep_compiled and returncode == 0 and not Path(compiled).exists():
-                keep_compile_cache(private_tmp / "compiled", Path(compiled))
-
-        def probe_run(returncode):
+        def probe_run():
             """The probe run's folders, new ones beside the first run's (which it cannot read)."""
-            first_run_ended(returncode)
             return *folders(probe_work, root / "probe-tmp", handed), probe_work, probe_log
 
         returncode, seconds, record, probe_seconds = run_training(
             log_path, timeout, pid_path, work, scoring, env, key_hex, split, on_start, confined, private,
-            probe=Probe(handed, WEIGHTS_LIMIT, probe_run))
-        first_run_ended(returncode)
-        if probe_work.exists():  # what the probe run did to the harness
-            changes += integrity.fingerprint_changes(
-                before, integrity.harness_fingerprint(probe_work, cache) | integrity.harness_files(scoring, "scorer/"))
+            probe=Probe(handed, probe_run))
+        # what the runs did to the harness (the cache hashed once, after both), the probe run's prepare.py too
+        changes = integrity.fingerprint_changes(
+            before, integrity.harness_fingerprint(work, cache) | integrity.harness_files(scoring, "scorer/"))
+        probed = integrity.harness_files(probe_work)
+        changes += [name for name, digest in probed.items() if digest != before.get(name)]
+        if keep_compiled and returncode == 0 and not Path(compiled).exists():  # the tag's first: the baseline's
+            keep_compile_cache(private_tmp / "compiled", Path(compiled))
         log_text = run_log.read_log(log_path)
         copied = False
         if weights and handed.exists():
             try:
                 Path(weights).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(handed, weights)
+                shutil.move(handed, weights)  # a rename where both are on one file system
                 copied = True
             except OSError:  # a full disk: the run goes on without its weights
                 pass
@@ -201,10 +193,9 @@ def sandbox_words(cache, env):
 
 class Probe(typing.NamedTuple):
     """The probe run run_training makes when the scorer asks for it: where the scorer keeps the weights handed over
-    (at most `limit` bytes), and start(returncode of the first run) -> (command, train_env, folder, log path) of
-    the second, in a folder of its own."""
+    (at most WEIGHTS_LIMIT bytes), and start() -> (command, train_env, folder, log path) of the second, in a
+    folder of its own."""
     weights: Path
-    limit: int
     start: typing.Callable
 
 
@@ -222,7 +213,7 @@ def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split=
     records = _Records()
     request = {"key": key_hex, "fd": ours.fileno(), "split": split, "started": clock}
     if probe:
-        request.update(probe_fd=probe_ours.fileno(), weights={"path": str(probe.weights), "limit": probe.limit})
+        request.update(probe_fd=probe_ours.fileno(), weights={"path": str(probe.weights), "limit": WEIGHTS_LIMIT})
     with open(log_path, "wb") as log_file:  # one log per run: a run again after a resume starts it anew
         scorer = subprocess.Popen([sys.executable, "scorer.py"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=log_file, cwd=scoring, env=env, pass_fds=[ours.fileno()] + (
@@ -259,7 +250,7 @@ def run_training(log_path, timeout, pid_path, cwd, scoring, env, key_hex, split=
         seconds = time.time() - started
         _tell(scorer, b"ended\n")  # what train.py started may still hold its end of the socket
         if probe and returncode == 0 and records.wait_for_stage(SCORER_GRACE) == "probe":
-            probe_command, probe_env, probe_cwd, probe_log = probe.start(returncode)
+            probe_command, probe_env, probe_cwd, probe_log = probe.start()
             probe_started = time.time()
             with open(probe_log, "wb") as probe_file:
                 second = _start(probe_command, probe_cwd, {**env, **probe_env}, probe_theirs, probe_file)

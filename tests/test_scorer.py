@@ -121,7 +121,7 @@ CHANGES_AFTER_HANDING_OVER = ("model.eval()\n", "model.eval()\nforward = model.f
                               "    return forward(x, y, reduction)\nmodel.forward = changed\n")
 # evaluate_bpb patched to hand the scorer a pipe for its weights: the scorer must neither hang nor keep it
 HANDS_A_PIPE = ("model.eval()\n", "model.eval()\nread_end, _ = os.pipe()\n"
-                "prepare._handed_weights = lambda model: ({'weights': True}, [read_end])\n")
+                "prepare._handed_weights = lambda model: ({}, [read_end])\n")
 
 
 def run_scored(tmp_path, cache, script, split="val"):
