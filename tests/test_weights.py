@@ -99,12 +99,21 @@ def test_a_compile_cache_left_as_a_link_to_another_folder_is_not_copied(tmp_path
     assert list((tmp_path / "kept").iterdir()) == []
 
 
-def test_a_compile_cache_that_cannot_be_written_whole_is_not_kept(tmp_path):
+def test_a_compile_cache_that_cannot_be_written_whole_is_not_kept(tmp_path, monkeypatch):
     (tmp_path / "compiled" / "inductor").mkdir(parents=True)
-    (tmp_path / "compiled" / "inductor" / "kernel.so").write_bytes(b"code")
-    (tmp_path / "full").write_text("a file where the cache's folder would go: every write fails")
-    runner.keep_compile_cache(tmp_path / "compiled", tmp_path / "full" / "compile-cache")
-    assert not (tmp_path / "full" / "compile-cache").exists() and list(tmp_path.glob("full/*")) == []
+    for name in ("a.so", "b.so"):
+        (tmp_path / "compiled" / "inductor" / name).write_bytes(b"code")
+    copy, copied = runner.copy_plain_file, []
+
+    def disk_full_at_the_second(source, destination):  # the first file is written, then the disk is full
+        if copied:
+            raise OSError(28, "No space left on device")
+        copied.append(source)
+        return copy(source, destination)
+    monkeypatch.setattr(runner, "copy_plain_file", disk_full_at_the_second)
+    (tmp_path / "tag").mkdir()
+    runner.keep_compile_cache(tmp_path / "compiled", tmp_path / "tag" / "compile-cache")
+    assert len(copied) == 1 and list((tmp_path / "tag").iterdir()) == []  # neither the cache nor its partial copy
 
 
 def test_rescore_without_a_tag_says_what_to_run_first(tmp_path, monkeypatch):
